@@ -1,0 +1,68 @@
+"""Checkpoints through Ray Train: every rank writes its part, Ray gathers them in storage.
+
+A checkpoint directory holds the strategy's own files (DCP shards or a DeepSpeed tag), one
+`train_state_rank<N>.pt` per rank (scheduler, RNG, counters; tensors and plain types only, loaded
+with weights_only=True) and `meta.json` from rank 0, which tells `dlray export` how to read it.
+Saving for a report and loading on resume share this one path.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+META_FILE = "meta.json"
+
+
+def report_with_checkpoint(metrics: dict, strategy, scheduler, progress: dict, meta: dict) -> None:
+    rank = dist.get_rank()
+    with tempfile.TemporaryDirectory(prefix="dlray-ckpt-") as directory:
+        strategy.save(directory)
+        torch.save(
+            {"progress": progress, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng()},
+            Path(directory, f"train_state_rank{rank}.pt"),
+        )
+        if rank == 0:
+            Path(directory, META_FILE).write_text(json.dumps({**meta, "progress": progress, "metrics": metrics}, indent=2))
+        name = f"checkpoint_epoch{metrics['epoch']:04d}"
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+
+
+def restore(checkpoint: ray.train.Checkpoint, strategy, scheduler, restore_train_state: bool = True) -> dict:
+    """Load a checkpoint into the running strategy; returns the saved progress counters."""
+    with checkpoint.as_directory() as directory:
+        strategy.load(directory)
+        state_file = Path(directory, f"train_state_rank{dist.get_rank()}.pt")
+        if not state_file.exists():  # resumed under a larger world size: borrow rank 0's counters
+            state_file = Path(directory, "train_state_rank0.pt")
+        state = torch.load(state_file, weights_only=True)
+    if restore_train_state:
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+    return state["progress"]
+
+
+def best_checkpoint(metric: str, mode: str) -> ray.train.Checkpoint | None:
+    reported = [r for r in ray.train.get_all_reported_checkpoints() if metric in r.metrics]
+    if not reported:
+        return None
+    pick = min if mode == "min" else max
+    return pick(reported, key=lambda r: r.metrics[metric]).checkpoint
+
+
+def read_meta(checkpoint_dir: str | Path) -> dict:
+    path = Path(checkpoint_dir, META_FILE)
+    if not path.exists():
+        raise FileNotFoundError(f"{checkpoint_dir} is not a dlray checkpoint (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def _cuda_rng():
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() else None

@@ -1,0 +1,255 @@
+"""Job configuration: one YAML file per job, typed and checked before any Ray process starts.
+
+    dlray validate jobs/cnn_digits.yaml strategy.name=deepspeed strategy.zero_stage=3
+
+Section and key names follow what users already know: Ray's ScalingConfig/RunConfig
+(`num_workers`, `use_gpu`, `storage_path`, `max_failures`) and Axolotl / LLaMA-Factory
+(`micro_batch_size`, `gradient_accumulation_steps`, `max_grad_norm`, `warmup_steps`,
+`early_stopping_patience`). Errors name the dotted key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+# What every epoch reports; `train.metric` (and a sweep's metric) must be one of them.
+EPOCH_METRICS = ["train_loss", "val_loss", "val_accuracy"]
+
+
+class ConfigError(ValueError):
+    """A job config that cannot run; the message names every offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    family: Literal["cnn"] = "cnn"
+    flavor: str = "debug"
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _known_flavor(self):
+        from dlray.models import FAMILIES
+
+        flavors = FAMILIES[self.family].FLAVORS
+        if self.flavor not in flavors:
+            raise ValueError(f"model.flavor must be one of {sorted(flavors)} for family {self.family!r}, got {self.flavor!r}")
+        return self
+
+
+class DataConfig(Section):
+    name: Literal["digits", "image_folder"] = "digits"
+    path: str | None = None  # image_folder: a folder with one sub-folder per class
+    image_size: int | None = Field(None, ge=4)  # resize to a square; None keeps the native size
+    channels: Literal[1, 3] = 1
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, ge=0.0, lt=0.5)
+    augment: bool = True
+    dataloader_num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _path_for_folders(self):
+        if self.name == "image_folder" and not self.path:
+            raise ValueError("data.path is required when data.name is 'image_folder'")
+        return self
+
+
+class TrainConfig(Section):
+    num_epochs: int = Field(10, ge=1)
+    micro_batch_size: int = Field(32, ge=1)  # per worker, per forward pass
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None disables clipping
+    seed: int = 42
+    metric: str = "val_loss"  # drives best-checkpoint choice and early stopping
+    mode: Literal["min", "max"] = "min"
+    early_stopping_patience: int | None = Field(None, ge=1)  # epochs without improvement
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd and rmsprop
+    betas: tuple[float, float] = (0.9, 0.999)  # adam and adamw
+
+
+class SchedulerConfig(Section):
+    name: Literal["constant", "cosine", "step", "plateau"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of optim.lr
+    step_size: int = Field(1, ge=1)  # step: decay every this many epochs
+    gamma: float = Field(0.1, gt=0, le=1)  # step: decay factor
+    factor: float = Field(0.5, gt=0, lt=1)  # plateau: decay factor
+    patience: int = Field(2, ge=0)  # plateau: epochs without improvement before decaying
+
+    @model_validator(mode="after")
+    def _plateau_has_no_warmup(self):
+        if self.name == "plateau" and self.warmup_steps:
+            raise ValueError("scheduler.warmup_steps is not supported with scheduler.name 'plateau'; use 'cosine' or 'constant' for warmup")
+        return self
+
+
+class StrategyConfig(Section):
+    name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: Literal[1, 2, 3] = 2  # deepspeed only
+    offload_optimizer: bool = False  # deepspeed only: optimizer state in CPU memory
+    offload_param: bool = False  # deepspeed ZeRO-3 only: parameters in CPU memory
+    reshard_after_forward: bool = True  # fsdp only: ZeRO-3 style (True) or ZeRO-2 style (False)
+
+    @model_validator(mode="after")
+    def _options_match_strategy(self):
+        only = {"zero_stage": "deepspeed", "offload_optimizer": "deepspeed", "offload_param": "deepspeed", "reshard_after_forward": "fsdp"}
+        for key, owner in only.items():
+            # Compared with the default rather than "was it set", so a dumped config reloads.
+            if getattr(self, key) != type(self).model_fields[key].default and self.name != owner:
+                raise ValueError(f"strategy.{key} applies only to strategy.name '{owner}', got strategy.name '{self.name}'")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"strategy.offload_param needs strategy.zero_stage 3, got {self.zero_stage}")
+        return self
+
+
+class ScalingSection(Section):
+    """Mirrors ray.train.ScalingConfig."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class RunSection(Section):
+    """Mirrors ray.train.RunConfig, CheckpointConfig and FailureConfig."""
+
+    name: str | None = None  # default: <job file stem>-<timestamp>; reuse a name to resume that run
+    storage_path: str = "~/dlray_runs"  # must be shared storage (NFS or a cloud URI) on multi-node clusters
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
+    checkpoint_num_to_keep: int | None = Field(2, ge=1)  # best K by train.metric; None keeps all
+
+
+class AutoscalingSection(Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+
+
+class ServeSection(Section):
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSection | None = None  # overrides num_replicas when set
+    max_batch_size: int = Field(32, ge=1)  # @serve.batch: requests folded into one forward pass
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_ongoing_requests: int = Field(128, ge=1)
+    max_body_bytes: int = Field(2_000_000, ge=1024)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_cpus_per_replica: float = Field(1.0, ge=0)
+
+
+class JobConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    serve: ServeSection = ServeSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.precision == "fp16" and self.strategy.name == "fsdp":
+            raise ValueError("precision 'fp16' is not supported with strategy.name 'fsdp' (FSDP2 has no loss scaler here); use precision 'bf16'")
+        if self.precision == "fp16" and self.strategy.name == "deepspeed" and not self.scaling.use_gpu:
+            raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: DeepSpeed's CPU accelerator has no fp16; use 'bf16'")
+        if self.train.metric not in EPOCH_METRICS:
+            raise ValueError(f"train.metric must be one of {EPOCH_METRICS}, got {self.train.metric!r}")
+        return self
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> JobConfig, with errors that name the key.
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job YAML, apply `a.b.c=value` overrides, and validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"job file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a job file must be a YAML mapping, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    cfg = config_from_dict(data)
+    if cfg.run.name is None and path is not None:
+        # A fresh name per invocation: re-running the same name resumes that run instead.
+        from datetime import datetime
+
+        cfg.run.name = f"{path.stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError("invalid job config:\n" + "\n".join(f"  - {m}" for m in _messages(err))) from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw) if raw else None
+
+
+def _messages(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_fields_at(e["loc"][:-1]))
+            out.append(f"unknown key '{loc}'; allowed keys here: {allowed}")
+        elif e["type"] == "value_error":
+            # Our own validators already name the key.
+            out.append(e["msg"].removeprefix("Value error, "))
+        else:
+            msg = e["msg"].replace("Input should be", "must be")
+            out.append(f"{loc}: {msg}, got {e.get('input')!r}")
+    return out
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = JobConfig
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        # Optional sections (e.g. serve.autoscaling) are `X | None`.
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def job_files(root: str | os.PathLike = "jobs") -> list[Path]:
+    """Every shipped job YAML, for tests and `dlray validate --all`."""
+    return sorted(Path(root).rglob("*.yaml"))

@@ -1,0 +1,54 @@
+"""Dataset builders. No Ray here: the training loop shards what these return.
+
+`build_data(cfg.data, seed)` gives train/val/test datasets of (image, label) with images as
+float tensors in [0, 1], shape (C, H, W); the model normalises. The same [0, 1] convention is
+what the served model accepts, so serving needs no copy of the training preprocessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+from dlray.config import DataConfig
+from dlray.data.images import ImageTensorDataset, split_indices
+
+
+@dataclass
+class ImageData:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    class_names: list[str]
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    mean: list[float]  # per channel, over the training split
+    std: list[float]
+
+
+def build_data(cfg: DataConfig, seed: int) -> ImageData:
+    if cfg.name == "digits":
+        from dlray.data.digits import load_digits_images
+
+        images, labels, class_names = load_digits_images()
+    else:
+        from dlray.data.image_folder import load_image_folder
+
+        images, labels, class_names = load_image_folder(cfg.path, cfg.image_size or 32, cfg.channels)
+    if cfg.image_size and images.shape[-1] != cfg.image_size:
+        images = torch.nn.functional.interpolate(images, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        images = images.clamp(0, 1)
+    if cfg.channels == 3 and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    train_idx, val_idx, test_idx = split_indices(labels, cfg.val_fraction, cfg.test_fraction, seed)
+    train_images = images[train_idx]
+    return ImageData(
+        train=ImageTensorDataset(train_images, labels[train_idx], augment=cfg.augment),
+        val=ImageTensorDataset(images[val_idx], labels[val_idx]),
+        test=ImageTensorDataset(images[test_idx], labels[test_idx]),
+        class_names=class_names,
+        image_shape=tuple(images.shape[1:]),
+        mean=train_images.mean(dim=(0, 2, 3)).tolist(),
+        std=train_images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist(),
+    )

@@ -1,0 +1,53 @@
+"""In-memory image datasets with light augmentation, and stratified splits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+class ImageTensorDataset(Dataset):
+    """(image, label) pairs from tensors; `augment` adds a small random affine (shift, rotate, scale).
+
+    Digits are not mirror-symmetric, so there is no flip. Randomness comes from torch's global
+    generator, which the training loop seeds and checkpoints, so a resumed run replays it.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False):
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = self.images[i]
+        if self.augment:
+            image = random_affine(image)
+        return image, self.labels[i]
+
+
+def random_affine(image: torch.Tensor, max_degrees: float = 10.0, max_shift: float = 0.125, max_scale: float = 0.1) -> torch.Tensor:
+    angle = math.radians((torch.rand(()).item() * 2 - 1) * max_degrees)
+    scale = 1 + (torch.rand(()).item() * 2 - 1) * max_scale
+    tx, ty = ((torch.rand(2) * 2 - 1) * max_shift * 2).tolist()  # grid units span [-1, 1]
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=image.dtype).unsqueeze(0)
+    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
+    return F.grid_sample(image.unsqueeze(0), grid, padding_mode="zeros", align_corners=False).squeeze(0)
+
+
+def split_indices(labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int):
+    """Stratified train/val/test split, the same on every worker for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    train, val, test = [], [], []
+    for cls in labels.unique().tolist():
+        idx = (labels == cls).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)].tolist()
+        n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
+        test += idx[:n_test]
+        val += idx[n_test : n_test + n_val]
+        train += idx[n_test + n_val :]
+    return sorted(train), sorted(val), sorted(test)

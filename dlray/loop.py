@@ -1,0 +1,156 @@
+"""The training loop, run by every Ray Train worker. Read it top to bottom.
+
+    worker: cfg = JobConfig(**dict) -> data -> model -> strategy.prepare -> epochs of
+            (micro-batches -> backward -> step) -> validate -> report + checkpoint
+            -> restore the best checkpoint -> test
+
+Strategy differences (DDP / FSDP2 / DeepSpeed, precision) live behind the strategy's methods.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dlray.checkpoint import best_checkpoint, report_with_checkpoint, restore
+from dlray.config import JobConfig
+from dlray.data import build_data
+from dlray.models import FAMILIES
+from dlray.optim import build_optimizer, build_scheduler, is_per_step
+from dlray.strategies import STRATEGIES
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = JobConfig.model_validate(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    family = FAMILIES[cfg.model.family]
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    data_info = {"image_shape": data.image_shape, "class_names": data.class_names, "mean": data.mean, "std": data.std}
+    model = family.build(cfg.model.model_dump(), data_info)
+    strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.SHARD_CLASSES)
+    model, optimizer = strategy.prepare(model, lambda params: build_optimizer(cfg.optim, params))
+    torch.manual_seed(cfg.train.seed + 1 + rank)  # but different dropout / augmentation draws
+
+    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+    train_loader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=sampler, num_workers=cfg.data.dataloader_num_workers)
+    val_loader = eval_loader(data.val, cfg, rank, world)
+    accumulation = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = len(train_loader) // accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train.micro_batch_size x train.gradient_accumulation_steps x scaling.num_workers = "
+            f"{cfg.train.micro_batch_size * accumulation * world} exceeds the {len(data.train)} training samples"
+        )
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.num_epochs, cfg.train.mode)
+    meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": data_info, "world_size": world}
+
+    progress = {"epoch": 0, "global_step": 0, "best": None, "bad_epochs": 0}
+    resumed_from_step = 0
+    if checkpoint := ray.train.get_checkpoint():
+        progress = restore(checkpoint, strategy, scheduler)
+        resumed_from_step = progress["global_step"]
+        if rank == 0:
+            print(f"[dlray] resumed from epoch {progress['epoch']}, step {progress['global_step']}")
+
+    for epoch in range(progress["epoch"], cfg.train.num_epochs):
+        sampler.set_epoch(epoch)  # a new shuffle each epoch, identical across ranks
+        model.train()
+        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, samples
+        start = time.perf_counter()
+        for i, batch in enumerate(itertools.islice(train_loader, steps_per_epoch * accumulation)):
+            batch = to_device(batch, device)
+            with strategy.autocast():
+                loss = family.compute_loss(model, batch)["loss"].mean()
+            boundary = (i + 1) % accumulation == 0
+            strategy.backward(loss / accumulation, sync=boundary)
+            totals += torch.tensor([loss.item() * len(batch[-1]), len(batch[-1])], dtype=torch.float64)
+            if boundary:
+                strategy.step()
+                progress["global_step"] += 1
+                if is_per_step(scheduler):
+                    scheduler.step()
+        elapsed = time.perf_counter() - start
+        dist.all_reduce(totals)
+
+        metrics = {"epoch": epoch, "global_step": progress["global_step"], "train_loss": (totals[0] / totals[1]).item()}
+        metrics |= evaluate(model, val_loader, family, strategy, device, prefix="val")
+        metrics |= {"lr": optimizer.param_groups[0]["lr"], "samples_per_sec": totals[1].item() / elapsed, "resumed_from_step": resumed_from_step}
+        if not is_per_step(scheduler):
+            scheduler.step(metrics[cfg.train.metric])
+
+        value = metrics[cfg.train.metric]
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{cfg.train.metric} is {value} at epoch {epoch}: training diverged")
+        improved = progress["best"] is None or (value < progress["best"] if cfg.train.mode == "min" else value > progress["best"])
+        progress |= {"epoch": epoch + 1, "best": value if improved else progress["best"], "bad_epochs": 0 if improved else progress["bad_epochs"] + 1}
+        report_with_checkpoint(metrics, strategy, scheduler, progress, meta)
+        if cfg.train.early_stopping_patience and progress["bad_epochs"] >= cfg.train.early_stopping_patience:
+            if rank == 0:
+                print(f"[dlray] early stop at epoch {epoch}: {cfg.train.metric} has not improved for {progress['bad_epochs']} epochs")
+            break
+
+    # Finish on the best weights, as early stopping promises, and score them once on the test split.
+    best = best_checkpoint(cfg.train.metric, cfg.train.mode)
+    if best is not None:
+        restore(best, strategy, scheduler, restore_train_state=False)
+    final = {"epoch": progress["epoch"] - 1, "global_step": progress["global_step"], "best_" + cfg.train.metric: progress["best"]}
+    if len(data.test):
+        final |= evaluate(model, eval_loader(data.test, cfg, rank, world), family, strategy, device, prefix="test")
+    ray.train.report(final)
+
+
+class EvalShard(Dataset):
+    """Rank `rank`'s share of an evaluation set: every sample exactly once across ranks.
+
+    Shards are padded to equal length (FSDP and ZeRO-3 need every rank to run the same number
+    of forward passes); padding items carry weight 0 so they do not count.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world: int):
+        self.dataset, self.n = dataset, len(dataset)
+        self.indices = range(rank, world * math.ceil(self.n / world), world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        return self.dataset[index % self.n], float(index < self.n)
+
+
+def eval_loader(dataset: Dataset, cfg: JobConfig, rank: int, world: int) -> DataLoader:
+    return DataLoader(EvalShard(dataset, rank, world), cfg.train.micro_batch_size, num_workers=cfg.data.dataloader_num_workers)
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, family, strategy, device, prefix: str) -> dict[str, float]:
+    """Weighted means of every per-sample value the family's compute_loss returns, over all ranks."""
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    weight_total = torch.zeros((), dtype=torch.float64)
+    for batch, weight in loader:
+        batch, weight = to_device(batch, device), weight.to(device)
+        with strategy.autocast():
+            values = family.compute_loss(model, batch)
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0) + (value.double() * weight).sum().cpu()
+        weight_total += weight.sum().cpu()
+    keys = sorted(sums)
+    packed = torch.stack([sums[k] for k in keys] + [weight_total])
+    dist.all_reduce(packed)
+    return {f"{prefix}_{k}": (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
+
+
+def to_device(batch, device):
+    return [t.to(device, non_blocking=True) for t in batch]

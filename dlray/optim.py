@@ -1,0 +1,42 @@
+"""Optimizers and learning-rate schedules from `optim:` and `scheduler:`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(cfg, params) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch: int, num_epochs: int, mode: str):
+    """Every schedule but `plateau` is a LambdaLR stepped once per optimizer step; `plateau`
+    is ReduceLROnPlateau, stepped once per epoch with the validation metric."""
+    if cfg.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience)
+    total = steps_per_epoch * num_epochs
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.name == "cosine":
+            progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.name == "step":
+            return cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def is_per_step(scheduler) -> bool:
+    """True for schedules stepped after every optimizer step, False for per-epoch ones."""
+    return not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)

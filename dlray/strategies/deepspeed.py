@@ -1,0 +1,81 @@
+"""DeepSpeed ZeRO stage 1/2/3, with optional optimizer / parameter offload to CPU memory.
+
+The DeepSpeed config is derived from dlray's config, so a user never keeps two files in sync.
+DeepSpeed counts gradient accumulation itself: `backward` hands every micro-batch to the engine
+and the engine applies the optimizer on the accumulation boundary.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+CHECKPOINT_TAG = "deepspeed"  # fixed: one checkpoint per Ray checkpoint directory
+
+
+class DeepSpeedStrategy:
+    CHECKPOINT_FORMAT = "deepspeed"
+
+    def __init__(self, cfg, device: torch.device, shard_classes=()):
+        from dlray.strategies import PRECISION_DTYPES
+
+        self.device, self.dtype = device, PRECISION_DTYPES[cfg.precision]
+        self.ds_config = deepspeed_config(cfg)
+
+    def prepare(self, model, make_optimizer):
+        import deepspeed
+
+        optimizer = make_optimizer(model.parameters())
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        return self.engine, optimizer
+
+    def autocast(self):
+        # Parameters are already bf16/fp16 inside the engine; autocast casts the inputs and
+        # keeps losses and normalisation statistics in fp32.
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss, sync: bool):
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divided by the accumulation steps
+        self.engine.step()  # no-op until the accumulation boundary
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, directory: str):
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, directory: str):
+        path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/{CHECKPOINT_TAG}")
+
+
+def deepspeed_config(cfg) -> dict:
+    zero = {"stage": cfg.strategy.zero_stage}
+    if cfg.strategy.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    if cfg.strategy.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "gradient_clipping": cfg.train.max_grad_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        # dlray builds a plain torch optimizer from `optim:`; DeepSpeed wraps it for ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,  # dlray reports its own metrics
+    }
+
+
+def load_weights_offline(directory: str) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights from a (possibly ZeRO-3 sharded) DeepSpeed checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=CHECKPOINT_TAG)

@@ -1,0 +1,61 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across ranks.
+
+Each block in the family's SHARD_CLASSES becomes its own FSDP unit, so only one block's full
+parameters are gathered at a time. Mixed precision is FSDP's MixedPrecisionPolicy: compute in
+bf16, gradients reduced in fp32, fp32 master weights in the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from dlray.strategies import dcp
+
+
+class FSDPStrategy:
+    CHECKPOINT_FORMAT = "dcp"
+
+    def __init__(self, cfg, device: torch.device, shard_classes=()):
+        from dlray.strategies import PRECISION_DTYPES
+
+        self.device, self.max_grad_norm = device, cfg.train.max_grad_norm
+        self.shard_classes = tuple(shard_classes)
+        self.reshard_after_forward = cfg.strategy.reshard_after_forward
+        dtype = PRECISION_DTYPES[cfg.precision]
+        self.mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+    def prepare(self, model, make_optimizer):
+        model = model.to(self.device)
+        options = {"mp_policy": self.mp_policy, "reshard_after_forward": self.reshard_after_forward}
+        for module in model.modules():
+            if isinstance(module, self.shard_classes):
+                fully_shard(module, **options)
+        self.model = fully_shard(model, **options)
+        # Built after sharding so that the optimizer holds (and shards its state by) the DTensors.
+        self.optimizer = make_optimizer(self.model.parameters())
+        return self.model, self.optimizer
+
+    def autocast(self):
+        # The MixedPrecisionPolicy casts parameters and floating inputs itself.
+        return nullcontext()
+
+    def backward(self, loss, sync: bool):
+        self.model.set_requires_gradient_sync(sync)
+        loss.backward()
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+    def save(self, directory: str):
+        dcp.save(directory, self.model, self.optimizer)
+
+    def load(self, directory: str):
+        dcp.load(directory, self.model, self.optimizer)

@@ -1,0 +1,79 @@
+"""What the user sees of a run: a progress line per epoch, metrics.csv, TensorBoard event files
+and a loss/accuracy curve PNG in the run directory.
+
+`MetricsLogger` is a Ray Train `UserCallback`: it runs in the Train controller, which receives
+every `ray.train.report`, so workers never do I/O for tracking.
+
+    tensorboard --logdir ~/dlray_runs/<run name>/tensorboard
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from ray.train import UserCallback
+
+PLOTTED = (("train_loss", "val_loss", "test_loss"), ("val_accuracy", "test_accuracy"))
+
+
+class MetricsLogger(UserCallback):
+    def __init__(self, run_dir: str, num_epochs: int):
+        self.run_dir, self.num_epochs = run_dir, num_epochs
+        self.history: list[dict] = []
+        self._writer = None
+
+    def after_report(self, run_context, metrics, checkpoint):
+        record = metrics[0]  # rank 0's: the loop all-reduces before reporting, so ranks agree
+        self.history.append(record)
+        run_dir = Path(self.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(self.history, run_dir / "metrics.csv")
+        self._tensorboard(record)
+        plot_curves(self.history, run_dir / "curves.png")
+        print(format_progress(record, self.num_epochs), flush=True)
+
+    def _tensorboard(self, record: dict):
+        from tensorboardX import SummaryWriter
+
+        if self._writer is None:
+            self._writer = SummaryWriter(str(Path(self.run_dir) / "tensorboard"))
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "global_step"):
+                self._writer.add_scalar(key, value, record.get("global_step", 0))
+        self._writer.flush()
+
+
+def format_progress(record: dict, num_epochs: int) -> str:
+    shown = [f"{k} {record[k]:.4g}" for k in sorted(record) if k not in ("epoch", "global_step") and isinstance(record[k], float)]
+    return f"[dlray] epoch {record.get('epoch', 0) + 1}/{num_epochs} step {record.get('global_step', 0)} | " + "  ".join(shown)
+
+
+def write_csv(history: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for record in history for k in record))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(10, 3.5))
+    for ax, keys in zip(axes, PLOTTED):
+        for key in keys:
+            points = [(r["epoch"] + 1, r[key]) for r in history if key in r and math.isfinite(r[key])]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, "o" if key.startswith("test") else "-o", label=key, markersize=3 if not key.startswith("test") else 7)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
