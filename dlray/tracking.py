@@ -21,11 +21,15 @@ PLOTTED = (("train_loss", "val_loss", "test_loss"), ("val_accuracy", "test_accur
 class MetricsLogger(UserCallback):
     def __init__(self, run_dir: str, num_epochs: int):
         self.run_dir, self.num_epochs = run_dir, num_epochs
-        self.history: list[dict] = []
+        self.history: list[dict] | None = None
         self._writer = None
 
     def after_report(self, run_context, metrics, checkpoint):
         record = metrics[0]  # rank 0's: the loop all-reduces before reporting, so ranks agree
+        if self.history is None:  # a resumed run continues the file it left behind
+            self.history = read_history(self.run_dir)
+        if "train_loss" in record:  # epochs replayed after a restart replace their lost originals
+            self.history = [r for r in self.history if r.get("epoch", -1) < record["epoch"]]
         self.history.append(record)
         run_dir = Path(self.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -56,6 +60,15 @@ def write_csv(history: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
+
+
+def read_history(run_dir: str | Path) -> list[dict]:
+    """Every report of a run, as written to metrics.csv (numbers parsed back)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) if k not in ("epoch", "global_step") else int(float(v)) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -45,7 +45,7 @@ def fit(cfg: JobConfig, callbacks: list | None = None) -> Result:
                 checkpoint_score_attribute=cfg.train.metric,
                 checkpoint_score_order=cfg.train.mode,
             ),
-            callbacks=[MetricsLogger(os.path.join(storage, cfg.run.name), cfg.train.num_epochs), *(callbacks or [])],
+            callbacks=[MetricsLogger(run_dir(cfg), cfg.train.num_epochs), *(callbacks or [])],
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
@@ -60,6 +60,11 @@ def init_ray() -> None:
         ray.init()
     else:
         ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+
+
+def run_dir(cfg: JobConfig) -> str:
+    """Where Ray Train keeps this run: checkpoints, metrics.csv, curves.png, tensorboard/."""
+    return os.path.join(storage_path(cfg.run.storage_path), cfg.run.name)
 
 
 def storage_path(path: str) -> str:

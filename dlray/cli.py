@@ -1,0 +1,105 @@
+"""dlray command line: each verb is a few lines calling the module of the same name.
+
+    dlray validate jobs/cnn_digits.yaml [key=value ...]
+    dlray train    jobs/cnn_digits.yaml [key=value ...]
+    dlray export   <run-dir | checkpoint-dir> out/cnn
+    dlray serve    out/cnn [max_batch_size=16 ...] [--print-config]
+    dlray bench    [train|serve|all]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from dlray.config import ConfigError, JobConfig, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. strategy.name=deepspeed strategy.zero_stage=3")
+
+
+def _load(job: Optional[Path], overrides: Optional[list[str]]) -> JobConfig:
+    try:
+        return load_config(job, overrides or [])
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(job: Path, overrides: Optional[list[str]] = OVERRIDES):
+    """Check a job config (and overrides) without starting anything; print the resolved config."""
+    cfg = _load(job, overrides)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    typer.echo(f"ok: {job} is a valid job config", err=True)
+
+
+@app.command()
+def train(job: Path, overrides: Optional[list[str]] = OVERRIDES):
+    """Train on Ray Train: the cluster in RAY_ADDRESS, or a local Ray on 127.0.0.1."""
+    cfg = _load(job, overrides)
+    from dlray.train import fit, run_dir
+    from dlray.tracking import read_history
+
+    result = fit(cfg)
+    directory = run_dir(cfg)
+    history = read_history(directory)
+    typer.echo(f"\nrun directory: {directory}  (metrics.csv, curves.png, tensorboard/)")
+    best = result.get_best_checkpoint(cfg.train.metric, cfg.train.mode) if result.best_checkpoints else None
+    if best is not None:
+        typer.echo(f"best checkpoint: {best.path}")
+    if history and any(k.startswith("test_") for k in history[-1]):
+        typer.echo("final: " + "  ".join(f"{k}={v:.4f}" for k, v in history[-1].items() if isinstance(v, float)))
+    if result.error:
+        typer.echo(f"training failed: {result.error}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(source: Path, out: Path):
+    """Checkpoint (or a run directory's best checkpoint) -> servable artifact (safetensors + config.json)."""
+    from dlray.export import export as export_artifact
+
+    path = export_artifact(source, out)
+    typer.echo(f"artifact written to {path}")
+
+
+@app.command()
+def serve(
+    artifact: Path,
+    overrides: Optional[list[str]] = typer.Argument(None, help="serve settings, e.g. max_batch_size=16 num_replicas=2 port=8001"),
+    print_config: bool = typer.Option(False, "--print-config", help="print a Serve config YAML for `serve deploy` instead of serving"),
+):
+    """Serve an exported artifact with Ray Serve until interrupted."""
+    from dlray.serve.app import run, serve_config
+
+    settings = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            typer.echo(f"error: serve override {item!r} must look like key=value", err=True)
+            raise typer.Exit(2)
+        settings[key.removeprefix("serve.")] = yaml.safe_load(value)
+    if print_config:
+        typer.echo(yaml.safe_dump(serve_config(str(artifact), settings), sort_keys=False))
+        return
+    from dlray.train import init_ray
+
+    init_ray()
+    typer.echo(f"serving {artifact}; Ctrl-C to stop")
+    run(str(artifact), settings, blocking=True)
+
+
+@app.command()
+def bench(what: str = typer.Argument("all", help="train | serve | all"), out: Path = typer.Option(Path("benchmarks/results.md"))):
+    """Measure dlray against plain PyTorch / unbatched baselines; write the results file."""
+    from dlray.bench import run_benchmarks
+
+    run_benchmarks(what, out)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,88 @@
+"""Turn a training checkpoint (any strategy, sharded or not) into a servable artifact.
+
+    dlray export ~/dlray_runs/<run>            out/cnn   # the run's best checkpoint
+    dlray export ~/dlray_runs/<run>/checkpoint_epoch0007 out/cnn
+
+An artifact is `model.safetensors` + `config.json` (model config, class names, input shape,
+serving defaults). Loading an artifact never unpickles anything. (Export itself reads your own
+training checkpoints; DeepSpeed's format is torch.save-based, DCP's metadata too.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dlray.checkpoint import META_FILE, read_meta
+from dlray.models import FAMILIES
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TASKS = {"cnn": "classify"}  # model family -> serving endpoint
+
+
+def export(source: str | Path, out_dir: str | Path) -> Path:
+    checkpoint_dir = resolve_checkpoint(Path(source).expanduser())
+    meta = read_meta(checkpoint_dir)
+    config = meta["config"]
+    family = FAMILIES[config["model"]["family"]]
+    model = family.build(config["model"], meta["data_info"])
+    if meta["format"] == "deepspeed":
+        from dlray.strategies.deepspeed import load_weights_offline
+
+        weights = load_weights_offline(str(checkpoint_dir))  # parameters and buffers, fp32
+    else:
+        from dlray.strategies.dcp import load_weights_offline
+
+        weights = load_weights_offline(str(checkpoint_dir), model)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=True)
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
+    artifact_config = {
+        "task": TASKS[config["model"]["family"]],
+        "model": config["model"],
+        "data_info": meta["data_info"],
+        "serve": config["serve"],
+        "source_checkpoint": str(checkpoint_dir),
+        "metrics": meta["metrics"],
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(artifact_config, indent=2))
+    return out
+
+
+def load_artifact(directory: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The exported model in eval mode, and its config.json."""
+    directory = Path(directory)
+    config = read_artifact_config(directory)
+    model = FAMILIES[config["model"]["family"]].build(config["model"], config["data_info"])
+    model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=True)
+    return model.eval(), config
+
+
+def read_artifact_config(directory: str | Path) -> dict:
+    path = Path(directory, CONFIG_FILE)
+    if not path.exists() or not Path(directory, WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{directory} is not a dlray artifact (needs {CONFIG_FILE} and {WEIGHTS_FILE}); create one with `dlray export`")
+    return json.loads(path.read_text())
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """A checkpoint directory as given, or a run directory's best checkpoint by its own metric."""
+    if (source / META_FILE).exists():
+        return source
+    candidates = sorted(p.parent for p in source.glob(f"*/{META_FILE}"))
+    if not candidates:
+        raise FileNotFoundError(f"no dlray checkpoint in {source} (expected {META_FILE} in it or in its sub-directories)")
+    metas = {c: read_meta(c) for c in candidates}
+    train_cfg = next(iter(metas.values()))["config"]["train"]
+    metric, sign = train_cfg["metric"], (1 if train_cfg["mode"] == "max" else -1)
+    return max(candidates, key=lambda c: (sign * metas[c]["metrics"][metric], metas[c]["progress"]["global_step"]))
+

@@ -1,0 +1,1 @@
+"""Ray Serve applications over exported artifacts. See dlray.serve.app."""

@@ -1,0 +1,62 @@
+"""The Serve application builder: one import path for `dlray serve`, `serve run`, `serve deploy`
+and KubeRay's RayService.
+
+    dlray serve out/cnn
+    serve run dlray.serve.app:build_app artifact=out/cnn
+    dlray serve out/cnn --print-config > serve.yaml && serve deploy serve.yaml
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray import serve
+from ray.serve import Application
+
+from dlray.config import ServeSection
+from dlray.export import read_artifact_config
+from dlray.serve.classify import Classifier
+
+ENDPOINTS = {"classify": Classifier}
+IMPORT_PATH = "dlray.serve.app:build_app"
+
+
+def build_app(args: dict) -> Application:
+    """`args`: {"artifact": dir} plus any `serve:` keys (max_batch_size, num_replicas, ...) to override."""
+    if "artifact" not in args:
+        raise ValueError(f"{IMPORT_PATH} needs args.artifact: a directory written by `dlray export`")
+    artifact = os.path.abspath(os.path.expanduser(args["artifact"]))
+    config = read_artifact_config(artifact)
+    settings = serve_settings(config, {k: v for k, v in args.items() if k != "artifact"})
+    options = {"max_ongoing_requests": settings.max_ongoing_requests, "ray_actor_options": {"num_cpus": settings.num_cpus_per_replica}}
+    if settings.autoscaling:
+        options["autoscaling_config"] = settings.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = settings.num_replicas
+    return ENDPOINTS[config["task"]].options(**options).bind(
+        artifact, max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_timeout_s, max_body_bytes=settings.max_body_bytes
+    )
+
+
+def serve_settings(artifact_config: dict, overrides: dict) -> ServeSection:
+    """The artifact's `serve:` section (from its training config) with overrides applied and checked."""
+    return ServeSection.model_validate({**artifact_config.get("serve", {}), **overrides})
+
+
+def run(artifact: str, overrides: dict | None = None, blocking: bool = False):
+    """Start Serve's HTTP proxy on the configured host/port and deploy the artifact's endpoint."""
+    overrides = overrides or {}
+    settings = serve_settings(read_artifact_config(artifact), overrides)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    return serve.run(build_app({"artifact": artifact, **overrides}), name="dlray", route_prefix="/", blocking=blocking)
+
+
+def serve_config(artifact: str, overrides: dict | None = None) -> dict:
+    """A Serve config file (the `serve deploy` / RayService `serveConfigV2` format) for an artifact."""
+    overrides = overrides or {}
+    settings = serve_settings(read_artifact_config(artifact), overrides)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": settings.host, "port": settings.port},
+        "applications": [{"name": "dlray", "route_prefix": "/", "import_path": IMPORT_PATH, "args": {"artifact": os.path.abspath(artifact), **overrides}}],
+    }

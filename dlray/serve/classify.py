@@ -1,0 +1,99 @@
+"""Image classification endpoint over an exported CNN artifact.
+
+    POST /v1/classify
+      Content-Type: image/png | image/jpeg     raw image bytes
+      Content-Type: application/json          {"image": [[...]]}      pixels in [0, 1], (H, W) or (C, H, W)
+                                              {"image_b64": "<base64 PNG/JPEG>"}
+      -> {"label": "7", "label_index": 7, "probabilities": {"0": 0.001, ...}}
+    GET /healthz
+
+Concurrent requests are folded into one forward pass by @serve.batch.
+(No `from __future__ import annotations` here: FastAPI must see the real `Request` type.)
+"""
+
+
+import base64
+import binascii
+import json
+
+import torch
+from fastapi import FastAPI, Request
+from ray import serve
+
+from dlray.data.image_folder import decode_image
+from dlray.export import load_artifact
+from dlray.serve.errors import RequestError, install_error_handlers, read_body
+
+api = FastAPI(title="dlray classifier")
+install_error_handlers(api)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Classifier:
+    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000):
+        torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
+        self.model, config = load_artifact(artifact)
+        self.class_names = config["data_info"]["class_names"]
+        self.shape = tuple(config["data_info"]["image_shape"])  # (C, H, W)
+        self.max_body_bytes = max_body_bytes
+        self.predict.set_max_batch_size(max_batch_size)
+        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "classes": len(self.class_names), "input_shape": list(self.shape)}
+
+    @api.post("/v1/classify")
+    async def classify(self, request: Request) -> dict:
+        image = self.parse_image(request.headers.get("content-type", ""), await read_body(request, self.max_body_bytes))
+        probabilities = await self.predict(image)
+        index = int(probabilities.argmax())
+        return {
+            "label": self.class_names[index],
+            "label_index": index,
+            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)},
+        }
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return list(torch.softmax(self.model(torch.stack(images)).float(), dim=-1))
+
+    def parse_image(self, content_type: str, body: bytes) -> torch.Tensor:
+        channels, height, width = self.shape
+        if content_type.startswith("application/json"):
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RequestError(400, f"body is not valid JSON: {err}") from None
+            if not isinstance(payload, dict) or not ({"image", "image_b64"} & payload.keys()):
+                raise RequestError(400, 'JSON body must be an object with "image" (nested list of pixels in [0, 1]) or "image_b64" (base64 PNG/JPEG)', param="image")
+            if "image_b64" in payload:
+                try:
+                    return self.decode(base64.b64decode(payload["image_b64"], validate=True))
+                except (binascii.Error, TypeError, ValueError):
+                    raise RequestError(400, "image_b64 is not valid base64", param="image_b64") from None
+            return self.from_pixels(payload["image"])
+        if content_type.startswith(("image/", "application/octet-stream")):
+            return self.decode(body)
+        raise RequestError(415, f"unsupported Content-Type {content_type!r}; send image/png, image/jpeg or application/json")
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        try:
+            return decode_image(data, self.shape[1], self.shape[0])
+        except Exception:  # PIL raises a zoo of types for non-image bytes
+            raise RequestError(400, "body is not a decodable PNG/JPEG image", param="image") from None
+
+    def from_pixels(self, pixels) -> torch.Tensor:
+        try:
+            image = torch.tensor(pixels, dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise RequestError(400, "image must be a rectangular nested list of numbers", param="image") from None
+        if image.dim() == 2 and self.shape[0] == 1:
+            image = image.unsqueeze(0)
+        if tuple(image.shape) != self.shape:
+            raise RequestError(400, f"image must have shape {list(self.shape)} (or {list(self.shape[1:])} for one channel), got {list(image.shape)}", param="image")
+        if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise RequestError(400, "image pixels must be finite and within [0, 1]", param="image")
+        return image

@@ -1,0 +1,46 @@
+"""One error shape for every endpoint (OpenAI's): {"error": {"message", "type", "param", "code"}}.
+
+A bad request raises RequestError; the handler turns it into a 4xx JSON response and the
+replica carries on serving.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        return error_response(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", param=str(first["loc"][-1]))
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing more than `max_bytes` before and after reading it."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes")
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise RequestError(413, f"request body of {len(body)} bytes exceeds the limit of {max_bytes} bytes")
+    if not body:
+        raise RequestError(400, "request body is empty")
+    return body

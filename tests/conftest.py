@@ -1,0 +1,32 @@
+"""One local Ray per test session, bound to 127.0.0.1; tests that need it ask for `ray_cluster`."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        # Logical CPUs above the 2 physical cores: 2 training workers plus Serve replicas fit at once.
+        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", log_to_driver=True)
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture()
+def storage(tmp_path):
+    path = tmp_path / "runs"
+    path.mkdir()
+    return path
