@@ -30,3 +30,18 @@ def storage(tmp_path):
     path = tmp_path / "runs"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_run(ray_cluster, tmp_path_factory):
+    """The README's main job (jobs/cnn_digits.yaml) trained once per session, and its export."""
+    from dlray.config import load_config
+    from dlray.export import export
+    from dlray.train import fit, run_dir
+
+    storage = tmp_path_factory.mktemp("digits")
+    cfg = load_config(REPO / "jobs/cnn_digits.yaml", [f"run.storage_path={storage}", "run.name=digits"])
+    result = fit(cfg)
+    assert result.error is None, result.error
+    artifact = export(run_dir(cfg), storage / "artifact")
+    return cfg, result, run_dir(cfg), artifact

@@ -1,0 +1,110 @@
+"""Ray Train end to end on a real local Ray: accuracy, strategies, failures, resume, early stopping."""
+
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO
+from dlray.config import load_config
+from dlray.export import export, load_artifact
+from dlray.tracking import read_history
+from dlray.train import fit, run_dir
+
+pytestmark = pytest.mark.slow
+
+
+def debug_job(storage, name, *overrides):
+    return load_config(REPO / "jobs/debug/cnn_cpu.yaml", [f"run.storage_path={storage}", f"run.name={name}", *overrides])
+
+
+def epochs(history):
+    return [r for r in history if "train_loss" in r]
+
+
+def test_cnn_digits_reaches_97_percent_test_accuracy(digits_run):
+    cfg, result, directory, _ = digits_run
+    history = read_history(directory)
+    final = history[-1]
+    assert final["test_accuracy"] >= 0.97, final
+    losses = [r["train_loss"] for r in epochs(history)]
+    assert losses[-1] < 0.5 * losses[0]
+    # What the user looks at: curves, TensorBoard events, one checkpoint directory per kept epoch.
+    assert (Path(directory) / "curves.png").stat().st_size > 10_000
+    assert list((Path(directory) / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(result.best_checkpoints) <= cfg.run.checkpoint_num_to_keep
+
+
+@pytest.mark.parametrize("overrides", [["strategy.name=fsdp", "precision=bf16"], ["strategy.name=deepspeed", "strategy.zero_stage=3", "precision=bf16"]], ids=["fsdp-bf16", "zero3-bf16"])
+def test_sharded_strategies_train_on_ray_and_export(ray_cluster, storage, overrides, tmp_path):
+    cfg = debug_job(storage, "sharded", "optim.lr=0.01", *overrides)
+    result = fit(cfg)
+    assert result.error is None, result.error
+    losses = [r["train_loss"] for r in epochs(read_history(run_dir(cfg)))]
+    assert losses[-1] < losses[0], losses
+    model, config = load_artifact(export(run_dir(cfg), tmp_path / "artifact"))
+    assert config["metrics"]["val_accuracy"] > 0.3, "the best checkpoint is far better than chance (0.1)"
+
+
+def ray_train_worker_pids():
+    """PIDs of the live Ray Train worker actors (processes of finished runs may linger a while)."""
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(ray_cluster, storage):
+    common = ["train.num_epochs=6", "run.max_failures=1", "optim.lr=0.01", "scheduler.name=constant"]
+    reference = debug_job(storage, "uninterrupted", *common)
+    assert fit(reference).error is None
+
+    cfg = debug_job(storage, "killed", *common)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
+    thread.start()
+    # Kill once Ray has committed the second checkpoint (its controller records it in this snapshot);
+    # a checkpoint still being uploaded is, rightly, not one to resume from.
+    snapshot = Path(run_dir(cfg)) / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (snapshot.exists() and "checkpoint_epoch0001" in snapshot.read_text()):
+        time.sleep(0.1)
+    victims = ray_train_worker_pids()
+    assert "checkpoint_epoch0001" in snapshot.read_text() and victims, "training never reached its second checkpoint"
+    psutil.Process(victims[0]).kill()
+    thread.join(timeout=600)
+
+    assert outcome["result"].error is None, outcome["result"].error
+    history = epochs(read_history(run_dir(cfg)))
+    assert [r["epoch"] for r in history] == list(range(6)), "every epoch reported once, none lost"
+    resumed = [r for r in history if r["resumed_from_step"] > 0]
+    assert resumed, "the restarted workers started from step 0, not from the checkpoint"
+    assert resumed[0]["resumed_from_step"] >= 2 * history[0]["global_step"]
+    # Same seed, same data order, restored optimizer and RNG state: the same numbers.
+    expected = epochs(read_history(run_dir(reference)))
+    for got, want in zip(history, expected):
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4), (got, want)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4), (got, want)
+
+
+def test_rerun_with_same_name_continues_the_run(ray_cluster, storage):
+    first = debug_job(storage, "continued", "train.num_epochs=2", "scheduler.name=constant")
+    assert fit(first).error is None
+    second = debug_job(storage, "continued", "train.num_epochs=3", "scheduler.name=constant")
+    assert fit(second).error is None
+    history = epochs(read_history(run_dir(second)))
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert history[2]["resumed_from_step"] == history[1]["global_step"]
+
+
+def test_early_stopping_stops_and_finishes_on_the_best_checkpoint(ray_cluster, storage):
+    # A learning rate this small cannot improve val_loss meaningfully, so patience 1 stops at epoch 2,
+    # and rising val_loss would be ignored in favour of the best epoch's weights.
+    cfg = debug_job(storage, "early", "train.num_epochs=8", "train.early_stopping_patience=1", "optim.lr=1e-9", "optim.name=sgd", "optim.momentum=0", "model.dropout=0")
+    assert fit(cfg).error is None
+    history = read_history(run_dir(cfg))
+    trained = epochs(history)
+    assert len(trained) < 8, "training did not stop early"
+    best = min(trained, key=lambda r: r["val_loss"])
+    assert history[-1]["best_val_loss"] == pytest.approx(best["val_loss"])
