@@ -41,11 +41,6 @@ def export(source: str | Path, out_dir: str | Path) -> Path:
         weights = load_weights_offline(str(checkpoint_dir), model)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=True)
 
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
     artifact_config = {
         "task": TASKS[config["model"]["family"]],
         "model": config["model"],
@@ -54,6 +49,15 @@ def export(source: str | Path, out_dir: str | Path) -> Path:
         "source_checkpoint": str(checkpoint_dir),
         "metrics": meta["metrics"],
     }
+    return write_artifact(model, artifact_config, out_dir)
+
+
+def write_artifact(model: torch.nn.Module, artifact_config: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(artifact_config, indent=2))
     return out
 
