@@ -5,6 +5,7 @@
     dlray export   <run-dir | checkpoint-dir> out/cnn
     dlray serve    out/cnn [max_batch_size=16 ...] [--print-config]
     dlray bench    [train|serve|all]
+    dlray k8s render jobs/cnn_digits.yaml [key=value ...] --image IMG [--kind rayservice --artifact DIR]
 """
 
 from __future__ import annotations
@@ -99,6 +100,30 @@ def bench(what: str = typer.Argument("all", help="train | serve | all"), out: Pa
     from dlray.bench import run_benchmarks
 
     run_benchmarks(what, out)
+
+
+k8s_app = typer.Typer(no_args_is_help=True, help="KubeRay manifests rendered from a job config.")
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render(
+    job: Path,
+    overrides: Optional[list[str]] = OVERRIDES,
+    image: str = typer.Option(..., help="container image built from the Dockerfile, e.g. registry.example.com/dlray:0.1.0"),
+    kind: str = typer.Option("rayjob", help="rayjob (runs `dlray train`) | rayservice (serves --artifact)"),
+    artifact: Optional[str] = typer.Option(None, help="rayservice: exported artifact dir on the shared volume, e.g. /mnt/shared/artifacts/cnn"),
+    name: Optional[str] = typer.Option(None, help="metadata.name; default dlray-<job file stem>"),
+):
+    """Print a RayJob or RayService manifest for `kubectl apply -f -`."""
+    from dlray.k8s import dump, render
+
+    try:
+        manifest = render(job, overrides or [], image=image, kind=kind, artifact=artifact, name=name)
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(dump(manifest), nl=False)
 
 
 if __name__ == "__main__":
