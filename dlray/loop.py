@@ -33,6 +33,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     family = FAMILIES[cfg.model.family]
+    num_nodes = count_nodes(rank, world)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = build_data(cfg.data, seed=cfg.train.seed)
@@ -85,7 +86,8 @@ def train_loop_per_worker(config: dict) -> None:
 
         metrics = {"epoch": epoch, "global_step": progress["global_step"], "train_loss": (totals[0] / totals[1]).item()}
         metrics |= evaluate(model, val_loader, family, strategy, device, prefix="val")
-        metrics |= {"lr": optimizer.param_groups[0]["lr"], "samples_per_sec": totals[1].item() / elapsed, "resumed_from_step": resumed_from_step}
+        metrics |= {"lr": optimizer.param_groups[0]["lr"], "samples_per_sec": totals[1].item() / elapsed}
+        metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes}
         if not is_per_step(scheduler):
             scheduler.step(metrics[cfg.train.metric])
 
@@ -108,6 +110,15 @@ def train_loop_per_worker(config: dict) -> None:
     if len(data.test):
         final |= evaluate(model, eval_loader(data.test, cfg, rank, world), family, strategy, device, prefix="test")
     ray.train.report(final)
+
+
+def count_nodes(rank: int, world: int) -> int:
+    """How many machines this run's ranks span; each rank also says where it runs."""
+    node = ray.get_runtime_context().get_node_id()
+    print(f"[dlray] rank {rank}/{world} on node {node[:12]} ({ray.util.get_node_ip_address()})")
+    nodes = [None] * world
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 class EvalShard(Dataset):

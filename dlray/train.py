@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
@@ -26,7 +27,10 @@ def fit(cfg: JobConfig, callbacks: list | None = None) -> Result:
     init_ray()
     if cfg.run.name is None:
         raise ValueError("run.name must be set (load_config names runs after their job file)")
-    storage = storage_path(cfg.run.storage_path)
+    # Resolved once, here: `ray job submit --working-dir` runs us in a temporary copy of the
+    # working dir, and a relative path would put checkpoints there.
+    cfg.run.storage_path = storage = storage_path(cfg.run.storage_path)
+    check_shared_storage(storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.model_dump(mode="json"),
@@ -71,6 +75,44 @@ def storage_path(path: str) -> str:
     if "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def check_shared_storage(storage: str) -> None:
+    """Refuse, before training starts, a storage path some node cannot see.
+
+    On a multi-node cluster every rank writes its checkpoint shards under run.storage_path and
+    a restarted group reads them back from whichever node it lands on: node-local disk loses
+    them. A marker file written here must be visible from a probe task pinned to each node.
+    """
+    if "://" in storage:  # cloud storage (s3://, gs://, ...) is shared by construction
+        return
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) < 2:
+        return
+    os.makedirs(storage, exist_ok=True)
+    marker = os.path.join(storage, f".dlray-shared-check-{uuid.uuid4().hex}")
+    open(marker, "w").close()
+    try:
+        blind = nodes_not_seeing(marker, nodes)
+    finally:
+        os.remove(marker)
+    if blind:
+        raise StorageNotSharedError(
+            f"run.storage_path {storage!r} is not visible from node(s) {', '.join(blind)}: multi-node runs need shared "
+            "storage for checkpoints (an NFS/EFS/Filestore mount at the same path on every node, or a URI such as s3://bucket/runs)"
+        )
+
+
+class StorageNotSharedError(ValueError):
+    pass
+
+
+def nodes_not_seeing(path: str, nodes: list[dict]) -> list[str]:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(os.path.exists)
+    refs = {f"{n['NodeID'][:12]} ({n['NodeManagerAddress']})": probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path) for n in nodes}
+    return [name for name, ref in refs.items() if not ray.get(ref)]
 
 
 def worker_env(cfg: JobConfig) -> dict[str, str]:

@@ -1,0 +1,86 @@
+"""Multi-node scenarios on one host with ray.cluster_utils.Cluster (several real raylets).
+
+Run by test_multinode.py in a subprocess, since a Cluster cannot share a process with the test
+session's local Ray. Prints one JSON line of results.
+
+    python tests/multinode_scenarios.py placement|node-loss <storage-dir>
+"""
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from conftest import wait_for_committed_checkpoint
+from dlray.config import load_config
+from dlray.tracking import read_history
+from dlray.train import check_shared_storage, fit, nodes_not_seeing, run_dir
+
+JOB = Path(__file__).resolve().parents[1] / "jobs/debug/cnn_cpu.yaml"
+
+
+def job(storage, name, *overrides):
+    return load_config(JOB, [f"run.storage_path={storage}", f"run.name={name}", "optim.lr=0.01", "scheduler.name=constant", *overrides])
+
+
+def epochs(cfg):
+    return [r for r in read_history(run_dir(cfg)) if "train_loss" in r]
+
+
+def placement(cluster, storage):
+    """Single node (PACK onto one 2-CPU node) vs SPREAD over two 1-CPU nodes: same seed, same numbers."""
+    single = job(storage, "single", "train.num_epochs=4", "scaling.placement_strategy=STRICT_PACK")
+    spread = job(storage, "spread", "train.num_epochs=4", "scaling.placement_strategy=STRICT_SPREAD")
+    check_shared_storage(str(storage))  # passes: every raylet here shares this host's disk
+    fit(single)
+    fit(spread)
+    return {
+        "single": epochs(single),
+        "spread": epochs(spread),
+        "unseen_marker_nodes": nodes_not_seeing(str(storage / "no-such-marker"), [n for n in ray.nodes() if n["Alive"]]),
+    }
+
+
+def node_loss(cluster, storage, spare_args):
+    """Remove a worker node after the second committed checkpoint; once Ray has marked it dead, add
+    one back; the run resumes from that checkpoint and finishes."""
+    cfg = job(storage, "node-loss", "train.num_epochs=6", "run.max_failures=2", "scaling.placement_strategy=STRICT_SPREAD")
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
+    thread.start()
+    wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
+    victim = cluster.list_all_nodes()[-1]
+    cluster.remove_node(victim, allow_graceful=False)
+    removed_at = time.monotonic()
+    while any(n["NodeID"] == victim.node_id and n["Alive"] for n in ray.nodes()):  # until Ray knows it is gone
+        time.sleep(0.2)
+    cluster.add_node(**spare_args)
+    thread.join(timeout=600)
+    return {"error": repr(outcome["result"].error) if outcome["result"].error else None, "epochs": epochs(cfg), "downtime_s": time.monotonic() - removed_at}
+
+
+def main(scenario: str, storage: str):
+    storage = Path(storage)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    if scenario == "placement":
+        worker_nodes = [{"num_cpus": 2}, {"num_cpus": 1}, {"num_cpus": 1}]
+    else:
+        worker_nodes = [{"num_cpus": 1}] * 2
+    for args in worker_nodes:
+        cluster.add_node(**args)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        result = placement(cluster, storage) if scenario == "placement" else node_loss(cluster, storage, worker_nodes[-1])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
