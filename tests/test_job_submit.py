@@ -58,7 +58,7 @@ def test_job_submit_with_token_trains_across_nodes(local_cluster, storage):
 
 
 @pytest.mark.parametrize("client_env, status", [({"RAY_AUTH_MODE": "token"}, "401"), ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}, "403")], ids=["no-token", "wrong-token"])
-def test_job_submit_without_the_token_is_refused(local_cluster, storage, client_env, tmp_path):
+def test_job_submit_without_the_token_is_refused(local_cluster, storage, client_env, status, tmp_path):
     # HOME elsewhere, so the client cannot fall back on this machine's ~/.ray/auth_token.
     refused = submit(local_cluster, storage, {**client_env, "HOME": str(tmp_path)})
     assert refused.returncode != 0
