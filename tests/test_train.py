@@ -1,5 +1,6 @@
 """Ray Train end to end on a real local Ray: accuracy, strategies, failures, resume, early stopping."""
 
+import math
 import threading
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 
 from conftest import REPO, wait_for_committed_checkpoint
 from dlray.config import load_config
+from dlray.data import build_data
 from dlray.export import export, load_artifact
 from dlray.tracking import read_history
 from dlray.train import fit, run_dir
@@ -36,13 +38,25 @@ def test_cnn_digits_reaches_97_percent_test_accuracy(digits_run):
     assert len(result.best_checkpoints) <= cfg.run.checkpoint_num_to_keep
 
 
-@pytest.mark.parametrize("overrides", [["strategy.name=fsdp", "precision=bf16"], ["strategy.name=deepspeed", "strategy.zero_stage=3", "precision=bf16"]], ids=["fsdp-bf16", "zero3-bf16"])
+SHARDED = {
+    # FSDP with SGD and the plateau schedule; ZeRO-3 with DeepSpeed's own gradient accumulation.
+    "fsdp-bf16-sgd-plateau": ["strategy.name=fsdp", "precision=bf16", "optim.name=sgd", "scheduler.name=plateau"],
+    "zero3-bf16-accumulate2": ["strategy.name=deepspeed", "strategy.zero_stage=3", "precision=bf16", "train.gradient_accumulation_steps=2"],
+}
+
+
+@pytest.mark.parametrize("overrides", SHARDED.values(), ids=SHARDED.keys())
 def test_sharded_strategies_train_on_ray_and_export(ray_cluster, storage, overrides, tmp_path):
-    cfg = debug_job(storage, "sharded", "optim.lr=0.01", *overrides)
+    cfg = debug_job(storage, "sharded", *overrides)
     result = fit(cfg)
     assert result.error is None, result.error
-    losses = [r["train_loss"] for r in epochs(read_history(run_dir(cfg)))]
+    history = epochs(read_history(run_dir(cfg)))
+    losses = [r["train_loss"] for r in history]
     assert losses[-1] < losses[0], losses
+    # One optimizer step per gradient_accumulation_steps micro-batches of each rank's shard.
+    train_size = len(build_data(cfg.data, seed=cfg.train.seed).train)
+    micro_batches = math.ceil(math.ceil(train_size / cfg.scaling.num_workers) / cfg.train.micro_batch_size)
+    assert history[0]["global_step"] == micro_batches // cfg.train.gradient_accumulation_steps
     model, config = load_artifact(export(run_dir(cfg), tmp_path / "artifact"))
     assert config["metrics"]["val_accuracy"] > 0.3, "the best checkpoint is far better than chance (0.1)"
 
