@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from conftest import REPO
+from dlray.config import DataConfig
+from dlray.data import build_data
 from dlray.export import export, load_artifact
 
 CASES = [
@@ -68,9 +70,6 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
 
     artifact = export(out / case["id"], tmp_path / "artifact")
     model, _ = load_artifact(artifact)
-    from dlray.data import build_data
-    from dlray.config import DataConfig
-
     with torch.no_grad():
         exported = model(build_data(DataConfig(), seed=0).val.images[:64])
     saved = torch.tensor(result["saved_logits"])
