@@ -5,6 +5,8 @@
 train   dlray (Ray Train, 1 worker) samples/s / a plain PyTorch loop on the same model, data and
         batch size; 2 workers / 1 worker; per-rank parameter+optimizer bytes of FSDP and ZeRO-3
         / DDP with 2 ranks (plain gloo process group: Ray adds nothing to what is measured).
+cluster time from `ray job submit` to the first optimizer step, and samples/s of the same 2-worker
+        job with its ranks on 2 nodes / on 1 node, on a cluster/local.sh cluster (head + 1 worker node).
 serve   @serve.batch (max_batch_size 32) / unbatched (max_batch_size 1) requests/s at 32
         concurrent HTTP clients, with p50/p99 latency.
 """
@@ -16,7 +18,8 @@ import io
 import json
 import os
 import platform
-import socket
+import re
+import subprocess
 import statistics
 import tempfile
 import time
@@ -26,27 +29,25 @@ import torch
 
 from dlray.config import load_config
 from dlray.data import build_data
+from dlray.local_cluster import RAY, free_port, local_cluster
 from dlray.models import FAMILIES
 from dlray.optim import build_optimizer
 
 TRAIN_JOB = "jobs/cnn_digits.yaml"
 TRAIN_EPOCHS = 4  # the first is warm-up and is not counted
+CLUSTER_EPOCHS = 6  # more than TRAIN_EPOCHS: a 2-core machine's epoch-to-epoch noise averages out
 SERVE_CLIENTS, SERVE_REQUESTS = 32, 384
 
 
 def run_benchmarks(what: str, out: Path) -> dict:
-    if what not in ("train", "serve", "all"):
-        raise ValueError(f"bench target must be train, serve or all, got {what!r}")
-    from dlray.train import init_ray
-
-    init_ray()
+    if what not in BENCHMARKS and what != "all":
+        raise ValueError(f"bench target must be {', '.join(BENCHMARKS)} or all, got {what!r}")
     results = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     results["machine"] = machine()
-    if what in ("train", "all"):
-        results["train"] = bench_train()
-        results["memory"] = bench_memory()
-    if what in ("serve", "all"):
-        results["serve"] = bench_serve()
+    for name, benchmarks in BENCHMARKS.items():
+        if what in (name, "all"):
+            for key, bench in benchmarks.items():
+                results[key] = bench()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     out.write_text(render_markdown(results))
@@ -61,8 +62,9 @@ def bench_train() -> dict:
     import ray
 
     from dlray.tracking import read_history
-    from dlray.train import fit, run_dir
+    from dlray.train import fit, init_ray, run_dir
 
+    init_ray()
     storage = tempfile.mkdtemp(prefix="dlray-bench-")
     common = [f"run.storage_path={storage}", f"train.num_epochs={TRAIN_EPOCHS}", "train.early_stopping_patience=null", "run.checkpoint_num_to_keep=1"]
     cfg = load_config(TRAIN_JOB, common)
@@ -122,7 +124,7 @@ def bench_memory() -> dict:
     per_rank = {}
     for label, strategy in cases.items():
         queue = mp.get_context("spawn").SimpleQueue()
-        port = _free_port()
+        port = free_port()
         mp.spawn(_memory_worker, args=(2, port, strategy, queue), nprocs=2, join=True)
         per_rank[label] = max(queue.get() for _ in range(2))
     return {
@@ -180,10 +182,40 @@ def _local_state_bytes(model, optimizer) -> int:
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# ---------------------------------------------------------------------------------- cluster
+
+
+def bench_cluster() -> dict:
+    from dlray.tracking import read_history
+
+    storage = tempfile.mkdtemp(prefix="dlray-bench-")
+    placements = {"1_node": ("STRICT_PACK", 1), "2_nodes": ("STRICT_SPREAD", 2)}
+    first_step: dict[str, list[float]] = {label: [] for label in placements}
+    rates = {label: 0.0 for label in placements}
+    # Head + 1 worker node, 2 CPUs each: the 2-worker job fits on one node or spreads over two.
+    with local_cluster(worker_nodes=1, cpus_per_node=2, port_base=25000) as cluster:
+        for attempt in range(2):  # interleaved, best of two, as in bench_train
+            for label, (placement, nodes) in placements.items():
+                name = f"bench-{label}-{attempt}"
+                command = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", ".", "--", "dlray", "train", TRAIN_JOB,
+                           f"run.storage_path={storage}", f"run.name={name}", f"train.num_epochs={CLUSTER_EPOCHS}", "train.early_stopping_patience=null",
+                           "scaling.num_workers=2", f"scaling.placement_strategy={placement}"]
+                submitted_at = time.time()
+                done = subprocess.run(command, env=cluster.client_env(), capture_output=True, text=True, timeout=1200)
+                stepped = re.search(r"first optimizer step done at unix time ([0-9.]+)", done.stdout)
+                if done.returncode or not stepped:
+                    raise RuntimeError(f"benchmark job {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+                first_step[label].append(float(stepped.group(1)) - submitted_at)
+                epochs = [r for r in read_history(Path(storage) / name) if "train_loss" in r]
+                if epochs[0]["num_nodes"] != nodes:
+                    raise RuntimeError(f"benchmark job {name} ran on {epochs[0]['num_nodes']} node(s), not {nodes}")
+                rates[label] = max(rates[label], statistics.mean(r["samples_per_sec"] for r in epochs[1:]))
+    return {
+        "model": f"cnn/{load_config(TRAIN_JOB).model.flavor}, 2 workers",
+        "submit_to_first_step_s": first_step,
+        "samples_per_sec": rates,
+        "2_nodes_vs_1_node": rates["2_nodes"] / rates["1_node"],
+    }
 
 
 # ---------------------------------------------------------------------------------- serving
@@ -194,14 +226,16 @@ def bench_serve() -> dict:
 
     from dlray.export import write_artifact
     from dlray.serve.app import run
+    from dlray.train import init_ray
 
+    init_ray()
     # A model whose forward pass costs something (ResNet-18 on 32x32 RGB): batching pays off when
     # compute, not HTTP, dominates. Untrained weights serve as well as trained ones for timing.
     info = {"image_shape": [3, 32, 32], "class_names": [str(i) for i in range(10)], "mean": [0.5] * 3, "std": [0.25] * 3}
     model_cfg = {"family": "cnn", "flavor": "resnet18", "dropout": 0.0}
     artifact = write_artifact(FAMILIES["cnn"].build(model_cfg, info), {"task": "classify", "model": model_cfg, "data_info": info, "serve": {}}, tempfile.mkdtemp(prefix="dlray-bench-artifact-"))
     payload = _png(torch.rand(3, 32, 32))
-    port = _free_port()
+    port = free_port()
     results = {"model": "cnn/resnet18, 3x32x32 PNG requests", "concurrent_clients": SERVE_CLIENTS, "requests": SERVE_REQUESTS}
     for label, batch in (("unbatched", 1), ("batched", 32)):
         run(str(artifact), {"port": port, "max_batch_size": batch, "batch_wait_timeout_s": 0.01})
@@ -246,6 +280,14 @@ def _png(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+# Targets of `dlray bench`: each names the result keys it fills.
+BENCHMARKS = {
+    "train": {"train": bench_train, "memory": bench_memory},
+    "cluster": {"cluster": bench_cluster},
+    "serve": {"serve": bench_serve},
+}
+
+
 # ---------------------------------------------------------------------------------- report
 
 
@@ -274,6 +316,14 @@ def render_markdown(results: dict) -> str:
         lines += [
             f"| param+optimizer bytes per rank, FSDP / DDP ({memory['model']}) | {memory['fsdp_vs_ddp']:.2f} ({b['fsdp'] / 2**20:.0f} vs {b['ddp'] / 2**20:.0f} MiB) | <= 0.55 |",
             f"| param+optimizer bytes per rank, ZeRO-3 / DDP | {memory['zero3_vs_ddp']:.2f} ({b['zero3'] / 2**20:.0f} MiB) | <= 0.55 |",
+        ]
+    if cluster := results.get("cluster"):
+        first, rates = cluster["submit_to_first_step_s"], cluster["samples_per_sec"]
+        lines += [
+            f"| `ray job submit` to first optimizer step, 1st / later jobs on a fresh cluster/local.sh cluster | "
+            f"{first['1_node'][0]:.1f} / {statistics.median([*first['2_nodes'], *first['1_node'][1:]]):.1f} s | |",
+            f"| train throughput, 2 workers on 2 nodes / on 1 node ({cluster['model']}) | "
+            f"{cluster['2_nodes_vs_1_node']:.2f} ({rates['2_nodes']:.0f} vs {rates['1_node']:.0f} samples/s) | (cost of crossing nodes) |",
         ]
     if serve := results.get("serve"):
         lines += [

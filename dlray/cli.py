@@ -4,7 +4,7 @@
     dlray train    jobs/cnn_digits.yaml [key=value ...]
     dlray export   <run-dir | checkpoint-dir> out/cnn
     dlray serve    out/cnn [max_batch_size=16 ...] [--print-config]
-    dlray bench    [train|serve|all]
+    dlray bench    [train|cluster|serve|all]
     dlray k8s render jobs/cnn_digits.yaml [key=value ...] --image IMG [--kind rayservice --artifact DIR]
 """
 
@@ -95,7 +95,7 @@ def serve(
 
 
 @app.command()
-def bench(what: str = typer.Argument("all", help="train | serve | all"), out: Path = typer.Option(Path("benchmarks/results.md"))):
+def bench(what: str = typer.Argument("all", help="train | cluster | serve | all"), out: Path = typer.Option(Path("benchmarks/results.md"))):
     """Measure dlray against plain PyTorch / unbatched baselines; write the results file."""
     from dlray.bench import run_benchmarks
 

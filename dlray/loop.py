@@ -79,6 +79,8 @@ def train_loop_per_worker(config: dict) -> None:
             if boundary:
                 strategy.step()
                 progress["global_step"] += 1
+                if progress["global_step"] == 1 and rank == 0:  # start-up latency, as `dlray bench cluster` reads it
+                    print(f"[dlray] first optimizer step done at unix time {time.time():.3f}", flush=True)
                 if is_per_step(scheduler):
                     scheduler.step()
         elapsed = time.perf_counter() - start

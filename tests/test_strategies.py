@@ -7,7 +7,6 @@ back into the same model.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from conftest import REPO
 from dlray.config import DataConfig
 from dlray.data import build_data
 from dlray.export import export, load_artifact
+from dlray.local_cluster import free_port
 
 CASES = [
     {"strategy": {"name": name, **extra}, "precision": precision, "id": f"{label}-{precision}"}
@@ -33,12 +33,6 @@ CASES = [
     {"strategy": {"name": "ddp"}, "precision": "fp16", "id": "ddp-fp16"},
     {"strategy": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True, "offload_param": True}, "precision": "bf16", "id": "zero3-offload-bf16"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
