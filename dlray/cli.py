@@ -2,7 +2,8 @@
 
     dlray validate jobs/cnn_digits.yaml [key=value ...]
     dlray train    jobs/cnn_digits.yaml [key=value ...]
-    dlray export   <run-dir | checkpoint-dir> out/cnn
+    dlray tune     jobs/sweep_cnn_asha.yaml [key=value ...] [--resume]
+    dlray export   <run-dir | sweep-dir | checkpoint-dir> out/cnn
     dlray serve    out/cnn [max_batch_size=16 ...] [--print-config]
     dlray bench    [train|cluster|serve|all]
     dlray k8s render jobs/cnn_digits.yaml [key=value ...] --image IMG [--kind rayservice --artifact DIR]
@@ -60,8 +61,36 @@ def train(job: Path, overrides: Optional[list[str]] = OVERRIDES):
 
 
 @app.command()
+def tune(
+    job: Path,
+    overrides: Optional[list[str]] = OVERRIDES,
+    resume: bool = typer.Option(False, "--resume", help="continue this job file's newest sweep (or the one named by run.name)"),
+):
+    """Hyperparameter sweep with Ray Tune: each trial a full training run of the job."""
+    cfg = _load(job, overrides)
+    if cfg.tune is None:
+        typer.echo(f"error: {job} has no `tune:` section (see jobs/sweep_cnn_asha.yaml); to train it once, use `dlray train`", err=True)
+        raise typer.Exit(2)
+    from dlray.train import storage_path
+    from dlray.tune import latest_sweep, load_sweep, run_sweep
+
+    if resume:
+        named = any(o.startswith("run.name=") for o in overrides or []) or "name" in (yaml.safe_load(job.read_text()).get("run") or {})
+        sweep = Path(storage_path(cfg.run.storage_path), cfg.run.name) if named else latest_sweep(storage_path(cfg.run.storage_path), job.stem)
+        if sweep is None or not sweep.exists():
+            typer.echo(f"error: no sweep of {job} to resume under {storage_path(cfg.run.storage_path)}", err=True)
+            raise typer.Exit(2)
+        typer.echo(f"resuming sweep {sweep}")
+        cfg = load_sweep(sweep)
+    grid = run_sweep(cfg, resume=resume)
+    if grid.num_terminated == 0:
+        typer.echo("no trial finished", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def export(source: Path, out: Path):
-    """Checkpoint (or a run directory's best checkpoint) -> servable artifact (safetensors + config.json)."""
+    """Checkpoint (or the best checkpoint of a run or a sweep) -> servable artifact (safetensors + config.json)."""
     from dlray.export import export as export_artifact
 
     path = export_artifact(source, out)

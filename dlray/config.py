@@ -10,6 +10,7 @@ Section and key names follow what users already know: Ray's ScalingConfig/RunCon
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,9 @@ class RunSection(Section):
     storage_path: str = "~/dlray_runs"  # must be shared storage (NFS or a cloud URI) on multi-node clusters
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
     checkpoint_num_to_keep: int | None = Field(2, ge=1)  # best K by train.metric; None keeps all
+    # Start from this checkpoint (of any run, e.g. a PBT donor's) with this config's hyperparameters;
+    # once the run has checkpoints of its own, a restart takes its own latest instead.
+    resume_from_checkpoint: str | None = None
 
 
 class AutoscalingSection(Section):
@@ -152,6 +156,107 @@ class ServeSection(Section):
     num_cpus_per_replica: float = Field(1.0, ge=0)
 
 
+# ---------------------------------------------------------------------------------------------
+# Sweeps: a job file plus a `tune:` section (see dlray/tune.py). Names follow ray.tune.
+
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+
+
+class SearchParam(Section):
+    """One dotted config key's search space, e.g. `optim.lr: {loguniform: [1.0e-4, 1.0e-1]}`.
+
+    `when` makes it conditional: `optim.momentum: {uniform: [0.8, 0.99], when: {optim.name: sgd}}`
+    is sampled and applied only in trials whose optim.name is sgd (a list there means any of them).
+    """
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None  # low inclusive, high exclusive, as ray.tune.randint
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None  # every value, each in num_samples trials (ray.tune.grid_search)
+    when: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_distribution(self):
+        given = [d for d in DISTRIBUTIONS if getattr(self, d) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a search-space entry needs exactly one of {', '.join(DISTRIBUTIONS)}, got {given or 'none'}")
+        name, args = self.distribution
+        if name in ("uniform", "loguniform", "randint") and not args[0] < args[1]:
+            raise ValueError(f"{name}: low must be below high, got {list(args)}")
+        if name == "loguniform" and args[0] <= 0:
+            raise ValueError(f"loguniform: low must be positive, got {args[0]}")
+        if name in ("choice", "grid") and not args:
+            raise ValueError(f"{name}: needs at least one value")
+        return self
+
+    @property
+    def distribution(self) -> tuple[str, Any]:
+        return next((d, getattr(self, d)) for d in DISTRIBUTIONS if getattr(self, d) is not None)
+
+    def extremes(self) -> list[Any]:
+        """Values that, if valid, make every sampled value valid: the ends of a range, or every choice."""
+        name, args = self.distribution
+        return [args[0], args[1] - 1] if name == "randint" else list(args)
+
+    def active(self, trial: dict[str, Any]) -> bool:
+        if not self.when:
+            return True
+        return all(trial.get(key) in (wanted if isinstance(wanted, list) else [wanted]) for key, wanted in self.when.items())
+
+
+class SweepSchedulerConfig(Section):
+    """Ray Tune's trial scheduler; it sees every epoch (one Tune iteration = one epoch)."""
+
+    name: Literal["fifo", "asha", "hyperband", "median", "pbt"] = "asha"
+    grace_period: int = Field(1, ge=1)  # asha, median: epochs a trial always gets
+    reduction_factor: float = Field(2, gt=1)  # asha, hyperband: 1/this of trials go on at each rung
+    min_samples_required: int = Field(3, ge=1)  # median: trials to compare with before stopping one
+    perturbation_interval: int = Field(1, ge=1)  # pbt: epochs between exploit/explore steps
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # pbt: bottom fraction that copies the top
+    resample_probability: float = Field(0.25, ge=0, le=1)  # pbt: explore by resampling, else by x0.8/x1.2
+
+
+class SearchAlgConfig(Section):
+    name: Literal["random", "grid", "optuna"] = "random"  # grid: every choice becomes a grid axis
+    seed: int | None = 0  # same seed, same trial configs
+
+
+class TuneSection(Section):
+    """Mirrors ray.tune.TuneConfig; the metric and mode are the job's train.metric / train.mode."""
+
+    num_samples: int = Field(4, ge=1)  # trials (per grid point)
+    max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many trials as the cluster fits at once
+    scheduler: SweepSchedulerConfig = SweepSchedulerConfig()
+    search_alg: SearchAlgConfig = SearchAlgConfig()
+    search_space: dict[str, SearchParam] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _space_fits_search(self):
+        if not self.search_space:
+            raise ValueError("tune.search_space is empty: name at least one dotted config key to search")
+        kinds = {path: p.distribution[0] for path, p in self.search_space.items()}
+        for path, param in self.search_space.items():
+            for key, wanted in (param.when or {}).items():
+                if key not in self.search_space or kinds[key] not in ("choice", "grid"):
+                    raise ValueError(f"tune.search_space.{path}.when: {key!r} must be a choice or grid entry of tune.search_space")
+                values = self.search_space[key].distribution[1]
+                if any(w not in values for w in (wanted if isinstance(wanted, list) else [wanted])):
+                    raise ValueError(f"tune.search_space.{path}.when: {key} is never {wanted!r} (its values: {values})")
+        search, scheduler = self.search_alg.name, self.scheduler.name
+        continuous = [path for path, kind in kinds.items() if kind not in ("choice", "grid")]
+        if search == "grid" and continuous:
+            raise ValueError(f"tune.search_alg.name 'grid' needs choice or grid entries; {', '.join(continuous)} use a range (use search_alg 'random')")
+        if search == "optuna" and "grid" in kinds.values():
+            raise ValueError("tune.search_alg.name 'optuna' samples its own points: use choice instead of grid")
+        if scheduler == "pbt" and search != "random":
+            raise ValueError(f"tune.scheduler.name 'pbt' explores by itself: it needs tune.search_alg.name 'random', got {search!r}")
+        if scheduler == "pbt" and any(p.when for p in self.search_space.values()):
+            raise ValueError("tune.scheduler.name 'pbt' cannot keep `when` conditions while it mutates hyperparameters; drop them")
+        return self
+
+
 class JobConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -163,6 +268,7 @@ class JobConfig(Section):
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     serve: ServeSection = ServeSection()
+    tune: TuneSection | None = None  # a sweep (`dlray tune`); `dlray train` ignores it
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -172,7 +278,24 @@ class JobConfig(Section):
             raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: DeepSpeed's CPU accelerator has no fp16; use 'bf16'")
         if self.train.metric not in EPOCH_METRICS:
             raise ValueError(f"train.metric must be one of {EPOCH_METRICS}, got {self.train.metric!r}")
+        if self.tune:
+            self._check_search_space()
         return self
+
+    def _check_search_space(self):
+        """Every searched key exists and every value it can take makes a valid job, so a typo
+        fails here, naming the key, before any trial starts."""
+        base = self.model_dump(mode="json", exclude={"tune"})
+        for path, param in self.tune.search_space.items():
+            if path.split(".")[0] in ("tune", "run"):
+                raise ValueError(f"tune.search_space: {path!r} cannot be searched (the sweep sets run.* for each trial)")
+            for value in param.extremes():
+                trial = copy.deepcopy(base)
+                set_dotted(trial, path, value)
+                try:
+                    JobConfig.model_validate(trial)
+                except ValidationError as err:
+                    raise ValueError(f"tune.search_space.{path}: {'; '.join(_messages(err))}") from None
 
 
 
@@ -214,14 +337,18 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} must look like section.key=value")
+    set_dotted(data, key, yaml.safe_load(raw) if raw else None)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = data
     for i, part in enumerate(parents):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is a value, not a section")
+            raise ConfigError(f"{key}: {'.'.join(parents[: i + 1])} is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(raw) if raw else None
+    node[leaf] = value
 
 
 def _messages(err: ValidationError) -> list[str]:
@@ -243,7 +370,11 @@ def _messages(err: ValidationError) -> list[str]:
 def _fields_at(loc: tuple) -> list[str]:
     model: type[BaseModel] = JobConfig
     for part in loc:
+        if str(part) not in model.model_fields:  # a key of a dict of sections (tune.search_space.<key>)
+            continue
         annotation = model.model_fields[str(part)].annotation
+        if getattr(annotation, "__origin__", None) is dict:
+            annotation = annotation.__args__[1]
         # Optional sections (e.g. serve.autoscaling) are `X | None`.
         candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
         model = candidates[0]

@@ -2,6 +2,7 @@
 
     dlray export ~/dlray_runs/<run>            out/cnn   # the run's best checkpoint
     dlray export ~/dlray_runs/<run>/checkpoint_epoch0007 out/cnn
+    dlray export ~/dlray_runs/<sweep>          out/cnn   # the best checkpoint of all its trials
 
 An artifact is `model.safetensors` + `config.json` (model config, class names, input shape,
 serving defaults). Loading an artifact never unpickles anything. (Export itself reads your own
@@ -79,10 +80,11 @@ def read_artifact_config(directory: str | Path) -> dict:
 
 
 def resolve_checkpoint(source: Path) -> Path:
-    """A checkpoint directory as given, or a run directory's best checkpoint by its own metric."""
+    """A checkpoint directory as given, or the best checkpoint by the run's own metric in a run
+    directory, or in a sweep directory (every trial's run)."""
     if (source / META_FILE).exists():
         return source
-    candidates = sorted(p.parent for p in source.glob(f"*/{META_FILE}"))
+    candidates = sorted(p.parent for p in source.glob(f"**/{META_FILE}"))
     if not candidates:
         raise FileNotFoundError(f"no dlray checkpoint in {source} (expected {META_FILE} in it or in its sub-directories)")
     metas = {c: read_meta(c) for c in candidates}

@@ -23,7 +23,7 @@ from dlray.checkpoint import best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
 from dlray.data import build_data
 from dlray.models import FAMILIES
-from dlray.optim import build_optimizer, build_scheduler, is_per_step
+from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler, is_per_step
 from dlray.strategies import STRATEGIES
 
 
@@ -56,13 +56,19 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.num_epochs, cfg.train.mode)
     meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": data_info, "world_size": world}
 
-    progress = {"epoch": 0, "global_step": 0, "best": None, "bad_epochs": 0}
+    progress = {"epoch": 0, "global_step": 0, "best": None, "bad_epochs": 0, "base_lr": cfg.optim.lr}
     resumed_from_step = 0
-    if checkpoint := ray.train.get_checkpoint():
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a restart
+    if checkpoint is None and cfg.run.resume_from_checkpoint:
+        checkpoint = ray.train.Checkpoint(cfg.run.resume_from_checkpoint)
+    if checkpoint:
         progress = restore(checkpoint, strategy, scheduler)
+        # This config's hyperparameters, not the checkpoint's: a PBT trial continues another's state with its own.
+        apply_hyperparameters(optimizer, scheduler, cfg.optim, progress.get("base_lr", cfg.optim.lr))
+        progress["base_lr"] = cfg.optim.lr
         resumed_from_step = progress["global_step"]
         if rank == 0:
-            print(f"[dlray] resumed from epoch {progress['epoch']}, step {progress['global_step']}")
+            print(f"[dlray] resumed from epoch {progress['epoch']}, step {progress['global_step']} of {checkpoint.path}")
 
     for epoch in range(progress["epoch"], cfg.train.num_epochs):
         sampler.set_epoch(epoch)  # a new shuffle each epoch, identical across ranks
@@ -93,9 +99,10 @@ def train_loop_per_worker(config: dict) -> None:
         if not is_per_step(scheduler):
             scheduler.step(metrics[cfg.train.metric])
 
+        for key in dict.fromkeys(["train_loss", cfg.train.metric]):  # accuracy can look finite while the loss is NaN
+            if not math.isfinite(metrics[key]):
+                raise FloatingPointError(f"{key} is {metrics[key]} at epoch {epoch}: training diverged (check optim.lr)")
         value = metrics[cfg.train.metric]
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{cfg.train.metric} is {value} at epoch {epoch}: training diverged")
         improved = progress["best"] is None or (value < progress["best"] if cfg.train.mode == "min" else value > progress["best"])
         progress |= {"epoch": epoch + 1, "best": value if improved else progress["best"], "bad_epochs": 0 if improved else progress["bad_epochs"] + 1}
         report_with_checkpoint(metrics, strategy, scheduler, progress, meta)

@@ -40,3 +40,20 @@ def build_scheduler(cfg, optimizer, steps_per_epoch: int, num_epochs: int, mode:
 def is_per_step(scheduler) -> bool:
     """True for schedules stepped after every optimizer step, False for per-epoch ones."""
     return not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def apply_hyperparameters(optimizer, scheduler, cfg, saved_base_lr: float) -> None:
+    """Give a restored optimizer `cfg`'s hyperparameters. The schedule keeps its progress: the
+    current learning rate is rescaled by the new base rate over the one it was saved with."""
+    scale = cfg.lr / saved_base_lr
+    for group in optimizer.param_groups:
+        group["lr"] *= scale
+        if "initial_lr" in group:
+            group["initial_lr"] *= scale
+        group["weight_decay"] = cfg.weight_decay
+        if "betas" in group:
+            group["betas"] = tuple(cfg.betas)
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]

@@ -1,0 +1,205 @@
+"""Ray Tune sweeps over dlray training runs, on the session's local Ray: ASHA, PBT, failures,
+resume, and the hand-off of the best trial to `dlray train`, `dlray export` and serving."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import REPO
+from dlray.checkpoint import read_meta
+from dlray.config import ConfigError, config_from_dict, load_config
+from dlray.data import build_data
+from dlray.local_cluster import free_port
+from dlray.tracking import read_history
+
+SWEEP_JOB = REPO / "jobs/sweep_cnn_asha.yaml"
+
+
+def sweep_config(storage, name, tune, *overrides):
+    """jobs/sweep_cnn_asha.yaml with another `tune:` section; 1-worker trials, so two run at once."""
+    job = yaml.safe_load(SWEEP_JOB.read_text())
+    job["tune"] = tune
+    path = storage / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return load_config(path, [f"run.storage_path={storage}", f"run.name={name}", "scaling.num_workers=1", *overrides])
+
+
+def results(sweep_dir):
+    import csv
+
+    with open(Path(sweep_dir) / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_an_unknown_search_space_path_fails_before_anything_starts(tmp_path):
+    job = yaml.safe_load(SWEEP_JOB.read_text())
+    job["tune"]["search_space"]["optim.learning_rate"] = {"loguniform": [1e-4, 1e-1]}
+    with pytest.raises(ConfigError, match=r"tune\.search_space\.optim\.learning_rate: unknown key 'optim\.learning_rate'"):
+        config_from_dict(job)
+    # And through the CLI: exit 2 with the path named, before Ray is even imported.
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(job))
+    probe = "import sys; from typer.testing import CliRunner; from dlray.cli import app; r = CliRunner().invoke(app, ['tune', sys.argv[1]]); print(r.exit_code, 'ray' in sys.modules); print(r.output)"
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("2 False") and "optim.learning_rate" in out, out
+
+
+@pytest.mark.parametrize(
+    "tune, message",
+    [
+        ({"search_space": {"optim.lr": {"loguniform": [1e-3, 1e-1]}}, "search_alg": {"name": "grid"}}, "needs choice or grid entries"),
+        ({"search_space": {"optim.lr": {"choice": [0.1]}}, "scheduler": {"name": "pbt"}, "search_alg": {"name": "optuna"}}, "needs tune.search_alg.name 'random'"),
+        ({"search_space": {"optim.momentum": {"uniform": [0.5, 0.9], "when": {"optim.name": "sgd"}}}}, "must be a choice or grid entry"),
+        ({"search_space": {"optim.lr": {"loguniform": [0.0, 0.1]}}}, "low must be positive"),
+        ({"search_space": {"run.name": {"choice": ["a"]}}}, "cannot be searched"),
+        ({"search_space": {"optim.name": {"choice": ["adamw", "lion"]}}}, "optim.name: must be"),
+    ],
+)
+def test_search_space_mistakes_are_named(tune, message):
+    job = yaml.safe_load(SWEEP_JOB.read_text()) | {"tune": tune}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(job)
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(ray_cluster, tmp_path_factory):
+    """4 trials, ASHA: two good learning rates, one far too small, one that diverges to NaN."""
+    from dlray.tune import run_sweep
+
+    storage = tmp_path_factory.mktemp("sweeps")
+    tune = {
+        "num_samples": 1,
+        "max_concurrent_trials": 2,
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "search_alg": {"name": "grid"},
+        "search_space": {"optim.lr": {"grid": [0.03, 0.01, 3.0e-6, 1.0e30]}},
+    }
+    cfg = sweep_config(storage, "asha", tune, "train.num_epochs=4", "optim.name=adamw")
+    grid = run_sweep(cfg)
+    return cfg, grid, storage / "asha"
+
+
+def test_asha_stops_bad_trials_early_and_finds_a_better_one(asha_sweep):
+    cfg, grid, sweep = asha_sweep
+    rows = {float(r["optim.lr"]): r for r in results(sweep)}
+    assert len(rows) == 4
+    stopped = [r for r in rows.values() if r["status"].startswith("stopped early")]
+    assert stopped and all(int(r["epochs"]) < 4 for r in stopped), rows
+    assert rows[3.0e-6]["status"].startswith("stopped early"), rows[3.0e-6]
+    scored = [float(r["val_accuracy"]) for r in rows.values() if r["val_accuracy"]]
+    best = results(sweep)[0]
+    assert float(best["optim.lr"]) in (0.03, 0.01) and float(best["val_accuracy"]) > min(scored) + 0.3, rows
+    # Every epoch reached Tune: the best trial's Tune log has one row per epoch plus the final one.
+    best_result = next(r for r in grid if r.config["optim.lr"] == float(best["optim.lr"]))
+    assert list(best_result.metrics_dataframe["epoch"])[:4] == [0, 1, 2, 3]
+    assert (sweep / "trials.png").stat().st_size > 10_000
+
+
+def test_a_diverging_trial_is_marked_failed_and_the_sweep_goes_on(asha_sweep):
+    _, _, sweep = asha_sweep
+    rows = {float(r["optim.lr"]): r for r in results(sweep)}
+    assert rows[1.0e30]["status"].startswith("failed") and "diverged" in rows[1.0e30]["status"], rows[1.0e30]
+    assert any(r["status"] == "completed" for r in rows.values())
+
+
+def test_best_config_is_a_job_file_that_trains(asha_sweep, storage):
+    from dlray.train import fit, run_dir
+
+    cfg, _, sweep = asha_sweep
+    best_file = sweep / "best_config.yaml"
+    assert best_file.read_text().startswith(f"# dlray train {best_file}")
+    best = load_config(best_file, [f"run.storage_path={storage}", "train.num_epochs=1"])
+    assert best.tune is None and best.optim.lr == float(results(sweep)[0]["optim.lr"])
+    assert fit(best).error is None
+    assert read_history(run_dir(best))[-1]["test_accuracy"] > 0.2
+
+
+def test_export_of_the_sweep_serves_the_best_trials_best_checkpoint(asha_sweep, tmp_path):
+    from ray import serve
+
+    from dlray.export import export
+    from dlray.serve.app import run
+
+    cfg, _, sweep = asha_sweep
+    artifact = export(sweep, tmp_path / "best")
+    source = read_meta(Path(yaml.safe_load((artifact / "config.json").read_text())["source_checkpoint"]))
+    assert source["config"]["optim"]["lr"] == float(results(sweep)[0]["optim.lr"])
+    port = free_port()
+    run(str(artifact), {"port": port})
+    try:
+        test = build_data(cfg.data, seed=cfg.train.seed).test
+        correct = 0
+        for i in range(40):
+            image, label = test[i]
+            buffer = io.BytesIO()
+            Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify", content=buffer.getvalue(), headers={"content-type": "image/png"}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            correct += answer.json()["label_index"] == int(label)
+        assert correct / 40 > 0.3
+    finally:
+        serve.delete("dlray")
+
+
+def test_pbt_continues_a_trial_from_another_trials_checkpoint(ray_cluster, storage):
+    from dlray.tune import run_sweep
+
+    tune = {
+        "num_samples": 2,
+        "max_concurrent_trials": 2,
+        "scheduler": {"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
+        "search_space": {"optim.lr": {"choice": [0.03, 1.0e-5]}},
+    }
+    cfg = sweep_config(storage, "pbt", tune, "train.num_epochs=4", "tune.search_alg.seed=3")
+    run_sweep(cfg)
+    exploited = []
+    for run in (storage / "pbt" / "runs").iterdir():
+        checkpoints = sorted(run.glob("checkpoint_*"))
+        start = checkpoints and read_meta(checkpoints[0])["config"]["run"]["resume_from_checkpoint"]
+        if start and run.name.split("-")[0] not in start:  # started from another trial's checkpoint
+            exploited.append((run, read_history(run)))
+    assert exploited, "no PBT exploit: every Train run started from scratch or from its own trial"
+    run, history = exploited[0]
+    assert history[0]["resumed_from_step"] > 0 and history[0]["epoch"] > 0, history[0]
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, storage):
+    """`dlray tune` in a subprocess (joined to this session's Ray), interrupted with Ctrl-C once
+    the first of three trials has finished, then `dlray tune --resume`."""
+    from dlray.tune import load_sweep, run_sweep
+
+    tune = {"num_samples": 1, "max_concurrent_trials": 1, "scheduler": {"name": "fifo"}, "search_alg": {"name": "grid"},
+            "search_space": {"optim.lr": {"grid": [0.03, 0.02, 0.01]}}}
+    cfg = sweep_config(storage, "resumable", tune, "train.num_epochs=3")
+    job_file = storage / "resumable.yaml"
+    job_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    process = subprocess.Popen([sys.executable, "-m", "dlray.cli", "tune", str(job_file)], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = storage / "resumable" / "runs"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (runs.exists() and len(list(runs.iterdir())) >= 2):  # trial 2 starts when 1 is done
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=300)[0]
+    assert "sweep interrupted with 1 of 3 trials ended" in output, output[-3000:]
+    assert not (storage / "resumable" / "results.csv").exists()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in runs.glob("*/metrics.csv") if "best_val_accuracy" in p.read_text()}
+    assert len(finished) == 1, output[-3000:]
+
+    grid = run_sweep(load_sweep(storage / "resumable"), resume=True)
+    assert sorted(r["status"] for r in results(storage / "resumable")) == ["completed"] * 3
+    assert len(list(runs.iterdir())) == 3  # no trial ran twice under a new name
+    assert {p: (runs / p / "metrics.csv").stat().st_mtime_ns for p in finished} == finished  # the finished trial was left alone
+    assert grid.num_errors == 0
