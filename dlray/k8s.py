@@ -233,18 +233,20 @@ def default_name(job: str | os.PathLike) -> str:
 
 
 def render_rayjob(job: str | os.PathLike, overrides: list[str], image: str, name: str | None = None, deadline_s: int = JOB_DEADLINE_S) -> dict:
-    """A RayJob that brings up its own cluster, runs `dlray train`, and deletes the cluster afterwards."""
+    """A RayJob that brings up its own cluster, runs `dlray train` (or `dlray tune` for a job with a
+    `tune:` section, with workers for max_concurrent_trials trials at once), and deletes the cluster afterwards."""
     cfg, overrides = load_for_cluster(job, list(overrides))
     shape = worker_shape(cfg)
-    n = cfg.scaling.num_workers
+    verb = "tune" if cfg.tune else "train"
+    n = cfg.scaling.num_workers * ((cfg.tune.max_concurrent_trials or 1) if cfg.tune else 1)
     group = "gpu-workers" if shape["gpus"] else "cpu-workers"
     workers = worker_group(group, image, n, n, n, shape["cpus"], shape["memory_gib"], shape["gpus"], shape["ray_resources"], shape["extra_cpus"])
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": metadata(name or default_name(job), "train"),
+        "metadata": metadata(name or default_name(job), verb),
         "spec": {
-            "entrypoint": shlex.join(["dlray", "train", image_path(job), *overrides]),
+            "entrypoint": shlex.join(["dlray", verb, image_path(job), *overrides]),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": FINISHED_TTL_S,
             "activeDeadlineSeconds": deadline_s,

@@ -240,14 +240,13 @@ def test_entrypoint_runs_a_valid_job_file(doc_id):
     verb, job, overrides = words[1], words[2], words[3:]
     assert job.startswith(k8s.APP_DIR + "/"), f"{job}: name job files by their path in the image ({k8s.APP_DIR}/...)"
     local = REPO / job.removeprefix(k8s.APP_DIR + "/")
-    if verb == "tune" and not local.exists():
-        pytest.skip(f"{local.relative_to(REPO)} does not exist yet")
     verbs = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert verb in verbs, f"`dlray {verb}` is not a dlray command"
     assert local.is_file(), f"{job} is not a job file in this repository"
     assert all("=" in o for o in overrides), overrides
     cfg = load_config(local, overrides)
     assert cfg.run.storage_path.startswith(k8s.SHARED_MOUNT + "/"), "checkpoints must land on the shared volume"
+    assert (cfg.tune is not None) == (verb == "tune"), f"`dlray {verb}` of {job}: sweeps run with `dlray tune`, other jobs with `dlray train`"
 
 
 def rayservice_ids() -> list[str]:
@@ -317,6 +316,15 @@ def test_cli_render_prints_a_valid_rayjob():
     doc = yaml.safe_load(result.stdout)
     assert doc["metadata"]["name"] == "dlray-debug" and schema_errors(doc) == []
     assert doc["spec"]["entrypoint"].endswith("run.storage_path=/mnt/shared/runs train.num_epochs=1")
+
+
+def test_cli_render_of_a_sweep_runs_dlray_tune_with_workers_for_its_concurrent_trials():
+    result = CliRunner().invoke(app, ["k8s", "render", "jobs/sweep_cnn_asha.yaml", "tune.max_concurrent_trials=3", "--image", IMAGE])
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load(result.stdout)
+    assert schema_errors(doc) == [] and doc["spec"]["entrypoint"].startswith("dlray tune /home/ray/dlray/jobs/sweep_cnn_asha.yaml")
+    workers, = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == 2 * 3  # 2 Train workers per trial, 3 trials at once
 
 
 @pytest.mark.parametrize(

@@ -203,3 +203,36 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_clus
     assert len(list(runs.iterdir())) == 3  # no trial ran twice under a new name
     assert {p: (runs / p / "metrics.csv").stat().st_mtime_ns for p in finished} == finished  # the finished trial was left alone
     assert grid.num_errors == 0
+
+
+def test_optuna_samples_conditional_entries_only_when_active_and_repeats_with_its_seed():
+    from dlray.tune import search_space, trial_values
+
+    job = yaml.safe_load(SWEEP_JOB.read_text())
+    job["tune"]["search_alg"] = {"name": "optuna", "seed": 7}
+    cfg = config_from_dict(job)
+
+    def suggestions():
+        _, searcher = search_space(cfg, max_concurrent=64)
+        searcher.set_search_properties(cfg.train.metric, cfg.train.mode, {})
+        return [searcher.suggest(f"t{i}") for i in range(12)]
+
+    first = suggestions()
+    assert first == suggestions()  # same seed, same trials
+    for config in first:
+        assert ("optim.momentum" in config) == (config["optim.name"] == "sgd"), config
+        assert 1e-4 <= config["optim.lr"] <= 0.3 and config["train.micro_batch_size"] in (16, 32, 64)
+        assert trial_values(cfg.tune, config) == config
+    assert {c["optim.name"] for c in first} == {"adamw", "sgd"}
+
+
+@pytest.mark.parametrize("name, ray_class", [("fifo", "FIFOScheduler"), ("asha", "AsyncHyperBandScheduler"), ("hyperband", "HyperBandScheduler"),
+                                             ("median", "MedianStoppingRule"), ("pbt", "PopulationBasedTraining")])
+def test_each_scheduler_name_builds_rays_scheduler(name, ray_class):
+    from dlray.tune import trial_scheduler
+
+    job = yaml.safe_load(SWEEP_JOB.read_text())
+    job["tune"]["scheduler"] = {"name": name}
+    if name == "pbt":
+        job["tune"]["search_space"] = {"optim.lr": {"loguniform": [1e-4, 1e-1]}}
+    assert type(trial_scheduler(config_from_dict(job))).__name__ == ray_class
