@@ -7,6 +7,9 @@ train   dlray (Ray Train, 1 worker) samples/s / a plain PyTorch loop on the same
         / DDP with 2 ranks (plain gloo process group: Ray adds nothing to what is measured).
 cluster time from `ray job submit` to the first optimizer step, and samples/s of the same 2-worker
         job with its ranks on 2 nodes / on 1 node, on a cluster/local.sh cluster (head + 1 worker node).
+tune    ASHA vs FIFO random search (same space, same sampler seed, 3 seeds): epochs trained until a
+        trial first reaches TUNE_TARGET validation accuracy; and Tune's overhead: a FIFO sweep of
+        TUNE_OVERHEAD_TRIALS identical trials, one at a time, over that many standalone runs.
 serve   @serve.batch (max_batch_size 32) / unbatched (max_batch_size 1) requests/s at 32
         concurrent HTTP clients, with p50/p99 latency.
 """
@@ -34,9 +37,13 @@ from dlray.models import FAMILIES
 from dlray.optim import build_optimizer
 
 TRAIN_JOB = "jobs/cnn_digits.yaml"
+TRAIN_JOB_DEBUG = "jobs/debug/cnn_cpu.yaml"
 TRAIN_EPOCHS = 4  # the first is warm-up and is not counted
 CLUSTER_EPOCHS = 6  # more than TRAIN_EPOCHS: a 2-core machine's epoch-to-epoch noise averages out
 SERVE_CLIENTS, SERVE_REQUESTS = 32, 384
+SWEEP_JOB = "jobs/sweep_cnn_asha.yaml"
+TUNE_SEEDS, TUNE_SAMPLES, TUNE_EPOCHS, TUNE_TARGET = (0, 1, 2), 5, 5, 0.93
+TUNE_OVERHEAD_TRIALS = 4
 
 
 def run_benchmarks(what: str, out: Path) -> dict:
@@ -218,6 +225,75 @@ def bench_cluster() -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------- tune
+
+
+def bench_tune() -> dict:
+    """Trials run one at a time, so "epochs until the target" has one meaning: the epochs of every
+    trial before the first to reach it, plus that trial's own."""
+    from dlray.train import fit, init_ray
+    from dlray.tune import epoch_history, run_sweep
+
+    init_ray()
+    storage = tempfile.mkdtemp(prefix="dlray-bench-tune-")
+    space = {"optim.lr": {"loguniform": [1e-5, 0.3]}, "model.dropout": {"uniform": [0.0, 0.3]}}
+    common = [f"run.storage_path={storage}", "scaling.num_workers=1", f"train.num_epochs={TUNE_EPOCHS}"]
+    search = {}
+    for scheduler in ("fifo", "asha"):
+        for seed in TUNE_SEEDS:
+            tune = {"num_samples": TUNE_SAMPLES, "max_concurrent_trials": 1, "scheduler": {"name": scheduler},
+                    "search_alg": {"name": "random", "seed": seed}, "search_space": space}
+            grid = run_sweep(_sweep_config(tune, [*common, f"run.name={scheduler}-{seed}"]))
+            trials = sorted(grid, key=lambda r: r.metrics.get("trial_id", ""))  # creation order = run order
+            histories = [[r["val_accuracy"] for r in epoch_history(t)] for t in trials]
+            search.setdefault(scheduler, []).append({"seed": seed, "epochs_to_target": _epochs_to_target(histories), "total_epochs": sum(map(len, histories)),
+                                                     "best_val_accuracy": max((max(h) for h in histories if h), default=0.0)})
+
+    # Overhead: the same fixed-length run standalone and as every trial of a FIFO sweep.
+    fixed = [*common, "train.num_epochs=3", "train.early_stopping_patience=null"]
+    start = time.perf_counter()
+    fit(load_config(TRAIN_JOB_DEBUG, [*fixed, "run.name=standalone"]))
+    standalone_s = time.perf_counter() - start
+    tune = {"num_samples": TUNE_OVERHEAD_TRIALS, "max_concurrent_trials": 1, "scheduler": {"name": "fifo"},
+            "search_alg": {"name": "grid"}, "search_space": {"optim.lr": {"choice": [0.01]}}}
+    start = time.perf_counter()
+    run_sweep(_sweep_config(tune, [*fixed, "run.name=overhead"]))
+    sweep_s = time.perf_counter() - start
+    ratio = lambda key: statistics.mean(r[key] for r in search["asha"]) / statistics.mean(r[key] for r in search["fifo"])  # noqa: E731
+    return {
+        "space": space, "num_samples": TUNE_SAMPLES, "epochs_per_trial": TUNE_EPOCHS, "target_val_accuracy": TUNE_TARGET,
+        "search": search,
+        "asha_vs_fifo_epochs_to_target": ratio("epochs_to_target"),
+        "asha_vs_fifo_total_epochs": ratio("total_epochs"),
+        "overhead_trials": TUNE_OVERHEAD_TRIALS, "standalone_run_s": standalone_s, "sweep_s": sweep_s,
+        "tune_overhead": sweep_s / (TUNE_OVERHEAD_TRIALS * standalone_s),
+    }
+
+
+def _sweep_config(tune: dict, overrides: list[str]):
+    import yaml
+
+    from dlray.config import config_from_dict, set_dotted
+
+    job = yaml.safe_load(Path(SWEEP_JOB).read_text()) | {"tune": tune}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_dotted(job, key, yaml.safe_load(value))
+    return config_from_dict(job)
+
+
+def _epochs_to_target(histories: list[list[float]]) -> int:
+    """Epochs trained, in run order, until some trial's validation accuracy first reaches the
+    target (all of them when none does: the sweep's whole cost bought nothing better)."""
+    spent = 0
+    for history in histories:
+        for accuracy in history:
+            spent += 1
+            if accuracy >= TUNE_TARGET:
+                return spent
+    return spent
+
+
 # ---------------------------------------------------------------------------------- serving
 
 
@@ -284,6 +360,7 @@ def _png(image: torch.Tensor) -> bytes:
 BENCHMARKS = {
     "train": {"train": bench_train, "memory": bench_memory},
     "cluster": {"cluster": bench_cluster},
+    "tune": {"tune": bench_tune},
     "serve": {"serve": bench_serve},
 }
 
@@ -324,6 +401,16 @@ def render_markdown(results: dict) -> str:
             f"{first['1_node'][0]:.1f} / {statistics.median([*first['2_nodes'], *first['1_node'][1:]]):.1f} s | |",
             f"| train throughput, 2 workers on 2 nodes / on 1 node ({cluster['model']}) | "
             f"{cluster['2_nodes_vs_1_node']:.2f} ({rates['2_nodes']:.0f} vs {rates['1_node']:.0f} samples/s) | (cost of crossing nodes) |",
+        ]
+    if tune := results.get("tune"):
+        runs = lambda key: " / ".join(f"{r[key]}" for r in tune["search"]["asha"]) + " vs " + " / ".join(f"{r[key]}" for r in tune["search"]["fifo"])  # noqa: E731
+        lines += [
+            f"| sweep epochs until a trial reaches val_accuracy {tune['target_val_accuracy']}, ASHA / FIFO (random search, {tune['num_samples']} trials x "
+            f"{tune['epochs_per_trial']} epochs, seeds {', '.join(str(r['seed']) for r in tune['search']['asha'])}) | "
+            f"{tune['asha_vs_fifo_epochs_to_target']:.2f} ({runs('epochs_to_target')}) | <= 0.5 |",
+            f"| sweep epochs in total, ASHA / FIFO | {tune['asha_vs_fifo_total_epochs']:.2f} ({runs('total_epochs')}) | |",
+            f"| Tune overhead: {tune['overhead_trials']} identical 3-epoch trials, one at a time / {tune['overhead_trials']} standalone runs | "
+            f"{tune['tune_overhead']:.2f} ({tune['sweep_s']:.0f} s vs {tune['overhead_trials']} x {tune['standalone_run_s']:.0f} s) | <= 1.2 |",
         ]
     if serve := results.get("serve"):
         lines += [

@@ -5,7 +5,7 @@
     dlray tune     jobs/sweep_cnn_asha.yaml [key=value ...] [--resume]
     dlray export   <run-dir | sweep-dir | checkpoint-dir> out/cnn
     dlray serve    out/cnn [max_batch_size=16 ...] [--print-config]
-    dlray bench    [train|cluster|serve|all]
+    dlray bench    [train|cluster|tune|serve|all]
     dlray k8s render jobs/cnn_digits.yaml [key=value ...] --image IMG [--kind rayservice --artifact DIR]
 """
 
@@ -75,14 +75,18 @@ def tune(
     from dlray.tune import latest_sweep, load_sweep, run_sweep
 
     if resume:
-        named = any(o.startswith("run.name=") for o in overrides or []) or "name" in (yaml.safe_load(job.read_text()).get("run") or {})
+        named = any(o.startswith("run.name=") for o in overrides or []) or (yaml.safe_load(job.read_text()).get("run") or {}).get("name")
         sweep = Path(storage_path(cfg.run.storage_path), cfg.run.name) if named else latest_sweep(storage_path(cfg.run.storage_path), job.stem)
         if sweep is None or not sweep.exists():
             typer.echo(f"error: no sweep of {job} to resume under {storage_path(cfg.run.storage_path)}", err=True)
             raise typer.Exit(2)
         typer.echo(f"resuming sweep {sweep}")
         cfg = load_sweep(sweep)
-    grid = run_sweep(cfg, resume=resume)
+    try:
+        grid = run_sweep(cfg, resume=resume)
+    except (FileExistsError, FileNotFoundError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     if grid.num_terminated == 0:
         typer.echo("no trial finished", err=True)
         raise typer.Exit(1)
@@ -124,7 +128,7 @@ def serve(
 
 
 @app.command()
-def bench(what: str = typer.Argument("all", help="train | cluster | serve | all"), out: Path = typer.Option(Path("benchmarks/results.md"))):
+def bench(what: str = typer.Argument("all", help="train | cluster | tune | serve | all"), out: Path = typer.Option(Path("benchmarks/results.md"))):
     """Measure dlray against plain PyTorch / unbatched baselines; write the results file."""
     from dlray.bench import run_benchmarks
 

@@ -13,7 +13,8 @@ from dlray.config import ConfigError, JobConfig, apply_override, job_files, load
 def test_every_shipped_job_validates(path):
     cfg = load_config(path)
     assert isinstance(cfg, JobConfig)
-    assert path.read_text().startswith("# dlray "), "a job file opens with its launch command"
+    verb = "tune" if cfg.tune else "train"  # a sweep is a job file with a `tune:` section
+    assert path.read_text().startswith(f"# dlray {verb} {path.relative_to(REPO)}\n"), "a job file opens with its launch command"
 
 
 def test_jobs_folder_is_not_empty():
