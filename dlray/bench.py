@@ -42,7 +42,7 @@ TRAIN_EPOCHS = 4  # the first is warm-up and is not counted
 CLUSTER_EPOCHS = 6  # more than TRAIN_EPOCHS: a 2-core machine's epoch-to-epoch noise averages out
 SERVE_CLIENTS, SERVE_REQUESTS = 32, 384
 SWEEP_JOB = "jobs/sweep_cnn_asha.yaml"
-TUNE_SEEDS, TUNE_SAMPLES, TUNE_EPOCHS, TUNE_TARGET = (0, 1, 2), 5, 5, 0.93
+TUNE_SEEDS, TUNE_SAMPLES, TUNE_EPOCHS, TUNE_TARGET = (0, 1, 2), 5, 5, 0.90
 TUNE_OVERHEAD_TRIALS = 4
 
 

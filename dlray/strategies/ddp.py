@@ -24,8 +24,12 @@ class DDPStrategy:
 
     def prepare(self, model, make_optimizer):
         model = model.to(self.device)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.model = DistributedDataParallel(model, device_ids=device_ids)
+        # One rank has nothing to all-reduce: skip DDP's hooks, as ray.train.torch.prepare_model
+        # does. Checkpoints stay interchangeable (DCP names parameters without DDP's "module.").
+        if torch.distributed.get_world_size() > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        self.model = model
         self.optimizer = make_optimizer(self.model.parameters())
         return self.model, self.optimizer
 
@@ -33,7 +37,7 @@ class DDPStrategy:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def backward(self, loss, sync: bool):
-        with nullcontext() if sync else self.model.no_sync():
+        with nullcontext() if sync or not isinstance(self.model, DistributedDataParallel) else self.model.no_sync():
             self.scaler.scale(loss).backward()
 
     def step(self) -> float:
