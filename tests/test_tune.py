@@ -245,3 +245,32 @@ def test_each_scheduler_name_builds_rays_scheduler(name, ray_class):
     if name == "pbt":
         job["tune"]["search_space"] = {"optim.lr": {"loguniform": [1e-4, 1e-1]}}
     assert type(trial_scheduler(config_from_dict(job))).__name__ == ray_class
+
+
+def test_a_restored_optimizer_takes_the_new_configs_hyperparameters_and_keeps_its_schedule():
+    """What a PBT exploit relies on: the donor's optimizer and schedule state, the trial's own lr / weight decay."""
+    import torch
+
+    from dlray.config import OptimConfig, SchedulerConfig
+    from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler
+
+    def make(optim_cfg):
+        params = [torch.nn.Parameter(torch.ones(3))]
+        optimizer = build_optimizer(optim_cfg, params)
+        return optimizer, build_scheduler(SchedulerConfig(name="cosine"), optimizer, steps_per_epoch=10, num_epochs=2, mode="max")
+
+    donor_cfg, trial_cfg = OptimConfig(name="adamw", lr=0.1), OptimConfig(name="adamw", lr=0.02, weight_decay=0.01)
+    donor, donor_schedule = make(donor_cfg)
+    for _ in range(5):  # a quarter of the way down the cosine
+        donor.step()
+        donor_schedule.step()
+    optimizer, schedule = make(trial_cfg)
+    optimizer.load_state_dict(donor.state_dict())
+    schedule.load_state_dict(donor_schedule.state_dict())
+    apply_hyperparameters(optimizer, schedule, trial_cfg, saved_base_lr=donor_cfg.lr)
+
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(donor.param_groups[0]["lr"] * 0.2) and group["weight_decay"] == 0.01
+    schedule.step()
+    donor_schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(donor.param_groups[0]["lr"] * 0.2)  # the schedule goes on, rescaled
