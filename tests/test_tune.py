@@ -1,7 +1,6 @@
 """Ray Tune sweeps over dlray training runs, on the session's local Ray: ASHA, PBT, failures,
 resume, and the hand-off of the best trial to `dlray train`, `dlray export` and serving."""
 
-import io
 import os
 import signal
 import subprocess
@@ -10,18 +9,18 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import REPO
 from dlray.checkpoint import read_meta
 from dlray.config import ConfigError, config_from_dict, load_config
 from dlray.data import build_data
+from dlray.export import read_artifact_config
 from dlray.local_cluster import free_port
 from dlray.tracking import read_history
+from test_serve import png_bytes
 
 SWEEP_JOB = REPO / "jobs/sweep_cnn_asha.yaml"
 
@@ -137,7 +136,7 @@ def test_export_of_the_sweep_serves_the_best_trials_best_checkpoint(asha_sweep, 
 
     cfg, _, sweep = asha_sweep
     artifact = export(sweep, tmp_path / "best")
-    source = read_meta(Path(yaml.safe_load((artifact / "config.json").read_text())["source_checkpoint"]))
+    source = read_meta(read_artifact_config(artifact)["source_checkpoint"])
     assert source["config"]["optim"]["lr"] == float(results(sweep)[0]["optim.lr"])
     port = free_port()
     serve.shutdown()  # Serve keeps the port it first started on; this test picks its own
@@ -147,9 +146,7 @@ def test_export_of_the_sweep_serves_the_best_trials_best_checkpoint(asha_sweep, 
         correct = 0
         for i in range(40):
             image, label = test[i]
-            buffer = io.BytesIO()
-            Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
-            answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify", content=buffer.getvalue(), headers={"content-type": "image/png"}, timeout=60)
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify", content=png_bytes(image), headers={"content-type": "image/png"}, timeout=60)
             assert answer.status_code == 200, answer.text
             correct += answer.json()["label_index"] == int(label)
         assert correct / 40 > 0.3
