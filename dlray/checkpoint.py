@@ -1,8 +1,9 @@
 """Checkpoints through Ray Train: every rank writes its part, Ray gathers them in storage.
 
 A checkpoint directory holds the strategy's own files (DCP shards or a DeepSpeed tag), one
-`train_state_rank<N>.pt` per rank (scheduler, RNG, counters; tensors and plain types only, loaded
-with weights_only=True) and `meta.json` from rank 0, which tells `dlray export` how to read it.
+`train_state_rank<N>.pt` per rank (schedulers, RNG, counters; tensors and plain types only, loaded
+with weights_only=True), `meta.json` from rank 0, which tells `dlray export` how to read it, and
+from rank 0 `ema.safetensors` (with `train.ema_decay`) and `samples.png` (generative families).
 Saving for a report and loading on resume share this one path.
 """
 
@@ -17,32 +18,43 @@ import torch
 import torch.distributed as dist
 
 META_FILE = "meta.json"
+EMA_FILE = "ema.safetensors"
+SAMPLES_FILE = "samples.png"
 
 
-def report_with_checkpoint(metrics: dict, strategy, scheduler, progress: dict, meta: dict) -> None:
+def report_with_checkpoint(metrics: dict, strategy, schedulers: list, progress: dict, meta: dict, ema=None, samples_png: bytes | None = None) -> None:
     rank = dist.get_rank()
     with tempfile.TemporaryDirectory(prefix="dlray-ckpt-") as directory:
         strategy.save(directory)
         torch.save(
-            {"progress": progress, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng()},
+            {"progress": progress, "schedulers": [s.state_dict() for s in schedulers], "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng()},
             Path(directory, f"train_state_rank{rank}.pt"),
         )
         if rank == 0:
             Path(directory, META_FILE).write_text(json.dumps({**meta, "progress": progress, "metrics": metrics}, indent=2))
+            if ema is not None:
+                Path(directory, EMA_FILE).write_bytes(ema.to_bytes())
+            if samples_png is not None:
+                Path(directory, SAMPLES_FILE).write_bytes(samples_png)
         name = f"checkpoint_epoch{metrics['epoch']:04d}"
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
 
 
-def restore(checkpoint: ray.train.Checkpoint, strategy, scheduler, restore_train_state: bool = True) -> dict:
-    """Load a checkpoint into the running strategy; returns the saved progress counters."""
+def restore(checkpoint: ray.train.Checkpoint, strategy, schedulers: list, ema=None, restore_train_state: bool = True) -> dict:
+    """Load a checkpoint into the running strategy (and EMA); returns the saved progress counters."""
     with checkpoint.as_directory() as directory:
         strategy.load(directory)
         state_file = Path(directory, f"train_state_rank{dist.get_rank()}.pt")
         if not state_file.exists():  # resumed under a larger world size: borrow rank 0's counters
             state_file = Path(directory, "train_state_rank0.pt")
         state = torch.load(state_file, weights_only=True)
+        if ema is not None and Path(directory, EMA_FILE).exists():
+            ema.load_bytes(Path(directory, EMA_FILE).read_bytes())
+        elif ema is not None:  # a checkpoint saved without EMA: average from its weights on
+            ema.reset(strategy.full_state())
     if restore_train_state:
-        scheduler.load_state_dict(state["scheduler"])
+        for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])

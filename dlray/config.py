@@ -19,8 +19,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-# What every epoch reports; `train.metric` (and a sweep's metric) must be one of them.
-EPOCH_METRICS = ["train_loss", "val_loss", "val_accuracy"]
+# What every epoch reports, whatever the family; `train.metric` (and a sweep's metric) is one of
+# these or one of the family's own validation metrics (`val_<name>` for each name in its METRICS).
+# `epoch` with mode max keeps the newest checkpoints, for models without a validation score (GANs).
+EPOCH_METRICS = ["train_loss", "val_loss", "epoch"]
+
+
+def family_module(family: str):
+    from dlray.models import FAMILIES
+
+    return FAMILIES[family]
+
+
+def epoch_metrics(family: str) -> list[str]:
+    return EPOCH_METRICS + [f"val_{name}" for name in family_module(family).METRICS]
 
 
 class ConfigError(ValueError):
@@ -32,17 +44,25 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    family: Literal["cnn"] = "cnn"
-    flavor: str = "debug"
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    family: Literal["cnn", "diffusion", "vae", "gan"] = "cnn"
+    flavor: str = "debug"  # a named size in the family's FLAVORS
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion
+    # diffusion (names as in diffusers' DDPMScheduler; `cosine` is its squaredcos_cap_v2)
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    class_conditional: bool = False  # the UNet also takes the class label (classifier-free: no)
+    # vae: weight of the KL term in the ELBO (beta-VAE; 1.0 is the plain VAE)
+    kl_weight: float = Field(1.0, ge=0)
 
     @model_validator(mode="after")
     def _known_flavor(self):
-        from dlray.models import FAMILIES
-
-        flavors = FAMILIES[self.family].FLAVORS
+        flavors = family_module(self.family).FLAVORS
         if self.flavor not in flavors:
             raise ValueError(f"model.flavor must be one of {sorted(flavors)} for family {self.family!r}, got {self.flavor!r}")
+        only = {"num_train_timesteps": "diffusion", "beta_schedule": "diffusion", "class_conditional": "diffusion", "kl_weight": "vae"}
+        for key, owner in only.items():
+            if getattr(self, key) != type(self).model_fields[key].default and self.family != owner:
+                raise ValueError(f"model.{key} applies only to model.family '{owner}', got model.family '{self.family}'")
         return self
 
 
@@ -72,6 +92,9 @@ class TrainConfig(Section):
     metric: str = "val_loss"  # drives best-checkpoint choice and early stopping
     mode: Literal["min", "max"] = "min"
     early_stopping_patience: int | None = Field(None, ge=1)  # epochs without improvement
+    # Exponential moving average of the weights (diffusers' --use_ema, timm's --model-ema-decay):
+    # checkpointed with the run, used for per-epoch samples and by `dlray export`. None: off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
 
 
 class OptimConfig(Section):
@@ -154,6 +177,11 @@ class ServeSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     num_cpus_per_replica: float = Field(1.0, ge=0)
+    # images endpoint (diffusion, vae, gan): limits beyond which a request gets a 400
+    max_images_per_request: int = Field(8, ge=1)  # OpenAI's `n`
+    max_inference_steps: int = Field(1000, ge=1)
+    num_inference_steps: int = Field(50, ge=1)  # when a request names none
+    scheduler: Literal["ddpm", "ddim"] = "ddim"  # when a request names none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +304,15 @@ class JobConfig(Section):
             raise ValueError("precision 'fp16' is not supported with strategy.name 'fsdp' (FSDP2 has no loss scaler here); use precision 'bf16'")
         if self.precision == "fp16" and self.strategy.name == "deepspeed" and not self.scaling.use_gpu:
             raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: DeepSpeed's CPU accelerator has no fp16; use 'bf16'")
-        if self.train.metric not in EPOCH_METRICS:
-            raise ValueError(f"train.metric must be one of {EPOCH_METRICS}, got {self.train.metric!r}")
+        if self.train.metric not in epoch_metrics(self.model.family):
+            raise ValueError(f"train.metric must be one of {epoch_metrics(self.model.family)} for model.family {self.model.family!r}, got {self.train.metric!r}")
+        optimizers = family_module(self.model.family).OPTIMIZERS
+        if len(optimizers) > 1:
+            if self.strategy.name == "deepspeed":
+                raise ValueError(f"model.family {self.model.family!r} trains {len(optimizers)} optimizers ({', '.join(optimizers)}); "
+                                 "strategy.name 'deepspeed' drives exactly one: use 'ddp' or 'fsdp'")
+            if self.train.gradient_accumulation_steps != 1:
+                raise ValueError(f"model.family {self.model.family!r} alternates its optimizers every micro-batch: train.gradient_accumulation_steps must be 1")
         if self.tune:
             self._check_search_space()
         return self

@@ -4,9 +4,12 @@
     dlray export ~/dlray_runs/<run>/checkpoint_epoch0007 out/cnn
     dlray export ~/dlray_runs/<sweep>          out/cnn   # the best checkpoint of all its trials
 
-An artifact is `model.safetensors` + `config.json` (model config, class names, input shape,
-serving defaults). Loading an artifact never unpickles anything. (Export itself reads your own
-training checkpoints; DeepSpeed's format is torch.save-based, DCP's metadata too.)
+An artifact is `config.json` (model config, class names, input shape, serving defaults) plus the
+weights: `model.safetensors`, or for families with their own library layout (diffusion: a
+diffusers pipeline, loadable by `DDPMPipeline.from_pretrained`) that layout. Runs that kept an EMA
+of the weights (`train.ema_decay`) export the EMA weights. Loading an artifact never unpickles
+anything. (Export itself reads your own training checkpoints; DeepSpeed's format is
+torch.save-based, DCP's metadata too.)
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlray.checkpoint import META_FILE, read_meta
+from dlray.checkpoint import EMA_FILE, META_FILE, read_meta
+from dlray.ema import STEP_KEY
 from dlray.models import FAMILIES
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-TASKS = {"cnn": "classify"}  # model family -> serving endpoint
+TASKS = {"cnn": "classify", "diffusion": "images", "vae": "images", "gan": "images"}  # model family -> serving endpoint
 
 
 def export(source: str | Path, out_dir: str | Path) -> Path:
@@ -40,6 +44,9 @@ def export(source: str | Path, out_dir: str | Path) -> Path:
         from dlray.strategies.dcp import load_weights_offline
 
         weights = load_weights_offline(str(checkpoint_dir), model)
+    ema_file = checkpoint_dir / EMA_FILE
+    if ema_file.exists():
+        weights = {k: v for k, v in load_file(ema_file).items() if k != STEP_KEY}
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=True)
 
     artifact_config = {
@@ -48,6 +55,7 @@ def export(source: str | Path, out_dir: str | Path) -> Path:
         "data_info": meta["data_info"],
         "serve": config["serve"],
         "source_checkpoint": str(checkpoint_dir),
+        "weights": "ema" if ema_file.exists() else "trained",
         "metrics": meta["metrics"],
     }
     return write_artifact(model, artifact_config, out_dir)
@@ -58,7 +66,11 @@ def write_artifact(model: torch.nn.Module, artifact_config: dict, out_dir: str |
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
+    family = FAMILIES[artifact_config["model"]["family"]]
+    if hasattr(family, "save_pretrained"):
+        family.save_pretrained(model, out)
+    else:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(artifact_config, indent=2))
     return out
 
@@ -67,16 +79,23 @@ def load_artifact(directory: str | Path) -> tuple[torch.nn.Module, dict]:
     """The exported model in eval mode, and its config.json."""
     directory = Path(directory)
     config = read_artifact_config(directory)
-    model = FAMILIES[config["model"]["family"]].build(config["model"], config["data_info"])
+    family = FAMILIES[config["model"]["family"]]
+    if hasattr(family, "from_pretrained"):
+        return family.from_pretrained(directory).eval(), config
+    model = family.build(config["model"], config["data_info"])
     model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=True)
     return model.eval(), config
 
 
 def read_artifact_config(directory: str | Path) -> dict:
     path = Path(directory, CONFIG_FILE)
-    if not path.exists() or not Path(directory, WEIGHTS_FILE).exists():
-        raise FileNotFoundError(f"{directory} is not a dlray artifact (needs {CONFIG_FILE} and {WEIGHTS_FILE}); create one with `dlray export`")
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text()) if path.exists() else None
+    weights = WEIGHTS_FILE
+    if config and hasattr(FAMILIES[config["model"]["family"]], "save_pretrained"):
+        weights = "model_index.json"
+    if config is None or not Path(directory, weights).exists():
+        raise FileNotFoundError(f"{directory} is not a dlray artifact (needs {CONFIG_FILE} and its weights, {weights}); create one with `dlray export`")
+    return config
 
 
 def resolve_checkpoint(source: Path) -> Path:

@@ -1,8 +1,10 @@
 """The training loop, run by every Ray Train worker. Read it top to bottom.
 
     worker: cfg = JobConfig(**dict) -> data -> model -> strategy.prepare -> epochs of
-            (micro-batches -> backward -> step) -> validate -> report + checkpoint
-            -> restore the best checkpoint -> test
+            (micro-batches -> backward -> step [-> EMA]) -> validate [-> sample grid]
+            -> report + checkpoint -> restore the best checkpoint -> test
+
+A family with several optimizers (a GAN) runs one backward and step per optimizer on each batch.
 
 Strategy differences (DDP / FSDP2 / DeepSpeed, precision) live behind the strategy's methods.
 """
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from dlray.checkpoint import best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
 from dlray.data import build_data
+from dlray.ema import EMA
 from dlray.models import FAMILIES
 from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler, is_per_step
 from dlray.strategies import STRATEGIES
@@ -40,11 +43,13 @@ def train_loop_per_worker(config: dict) -> None:
     data_info = {"image_shape": data.image_shape, "class_names": data.class_names, "mean": data.mean, "std": data.std}
     model = family.build(cfg.model.model_dump(), data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.SHARD_CLASSES)
-    model, optimizer = strategy.prepare(model, lambda params: build_optimizer(cfg.optim, params))
+    model, optimizers = strategy.prepare(model, lambda module: make_optimizers(family, module, cfg))
+    ema = EMA(strategy.full_state(), cfg.train.ema_decay) if cfg.train.ema_decay else None
+    sampler = Sampler(family, cfg, data_info, device) if hasattr(family, "sample") and rank == 0 else None
     torch.manual_seed(cfg.train.seed + 1 + rank)  # but different dropout / augmentation draws
 
-    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
-    train_loader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=sampler, num_workers=cfg.data.dataloader_num_workers)
+    shuffle = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
+    train_loader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=shuffle, num_workers=cfg.data.dataloader_num_workers)
     val_loader = eval_loader(data.val, cfg, rank, world)
     accumulation = cfg.train.gradient_accumulation_steps
     steps_per_epoch = len(train_loader) // accumulation
@@ -53,7 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
             f"train.micro_batch_size x train.gradient_accumulation_steps x scaling.num_workers = "
             f"{cfg.train.micro_batch_size * accumulation * world} exceeds the {len(data.train)} training samples"
         )
-    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, cfg.train.num_epochs, cfg.train.mode)
+    schedulers = [build_scheduler(cfg.scheduler, o, steps_per_epoch, cfg.train.num_epochs, cfg.train.mode) for o in optimizers]
     meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": data_info, "world_size": world}
 
     progress = {"epoch": 0, "global_step": 0, "best": None, "bad_epochs": 0, "base_lr": cfg.optim.lr}
@@ -62,42 +67,54 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is None and cfg.run.resume_from_checkpoint:
         checkpoint = ray.train.Checkpoint(cfg.run.resume_from_checkpoint)
     if checkpoint:
-        progress = restore(checkpoint, strategy, scheduler)
+        progress = restore(checkpoint, strategy, schedulers, ema)
         # This config's hyperparameters, not the checkpoint's: a PBT trial continues another's state with its own.
-        apply_hyperparameters(optimizer, scheduler, cfg.optim, progress.get("base_lr", cfg.optim.lr))
+        for optimizer, scheduler in zip(optimizers, schedulers):
+            apply_hyperparameters(optimizer, scheduler, cfg.optim, progress.get("base_lr", cfg.optim.lr))
         progress["base_lr"] = cfg.optim.lr
         resumed_from_step = progress["global_step"]
         if rank == 0:
             print(f"[dlray] resumed from epoch {progress['epoch']}, step {progress['global_step']} of {checkpoint.path}")
 
     for epoch in range(progress["epoch"], cfg.train.num_epochs):
-        sampler.set_epoch(epoch)  # a new shuffle each epoch, identical across ranks
+        shuffle.set_epoch(epoch)  # a new shuffle each epoch, identical across ranks
         model.train()
-        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, samples
+        totals = torch.zeros(len(family.OPTIMIZERS) + 1, dtype=torch.float64)  # loss sum per optimizer, samples
         start = time.perf_counter()
         for i, batch in enumerate(itertools.islice(train_loader, steps_per_epoch * accumulation)):
             batch = to_device(batch, device)
-            with strategy.autocast():
-                loss = family.compute_loss(model, batch)["loss"].mean()
             boundary = (i + 1) % accumulation == 0
-            strategy.backward(loss / accumulation, sync=boundary)
-            totals += torch.tensor([loss.item() * len(batch[-1]), len(batch[-1])], dtype=torch.float64)
+            for index, phase in enumerate(family.OPTIMIZERS):
+                with strategy.autocast():
+                    loss = training_loss(family, model, batch, phase)
+                strategy.backward(loss / accumulation, sync=boundary)
+                totals[index] += loss.item() * len(batch[-1])
+                if boundary:
+                    strategy.step(index)
+                    if is_per_step(schedulers[index]):
+                        schedulers[index].step()
+            totals[-1] += len(batch[-1])
             if boundary:
-                strategy.step()
                 progress["global_step"] += 1
+                if ema:
+                    ema.update(strategy.full_state())
                 if progress["global_step"] == 1 and rank == 0:  # start-up latency, as `dlray bench cluster` reads it
                     print(f"[dlray] first optimizer step done at unix time {time.time():.3f}", flush=True)
-                if is_per_step(scheduler):
-                    scheduler.step()
         elapsed = time.perf_counter() - start
         dist.all_reduce(totals)
 
-        metrics = {"epoch": epoch, "global_step": progress["global_step"], "train_loss": (totals[0] / totals[1]).item()}
+        metrics = {"epoch": epoch, "global_step": progress["global_step"], "train_loss": (totals[:-1].sum() / totals[-1]).item()}
+        if len(family.OPTIMIZERS) > 1:  # e.g. train_generator_loss, train_discriminator_loss
+            metrics |= {f"train_{phase}_loss": (totals[i] / totals[-1]).item() for i, phase in enumerate(family.OPTIMIZERS)}
         metrics |= evaluate(model, val_loader, family, strategy, device, prefix="val")
-        metrics |= {"lr": optimizer.param_groups[0]["lr"], "samples_per_sec": totals[1].item() / elapsed}
+        metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "samples_per_sec": totals[-1].item() / elapsed}
         metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes}
-        if not is_per_step(scheduler):
-            scheduler.step(metrics[cfg.train.metric])
+        for scheduler in schedulers:
+            if not is_per_step(scheduler):
+                scheduler.step(metrics[cfg.train.metric])
+        # Every rank takes part: gathering sharded weights is a collective.
+        weights = ema.shadow if ema else strategy.full_state() if hasattr(family, "sample") else None
+        samples_png = sampler.grid_png(weights) if sampler else None
 
         for key in dict.fromkeys(["train_loss", cfg.train.metric]):  # accuracy can look finite while the loss is NaN
             if not math.isfinite(metrics[key]):
@@ -105,7 +122,7 @@ def train_loop_per_worker(config: dict) -> None:
         value = metrics[cfg.train.metric]
         improved = progress["best"] is None or (value < progress["best"] if cfg.train.mode == "min" else value > progress["best"])
         progress |= {"epoch": epoch + 1, "best": value if improved else progress["best"], "bad_epochs": 0 if improved else progress["bad_epochs"] + 1}
-        report_with_checkpoint(metrics, strategy, scheduler, progress, meta)
+        report_with_checkpoint(metrics, strategy, schedulers, progress, meta, ema, samples_png)
         if cfg.train.early_stopping_patience and progress["bad_epochs"] >= cfg.train.early_stopping_patience:
             if rank == 0:
                 print(f"[dlray] early stop at epoch {epoch}: {cfg.train.metric} has not improved for {progress['bad_epochs']} epochs")
@@ -114,11 +131,40 @@ def train_loop_per_worker(config: dict) -> None:
     # Finish on the best weights, as early stopping promises, and score them once on the test split.
     best = best_checkpoint(cfg.train.metric, cfg.train.mode)
     if best is not None:
-        restore(best, strategy, scheduler, restore_train_state=False)
+        restore(best, strategy, schedulers, restore_train_state=False)
     final = {"epoch": progress["epoch"] - 1, "global_step": progress["global_step"], "best_" + cfg.train.metric: progress["best"]}
     if len(data.test):
         final |= evaluate(model, eval_loader(data.test, cfg, rank, world), family, strategy, device, prefix="test")
     ray.train.report(final)
+
+
+def make_optimizers(family, module, cfg: JobConfig) -> list[torch.optim.Optimizer]:
+    groups = family.param_groups(module) if len(family.OPTIMIZERS) > 1 else [module.parameters()]
+    return [build_optimizer(cfg.optim, params) for params in groups]
+
+
+def training_loss(family, model, batch, phase: str):
+    """The mean loss the optimizer of `phase` minimises (single-optimizer families have one phase)."""
+    values = family.compute_loss(model, batch, phase) if len(family.OPTIMIZERS) > 1 else family.compute_loss(model, batch)
+    return values["loss"].mean()
+
+
+class Sampler:
+    """Rank 0's sample grid after each epoch: a full copy of the model on the EMA (or current)
+    weights, the same seeds every epoch, so the grids of successive epochs compare."""
+
+    NUM_IMAGES = 16
+
+    def __init__(self, family, cfg: JobConfig, data_info: dict, device):
+        self.family, self.seed, self.device = family, cfg.train.seed, device
+        self.model = family.build(cfg.model.model_dump(), data_info).to(device).eval()
+
+    def grid_png(self, weights: dict[str, torch.Tensor]) -> bytes:
+        from dlray.tracking import png_grid
+
+        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        generators = [torch.Generator(self.device).manual_seed(self.seed + i) for i in range(self.NUM_IMAGES)]
+        return png_grid(self.family.sample(self.model, generators).cpu())
 
 
 def count_nodes(rank: int, world: int) -> int:

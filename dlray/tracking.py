@@ -1,5 +1,5 @@
-"""What the user sees of a run: a progress line per epoch, metrics.csv, TensorBoard event files
-and a loss/accuracy curve PNG in the run directory.
+"""What the user sees of a run: a progress line per epoch, metrics.csv, TensorBoard event files,
+a loss/metrics curve PNG and, for generative families, samples/epoch_NNNN.png grids in the run directory.
 
 `MetricsLogger` is a Ray Train `UserCallback`: it runs in the Train controller, which receives
 every `ray.train.report`, so workers never do I/O for tracking.
@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
-PLOTTED = (("train_loss", "val_loss", "test_loss"), ("val_accuracy", "test_accuracy"))
 
 
 class MetricsLogger(UserCallback):
@@ -26,6 +25,8 @@ class MetricsLogger(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         record = metrics[0]  # rank 0's: the loop all-reduces before reporting, so ranks agree
+        if checkpoint is not None:
+            self._copy_samples(checkpoint, record["epoch"])
         if self.history is None:  # a resumed run continues the file it left behind
             self.history = read_history(self.run_dir)
         if "train_loss" in record:  # epochs replayed after a restart replace their lost originals
@@ -37,6 +38,17 @@ class MetricsLogger(UserCallback):
         self._tensorboard(record)
         plot_curves(self.history, run_dir / "curves.png")
         print(format_progress(record, self.num_epochs), flush=True)
+
+    def _copy_samples(self, checkpoint, epoch: int):
+        """The epoch's sample grid, kept in the run directory after its checkpoint is pruned."""
+        from dlray.checkpoint import SAMPLES_FILE
+
+        with checkpoint.as_directory() as directory:
+            grid = Path(directory, SAMPLES_FILE)
+            if grid.exists():
+                target = Path(self.run_dir, "samples", f"epoch_{epoch:04d}.png")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(grid.read_bytes())
 
     def _tensorboard(self, record: dict):
         from tensorboardX import SummaryWriter
@@ -77,8 +89,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(10, 3.5))
-    for ax, keys in zip(axes, PLOTTED):
+    keys = list(dict.fromkeys(k for r in history for k in r if k.split("_")[0] in ("train", "val", "test")))
+    losses = [k for k in keys if k.endswith("loss")]
+    scores = [k for k in keys if not k.endswith("loss")]  # accuracy, a VAE's KL term, ...
+    panels = [losses, scores] if scores else [losses]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
         for key in keys:
             points = [(r["epoch"] + 1, r[key]) for r in history if key in r and math.isfinite(r[key])]
             if points:
@@ -90,3 +106,40 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+
+def png_grid(images, columns: int = 4, scale: int = 4) -> bytes:
+    """Images in [-1, 1], shape (N, C, H, W), as one PNG grid, each pixel shown `scale` x `scale`."""
+    import numpy as np
+
+    n, channels, height, width = images.shape
+    rows = -(-n // columns)
+    grid = np.zeros((rows * (height + 1) + 1, columns * (width + 1) + 1, channels), dtype=np.uint8)
+    for i, image in enumerate(to_pixels(images)):
+        r, c = divmod(i, columns)
+        grid[1 + r * (height + 1) : 1 + r * (height + 1) + height, 1 + c * (width + 1) : 1 + c * (width + 1) + width] = image
+    return _png(grid.repeat(scale, axis=0).repeat(scale, axis=1))
+
+
+def png_bytes(image) -> bytes:
+    """One image in [-1, 1], shape (C, H, W), as a PNG."""
+    return _png(to_pixels(image[None])[0])
+
+
+def to_pixels(images):
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), quantised exactly as diffusers' pipelines do."""
+    import numpy as np
+
+    array = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return (array * 255).round().astype(np.uint8)
+
+
+def _png(pixels) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

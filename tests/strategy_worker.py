@@ -1,8 +1,10 @@
 """Worker for test_strategies: runs in each of 2 processes of a plain gloo process group.
 
-For every (strategy, precision) case: train the debug CNN on fixed batches, checkpoint, keep
-training, then rebuild from the checkpoint and replay the same steps. Rank 0 writes the losses,
-the replayed losses and the restored model's logits; the test compares them and exports the checkpoint.
+For every (family, strategy, precision) case: train the family's debug model on fixed batches,
+checkpoint, keep training, then rebuild from the checkpoint and replay the same steps. Rank 0
+writes the losses (summed over the phases of a family with several optimizers), the replayed
+losses, which sub-modules training changed, the restored model's per-sample evaluation losses and
+its `strategy.full_state()` (gathered from the shards); the test compares them and exports the checkpoint.
 """
 
 import json
@@ -11,67 +13,87 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from dlray.config import config_from_dict
 from dlray.data import build_data
+from dlray.loop import make_optimizers, training_loss
 from dlray.models import FAMILIES
-from dlray.optim import build_optimizer
 from dlray.strategies import STRATEGIES
 
 STEPS, SAVE_AT = 12, 8
+# The smallest settings each family's debug model trains visibly with in 12 steps.
+FAMILY_CONFIG = {
+    "cnn": {"model": {"dropout": 0.0}, "optim": {"lr": 0.01}, "data": {}},
+    "diffusion": {"model": {"family": "diffusion", "dropout": 0.0}, "optim": {"lr": 0.002}, "data": {"image_size": 16, "augment": False}},
+    "vae": {"model": {"family": "vae"}, "optim": {"lr": 0.002}, "data": {"image_size": 16, "augment": False}},
+    "gan": {"model": {"family": "gan"}, "optim": {"lr": 0.0005, "betas": (0.5, 0.999)}, "data": {"image_size": 16, "augment": False}},
+}
 
 
 def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
     # No dropout: the replay must see the same computation (the Ray loop checkpoints RNG state for that).
-    cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "model": {"dropout": 0.0}, "optim": {"lr": 0.01}})
+    family_name = case.get("family", "cnn")
+    cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], **FAMILY_CONFIG[family_name]})
     data = build_data(cfg.data, seed=0)
     info = {"image_shape": data.image_shape, "class_names": data.class_names, "mean": data.mean, "std": data.std}
     images, labels = data.train.images[: 16 * world * 4], data.train.labels[: 16 * world * 4]
     batches = [(images[i::world * 4][rank::world], labels[i::world * 4][rank::world]) for i in range(4)]
-    family = FAMILIES["cnn"]
+    family = FAMILIES[family_name]
 
     def fresh():
         torch.manual_seed(0)
         strategy = STRATEGIES[cfg.strategy.name](cfg, torch.device("cpu"), family.SHARD_CLASSES)
-        model, _ = strategy.prepare(family.build(cfg.model.model_dump(), info), lambda p: build_optimizer(cfg.optim, p))
+        model, _ = strategy.prepare(family.build(cfg.model.model_dump(), info), lambda module: make_optimizers(family, module, cfg))
         return strategy, model
 
     def train_step(strategy, model, step):
+        """One optimizer step per phase, as the loop takes them; the sum of the phases' losses."""
         model.train()
-        with strategy.autocast():
-            loss = family.compute_loss(model, batches[step % 4])["loss"].mean()
-        strategy.backward(loss, sync=True)
-        strategy.step()
-        value = loss.detach().float()
+        torch.manual_seed(1000 * step + rank)  # losses that draw noise (diffusion, vae, gan): the same draws on replay
+        value = torch.zeros(())
+        for index, phase in enumerate(family.OPTIMIZERS):
+            with strategy.autocast():
+                loss = training_loss(family, model, batches[step % 4], phase)
+            strategy.backward(loss, sync=True)
+            strategy.step(index)
+            value += loss.detach().float()
         dist.all_reduce(value)
         return value.item() / world
 
     strategy, model = fresh()
+    initial = {k: v.clone() for k, v in strategy.full_state().items()}
     checkpoint = out / case["id"]
     losses = []
     for step in range(STEPS):
         if step == SAVE_AT:
             strategy.save(str(checkpoint))
         losses.append(train_step(strategy, model, step))
+    # The top-level sub-modules whose weights training changed (a GAN must train both players).
+    changed = sorted({k.split(".")[0] for k, v in strategy.full_state().items() if not torch.equal(v, initial[k])})
 
-    # Restored from the step-8 checkpoint: its logits are what `dlray export` must reproduce,
+    # Restored from the step-8 checkpoint: its evaluation is what `dlray export` must reproduce,
     # and training on from it must replay the uninterrupted run's losses.
     strategy, model = fresh()
     strategy.load(str(checkpoint))
-    saved_logits = eval_logits(strategy, model, data.val.images[:64])
+    saved = eval_losses(strategy, model, family, (data.val.images[:64], data.val.labels[:64]))
+    full_state = {k: v.clone() for k, v in strategy.full_state().items()}  # every rank: a collective under FSDP and ZeRO-3
     replayed = [train_step(strategy, model, step) for step in range(SAVE_AT, STEPS)]
     if rank == 0:
         meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": info,
                 "metrics": {}, "progress": {"global_step": SAVE_AT}}
         (checkpoint / "meta.json").write_text(json.dumps(meta))
-    return {"losses": losses, "replayed": replayed, "saved_logits": saved_logits.tolist()}
+        save_file({k: v.float().contiguous() for k, v in full_state.items()}, out / f"{case['id']}-full_state.safetensors")
+    return {"losses": losses, "replayed": replayed, "saved_eval": saved.tolist(), "changed": changed}
 
 
 @torch.no_grad()
-def eval_logits(strategy, model, images):
+def eval_losses(strategy, model, family, batch):
+    """Per-sample losses on a fixed batch (and fixed noise: diffusion's, the vae's, the gan's)."""
     model.eval()
+    torch.manual_seed(0)
     with strategy.autocast():
-        return model(images).float()
+        return family.compute_loss(model, batch)["loss"].float()
 
 
 def main(out: str, cases: str):

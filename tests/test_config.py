@@ -32,7 +32,7 @@ def test_jobs_folder_is_not_empty():
         ("optim.name=lion", "optim.name: must be 'sgd', 'adam', 'adamw' or 'rmsprop', got 'lion'"),
         ("model.flavor=huge", "model.flavor must be one of ['debug', 'resnet18', 'resnet50', 'small'] for family 'cnn', got 'huge'"),
         ("train.micro_batch_size=0", "train.micro_batch_size: must be greater than or equal to 1, got 0"),
-        ("train.metric=val_f1", "train.metric must be one of ['train_loss', 'val_loss', 'val_accuracy'], got 'val_f1'"),
+        ("train.metric=val_f1", "train.metric must be one of ['train_loss', 'val_loss', 'epoch', 'val_accuracy'] for model.family 'cnn', got 'val_f1'"),
         ("strategy.zero_stage=3", "strategy.zero_stage applies only to strategy.name 'deepspeed', got strategy.name 'ddp'"),
         ("precision=fp16 strategy.name=fsdp", "precision 'fp16' is not supported with strategy.name 'fsdp'"),
         ("strategy.name=deepspeed strategy.offload_param=true", "strategy.offload_param needs strategy.zero_stage 3, got 2"),

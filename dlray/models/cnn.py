@@ -16,6 +16,8 @@ FLAVORS = {
     "resnet18": {"block": "basic", "widths": (64, 128, 256, 512), "depths": (2, 2, 2, 2)},
     "resnet50": {"block": "bottleneck", "widths": (64, 128, 256, 512), "depths": (3, 4, 6, 3)},
 }
+METRICS = ("accuracy",)  # besides "loss", what compute_loss returns per sample
+OPTIMIZERS = ("model",)
 LARGE_INPUT = 64  # from this size on, use the ImageNet stem
 
 

@@ -1,11 +1,12 @@
 """Distributed strategies behind one small interface. `loop.py` never branches on the strategy.
 
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, shard_classes)
-    model, optimizer = strategy.prepare(model, make_optimizer)   # optimizer: the torch one, for LR schedulers
+    model, optimizers = strategy.prepare(model, make_optimizers)  # make_optimizers(module) -> [torch optimizers]
     with strategy.autocast(): losses = compute_loss(model, batch)
-    strategy.backward(loss, sync=is_last_micro_batch)            # loss already / gradient_accumulation_steps
-    grad_norm = strategy.step()                                  # clip, optimizer step, zero grads
-    strategy.save(directory) / strategy.load(directory)          # model + optimizer (+ loss scaler), all ranks
+    strategy.backward(loss, sync=is_last_micro_batch)             # loss already / gradient_accumulation_steps
+    grad_norm = strategy.step(index)                              # clip, step optimizers[index], zero grads
+    strategy.full_state()                                         # complete weights on every rank (EMA, samples)
+    strategy.save(directory) / strategy.load(directory)           # model + optimizers (+ loss scaler), all ranks
     strategy.CHECKPOINT_FORMAT                                   # how `dlray export` reads the weights back
 
 Each strategy owns its mixed precision and its checkpoint format:

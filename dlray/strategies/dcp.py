@@ -16,18 +16,18 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 SCALER_FILE = "grad_scaler.json"
 
 
-def save(directory: str, model, optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+def save(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None = None) -> None:
+    model_sd, optim_sd = get_state_dict(model, optimizers)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
     if scaler is not None and scaler.is_enabled() and torch.distributed.get_rank() == 0:
         Path(directory, SCALER_FILE).write_text(json.dumps(scaler.state_dict()))
 
 
-def load(directory: str, model, optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+def load(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None = None) -> None:
+    model_sd, optim_sd = get_state_dict(model, optimizers)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=directory)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if scaler is not None and Path(directory, SCALER_FILE).exists():
         scaler.load_state_dict(json.loads(Path(directory, SCALER_FILE).read_text()))
 

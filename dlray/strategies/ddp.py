@@ -22,16 +22,17 @@ class DDPStrategy:
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-    def prepare(self, model, make_optimizer):
+    def prepare(self, model, make_optimizers):
         model = model.to(self.device)
+        self.optimizers = make_optimizers(model)
         # One rank has nothing to all-reduce: skip DDP's hooks, as ray.train.torch.prepare_model
         # does. Checkpoints stay interchangeable (DCP names parameters without DDP's "module.").
         if torch.distributed.get_world_size() > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids)
+            # With several optimizers (a GAN) each backward reaches only some parameters.
+            model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=len(self.optimizers) > 1)
         self.model = model
-        self.optimizer = make_optimizer(self.model.parameters())
-        return self.model, self.optimizer
+        return self.model, self.optimizers
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -40,16 +41,24 @@ class DDPStrategy:
         with nullcontext() if sync or not isinstance(self.model, DistributedDataParallel) else self.model.no_sync():
             self.scaler.scale(loss).backward()
 
-    def step(self) -> float:
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
-        self.scaler.step(self.optimizer)
+    def step(self, index: int = 0) -> float:
+        optimizer = self.optimizers[index]
+        self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), self.max_grad_norm or math.inf)
+        self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # all of it: a GAN's generator loss also reached the discriminator
         return float(norm)
 
+    def full_state(self) -> dict[str, torch.Tensor]:
+        return getattr(self.model, "module", self.model).state_dict()
+
     def save(self, directory: str):
-        dcp.save(directory, self.model, self.optimizer, self.scaler)
+        dcp.save(directory, self.model, self.optimizers, self.scaler)
 
     def load(self, directory: str):
-        dcp.load(directory, self.model, self.optimizer, self.scaler)
+        dcp.load(directory, self.model, self.optimizers, self.scaler)
+
+
+def optimizer_params(optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]

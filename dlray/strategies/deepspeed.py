@@ -23,12 +23,12 @@ class DeepSpeedStrategy:
         self.device, self.dtype = device, PRECISION_DTYPES[cfg.precision]
         self.ds_config = deepspeed_config(cfg)
 
-    def prepare(self, model, make_optimizer):
+    def prepare(self, model, make_optimizers):
         import deepspeed
 
-        optimizer = make_optimizer(model.parameters())
+        (optimizer,) = make_optimizers(model)  # the engine drives one optimizer (the config refuses more)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
-        return self.engine, optimizer
+        return self.engine, [optimizer]
 
     def autocast(self):
         # Parameters are already bf16/fp16 inside the engine; autocast casts the inputs and
@@ -41,9 +41,17 @@ class DeepSpeedStrategy:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divided by the accumulation steps
         self.engine.step()  # no-op until the accumulation boundary
 
-    def step(self) -> float:
+    def step(self, index: int = 0) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Complete weights; under ZeRO-3 gathered from the partitions (a collective: every rank calls it)."""
+        import deepspeed
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     def save(self, directory: str):
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)

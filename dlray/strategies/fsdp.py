@@ -15,6 +15,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from dlray.strategies import dcp
+from dlray.strategies.ddp import optimizer_params
 
 
 class FSDPStrategy:
@@ -29,16 +30,16 @@ class FSDPStrategy:
         dtype = PRECISION_DTYPES[cfg.precision]
         self.mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
-    def prepare(self, model, make_optimizer):
+    def prepare(self, model, make_optimizers):
         model = model.to(self.device)
         options = {"mp_policy": self.mp_policy, "reshard_after_forward": self.reshard_after_forward}
         for module in model.modules():
             if isinstance(module, self.shard_classes):
                 fully_shard(module, **options)
         self.model = fully_shard(model, **options)
-        # Built after sharding so that the optimizer holds (and shards its state by) the DTensors.
-        self.optimizer = make_optimizer(self.model.parameters())
-        return self.model, self.optimizer
+        # Built after sharding so that the optimizers hold (and shard their state by) the DTensors.
+        self.optimizers = make_optimizers(self.model)
+        return self.model, self.optimizers
 
     def autocast(self):
         # The MixedPrecisionPolicy casts parameters and floating inputs itself.
@@ -48,14 +49,19 @@ class FSDPStrategy:
         self.model.set_requires_gradient_sync(sync)
         loss.backward()
 
-    def step(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, index: int = 0) -> float:
+        optimizer = self.optimizers[index]
+        norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), self.max_grad_norm or math.inf)
+        optimizer.step()
+        self.model.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights; a collective: every rank must call it."""
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.model.state_dict().items()}
+
     def save(self, directory: str):
-        dcp.save(directory, self.model, self.optimizer)
+        dcp.save(directory, self.model, self.optimizers)
 
     def load(self, directory: str):
-        dcp.load(directory, self.model, self.optimizer)
+        dcp.load(directory, self.model, self.optimizers)
