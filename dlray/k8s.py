@@ -262,9 +262,12 @@ def serve_config_v2(cfg: JobConfig, artifact: str) -> dict:
     Not dlray.serve.app.serve_config: that one reads the artifact from local disk and makes its
     path absolute here, while a RayService's artifact lives on the shared volume.
     """
-    from dlray.serve.app import IMPORT_PATH
+    from dlray.export import TASKS
+    from dlray.serve.app import ENDPOINT_SETTINGS, IMPORT_PATH
 
-    settings = cfg.serve.model_dump(mode="json", exclude={"host", "port"}, exclude_none=True)
+    task = TASKS[cfg.model.family]  # the endpoint's own settings only: a classifier takes no image limits
+    other_endpoints = {key for name, keys in ENDPOINT_SETTINGS.items() if name != task for key in keys}
+    settings = cfg.serve.model_dump(mode="json", exclude={"host", "port", *other_endpoints}, exclude_none=True)
     return {
         "proxy_location": "EveryNode",
         # All interfaces inside the pod; what reaches it is decided by KubeRay's serve Service (ClusterIP).

@@ -16,8 +16,11 @@ from ray.serve import Application
 from dlray.config import ServeSection
 from dlray.export import read_artifact_config
 from dlray.serve.classify import Classifier
+from dlray.serve.images import ImageGenerator
 
-ENDPOINTS = {"classify": Classifier}
+ENDPOINTS = {"classify": Classifier, "images": ImageGenerator}
+# The `serve:` keys each endpoint takes besides the batching ones every endpoint takes.
+ENDPOINT_SETTINGS = {"classify": (), "images": ("max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler")}
 IMPORT_PATH = "dlray.serve.app:build_app"
 
 
@@ -33,9 +36,8 @@ def build_app(args: dict) -> Application:
         options["autoscaling_config"] = settings.autoscaling.model_dump()
     else:
         options["num_replicas"] = settings.num_replicas
-    return ENDPOINTS[config["task"]].options(**options).bind(
-        artifact, max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_timeout_s, max_body_bytes=settings.max_body_bytes
-    )
+    keys = ("max_batch_size", "batch_wait_timeout_s", "max_body_bytes", *ENDPOINT_SETTINGS[config["task"]])
+    return ENDPOINTS[config["task"]].options(**options).bind(artifact, **{key: getattr(settings, key) for key in keys})
 
 
 def serve_settings(artifact_config: dict, overrides: dict) -> ServeSection:

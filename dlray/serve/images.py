@@ -1,0 +1,145 @@
+"""Image generation endpoint over an exported diffusion, VAE or GAN artifact, in the shape of
+OpenAI's images API.
+
+    POST /v1/images/generations
+      {"n": 4, "seed": 7, "num_inference_steps": 50, "scheduler": "ddim", "class_label": 3,
+       "response_format": "b64_json", "size": "16x16", "prompt": "..."}
+      -> {"created": 1764000000, "data": [{"b64_json": "<PNG>", "seed": 7}, {"b64_json": ..., "seed": 8}, ...]}
+      With `Accept: image/png` and n = 1 the PNG itself comes back.
+    GET /healthz
+
+Image i of a request is drawn from seed + i alone (one torch.Generator per image), so it is the
+same whether it is sampled alone or batched with other users' images, and the same as
+`DDPMPipeline.from_pretrained(artifact)(generator=torch.Generator().manual_seed(seed + i),
+num_inference_steps=...)` gives. Concurrent requests with the same scheduler and step count are
+denoised together as one batch (@serve.batch). `prompt` is accepted for client compatibility: a
+class-conditional model takes a class name there (or `class_label`); others ignore it.
+"""
+
+
+import base64
+import secrets
+import time
+from typing import Literal, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ray import serve
+
+from dlray.export import load_artifact
+from dlray.models import FAMILIES
+from dlray.serve.errors import RequestError, install_error_handlers, read_body
+from dlray.tracking import png_bytes
+
+api = FastAPI(title="dlray image generation")
+install_error_handlers(api)
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Optional[str] = None
+    model: Optional[str] = None
+    user: Optional[str] = None
+    n: int = Field(1, ge=1)
+    response_format: Literal["b64_json"] = "b64_json"
+    size: Optional[str] = None  # "<H>x<W>": only the trained size
+    seed: Optional[int] = Field(None, ge=0, lt=2**63 - 2**16)
+    num_inference_steps: Optional[int] = Field(None, ge=1)
+    scheduler: Optional[Literal["ddpm", "ddim"]] = None
+    class_label: Optional[Union[int, str]] = None
+
+
+@serve.deployment
+@serve.ingress(api)
+class ImageGenerator:
+    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000,
+                 max_images_per_request: int = 8, max_inference_steps: int = 1000, num_inference_steps: int = 50, scheduler: str = "ddim"):
+        torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
+        self.model, config = load_artifact(artifact)
+        self.family_name = config["model"]["family"]
+        self.family = FAMILIES[self.family_name]
+        self.class_names = config["data_info"]["class_names"]
+        self.conditional = bool(config["model"].get("class_conditional"))
+        self.shape = tuple(config["data_info"]["image_shape"])  # (C, H, W)
+        self.max_body_bytes, self.max_images, self.max_steps = max_body_bytes, max_images_per_request, max_inference_steps
+        self.default_steps, self.default_scheduler = num_inference_steps, scheduler
+        self.sample.set_max_batch_size(max_batch_size)
+        self.sample.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "family": self.family_name, "image_shape": list(self.shape), "class_conditional": self.conditional}
+
+    @api.post("/v1/images/generations")
+    async def generations(self, request: Request):
+        body = await read_body(request, self.max_body_bytes)
+        try:
+            params = GenerationRequest.model_validate_json(body)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(map(str, first["loc"])) or "body"
+            raise RequestError(400, f"{field}: {first['msg']}", param=field) from None
+        job = self.job(params)
+        images = await self.sample(job)
+        pngs = [png_bytes(image) for image in images]
+        if "image/png" in request.headers.get("accept", "") and len(pngs) == 1:
+            return Response(pngs[0], media_type="image/png")
+        seeds = [job["seed"] + i for i in range(params.n)]
+        return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(p).decode(), "seed": s} for p, s in zip(pngs, seeds)]}
+
+    def job(self, params: GenerationRequest) -> dict:
+        """Check a request against this model and the configured limits; what `sample` needs."""
+        if params.n > self.max_images:
+            raise RequestError(400, f"n must be at most {self.max_images} (serve.max_images_per_request), got {params.n}", param="n")
+        _, height, width = self.shape
+        if params.size not in (None, f"{height}x{width}"):
+            raise RequestError(400, f"size must be '{height}x{width}' (the size this model was trained at), got {params.size!r}", param="size")
+        diffusion = self.family_name == "diffusion"
+        for name in ("num_inference_steps", "scheduler"):
+            if getattr(params, name) is not None and not diffusion:
+                raise RequestError(400, f"{name} applies to diffusion models only; this is a {self.family_name}", param=name)
+        steps = params.num_inference_steps or self.default_steps
+        if diffusion and steps > self.max_steps:
+            raise RequestError(400, f"num_inference_steps must be at most {self.max_steps} (serve.max_inference_steps), got {steps}", param="num_inference_steps")
+        seed = params.seed if params.seed is not None else secrets.randbits(31)
+        options = {"num_inference_steps": steps, "scheduler": params.scheduler or self.default_scheduler} if diffusion else {}
+        return {"seed": seed, "n": params.n, "options": options, "class_label": self.class_label(params)}
+
+    def class_label(self, params: GenerationRequest) -> Optional[int]:
+        if not self.conditional:
+            if params.class_label is not None:
+                raise RequestError(400, "class_label applies to class-conditional models only", param="class_label")
+            return None
+        wanted = params.class_label if params.class_label is not None else params.prompt
+        if isinstance(wanted, int) and 0 <= wanted < len(self.class_names):
+            return wanted
+        if isinstance(wanted, str) and wanted.strip() in self.class_names:
+            return self.class_names.index(wanted.strip())
+        raise RequestError(400, f"this model is class-conditional: class_label (or prompt) must be one of {self.class_names} "
+                           f"or an index below {len(self.class_names)}, got {wanted!r}", param="class_label")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def sample(self, jobs: list[dict]) -> list[list[torch.Tensor]]:
+        """Every image of every request in the batch; one denoising loop per (scheduler, steps)."""
+        results: list[list[torch.Tensor]] = [[] for _ in jobs]
+        groups: dict[tuple, list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(tuple(sorted(job["options"].items())), []).append(index)
+        for key, members in groups.items():
+            generators, labels, owners = [], [], []
+            for index in members:
+                job = jobs[index]
+                generators += [torch.Generator().manual_seed(job["seed"] + i) for i in range(job["n"])]
+                labels += [job["class_label"]] * job["n"]
+                owners += [index] * job["n"]
+            options = dict(key) | ({"class_labels": labels} if self.conditional else {})
+            with torch.inference_mode():
+                images = self.family.sample(self.model, generators, **options)
+            for owner, image in zip(owners, images):
+                results[owner].append(image)
+        return results
+
