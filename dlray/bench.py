@@ -1,6 +1,6 @@
 """Benchmarks, side by side in one run, against plain PyTorch and unbatched baselines.
 
-    dlray bench all        # or: train | serve; writes benchmarks/results.md and .json
+    dlray bench all        # or: train | cluster | tune | serve | diffusion; writes benchmarks/results.md and .json
 
 train   dlray (Ray Train, 1 worker) samples/s / a plain PyTorch loop on the same model, data and
         batch size; 2 workers / 1 worker; per-rank parameter+optimizer bytes of FSDP and ZeRO-3
@@ -12,6 +12,9 @@ tune    ASHA vs FIFO random search (same space, same sampler seed, 3 seeds): epo
         TUNE_OVERHEAD_TRIALS identical trials, one at a time, over that many standalone runs.
 serve   @serve.batch (max_batch_size 32) / unbatched (max_batch_size 1) requests/s at 32
         concurrent HTTP clients, with p50/p99 latency.
+diffusion  jobs/diffusion_digits.yaml: dlray (1 worker) images/s / the plain diffusers training
+        loop on the same UNet; DDPM-1000 vs DDIM-50 sampling latency; the images endpoint's
+        images/s batched / unbatched at 16 concurrent clients.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from dlray.models import FAMILIES
 from dlray.optim import build_optimizer
 
 TRAIN_JOB = "jobs/cnn_digits.yaml"
+DIFFUSION_JOB = "jobs/diffusion_digits.yaml"
+IMAGE_CLIENTS, IMAGE_REQUESTS, IMAGE_STEPS = 16, 96, 20
 TRAIN_JOB_DEBUG = "jobs/debug/cnn_cpu.yaml"
 TRAIN_EPOCHS = 4  # the first is warm-up and is not counted
 CLUSTER_EPOCHS = 6  # more than TRAIN_EPOCHS: a 2-core machine's epoch-to-epoch noise averages out
@@ -65,7 +70,7 @@ def run_benchmarks(what: str, out: Path) -> dict:
 # --------------------------------------------------------------------------------- training
 
 
-def bench_train() -> dict:
+def bench_train(job: str = TRAIN_JOB) -> dict:
     import ray
 
     from dlray.tracking import read_history
@@ -74,19 +79,19 @@ def bench_train() -> dict:
     init_ray()
     storage = tempfile.mkdtemp(prefix="dlray-bench-")
     common = [f"run.storage_path={storage}", f"train.num_epochs={TRAIN_EPOCHS}", "train.early_stopping_patience=null", "run.checkpoint_num_to_keep=1"]
-    cfg = load_config(TRAIN_JOB, common)
+    cfg = load_config(job, common)
     # The baseline runs in a 1-CPU Ray task: the same process environment a Train worker gets.
     plain_task = ray.remote(num_cpus=1)(plain_pytorch_samples_per_sec)
     plain, dlray = 0.0, {1: 0.0, 2: 0.0}
     for attempt in range(2):  # interleaved, best of two: a busy 2-core machine is noisy
         plain = max(plain, ray.get(plain_task.remote(cfg)))
         for workers in (1, 2):
-            run_cfg = load_config(TRAIN_JOB, [*common, f"scaling.num_workers={workers}", f"run.name=bench-{workers}w-{attempt}"])
+            run_cfg = load_config(job, [*common, f"scaling.num_workers={workers}", f"run.name=bench-{workers}w-{attempt}"])
             fit(run_cfg)
             epochs = [r for r in read_history(run_dir(run_cfg)) if "train_loss" in r][1:]
             dlray[workers] = max(dlray[workers], statistics.mean(r["samples_per_sec"] for r in epochs))
     return {
-        "model": f"cnn/{cfg.model.flavor}",
+        "model": f"{cfg.model.family}/{cfg.model.flavor}, {cfg.precision}",
         "micro_batch_size": cfg.train.micro_batch_size,
         "plain_pytorch_samples_per_sec": plain,
         "dlray_1_worker_samples_per_sec": dlray[1],
@@ -97,7 +102,8 @@ def bench_train() -> dict:
 
 
 def plain_pytorch_samples_per_sec(cfg) -> float:
-    """The loop a PyTorch user would write: one process, one thread (as a 1-CPU Ray worker gets)."""
+    """The loop a PyTorch (or diffusers) user would write: one process, one thread (as a 1-CPU
+    Ray worker gets), the job's precision through torch.autocast."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -107,12 +113,15 @@ def plain_pytorch_samples_per_sec(cfg) -> float:
         model = family.build(cfg.model.model_dump(), {"image_shape": data.image_shape, "class_names": data.class_names, "mean": data.mean, "std": data.std})
         optimizer = build_optimizer(cfg.optim, model.parameters())
         loader = torch.utils.data.DataLoader(data.train, cfg.train.micro_batch_size, shuffle=True)
+        plain_loss = PLAIN_LOSSES[cfg.model.family]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.precision]
         rates = []
         for _ in range(TRAIN_EPOCHS):
             model.train()
             start, seen = time.perf_counter(), 0
             for images, labels in loader:
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    loss = plain_loss(model, images, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -122,6 +131,22 @@ def plain_pytorch_samples_per_sec(cfg) -> float:
         return statistics.mean(rates[1:])
     finally:
         torch.set_num_threads(threads)
+
+
+def _cross_entropy(model, images, labels):
+    return torch.nn.functional.cross_entropy(model(images), labels)
+
+
+def _diffusers_loss(model, images, labels):
+    """diffusers' train_unconditional.py step, on the same UNet and noise schedule."""
+    clean = images * 2 - 1
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (len(clean),))
+    predicted = model.unet(model.noise_scheduler.add_noise(clean, noise, timesteps), timesteps).sample
+    return torch.nn.functional.mse_loss(predicted.float(), noise)
+
+
+PLAIN_LOSSES = {"cnn": _cross_entropy, "diffusion": _diffusers_loss}
 
 
 def bench_memory() -> dict:
@@ -154,7 +179,7 @@ def _memory_worker(rank: int, world: int, port: int, strategy: dict, queue) -> N
     family = FAMILIES["cnn"]
     info = {"image_shape": (1, 8, 8), "class_names": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25]}
     runner = STRATEGIES[cfg.strategy.name](cfg, torch.device("cpu"), family.SHARD_CLASSES)
-    model, optimizer = runner.prepare(family.build(cfg.model.model_dump(), info), lambda p: build_optimizer(cfg.optim, p))
+    model, (optimizer,) = runner.prepare(family.build(cfg.model.model_dump(), info), lambda module: [build_optimizer(cfg.optim, module.parameters())])
     batch = (torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
     loss = family.compute_loss(model, batch)["loss"].mean()  # one step, so the optimizer state exists
     runner.backward(loss, sync=True)
@@ -322,7 +347,7 @@ def bench_serve() -> dict:
     return results
 
 
-async def _load(url: str, payload: bytes, clients: int, total: int) -> dict:
+async def _load(url: str, payload: bytes, clients: int, total: int, content_type: str = "image/png") -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -331,7 +356,7 @@ async def _load(url: str, payload: bytes, clients: int, total: int) -> dict:
     async def client(session):
         for _ in remaining:
             start = time.perf_counter()
-            response = await session.post(url, content=payload, headers={"content-type": "image/png"})
+            response = await session.post(url, content=payload, headers={"content-type": content_type})
             response.raise_for_status()
             latencies.append(time.perf_counter() - start)
 
@@ -356,12 +381,67 @@ def _png(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+# ------------------------------------------------------------------------------- diffusion
+
+
+def bench_sampling() -> dict:
+    """DDPM with every one of 1,000 steps vs DDIM with 50, same UNet, one image, one process."""
+    cfg = load_config(DIFFUSION_JOB)
+    model = _untrained(cfg).eval()
+    seconds = {}
+    for scheduler, steps in (("ddim", 50), ("ddpm", 1000)):
+        start = time.perf_counter()
+        FAMILIES["diffusion"].sample(model, [torch.Generator().manual_seed(0)], num_inference_steps=steps, scheduler=scheduler)
+        seconds[f"{scheduler}_{steps}_s"] = time.perf_counter() - start
+    return {"model": f"diffusion/{cfg.model.flavor} 16x16, 1 image, {torch.get_num_threads()} threads", **seconds,
+            "ddim_50_speedup_vs_ddpm_1000": seconds["ddpm_1000_s"] / seconds["ddim_50_s"]}
+
+
+def bench_image_serve() -> dict:
+    """Images/s of the images endpoint at IMAGE_CLIENTS concurrent clients, each asking for one
+    DDIM-IMAGE_STEPS image: @serve.batch up to 16 requests per denoising loop vs one at a time."""
+    from ray import serve
+
+    from dlray.export import write_artifact
+    from dlray.serve.app import run
+    from dlray.train import init_ray
+
+    init_ray()
+    cfg = load_config(DIFFUSION_JOB)
+    info = _data_info(cfg)
+    artifact = write_artifact(_untrained(cfg), {"task": "images", "model": cfg.model.model_dump(), "data_info": info, "serve": {}},
+                              tempfile.mkdtemp(prefix="dlray-bench-artifact-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/images/generations"
+    body = json.dumps({"num_inference_steps": IMAGE_STEPS, "scheduler": "ddim", "seed": 0}).encode()
+    results = {"model": f"diffusion/{cfg.model.flavor} 16x16, DDIM {IMAGE_STEPS} steps, 1 image per request", "concurrent_clients": IMAGE_CLIENTS, "requests": IMAGE_REQUESTS}
+    for label, batch in (("unbatched", 1), ("batched", 16)):
+        run(str(artifact), {"port": port, "max_batch_size": batch, "batch_wait_timeout_s": 0.01})
+        asyncio.run(_load(url, body, IMAGE_CLIENTS, IMAGE_CLIENTS, "application/json"))  # warm-up
+        results[label] = asyncio.run(_load(url, body, IMAGE_CLIENTS, IMAGE_REQUESTS, "application/json"))
+        serve.delete("dlray")
+    results["batched_vs_unbatched_throughput"] = results["batched"]["requests_per_sec"] / results["unbatched"]["requests_per_sec"]
+    return results
+
+
+def _data_info(cfg) -> dict:
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    return {"image_shape": list(data.image_shape), "class_names": data.class_names, "mean": data.mean, "std": data.std}
+
+
+def _untrained(cfg):
+    """Timing needs the model's shape, not trained weights."""
+    torch.manual_seed(0)
+    return FAMILIES[cfg.model.family].build(cfg.model.model_dump(), _data_info(cfg))
+
+
 # Targets of `dlray bench`: each names the result keys it fills.
 BENCHMARKS = {
     "train": {"train": bench_train, "memory": bench_memory},
     "cluster": {"cluster": bench_cluster},
     "tune": {"tune": bench_tune},
     "serve": {"serve": bench_serve},
+    "diffusion": {"diffusion_train": lambda: bench_train(DIFFUSION_JOB), "diffusion_sampling": bench_sampling, "diffusion_serve": bench_image_serve},
 }
 
 
@@ -383,11 +463,7 @@ def render_markdown(results: dict) -> str:
              f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']}; measured {m['date']} with `dlray bench`.", ""]
     lines += ["| benchmark | measured | goal |", "|---|---|---|"]
     if train := results.get("train"):
-        lines += [
-            f"| train throughput, dlray 1 worker / plain PyTorch ({train['model']}, batch {train['micro_batch_size']}) | "
-            f"{train['ratio_1_worker_vs_plain']:.2f} ({train['dlray_1_worker_samples_per_sec']:.0f} vs {train['plain_pytorch_samples_per_sec']:.0f} samples/s) | >= 0.90 |",
-            f"| train scaling, 2 workers / 1 worker | {train['scaling_2_vs_1_workers']:.2f} ({train['dlray_2_workers_samples_per_sec']:.0f} samples/s) | (2 cores) |",
-        ]
+        lines += _train_rows(train, "train", "plain PyTorch", "samples/s")
     if memory := results.get("memory"):
         b = memory["bytes_per_rank"]
         lines += [
@@ -419,4 +495,23 @@ def render_markdown(results: dict) -> str:
             f"| serve latency p50 / p99, batched | {serve['batched']['p50_ms']:.0f} / {serve['batched']['p99_ms']:.0f} ms | |",
             f"| serve latency p50 / p99, unbatched | {serve['unbatched']['p50_ms']:.0f} / {serve['unbatched']['p99_ms']:.0f} ms | |",
         ]
+    if diffusion := results.get("diffusion_train"):
+        lines += _train_rows(diffusion, "diffusion train", "plain diffusers loop", "images/s")
+    if sampling := results.get("diffusion_sampling"):
+        lines += [f"| sampling latency, DDPM 1000 steps / DDIM 50 steps ({sampling['model']}) | "
+                  f"{sampling['ddim_50_speedup_vs_ddpm_1000']:.1f}x ({sampling['ddpm_1000_s']:.2f} vs {sampling['ddim_50_s']:.2f} s) | >= 15x |"]
+    if images := results.get("diffusion_serve"):
+        lines += [
+            f"| images endpoint throughput, batched / unbatched at {images['concurrent_clients']} clients ({images['model']}) | "
+            f"{images['batched_vs_unbatched_throughput']:.2f} ({images['batched']['requests_per_sec']:.1f} vs {images['unbatched']['requests_per_sec']:.1f} images/s) | > 1 |",
+            f"| images endpoint latency p50 / p99, batched | {images['batched']['p50_ms']:.0f} / {images['batched']['p99_ms']:.0f} ms | |",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _train_rows(train: dict, label: str, baseline: str, unit: str) -> list[str]:
+    return [
+        f"| {label} throughput, dlray 1 worker / {baseline} ({train['model']}, batch {train['micro_batch_size']}) | "
+        f"{train['ratio_1_worker_vs_plain']:.2f} ({train['dlray_1_worker_samples_per_sec']:.0f} vs {train['plain_pytorch_samples_per_sec']:.0f} {unit}) | >= 0.90 |",
+        f"| {label} scaling, 2 workers / 1 worker | {train['scaling_2_vs_1_workers']:.2f} ({train['dlray_2_workers_samples_per_sec']:.0f} {unit}) | (2 cores) |",
+    ]
