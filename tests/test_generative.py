@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import REPO
 from dlray.config import load_config
@@ -196,11 +197,17 @@ def test_ddim_50_samples_much_faster_than_ddpm_1000(diffusion_run):
     assert seconds(1000, "ddpm") > 8 * seconds(50, "ddim")
 
 
-def test_vae_debug_job_improves_its_elbo(ray_cluster, tmp_path):
-    cfg, directory, history = train_job("jobs/debug/vae_cpu.yaml", tmp_path)
+def test_vae_debug_job_improves_its_elbo_and_resumes_with_its_ema(ray_cluster, tmp_path):
+    """Two epochs, then the same run asked for a third: it resumes from its checkpoint, EMA included."""
+    keep_all = ["train.ema_decay=0.9", "run.checkpoint_num_to_keep=null"]
+    train_job("jobs/debug/vae_cpu.yaml", tmp_path, "train.num_epochs=2", *keep_all)
+    cfg, directory, history = train_job("jobs/debug/vae_cpu.yaml", tmp_path, "train.num_epochs=3", *keep_all)
     assert history[-1]["val_loss"] < history[0]["val_loss"], history  # the negative ELBO
     assert all(np.isfinite([r["val_recon_loss"], r["val_kl"]]).all() for r in history)
-    assert len(list(Path(directory, "samples").glob("epoch_*.png"))) == cfg.train.num_epochs
+    assert [r["resumed_from_step"] for r in history] == [0, 0] + [history[1]["global_step"]]
+    assert len(list(Path(directory, "samples").glob("epoch_*.png"))) == 3
+    ema = load_file(Path(directory, "checkpoint_epoch0002", "ema.safetensors"))
+    assert int(ema["__ema_updates__"]) == history[-1]["global_step"]  # averaged over every step, across the restart
 
 
 def test_gan_debug_job_updates_both_networks_with_finite_losses(ray_cluster, tmp_path):

@@ -8,12 +8,16 @@ out in [-1, 1]. An exported model is a plain diffusers pipeline directory (see d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.models.unets.unet_2d_blocks import AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, UNetMidBlock2D, UpBlock2D
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+
+# diffusers takes seconds to import: it is imported where a model is built or sampled, so that
+# checking a config (`dlray validate`, every CLI command) does not pay for it.
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DModel
 
 # block_out_channels per resolution level; `attention`: self-attention at the lowest resolution
 # (DDPM's choice); the CPU flavor goes without, which trains digits about twice as fast.
@@ -24,10 +28,17 @@ FLAVORS = {
 }
 METRICS = ()
 OPTIMIZERS = ("model",)
-SHARD_CLASSES = (DownBlock2D, AttnDownBlock2D, UNetMidBlock2D, UpBlock2D, AttnUpBlock2D)
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # dlray name -> diffusers name
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 DEFAULT_SAMPLE_STEPS = 50
+
+
+def __getattr__(name: str):
+    """SHARD_CLASSES on first use (module __getattr__, PEP 562), so diffusers loads only then."""
+    if name == "SHARD_CLASSES":
+        from diffusers.models.unets.unet_2d_blocks import AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, UNetMidBlock2D, UpBlock2D
+
+        return (DownBlock2D, AttnDownBlock2D, UNetMidBlock2D, UpBlock2D, AttnUpBlock2D)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Diffusion(nn.Module):
@@ -43,6 +54,8 @@ class Diffusion(nn.Module):
 
 def build(model_cfg, data_info) -> Diffusion:
     """`data_info` needs image_shape and class_names (see dlray.data.ImageData)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
     flavor = dict(FLAVORS[model_cfg["flavor"]])
     attention = flavor.pop("attention")
     channels, height, width = data_info["image_shape"]
@@ -94,7 +107,10 @@ def sample(model: Diffusion, generators: list[torch.Generator], num_inference_st
 
 
 def denoise(unet: UNet2DModel, scheduler_config, generators, num_inference_steps: int, scheduler: str, class_labels=None) -> torch.Tensor:
-    sampler = SAMPLERS[scheduler].from_config(scheduler_config)
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    sampler = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[scheduler].from_config(scheduler_config)
     sampler.set_timesteps(num_inference_steps)
     config = unet.config
     shape = (len(generators), config.in_channels, config.sample_size, config.sample_size)
@@ -117,4 +133,6 @@ def save_pretrained(model: Diffusion, directory) -> None:
 
 
 def from_pretrained(directory) -> Diffusion:
+    from diffusers import DDPMScheduler, UNet2DModel
+
     return Diffusion(UNet2DModel.from_pretrained(directory, subfolder="unet"), DDPMScheduler.from_pretrained(directory, subfolder="scheduler"))
