@@ -55,7 +55,7 @@ def server(diffusion_run):
     port = free_port()
     run(str(diffusion_run[3]), {"port": port, "max_images_per_request": 4, "max_inference_steps": 200})
     yield f"http://127.0.0.1:{port}"
-    serve.delete("dlray")
+    serve.shutdown()  # the next module starts Serve on a port of its own (Serve keeps its first one)
 
 
 def decode_png(data: bytes) -> np.ndarray:

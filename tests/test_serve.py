@@ -31,7 +31,7 @@ def server(digits_run):
     yield base, artifact, build_data(cfg.data, seed=cfg.train.seed).test
     from ray import serve
 
-    serve.delete("dlray")
+    serve.shutdown()  # the next module starts Serve on a port of its own (Serve keeps its first one)
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
