@@ -4,9 +4,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# pytest's own process (sampling, exported-model checks) computes on one thread, as a Serve
+# replica does: on 2 cores Ray's workers run beside it, and oversubscribed threads crawl.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
