@@ -110,7 +110,7 @@ def plain_pytorch_samples_per_sec(cfg) -> float:
         torch.manual_seed(cfg.train.seed)
         data = build_data(cfg.data, seed=cfg.train.seed)
         family = FAMILIES[cfg.model.family]
-        model = family.build(cfg.model.model_dump(), {"image_shape": data.image_shape, "class_names": data.class_names, "mean": data.mean, "std": data.std})
+        model = family.build(cfg.model.model_dump(), data.info)
         optimizer = build_optimizer(cfg.optim, model.parameters())
         loader = torch.utils.data.DataLoader(data.train, cfg.train.micro_batch_size, shuffle=True)
         plain_loss = PLAIN_LOSSES[cfg.model.family]
@@ -430,8 +430,7 @@ def bench_image_serve() -> dict:
 
 
 def _data_info(cfg) -> dict:
-    data = build_data(cfg.data, seed=cfg.train.seed)
-    return {"image_shape": list(data.image_shape), "class_names": data.class_names, "mean": data.mean, "std": data.std}
+    return build_data(cfg.data, seed=cfg.train.seed).info
 
 
 def _untrained(cfg):

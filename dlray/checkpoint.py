@@ -3,7 +3,8 @@
 A checkpoint directory holds the strategy's own files (DCP shards or a DeepSpeed tag), one
 `train_state_rank<N>.pt` per rank (schedulers, RNG, counters; tensors and plain types only, loaded
 with weights_only=True), `meta.json` from rank 0, which tells `dlray export` how to read it, and
-from rank 0 `ema.safetensors` (with `train.ema_decay`) and `samples.png` (generative families).
+from rank 0 `ema.safetensors` (with `train.ema_decay`), `samples.png` (generative families) and
+`tokenizer/` (text data: the tokenizer travels with the weights, so `dlray export` needs nothing else).
 Saving for a report and loading on resume share this one path.
 """
 
@@ -20,9 +21,11 @@ import torch.distributed as dist
 META_FILE = "meta.json"
 EMA_FILE = "ema.safetensors"
 SAMPLES_FILE = "samples.png"
+TOKENIZER_DIR = "tokenizer"
 
 
-def report_with_checkpoint(metrics: dict, strategy, schedulers: list, progress: dict, meta: dict, ema=None, samples_png: bytes | None = None) -> None:
+def report_with_checkpoint(metrics: dict, strategy, schedulers: list, progress: dict, meta: dict, ema=None, samples_png: bytes | None = None,
+                           tokenizer=None) -> None:
     rank = dist.get_rank()
     with tempfile.TemporaryDirectory(prefix="dlray-ckpt-") as directory:
         strategy.save(directory)
@@ -36,6 +39,8 @@ def report_with_checkpoint(metrics: dict, strategy, schedulers: list, progress: 
                 Path(directory, EMA_FILE).write_bytes(ema.to_bytes())
             if samples_png is not None:
                 Path(directory, SAMPLES_FILE).write_bytes(samples_png)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(Path(directory, TOKENIZER_DIR))
         name = f"checkpoint_epoch{metrics['epoch']:04d}"
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
 

@@ -94,7 +94,7 @@ def tune(
 
 @app.command()
 def export(source: Path, out: Path):
-    """Checkpoint (or the best checkpoint of a run or a sweep) -> servable artifact (safetensors + config.json)."""
+    """Checkpoint (or the best checkpoint of a run or a sweep) -> servable artifact (safetensors + dlray.json)."""
     from dlray.export import export as export_artifact
 
     path = export_artifact(source, out)

@@ -20,9 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 # What every epoch reports, whatever the family; `train.metric` (and a sweep's metric) is one of
-# these or one of the family's own validation metrics (`val_<name>` for each name in its METRICS).
+# these, one of the family's own validation metrics (`val_<name>` for each name in its METRICS) or
+# one its derived_metrics adds (DERIVED_METRICS, e.g. val_perplexity).
 # `epoch` with mode max keeps the newest checkpoints, for models without a validation score (GANs).
 EPOCH_METRICS = ["train_loss", "val_loss", "epoch"]
+TEXT_FAMILIES = ("gpt",)  # families that train on data.name 'text'; the others on images
 
 
 def family_module(family: str):
@@ -32,7 +34,8 @@ def family_module(family: str):
 
 
 def epoch_metrics(family: str) -> list[str]:
-    return EPOCH_METRICS + [f"val_{name}" for name in family_module(family).METRICS]
+    module = family_module(family)
+    return EPOCH_METRICS + [f"val_{name}" for name in module.METRICS] + list(getattr(module, "DERIVED_METRICS", ()))
 
 
 class ConfigError(ValueError):
@@ -44,9 +47,9 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    family: Literal["cnn", "diffusion", "vae", "gan"] = "cnn"
+    family: Literal["cnn", "diffusion", "vae", "gan", "gpt"] = "cnn"
     flavor: str = "debug"  # a named size in the family's FLAVORS
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion; gpt: attention dropout
     # diffusion (names as in diffusers' DDPMScheduler; `cosine` is its squaredcos_cap_v2)
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -66,20 +69,39 @@ class ModelConfig(Section):
         return self
 
 
+IMAGE_DATA_KEYS = ("image_size", "channels", "augment")
+TEXT_DATA_KEYS = ("text_field", "max_seq_len", "tokenizer", "vocab_size")
+
+
 class DataConfig(Section):
-    name: Literal["digits", "image_folder"] = "digits"
-    path: str | None = None  # image_folder: a folder with one sub-folder per class
-    image_size: int | None = Field(None, ge=4)  # resize to a square; None keeps the native size
-    channels: Literal[1, 3] = 1
+    name: Literal["digits", "image_folder", "text"] = "digits"
+    # image_folder: a folder with one sub-folder per class; text: a file or a folder of .txt, .jsonl,
+    # .json, .parquet or .csv files (default: Python's bundled help texts). Every worker reads it.
+    path: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.2, ge=0.0, lt=0.5)
-    augment: bool = True
     dataloader_num_workers: int = Field(0, ge=0)
+    # images
+    image_size: int | None = Field(None, ge=4)  # resize to a square; None keeps the native size
+    channels: Literal[1, 3] = 1
+    augment: bool = True
+    # text
+    text_field: str = "text"  # the column holding the text in .jsonl / .json / .parquet / .csv files
+    max_seq_len: int = Field(128, ge=1)  # tokens per training sequence
+    tokenizer: str | None = None  # a saved Hugging Face tokenizer directory; None: train a byte-level BPE on the corpus
+    vocab_size: int = Field(2048, ge=259)  # of the trained tokenizer: at least the 256 bytes and 3 special tokens
 
     @model_validator(mode="after")
-    def _path_for_folders(self):
+    def _keys_match_dataset(self):
         if self.name == "image_folder" and not self.path:
             raise ValueError("data.path is required when data.name is 'image_folder'")
+        for key in IMAGE_DATA_KEYS if self.name == "text" else TEXT_DATA_KEYS:
+            # Compared with the default rather than "was it set", so a dumped config reloads.
+            if getattr(self, key) != type(self).model_fields[key].default:
+                kind = "text data (data.name 'text')" if key in TEXT_DATA_KEYS else "image data (data.name 'digits' or 'image_folder')"
+                raise ValueError(f"data.{key} applies only to {kind}, got data.name {self.name!r}")
+        if self.tokenizer and self.vocab_size != type(self).model_fields["vocab_size"].default:
+            raise ValueError("data.vocab_size sizes the tokenizer dlray trains, but data.tokenizer brings its own vocabulary: set only one of them")
         return self
 
 
@@ -95,6 +117,9 @@ class TrainConfig(Section):
     # Exponential moving average of the weights (diffusers' --use_ema, timm's --model-ema-decay):
     # checkpointed with the run, used for per-epoch samples and by `dlray export`. None: off.
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    # Recompute each block's activations in the backward pass instead of keeping them (transformers'
+    # name): much less activation memory for about a third more compute. Families with enable_gradient_checkpointing.
+    gradient_checkpointing: bool = False
 
 
 class OptimConfig(Section):
@@ -304,6 +329,16 @@ class JobConfig(Section):
             raise ValueError("precision 'fp16' is not supported with strategy.name 'fsdp' (FSDP2 has no loss scaler here); use precision 'bf16'")
         if self.precision == "fp16" and self.strategy.name == "deepspeed" and not self.scaling.use_gpu:
             raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: DeepSpeed's CPU accelerator has no fp16; use 'bf16'")
+        text_family, text_data = self.model.family in TEXT_FAMILIES, self.data.name == "text"
+        if text_family and not text_data:
+            raise ValueError(f"model.family {self.model.family!r} trains on text: it needs data.name 'text', got data.name {self.data.name!r}")
+        if text_data and not text_family:
+            raise ValueError(f"data.name 'text' needs a language model: model.family must be one of {list(TEXT_FAMILIES)}, got {self.model.family!r}")
+        if self.train.gradient_checkpointing and not hasattr(family_module(self.model.family), "enable_gradient_checkpointing"):
+            from dlray.models import FAMILIES
+
+            able = [name for name, module in FAMILIES.items() if hasattr(module, "enable_gradient_checkpointing")]
+            raise ValueError(f"train.gradient_checkpointing is not supported by model.family {self.model.family!r} (only by {able})")
         if self.train.metric not in epoch_metrics(self.model.family):
             raise ValueError(f"train.metric must be one of {epoch_metrics(self.model.family)} for model.family {self.model.family!r}, got {self.train.metric!r}")
         optimizers = family_module(self.model.family).OPTIMIZERS

@@ -4,11 +4,13 @@
     dlray export ~/dlray_runs/<run>/checkpoint_epoch0007 out/cnn
     dlray export ~/dlray_runs/<sweep>          out/cnn   # the best checkpoint of all its trials
 
-An artifact is `config.json` (model config, class names, input shape, serving defaults) plus the
-weights: `model.safetensors`, or for families with their own library layout (diffusion: a
-diffusers pipeline, loadable by `DDPMPipeline.from_pretrained`) that layout. Runs that kept an EMA
-of the weights (`train.ema_decay`) export the EMA weights. Loading an artifact never unpickles
-anything. (Export itself reads your own training checkpoints; DeepSpeed's format is
+An artifact is `dlray.json` (model config, data info such as class names and input shape,
+serving defaults) plus the weights: `model.safetensors`, or for families with their own library
+layout that layout (diffusion: a diffusers pipeline, loadable by `DDPMPipeline.from_pretrained`;
+gpt: a transformers model with its tokenizer, loadable by `AutoModelForCausalLM.from_pretrained`
+and `AutoTokenizer.from_pretrained`, whose `config.json` is why dlray's file has a name of its
+own). Runs that kept an EMA of the weights (`train.ema_decay`) export the EMA weights. Loading an
+artifact never unpickles anything. (Export itself reads your own training checkpoints; DeepSpeed's format is
 torch.save-based, DCP's metadata too.)
 """
 
@@ -21,13 +23,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlray.checkpoint import EMA_FILE, META_FILE, read_meta
+from dlray.checkpoint import EMA_FILE, META_FILE, TOKENIZER_DIR, read_meta
 from dlray.ema import STEP_KEY
 from dlray.models import FAMILIES
 
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TASKS = {"cnn": "classify", "diffusion": "images", "vae": "images", "gan": "images"}  # model family -> serving endpoint
+CONFIG_FILE = "dlray.json"
+TASKS = {"cnn": "classify", "diffusion": "images", "vae": "images", "gan": "images", "gpt": "generate"}  # model family -> serving endpoint
 
 
 def export(source: str | Path, out_dir: str | Path) -> Path:
@@ -58,7 +60,10 @@ def export(source: str | Path, out_dir: str | Path) -> Path:
         "weights": "ema" if ema_file.exists() else "trained",
         "metrics": meta["metrics"],
     }
-    return write_artifact(model, artifact_config, out_dir)
+    out = write_artifact(model, artifact_config, out_dir)
+    if (checkpoint_dir / TOKENIZER_DIR).is_dir():  # text models: the tokenizer beside the weights, as transformers keeps it
+        shutil.copytree(checkpoint_dir / TOKENIZER_DIR, out, dirs_exist_ok=True)
+    return out
 
 
 def write_artifact(model: torch.nn.Module, artifact_config: dict, out_dir: str | Path) -> Path:
@@ -76,7 +81,7 @@ def write_artifact(model: torch.nn.Module, artifact_config: dict, out_dir: str |
 
 
 def load_artifact(directory: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The exported model in eval mode, and its config.json."""
+    """The exported model in eval mode, and its dlray.json."""
     directory = Path(directory)
     config = read_artifact_config(directory)
     family = FAMILIES[config["model"]["family"]]
@@ -90,9 +95,7 @@ def load_artifact(directory: str | Path) -> tuple[torch.nn.Module, dict]:
 def read_artifact_config(directory: str | Path) -> dict:
     path = Path(directory, CONFIG_FILE)
     config = json.loads(path.read_text()) if path.exists() else None
-    weights = WEIGHTS_FILE
-    if config and hasattr(FAMILIES[config["model"]["family"]], "save_pretrained"):
-        weights = "model_index.json"
+    weights = getattr(FAMILIES[config["model"]["family"]], "ARTIFACT_INDEX", WEIGHTS_FILE) if config else WEIGHTS_FILE
     if config is None or not Path(directory, weights).exists():
         raise FileNotFoundError(f"{directory} is not a dlray artifact (needs {CONFIG_FILE} and its weights, {weights}); create one with `dlray export`")
     return config

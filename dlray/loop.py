@@ -40,8 +40,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = build_data(cfg.data, seed=cfg.train.seed)
-    data_info = {"image_shape": data.image_shape, "class_names": data.class_names, "mean": data.mean, "std": data.std}
-    model = family.build(cfg.model.model_dump(), data_info)
+    data_info = data.info
+    model = build_model(family, cfg, data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.SHARD_CLASSES)
     model, optimizers = strategy.prepare(model, lambda module: make_optimizers(family, module, cfg))
     ema = EMA(strategy.full_state(), cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -109,6 +109,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics |= evaluate(model, val_loader, family, strategy, device, prefix="val")
         metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "samples_per_sec": totals[-1].item() / elapsed}
         metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes}
+        metrics |= derived_metrics(family, metrics, data_info)
         for scheduler in schedulers:
             if not is_per_step(scheduler):
                 scheduler.step(metrics[cfg.train.metric])
@@ -122,7 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
         value = metrics[cfg.train.metric]
         improved = progress["best"] is None or (value < progress["best"] if cfg.train.mode == "min" else value > progress["best"])
         progress |= {"epoch": epoch + 1, "best": value if improved else progress["best"], "bad_epochs": 0 if improved else progress["bad_epochs"] + 1}
-        report_with_checkpoint(metrics, strategy, schedulers, progress, meta, ema, samples_png)
+        report_with_checkpoint(metrics, strategy, schedulers, progress, meta, ema, samples_png, getattr(data, "tokenizer", None))
         if cfg.train.early_stopping_patience and progress["bad_epochs"] >= cfg.train.early_stopping_patience:
             if rank == 0:
                 print(f"[dlray] early stop at epoch {epoch}: {cfg.train.metric} has not improved for {progress['bad_epochs']} epochs")
@@ -135,7 +136,14 @@ def train_loop_per_worker(config: dict) -> None:
     final = {"epoch": progress["epoch"] - 1, "global_step": progress["global_step"], "best_" + cfg.train.metric: progress["best"]}
     if len(data.test):
         final |= evaluate(model, eval_loader(data.test, cfg, rank, world), family, strategy, device, prefix="test")
-    ray.train.report(final)
+    ray.train.report(final | derived_metrics(family, final, data_info))
+
+
+def build_model(family, cfg: JobConfig, data_info: dict) -> torch.nn.Module:
+    model = family.build(cfg.model.model_dump(), data_info)
+    if cfg.train.gradient_checkpointing:
+        family.enable_gradient_checkpointing(model)
+    return model
 
 
 def make_optimizers(family, module, cfg: JobConfig) -> list[torch.optim.Optimizer]:
@@ -147,6 +155,11 @@ def training_loss(family, model, batch, phase: str):
     """The mean loss the optimizer of `phase` minimises (single-optimizer families have one phase)."""
     values = family.compute_loss(model, batch, phase) if len(family.OPTIMIZERS) > 1 else family.compute_loss(model, batch)
     return values["loss"].mean()
+
+
+def derived_metrics(family, metrics: dict, data_info: dict) -> dict:
+    """What the family computes from the reported metrics (gpt: perplexity, tokens/s); most compute none."""
+    return family.derived_metrics(metrics, data_info) if hasattr(family, "derived_metrics") else {}
 
 
 class Sampler:

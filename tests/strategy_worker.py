@@ -14,37 +14,38 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.utils.data import default_collate
 
 from dlray.config import config_from_dict
 from dlray.data import build_data
-from dlray.loop import make_optimizers, training_loss
+from dlray.loop import build_model, make_optimizers, training_loss
 from dlray.models import FAMILIES
 from dlray.strategies import STRATEGIES
 
 STEPS, SAVE_AT = 12, 8
 # The smallest settings each family's debug model trains visibly with in 12 steps.
 FAMILY_CONFIG = {
-    "cnn": {"model": {"dropout": 0.0}, "optim": {"lr": 0.01}, "data": {}},
+    "cnn": {"model": {"dropout": 0.0}, "optim": {"lr": 0.01}, "data": {"augment": False}},
     "diffusion": {"model": {"family": "diffusion", "dropout": 0.0}, "optim": {"lr": 0.002}, "data": {"image_size": 16, "augment": False}},
     "vae": {"model": {"family": "vae"}, "optim": {"lr": 0.002}, "data": {"image_size": 16, "augment": False}},
     "gan": {"model": {"family": "gan"}, "optim": {"lr": 0.0005, "betas": (0.5, 0.999)}, "data": {"image_size": 16, "augment": False}},
+    "gpt": {"model": {"family": "gpt", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"name": "text", "max_seq_len": 32}},
 }
 
 
 def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
     # No dropout: the replay must see the same computation (the Ray loop checkpoints RNG state for that).
     family_name = case.get("family", "cnn")
-    cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], **FAMILY_CONFIG[family_name]})
+    cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}), **FAMILY_CONFIG[family_name]})
     data = build_data(cfg.data, seed=0)
-    info = {"image_shape": data.image_shape, "class_names": data.class_names, "mean": data.mean, "std": data.std}
-    images, labels = data.train.images[: 16 * world * 4], data.train.labels[: 16 * world * 4]
-    batches = [(images[i::world * 4][rank::world], labels[i::world * 4][rank::world]) for i in range(4)]
+    inputs, targets = first_samples(data.train, 16 * world * 4)
+    batches = [(inputs[i::world * 4][rank::world], targets[i::world * 4][rank::world]) for i in range(4)]
     family = FAMILIES[family_name]
 
     def fresh():
         torch.manual_seed(0)
         strategy = STRATEGIES[cfg.strategy.name](cfg, torch.device("cpu"), family.SHARD_CLASSES)
-        model, _ = strategy.prepare(family.build(cfg.model.model_dump(), info), lambda module: make_optimizers(family, module, cfg))
+        model, _ = strategy.prepare(build_model(family, cfg, data.info), lambda module: make_optimizers(family, module, cfg))
         return strategy, model
 
     def train_step(strategy, model, step):
@@ -76,15 +77,20 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
     # and training on from it must replay the uninterrupted run's losses.
     strategy, model = fresh()
     strategy.load(str(checkpoint))
-    saved = eval_losses(strategy, model, family, (data.val.images[:64], data.val.labels[:64]))
+    saved = eval_losses(strategy, model, family, first_samples(data.val, 64))
     full_state = {k: v.clone() for k, v in strategy.full_state().items()}  # every rank: a collective under FSDP and ZeRO-3
     replayed = [train_step(strategy, model, step) for step in range(SAVE_AT, STEPS)]
     if rank == 0:
-        meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": info,
+        meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": data.info,
                 "metrics": {}, "progress": {"global_step": SAVE_AT}}
         (checkpoint / "meta.json").write_text(json.dumps(meta))
         save_file({k: v.float().contiguous() for k, v in full_state.items()}, out / f"{case['id']}-full_state.safetensors")
     return {"losses": losses, "replayed": replayed, "saved_eval": saved.tolist(), "changed": changed}
+
+
+def first_samples(dataset, n: int):
+    """The dataset's first n samples as one batch (inputs, targets)."""
+    return default_collate([dataset[i] for i in range(n)])
 
 
 @torch.no_grad()

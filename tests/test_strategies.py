@@ -1,7 +1,8 @@
 """Strategy mechanics in a plain 2-process gloo group (Ray adds nothing here; see test_train for Ray).
 
-Every strategy x precision (the CNN), the diffusion UNet under each strategy with bf16, and the
-VAE and GAN under DDP and FSDP with bf16: the loss goes down (a GAN's two players both learn
+Every strategy x precision (the CNN), the diffusion UNet and the GPT under each strategy with bf16
+(the GPT also with gradient checkpointing under FSDP and ZeRO-3), and the VAE and GAN under DDP and
+FSDP with bf16: the loss goes down (a GAN's two players both learn
 instead), a checkpoint restored into a fresh model replays the same losses (optimizer states
 included), `dlray export` reads the (sharded) checkpoint back into the same model, and
 `strategy.full_state()` gathers exactly those weights.
@@ -23,7 +24,7 @@ from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
 from safetensors.torch import load_file
-from strategy_worker import FAMILY_CONFIG
+from strategy_worker import FAMILY_CONFIG, first_samples
 
 CASES = [
     {"strategy": {"name": name, **extra}, "precision": precision, "id": f"{label}-{precision}"}
@@ -39,12 +40,16 @@ CASES = [
     {"strategy": {"name": "ddp"}, "precision": "fp16", "id": "ddp-fp16"},
     {"strategy": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True, "offload_param": True}, "precision": "bf16", "id": "zero3-offload-bf16"},
 ] + [
-    {"family": "diffusion", "strategy": strategy, "precision": "bf16", "id": f"diffusion-{label}-bf16"}
+    {"family": family, "strategy": strategy, "precision": "bf16", "id": f"{family}-{label}-bf16"}
+    for family in ("diffusion", "gpt")
     for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 2}, "zero2"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
 ] + [
     {"family": family, "strategy": {"name": name}, "precision": "bf16", "id": f"{family}-{name}-bf16"}
     for family in ("vae", "gan")
     for name in ("ddp", "fsdp")
+] + [
+    {"family": "gpt", "strategy": strategy, "precision": "bf16", "train": {"gradient_checkpointing": True}, "id": f"gpt-{label}-checkpointing-bf16"}
+    for strategy, label in [({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
 ]
 
 
@@ -84,7 +89,7 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
     data = build_data(DataConfig(**FAMILY_CONFIG[case.get("family", "cnn")]["data"]), seed=0)
     with torch.no_grad():
         torch.manual_seed(0)
-        exported = FAMILIES[config["model"]["family"]].compute_loss(model, (data.val.images[:64], data.val.labels[:64]))["loss"]
+        exported = FAMILIES[config["model"]["family"]].compute_loss(model, first_samples(data.val, 64))["loss"]
     saved = torch.tensor(result["saved_eval"])
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if case["precision"] == "fp32" else {"rtol": 0.05, "atol": 0.05}
     assert torch.allclose(exported, saved, **tolerance), (exported - saved).abs().max()

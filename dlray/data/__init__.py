@@ -1,19 +1,25 @@
 """Dataset builders. No Ray here: the training loop shards what these return.
 
-`build_data(cfg.data, seed)` gives train/val/test datasets of (image, label) with images as
-float tensors in [0, 1], shape (C, H, W); the model normalises. The same [0, 1] convention is
-what the served model accepts, so serving needs no copy of the training preprocessing.
+`build_data(cfg.data, seed)` gives train/val/test datasets and an `info` dict, which the model
+family's build() takes (and checkpoints keep, for export). Image data: (image, label) with images
+as float tensors in [0, 1], shape (C, H, W); the model normalises. The same [0, 1] convention is
+what the served model accepts, so serving needs no copy of the training preprocessing. Text data
+(data.name 'text'): (input_ids, labels) token windows, see dlray.data.text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset
 
 from dlray.config import DataConfig
 from dlray.data.images import ImageTensorDataset, split_indices
+
+if TYPE_CHECKING:
+    from dlray.data.text import TextData
 
 
 @dataclass
@@ -26,8 +32,16 @@ class ImageData:
     mean: list[float]  # per channel, over the training split
     std: list[float]
 
+    @property
+    def info(self) -> dict:
+        return {"image_shape": self.image_shape, "class_names": self.class_names, "mean": self.mean, "std": self.std}
 
-def build_data(cfg: DataConfig, seed: int) -> ImageData:
+
+def build_data(cfg: DataConfig, seed: int) -> ImageData | TextData:
+    if cfg.name == "text":
+        from dlray.data.text import build_text_data
+
+        return build_text_data(cfg, seed)
     if cfg.name == "digits":
         from dlray.data.digits import load_digits_images
 

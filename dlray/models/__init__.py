@@ -13,10 +13,21 @@ Generative families also export
     sample(model, generators, **options) -> images in [-1, 1], one per torch.Generator
 which the loop uses for each epoch's sample grid (on the EMA weights when `train.ema_decay` is set).
 
+Optional, each used where present:
+    derived_metrics(metrics, data_info) -> dict
+                         more metrics computed from the reported ones, after each epoch and after
+                         the final test (gpt: val_/test_perplexity = exp(loss), tokens_per_sec)
+    DERIVED_METRICS      the names derived_metrics adds to every epoch (train.metric may be one)
+    enable_gradient_checkpointing(model)
+                         what `train.gradient_checkpointing` calls; the config refuses it without
+    save_pretrained(model, directory), from_pretrained(directory)
+                         the family's own library layout for `dlray export` instead of
+                         model.safetensors (ARTIFACT_INDEX: its file that marks a complete artifact)
+
 Adding a family: one file here, one line in FAMILIES, one jobs/debug/<family>_cpu.yaml.
 Models know nothing of Ray.
 """
 
-from dlray.models import cnn, diffusion, gan, vae
+from dlray.models import cnn, diffusion, gan, gpt, vae
 
-FAMILIES = {"cnn": cnn, "diffusion": diffusion, "vae": vae, "gan": gan}
+FAMILIES = {"cnn": cnn, "diffusion": diffusion, "vae": vae, "gan": gan, "gpt": gpt}

@@ -30,6 +30,7 @@ METRICS = ()
 OPTIMIZERS = ("model",)
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # dlray name -> diffusers name
 DEFAULT_SAMPLE_STEPS = 50
+ARTIFACT_INDEX = "model_index.json"  # what save_pretrained writes in place of model.safetensors (see dlray.export)
 
 
 def __getattr__(name: str):

@@ -30,6 +30,8 @@ def build_app(args: dict) -> Application:
         raise ValueError(f"{IMPORT_PATH} needs args.artifact: a directory written by `dlray export`")
     artifact = os.path.abspath(os.path.expanduser(args["artifact"]))
     config = read_artifact_config(artifact)
+    if config["task"] not in ENDPOINTS:
+        raise ValueError(f"{artifact}: dlray has no serving endpoint for task {config['task']!r} yet (endpoints: {', '.join(ENDPOINTS)})")
     settings = serve_settings(config, {k: v for k, v in args.items() if k != "artifact"})
     options = {"max_ongoing_requests": settings.max_ongoing_requests, "ray_actor_options": {"num_cpus": settings.num_cpus_per_replica}}
     if settings.autoscaling:

@@ -1,0 +1,90 @@
+"""GPT-style causal language model: a Llama decoder (RMSNorm, rotary positions, SwiGLU) built
+with `transformers`, trained from scratch on packed token blocks (see dlray.data.text).
+
+An exported model is a plain transformers directory (config.json, model.safetensors, the
+tokenizer): `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# transformers takes seconds to import: it is imported where a model is built or loaded, so that
+# checking a config (`dlray validate`, every CLI command) does not pay for it.
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+# Parameter counts with the default data.vocab_size 2048, and with a 32,000-token vocabulary:
+# debug 0.69M / 4.5M, small 26.7M / 42.1M, base 86.5M / 110M, 1b 0.98B / 1.10B.
+# Small models tie the output layer to the input embedding, which would otherwise dominate them.
+FLAVORS = {
+    "debug": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 384, "tie_word_embeddings": True},  # seconds on CPU
+    "small": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "intermediate_size": 1408, "tie_word_embeddings": True},
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 2048, "tie_word_embeddings": True},  # GPT-2 small's body
+    "1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 5632,
+           "tie_word_embeddings": False},  # TinyLlama-1.1B
+}
+METRICS = ()
+DERIVED_METRICS = ("val_perplexity", "tokens_per_sec")  # what derived_metrics adds to each epoch's report
+OPTIMIZERS = ("model",)
+
+
+def __getattr__(name: str):
+    """SHARD_CLASSES on first use (module __getattr__, PEP 562), so transformers loads only then."""
+    if name == "SHARD_CLASSES":
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        return (LlamaDecoderLayer,)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build(model_cfg, data_info) -> LlamaForCausalLM:
+    """`data_info` needs vocab_size, max_seq_len and the special token ids (see dlray.data.text.TextData)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=data_info["vocab_size"],
+        max_position_embeddings=data_info["max_seq_len"],  # rotary positions: no weights depend on it
+        bos_token_id=data_info["bos_token_id"],
+        eos_token_id=data_info["eos_token_id"],
+        pad_token_id=data_info["pad_token_id"],
+        attention_dropout=model_cfg["dropout"],
+        **FLAVORS[model_cfg["flavor"]],
+    )
+    return LlamaForCausalLM(config)
+
+
+def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    """Mean next-token cross-entropy per sequence (every sequence has max_seq_len targets)."""
+    input_ids, labels = batch
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return {"loss": F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none").mean(dim=1)}
+
+
+def derived_metrics(metrics: dict[str, float], data_info) -> dict[str, float]:
+    """Perplexity of each evaluated split, exp of its per-token loss; training throughput in tokens."""
+    # torch, not math.exp: a diverged loss gives inf or nan instead of an OverflowError.
+    derived = {f"{split}_perplexity": torch.tensor(metrics[f"{split}_loss"], dtype=torch.float64).exp().item()
+               for split in ("val", "test") if f"{split}_loss" in metrics}
+    if "samples_per_sec" in metrics:
+        derived["tokens_per_sec"] = metrics["samples_per_sec"] * data_info["max_seq_len"]
+    return derived
+
+
+def enable_gradient_checkpointing(model: LlamaForCausalLM) -> None:
+    # transformers' default is non-reentrant torch.utils.checkpoint, which DDP, FSDP2 and ZeRO-3 all accept.
+    model.activation_checkpointing_enable()
+
+
+def save_pretrained(model: LlamaForCausalLM, directory) -> None:
+    model.save_pretrained(directory)
+
+
+def from_pretrained(directory) -> LlamaForCausalLM:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(directory)
