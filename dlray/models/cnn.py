@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlray.models.classification import classification_losses
+
 FLAVORS = {
     "debug": {"block": "basic", "widths": (16, 32), "depths": (1, 1)},
     "small": {"block": "basic", "widths": (32, 64, 128), "depths": (1, 1, 1)},
@@ -143,8 +145,4 @@ def build(model_cfg, data_info) -> ResNet:
 
 def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     images, labels = batch
-    logits = model(images)
-    return {
-        "loss": F.cross_entropy(logits.float(), labels, reduction="none"),
-        "accuracy": (logits.argmax(-1) == labels).float(),
-    }
+    return classification_losses(model(images), labels)
