@@ -82,29 +82,43 @@ def bundled_documents() -> list[str]:
 
 def load_documents(path: str, text_field: str) -> list[str]:
     """Every non-empty text in a file or a folder (recursively); a .txt file is one document."""
-    import datasets
-
-    root = Path(path).expanduser()
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in FORMATS) if root.is_dir() else [root]
-    if not root.exists() or not files or files[0].suffix.lower() not in FORMATS:
-        raise FileNotFoundError(f"data.path {path!r} must be a {', '.join(FORMATS)} file or a folder holding some")
-    datasets.disable_progress_bars()  # every worker loads the same files: one bar each would flood the run's log
     documents = []
-    for builder in sorted({FORMATS[f.suffix.lower()] for f in files}):
-        group = [str(f) for f in files if FORMATS[f.suffix.lower()] == builder]
-        options = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=group, split="train", **options)
-        column = "text" if builder == "text" else text_field
-        if column not in dataset.column_names:
-            raise ValueError(f"data.text_field {text_field!r} is not a column of {group}; columns: {dataset.column_names}")
-        documents += [text for text in dataset[column] if text]
+    for builder, files in data_files(path, FORMATS).items():
+        column = "text" if builder == "text" else text_field  # `datasets` puts a .txt file's text in column "text"
+        documents += [text for text in load_columns(builder, files, {"data.text_field": column})[column] if text]
     return documents
 
 
-def load_tokenizer(directory: str) -> PreTrainedTokenizerBase:
+def data_files(path: str, formats: dict[str, str]) -> dict[str, list[str]]:
+    """data.path's files (itself, or a folder's, recursively) with a suffix in `formats`, by `datasets` builder."""
+    root = Path(path).expanduser()
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in formats) if root.is_dir() else [root]
+    if not root.exists() or not files or files[0].suffix.lower() not in formats:
+        raise FileNotFoundError(f"data.path {path!r} must be a {', '.join(formats)} file or a folder holding some")
+    groups: dict[str, list[str]] = {}
+    for file in files:
+        groups.setdefault(formats[file.suffix.lower()], []).append(str(file))
+    return dict(sorted(groups.items()))
+
+
+def load_columns(builder: str, files: list[str], columns: dict[str, str]) -> dict[str, list]:
+    """Columns of a group of files read by one `datasets` builder; `columns` maps the config key that names each to its name."""
+    import datasets
+
+    datasets.disable_progress_bars()  # every worker loads the same files: one bar each would flood the run's log
+    options = {"sample_by": "document"} if builder == "text" else {}
+    dataset = datasets.load_dataset(builder, data_files=files, split="train", **options)
+    for key, column in columns.items():
+        if column not in dataset.column_names:
+            raise ValueError(f"{key} {column!r} is not a column of {files}; columns: {dataset.column_names}")
+    return {column: dataset[column] for column in columns.values()}
+
+
+def load_tokenizer(directory: str, token: str = "eos_token", purpose: str = "to end documents with") -> PreTrainedTokenizerBase:
+    """A saved tokenizer, which must have the special `token` the data needs."""
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"data.tokenizer {directory!r} has no eos_token to end documents with")
+    if getattr(tokenizer, token) is None:
+        raise ValueError(f"data.tokenizer {directory!r} has no {token} {purpose}")
     return tokenizer
 
 
