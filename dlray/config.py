@@ -24,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # one its derived_metrics adds (DERIVED_METRICS, e.g. val_perplexity).
 # `epoch` with mode max keeps the newest checkpoints, for models without a validation score (GANs).
 EPOCH_METRICS = ["train_loss", "val_loss", "epoch"]
-TEXT_FAMILIES = ("gpt",)  # families that train on data.name 'text'; the others on images
+# The families that train on text, each with the data.name it needs; the others train on images.
+TEXT_FAMILIES = {"gpt": "text", "bert": "text_classification"}
+TEXT_DATA = {"text": "a language model", "text_classification": "a text classifier"}  # data.name -> what trains on it
 
 
 def family_module(family: str):
@@ -47,9 +49,12 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    family: Literal["cnn", "diffusion", "vae", "gan", "gpt"] = "cnn"
+    family: Literal["cnn", "diffusion", "vae", "gan", "gpt", "vit", "bert"] = "cnn"
     flavor: str = "debug"  # a named size in the family's FLAVORS
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion; gpt: attention dropout
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion, vit, bert; gpt: attention dropout
+    # vit, bert: fine-tune this pretrained base (a local transformers directory or a Hub id) with a
+    # new classification head instead of building model.flavor from scratch
+    name_or_path: str | None = None
     # diffusion (names as in diffusers' DDPMScheduler; `cosine` is its squaredcos_cap_v2)
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -62,21 +67,26 @@ class ModelConfig(Section):
         flavors = family_module(self.family).FLAVORS
         if self.flavor not in flavors:
             raise ValueError(f"model.flavor must be one of {sorted(flavors)} for family {self.family!r}, got {self.flavor!r}")
-        only = {"num_train_timesteps": "diffusion", "beta_schedule": "diffusion", "class_conditional": "diffusion", "kl_weight": "vae"}
-        for key, owner in only.items():
-            if getattr(self, key) != type(self).model_fields[key].default and self.family != owner:
-                raise ValueError(f"model.{key} applies only to model.family '{owner}', got model.family '{self.family}'")
+        only = {"num_train_timesteps": ("diffusion",), "beta_schedule": ("diffusion",), "class_conditional": ("diffusion",), "kl_weight": ("vae",),
+                "name_or_path": ("vit", "bert")}
+        for key, owners in only.items():
+            if getattr(self, key) != type(self).model_fields[key].default and self.family not in owners:
+                raise ValueError(f"model.{key} applies only to model.family {' or '.join(map(repr, owners))}, got model.family '{self.family}'")
         return self
 
 
-IMAGE_DATA_KEYS = ("image_size", "channels", "augment")
-TEXT_DATA_KEYS = ("text_field", "max_seq_len", "tokenizer", "vocab_size")
+DATA_KINDS = {"image data": ("digits", "image_folder"), "text data": tuple(TEXT_DATA), "text classification data": ("text_classification",)}
+# The data keys that apply to one kind of data only.
+DATASET_KEYS = {**dict.fromkeys(("image_size", "channels", "augment"), "image data"),
+                **dict.fromkeys(("text_field", "max_seq_len", "tokenizer", "vocab_size"), "text data"),
+                "label_field": "text classification data"}
 
 
 class DataConfig(Section):
-    name: Literal["digits", "image_folder", "text"] = "digits"
+    name: Literal["digits", "image_folder", "text", "text_classification"] = "digits"
     # image_folder: a folder with one sub-folder per class; text: a file or a folder of .txt, .jsonl,
-    # .json, .parquet or .csv files (default: Python's bundled help texts). Every worker reads it.
+    # .json, .parquet or .csv files (default: Python's bundled help texts); text_classification: the
+    # same without .txt (default: docstrings of Python's standard library by package). Every worker reads it.
     path: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.2, ge=0.0, lt=0.5)
@@ -87,19 +97,20 @@ class DataConfig(Section):
     augment: bool = True
     # text
     text_field: str = "text"  # the column holding the text in .jsonl / .json / .parquet / .csv files
+    label_field: str = "label"  # text_classification: the column holding each text's class (strings or integers)
     max_seq_len: int = Field(128, ge=1)  # tokens per training sequence
-    tokenizer: str | None = None  # a saved Hugging Face tokenizer directory; None: train a byte-level BPE on the corpus
+    tokenizer: str | None = None  # a saved Hugging Face tokenizer directory; None: train one (text: byte-level BPE, text_classification: WordPiece)
     vocab_size: int = Field(2048, ge=259)  # of the trained tokenizer: at least the 256 bytes and 3 special tokens
 
     @model_validator(mode="after")
     def _keys_match_dataset(self):
         if self.name == "image_folder" and not self.path:
             raise ValueError("data.path is required when data.name is 'image_folder'")
-        for key in IMAGE_DATA_KEYS if self.name == "text" else TEXT_DATA_KEYS:
+        for key, kind in DATASET_KEYS.items():
+            names = DATA_KINDS[kind]
             # Compared with the default rather than "was it set", so a dumped config reloads.
-            if getattr(self, key) != type(self).model_fields[key].default:
-                kind = "text data (data.name 'text')" if key in TEXT_DATA_KEYS else "image data (data.name 'digits' or 'image_folder')"
-                raise ValueError(f"data.{key} applies only to {kind}, got data.name {self.name!r}")
+            if getattr(self, key) != type(self).model_fields[key].default and self.name not in names:
+                raise ValueError(f"data.{key} applies only to {kind} (data.name {' or '.join(map(repr, names))}), got data.name {self.name!r}")
         if self.tokenizer and self.vocab_size != type(self).model_fields["vocab_size"].default:
             raise ValueError("data.vocab_size sizes the tokenizer dlray trains, but data.tokenizer brings its own vocabulary: set only one of them")
         return self
@@ -329,11 +340,15 @@ class JobConfig(Section):
             raise ValueError("precision 'fp16' is not supported with strategy.name 'fsdp' (FSDP2 has no loss scaler here); use precision 'bf16'")
         if self.precision == "fp16" and self.strategy.name == "deepspeed" and not self.scaling.use_gpu:
             raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: DeepSpeed's CPU accelerator has no fp16; use 'bf16'")
-        text_family, text_data = self.model.family in TEXT_FAMILIES, self.data.name == "text"
-        if text_family and not text_data:
-            raise ValueError(f"model.family {self.model.family!r} trains on text: it needs data.name 'text', got data.name {self.data.name!r}")
-        if text_data and not text_family:
-            raise ValueError(f"data.name 'text' needs a language model: model.family must be one of {list(TEXT_FAMILIES)}, got {self.model.family!r}")
+        needed = TEXT_FAMILIES.get(self.model.family)
+        if needed and self.data.name != needed:
+            raise ValueError(f"model.family {self.model.family!r} trains on text: it needs data.name {needed!r}, got data.name {self.data.name!r}")
+        if self.data.name in TEXT_DATA and not needed:
+            able = [family for family, name in TEXT_FAMILIES.items() if name == self.data.name]
+            raise ValueError(f"data.name {self.data.name!r} needs {TEXT_DATA[self.data.name]}: model.family must be one of {able}, got {self.model.family!r}")
+        if needed and self.model.name_or_path and not self.data.tokenizer:
+            # A tokenizer trained here would number tokens unlike the pretrained embeddings do.
+            raise ValueError(f"model.name_or_path {self.model.name_or_path!r} needs its own tokenizer: set data.tokenizer (usually to the same path)")
         if self.train.gradient_checkpointing and not hasattr(family_module(self.model.family), "enable_gradient_checkpointing"):
             from dlray.models import FAMILIES
 

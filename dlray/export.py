@@ -29,7 +29,7 @@ from dlray.models import FAMILIES
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "dlray.json"
-TASKS = {"cnn": "classify", "diffusion": "images", "vae": "images", "gan": "images", "gpt": "generate"}  # model family -> serving endpoint
+TASKS = {"cnn": "classify", "diffusion": "images", "vae": "images", "gan": "images", "gpt": "generate", "vit": "classify", "bert": "classify"}  # model family -> serving endpoint
 
 
 def export(source: str | Path, out_dir: str | Path) -> Path:

@@ -4,7 +4,8 @@
 family's build() takes (and checkpoints keep, for export). Image data: (image, label) with images
 as float tensors in [0, 1], shape (C, H, W); the model normalises. The same [0, 1] convention is
 what the served model accepts, so serving needs no copy of the training preprocessing. Text data
-(data.name 'text'): (input_ids, labels) token windows, see dlray.data.text.
+(data.name 'text'): (input_ids, labels) token windows, see dlray.data.text; labelled texts
+(data.name 'text_classification'): (input_ids, attention_mask, label), see dlray.data.text_classification.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dlray.data.images import ImageTensorDataset, split_indices
 
 if TYPE_CHECKING:
     from dlray.data.text import TextData
+    from dlray.data.text_classification import TextClassificationData
 
 
 @dataclass
@@ -37,11 +39,15 @@ class ImageData:
         return {"image_shape": self.image_shape, "class_names": self.class_names, "mean": self.mean, "std": self.std}
 
 
-def build_data(cfg: DataConfig, seed: int) -> ImageData | TextData:
+def build_data(cfg: DataConfig, seed: int) -> ImageData | TextData | TextClassificationData:
     if cfg.name == "text":
         from dlray.data.text import build_text_data
 
         return build_text_data(cfg, seed)
+    if cfg.name == "text_classification":
+        from dlray.data.text_classification import build_text_classification_data
+
+        return build_text_classification_data(cfg, seed)
     if cfg.name == "digits":
         from dlray.data.digits import load_digits_images
 

@@ -28,6 +28,6 @@ Adding a family: one file here, one line in FAMILIES, one jobs/debug/<family>_cp
 Models know nothing of Ray.
 """
 
-from dlray.models import cnn, diffusion, gan, gpt, vae
+from dlray.models import bert, cnn, diffusion, gan, gpt, vae, vit
 
-FAMILIES = {"cnn": cnn, "diffusion": diffusion, "vae": vae, "gan": gan, "gpt": gpt}
+FAMILIES = {"cnn": cnn, "diffusion": diffusion, "vae": vae, "gan": gan, "gpt": gpt, "vit": vit, "bert": bert}

@@ -1,0 +1,84 @@
+"""BERT-style text classifier (Devlin et al., 2019): `transformers`' BertForSequenceClassification,
+trained from scratch on a flavor's sizes with the tokenizer of dlray.data.text_classification, or
+fine-tuned from a pretrained base (`model.name_or_path`, with its tokenizer as `data.tokenizer`).
+
+An exported model is a plain transformers directory with its tokenizer:
+`AutoModelForSequenceClassification.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from dlray.models.classification import classification_losses, head_config
+
+# transformers takes seconds to import: it is imported where a model is built or loaded, so that
+# checking a config (`dlray validate`, every CLI command) does not pay for it.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# Parameter counts with the default data.vocab_size 2048 (and BERT's 30,522-token vocabulary):
+# debug 0.24M (2.1M), small 14.0M (28.8M, BERT-Small), base 87.3M (109.5M, BERT-base).
+FLAVORS = {
+    "debug": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256},  # seconds on CPU
+    "small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 2048},  # BERT-Small (Turc et al., 2019)
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},  # BERT-base
+}
+METRICS = ("accuracy",)
+OPTIMIZERS = ("model",)
+HEAD_MODULES = ("classifier",)  # what stays trainable when only the head is fine-tuned
+
+
+def __getattr__(name: str):
+    """SHARD_CLASSES on first use (module __getattr__, PEP 562), so transformers loads only then."""
+    if name == "SHARD_CLASSES":
+        from transformers.models.bert.modeling_bert import BertLayer
+
+        return (BertLayer,)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build(model_cfg, data_info) -> PreTrainedModel:
+    """`data_info` needs vocab_size, pad_token_id, max_seq_len and class_names (see dlray.data.text_classification)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    base = model_cfg.get("name_or_path")
+    if not base:
+        config = BertConfig(
+            vocab_size=data_info["vocab_size"],
+            max_position_embeddings=data_info["max_seq_len"],  # learned positions: the model reads at most this many tokens
+            pad_token_id=data_info["pad_token_id"],
+            **FLAVORS[model_cfg["flavor"]],
+            **head_config(model_cfg, data_info),
+        )
+        return BertForSequenceClassification(config)
+    config = AutoConfig.from_pretrained(base, **head_config(model_cfg, data_info))
+    if data_info["vocab_size"] > config.vocab_size:
+        raise ValueError(f"data.tokenizer has {data_info['vocab_size']} tokens, model.name_or_path {base!r} embeds {config.vocab_size}: use its own tokenizer")
+    if data_info["max_seq_len"] > config.max_position_embeddings:
+        raise ValueError(f"data.max_seq_len {data_info['max_seq_len']} exceeds the {config.max_position_embeddings} positions of model.name_or_path {base!r}")
+    # ignore_mismatched_sizes: a base that is itself a classifier gets a new head for these classes.
+    return AutoModelForSequenceClassification.from_pretrained(base, config=config, ignore_mismatched_sizes=True)
+
+
+def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    input_ids, attention_mask, labels = batch
+    return classification_losses(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    # transformers' default is non-reentrant torch.utils.checkpoint, which DDP, FSDP2 and ZeRO-3 all accept.
+    model.activation_checkpointing_enable()
+
+
+def save_pretrained(model: PreTrainedModel, directory) -> None:
+    model.save_pretrained(directory)
+
+
+def from_pretrained(directory) -> PreTrainedModel:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(directory)
