@@ -1,13 +1,17 @@
-"""Image classification endpoint over an exported CNN artifact.
+"""Classification endpoint over an exported image classifier (cnn, vit) or text classifier (bert).
 
     POST /v1/classify
+      image classifiers:
       Content-Type: image/png | image/jpeg     raw image bytes
       Content-Type: application/json          {"image": [[...]]}      pixels in [0, 1], (H, W) or (C, H, W)
                                               {"image_b64": "<base64 PNG/JPEG>"}
+      text classifiers:
+      Content-Type: application/json          {"text": "..."}         its first data.max_seq_len tokens count
       -> {"label": "7", "label_index": 7, "probabilities": {"0": 0.001, ...}}
     GET /healthz
 
-Concurrent requests are folded into one forward pass by @serve.batch.
+Concurrent requests are folded into one forward pass by @serve.batch; texts are tokenized together
+there, with the artifact's own tokenizer, padded to the longest of the batch.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` type.)
 """
 
@@ -34,20 +38,21 @@ class Classifier:
     def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000):
         torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
         self.model, config = load_artifact(artifact)
-        self.class_names = config["data_info"]["class_names"]
-        self.shape = tuple(config["data_info"]["image_shape"])  # (C, H, W)
+        info = config["data_info"]
+        self.class_names = info["class_names"]
+        self.inputs = ImageInput(tuple(info["image_shape"])) if "image_shape" in info else TextInput.from_artifact(artifact, info["max_seq_len"])
         self.max_body_bytes = max_body_bytes
         self.predict.set_max_batch_size(max_batch_size)
         self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "classes": len(self.class_names), "input_shape": list(self.shape)}
+        return {"status": "ok", "classes": len(self.class_names), **self.inputs.describe()}
 
     @api.post("/v1/classify")
     async def classify(self, request: Request) -> dict:
-        image = self.parse_image(request.headers.get("content-type", ""), await read_body(request, self.max_body_bytes))
-        probabilities = await self.predict(image)
+        item = self.inputs.parse(request.headers.get("content-type", ""), await read_body(request, self.max_body_bytes))
+        probabilities = await self.predict(item)
         index = int(probabilities.argmax())
         return {
             "label": self.class_names[index],
@@ -56,17 +61,33 @@ class Classifier:
         }
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    async def predict(self, items: list) -> list[torch.Tensor]:
         with torch.inference_mode():
-            return list(torch.softmax(self.model(torch.stack(images)).float(), dim=-1))
+            return list(torch.softmax(self.inputs.logits(self.model, items).float(), dim=-1))
 
-    def parse_image(self, content_type: str, body: bytes) -> torch.Tensor:
-        channels, height, width = self.shape
+
+def parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(400, f"body is not valid JSON: {err}") from None
+
+
+class ImageInput:
+    """An image classifier's requests: PNG/JPEG bytes, or JSON with pixels or base64 PNG/JPEG."""
+
+    def __init__(self, shape: tuple[int, int, int]):
+        self.shape = shape  # (C, H, W)
+
+    def describe(self) -> dict:
+        return {"input_shape": list(self.shape)}
+
+    def logits(self, model, images: list[torch.Tensor]) -> torch.Tensor:
+        return model(torch.stack(images))
+
+    def parse(self, content_type: str, body: bytes) -> torch.Tensor:
         if content_type.startswith("application/json"):
-            try:
-                payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RequestError(400, f"body is not valid JSON: {err}") from None
+            payload = parse_json(body)
             if not isinstance(payload, dict) or not ({"image", "image_b64"} & payload.keys()):
                 raise RequestError(400, 'JSON body must be an object with "image" (nested list of pixels in [0, 1]) or "image_b64" (base64 PNG/JPEG)', param="image")
             if "image_b64" in payload:
@@ -97,3 +118,33 @@ class Classifier:
         if not torch.isfinite(image).all() or image.min() < 0 or image.max() > 1:
             raise RequestError(400, "image pixels must be finite and within [0, 1]", param="image")
         return image
+
+
+class TextInput:
+    """A text classifier's requests: JSON {"text": "..."}, tokenized in batches by the artifact's tokenizer."""
+
+    def __init__(self, tokenizer, max_seq_len: int):
+        self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
+
+    @classmethod
+    def from_artifact(cls, artifact: str, max_seq_len: int) -> "TextInput":
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(artifact), max_seq_len)
+
+    def describe(self) -> dict:
+        return {"max_seq_len": self.max_seq_len}
+
+    def logits(self, model, texts: list[str]) -> torch.Tensor:
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt")
+        return model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
+
+    def parse(self, content_type: str, body: bytes) -> str:
+        if not content_type.startswith("application/json"):
+            raise RequestError(415, f'unsupported Content-Type {content_type!r}; send application/json {{"text": "..."}}')
+        payload = parse_json(body)
+        if not isinstance(payload, dict) or "text" not in payload:
+            raise RequestError(400, 'JSON body must be an object with "text" (the string to classify)', param="text")
+        if not isinstance(payload["text"], str) or not payload["text"].strip():
+            raise RequestError(400, f"text must be a non-empty string, got {payload['text']!r:.80}", param="text")
+        return payload["text"]
