@@ -24,8 +24,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 # Parameter counts for 10 classes: debug 0.07M (8x8 digits), small 21.7M and base 85.8M (224 px, 3 channels).
+# The debug flavor initialises with std 0.1 (about 1/sqrt(64)) instead of transformers' 0.02, sized
+# for 768-wide models: at 0.02 its loss on digits hardly fell in the first dozen steps (-5%, against
+# -35% at 0.1), and 400 steps reached 94% validation accuracy, against 98%.
 FLAVORS = {
-    "debug": {"patch_size": 2, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},  # 16 patches of 8x8 digits, seconds on CPU
+    "debug": {"patch_size": 2, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+              "initializer_range": 0.1},  # 16 patches of 8x8 digits, seconds on CPU
     "small": {"patch_size": 16, "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},  # ViT-S/16 (DeiT-S)
     "base": {"patch_size": 16, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},  # ViT-B/16
 }
