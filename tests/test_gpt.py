@@ -5,25 +5,19 @@ Measured on 2 CPU cores: 200 steps of 16 x 64 tokens take ~20 s and reach a vali
 of about 170, against about 550 for a unigram model of the training tokens (same tokenizer).
 """
 
-import json
 import math
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO
-from dlray.checkpoint import META_FILE, TOKENIZER_DIR
 from dlray.config import config_from_dict, load_config
-from dlray.data import build_data
 from dlray.export import export
-from dlray.loop import build_model, training_loss
 from dlray.models import gpt
-from dlray.optim import build_optimizer, build_scheduler
 from dlray.tracking import read_history
 from dlray.train import fit, run_dir
+from single_process import checkpointing_gradients, evaluate, export_trained, train
 
 STEPS, BATCH = 200, 16
 JOB = {"model": {"family": "gpt", "dropout": 0.0}, "data": {"name": "text", "max_seq_len": 64},
@@ -32,27 +26,8 @@ JOB = {"model": {"family": "gpt", "dropout": 0.0}, "data": {"name": "text", "max
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
     cfg = config_from_dict(JOB)
-    data = build_data(cfg.data, seed=cfg.train.seed)
-    model = build_model(gpt, cfg, data.info)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
-    scheduler = build_scheduler(cfg.scheduler, optimizer, STEPS, 1, cfg.train.mode)
-    loader = DataLoader(data.train, BATCH, shuffle=True, drop_last=True)
-    batches = (batch for _ in range(STEPS) for batch in loader)
-    model.train()
-    for _, batch in zip(range(STEPS), batches):
-        training_loss(gpt, model, batch, "model").backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return cfg, data, model.eval()
-
-
-def val_loss(model, data) -> float:
-    with torch.no_grad():
-        return torch.cat([gpt.compute_loss(model, batch)["loss"] for batch in DataLoader(data.val, 64)]).mean().item()
+    return (cfg, *train(cfg, STEPS, BATCH))
 
 
 def test_debug_model_beats_a_unigram_model_clearly(trained):
@@ -60,7 +35,7 @@ def test_debug_model_beats_a_unigram_model_clearly(trained):
     counts = torch.bincount(data.train.windows[:, 1:].flatten(), minlength=data.info["vocab_size"]).double() + 1  # add-one smoothing
     log_probs = (counts / counts.sum()).log()
     unigram = math.exp(-log_probs[data.val.windows[:, 1:].flatten()].mean().item())
-    perplexity = gpt.derived_metrics({"val_loss": val_loss(model, data)}, data.info)["val_perplexity"]
+    perplexity = gpt.derived_metrics({"val_loss": evaluate(gpt, model, data.val)["loss"]}, data.info)["val_perplexity"]
     assert perplexity < unigram / 2, f"val perplexity {perplexity:.1f}, unigram {unigram:.1f}"
 
 
@@ -68,13 +43,7 @@ def test_export_loads_with_plain_transformers(trained, tmp_path):
     """A checkpoint laid out as checkpoint.report_with_checkpoint writes it (weights in DCP, meta.json,
     the tokenizer), exported, loads without dlray and computes the same logits."""
     cfg, data, model = trained
-    checkpoint = tmp_path / "checkpoint"
-    dcp.save({"model": model.state_dict()}, checkpoint_id=checkpoint, no_dist=True)
-    meta = {"format": "dcp", "config": cfg.model_dump(mode="json"), "data_info": data.info, "metrics": {}, "progress": {"global_step": STEPS}}
-    (checkpoint / META_FILE).write_text(json.dumps(meta))
-    data.tokenizer.save_pretrained(checkpoint / TOKENIZER_DIR)
-
-    artifact = export(checkpoint, tmp_path / "artifact")
+    artifact = export_trained(cfg, data, model, tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(artifact).eval()
     tokenizer = AutoTokenizer.from_pretrained(artifact)
     text = "The assert statement checks a condition."
@@ -82,19 +51,13 @@ def test_export_loads_with_plain_transformers(trained, tmp_path):
     assert tokenizer.decode(input_ids[0]) == text
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids).logits, model(input_ids).logits, atol=1e-5)
-    assert val_loss(loaded, data) == pytest.approx(val_loss(model, data), rel=1e-5)
+    assert evaluate(gpt, loaded, data.val)["loss"] == pytest.approx(evaluate(gpt, model, data.val)["loss"], rel=1e-5)
 
 
 def test_gradient_checkpointing_computes_the_same_gradients(trained):
     _, data, _ = trained
-    batch = next(iter(DataLoader(data.train, 4)))
-    grads = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = build_model(gpt, config_from_dict({**JOB, "train": {"gradient_checkpointing": checkpointing}}), data.info)
-        training_loss(gpt, model.train(), batch, "model").backward()
-        assert model.is_activation_checkpointing == checkpointing
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    models, grads = checkpointing_gradients(JOB, data)
+    assert [model.is_activation_checkpointing for model in models] == [False, True]
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
