@@ -30,6 +30,8 @@ FAMILY_CONFIG = {
     "vae": {"model": {"family": "vae"}, "optim": {"lr": 0.002}, "data": {"image_size": 16, "augment": False}},
     "gan": {"model": {"family": "gan"}, "optim": {"lr": 0.0005, "betas": (0.5, 0.999)}, "data": {"image_size": 16, "augment": False}},
     "gpt": {"model": {"family": "gpt", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"name": "text", "max_seq_len": 32}},
+    "vit": {"model": {"family": "vit", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"augment": False}},
+    "bert": {"model": {"family": "bert", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"name": "text_classification", "max_seq_len": 32}},
 }
 
 
@@ -38,8 +40,8 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
     family_name = case.get("family", "cnn")
     cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}), **FAMILY_CONFIG[family_name]})
     data = build_data(cfg.data, seed=0)
-    inputs, targets = first_samples(data.train, 16 * world * 4)
-    batches = [(inputs[i::world * 4][rank::world], targets[i::world * 4][rank::world]) for i in range(4)]
+    samples = first_samples(data.train, 16 * world * 4)
+    batches = [[field[i::world * 4][rank::world] for field in samples] for i in range(4)]
     family = FAMILIES[family_name]
 
     def fresh():
@@ -89,7 +91,7 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
 
 
 def first_samples(dataset, n: int):
-    """The dataset's first n samples as one batch (inputs, targets)."""
+    """The dataset's first n samples as one batch: one tensor per field ((inputs, targets), or bert's (input_ids, attention_mask, labels))."""
     return default_collate([dataset[i] for i in range(n)])
 
 

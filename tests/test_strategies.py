@@ -1,8 +1,9 @@
 """Strategy mechanics in a plain 2-process gloo group (Ray adds nothing here; see test_train for Ray).
 
 Every strategy x precision (the CNN), the diffusion UNet and the GPT under each strategy with bf16
-(the GPT also with gradient checkpointing under FSDP and ZeRO-3), and the VAE and GAN under DDP and
-FSDP with bf16: the loss goes down (a GAN's two players both learn
+(the GPT also with gradient checkpointing under FSDP and ZeRO-3), the ViT and BERT under each strategy
+with bf16 and DDP with fp32 too (and with gradient checkpointing under FSDP), and the VAE and GAN
+under DDP and FSDP with bf16: the loss goes down (a GAN's two players both learn
 instead), a checkpoint restored into a fresh model replays the same losses (optimizer states
 included), `dlray export` reads the (sharded) checkpoint back into the same model, and
 `strategy.full_state()` gathers exactly those weights.
@@ -50,17 +51,28 @@ CASES = [
 ] + [
     {"family": "gpt", "strategy": strategy, "precision": "bf16", "train": {"gradient_checkpointing": True}, "id": f"gpt-{label}-checkpointing-bf16"}
     for strategy, label in [({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
+] + [
+    {"family": family, "strategy": strategy, "precision": precision, "id": f"{family}-{label}-{precision}"}
+    for family in ("vit", "bert")
+    for strategy, label, precision in [({"name": "ddp"}, "ddp", "fp32"), ({"name": "ddp"}, "ddp", "bf16"), ({"name": "fsdp"}, "fsdp", "bf16"),
+                                       ({"name": "deepspeed", "zero_stage": 2}, "zero2", "bf16"), ({"name": "deepspeed", "zero_stage": 3}, "zero3", "bf16")]
+] + [
+    {"family": family, "strategy": {"name": "fsdp"}, "precision": "bf16", "train": {"gradient_checkpointing": True}, "id": f"{family}-fsdp-checkpointing-bf16"}
+    for family in ("vit", "bert")
 ]
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(request, tmp_path_factory):
+    # Only the cases of the tests pytest selected (`-k zero3` runs the ZeRO-3 cases alone).
+    selected = {item.callspec.params["case"]["id"] for item in request.session.items if item.originalname == "test_strategy_trains_resumes_and_exports"}
+    cases = [case for case in CASES if case["id"] in selected]
     out = tmp_path_factory.mktemp("strategies")
     # The environment torchrun would give each rank.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(REPO / "tests/strategy_worker.py"), str(out), json.dumps(CASES)],
+            [sys.executable, str(REPO / "tests/strategy_worker.py"), str(out), json.dumps(cases)],
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for rank in range(2)
