@@ -35,8 +35,8 @@ TABLE_FORMATS = {suffix: builder for suffix, builder in FORMATS.items() if build
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
 # Packages of the standard library with 100 to 350 documented functions and classes each; their
 # docstrings, labelled by package, are the bundled dataset.
-PRIVATE_USE_PLANE = 0xF0000  # plane 15: code points no text assigns a meaning to, for train_tokenizer's stand-ins
 STDLIB_PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "xml")
+PRIVATE_USE_PLANE = 0xF0000  # plane 15: code points no text assigns a meaning to, for train_tokenizer's stand-ins
 
 
 @dataclass
@@ -123,9 +123,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words = [[word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))] for text in texts]
-    chars = sorted({char for text in words for word in text for char in word})
-    unused = (chr(code) for code in itertools.count(PRIVATE_USE_PLANE) if chr(code) not in set(chars))
-    stand_in = dict(zip(chars, unused))
+    chars = {char for text in words for word in text for char in word}
+    unused = (chr(code) for code in itertools.count(PRIVATE_USE_PLANE) if chr(code) not in chars)
+    stand_in = dict(zip(sorted(chars), unused))
     original = {marked: char for char, marked in stand_in.items()}
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
