@@ -7,6 +7,7 @@ losses, which sub-modules training changed, the restored model's per-sample eval
 its `strategy.full_state()` (gathered from the shards); the test compares them and exports the checkpoint.
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.utils.data import default_collate
 
-from dlray.config import config_from_dict
+from dlray.config import DataConfig, config_from_dict
 from dlray.data import build_data
 from dlray.loop import build_model, make_optimizers, training_loss
 from dlray.models import FAMILIES
@@ -39,7 +40,7 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
     # No dropout: the replay must see the same computation (the Ray loop checkpoints RNG state for that).
     family_name = case.get("family", "cnn")
     cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}), **FAMILY_CONFIG[family_name]})
-    data = build_data(cfg.data, seed=0)
+    data = family_data(family_name)
     samples = first_samples(data.train, 16 * world * 4)
     batches = [[field[i::world * 4][rank::world] for field in samples] for i in range(4)]
     family = FAMILIES[family_name]
@@ -88,6 +89,12 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         (checkpoint / "meta.json").write_text(json.dumps(meta))
         save_file({k: v.float().contiguous() for k, v in full_state.items()}, out / f"{case['id']}-full_state.safetensors")
     return {"losses": losses, "replayed": replayed, "saved_eval": saved.tolist(), "changed": changed}
+
+
+@functools.cache
+def family_data(family: str):
+    """The family's data, built once per process: text data trains a tokenizer, seconds each case would repeat."""
+    return build_data(DataConfig(**FAMILY_CONFIG[family]["data"]), seed=0)
 
 
 def first_samples(dataset, n: int):

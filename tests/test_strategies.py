@@ -19,13 +19,11 @@ import pytest
 import torch
 
 from conftest import REPO
-from dlray.config import DataConfig
-from dlray.data import build_data
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
 from safetensors.torch import load_file
-from strategy_worker import FAMILY_CONFIG, first_samples
+from strategy_worker import family_data, first_samples
 
 CASES = [
     {"strategy": {"name": name, **extra}, "precision": precision, "id": f"{label}-{precision}"}
@@ -70,15 +68,17 @@ def results(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("strategies")
     # The environment torchrun would give each rank.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "tests/strategy_worker.py"), str(out), json.dumps(cases)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(2)
-    ]
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-5000:] for log in logs)
+    # Each rank's output to a file, not a pipe: a rank whose pipe filled up while the test read the
+    # other's would block on its next write, and the other rank in its next collective.
+    logs = [out / f"rank{rank}.log" for rank in range(2)]
+    procs = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as stream:
+            procs.append(subprocess.Popen([sys.executable, str(REPO / "tests/strategy_worker.py"), str(out), json.dumps(cases)],
+                                          env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=stream, stderr=subprocess.STDOUT))
+    for proc in procs:
+        proc.wait(timeout=900)
+    assert all(p.returncode == 0 for p in procs), "\n".join(log.read_text()[-5000:] for log in logs)
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -98,7 +98,7 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
 
     artifact = export(out / case["id"], tmp_path / "artifact")
     model, config = load_artifact(artifact)
-    data = build_data(DataConfig(**FAMILY_CONFIG[case.get("family", "cnn")]["data"]), seed=0)
+    data = family_data(case.get("family", "cnn"))
     with torch.no_grad():
         torch.manual_seed(0)
         exported = FAMILIES[config["model"]["family"]].compute_loss(model, first_samples(data.val, 64))["loss"]
