@@ -19,7 +19,7 @@ from transformers import (AutoImageProcessor, AutoModelForSequenceClassification
 
 from dlray.config import config_from_dict
 from dlray.export import load_artifact
-from dlray.models import bert, vit
+from dlray.models import FAMILIES, bert, vit
 from dlray.serve.classify import TextInput
 from dlray.serve.errors import RequestError
 from single_process import checkpointing_gradients, evaluate, export_trained, train
@@ -29,7 +29,6 @@ JOBS = {  # job, steps of 32 samples, the validation accuracy it must reach (mea
     "bert": ({"model": {"family": "bert", "dropout": 0.0}, "data": {"name": "text_classification", "max_seq_len": 32},
               "optim": {"lr": 0.001}, "scheduler": {"warmup_steps": 20}}, 300, 0.6),
 }
-FAMILIES = {"vit": vit, "bert": bert}
 
 
 def trained_model(family: str):
