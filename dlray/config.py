@@ -207,6 +207,12 @@ class ServeSection(Section):
     max_inference_steps: int = Field(1000, ge=1)
     num_inference_steps: int = Field(50, ge=1)  # when a request names none
     scheduler: Literal["ddpm", "ddim"] = "ddim"  # when a request names none
+    # generate endpoint (causal LMs; OpenAI completions and chat): names as vLLM's where it has them
+    max_tokens_limit: int = Field(1024, ge=1)  # a request's max_tokens above this gets a 400
+    max_completions_per_request: int = Field(4, ge=1)  # OpenAI's `n`
+    chat: bool = True  # false: /v1/completions only (for a tokenizer without a chat template)
+    api_key_env: str | None = None  # the environment variable holding the API key; unset: no key needed
+    served_model_name: str | None = None  # the `model` clients name; default: the artifact directory's name
 
 
 # ---------------------------------------------------------------------------------------------

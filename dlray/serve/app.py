@@ -16,11 +16,16 @@ from ray.serve import Application
 from dlray.config import ServeSection
 from dlray.export import read_artifact_config
 from dlray.serve.classify import Classifier
+from dlray.serve.generate import TextGenerator
 from dlray.serve.images import ImageGenerator
 
-ENDPOINTS = {"classify": Classifier, "images": ImageGenerator}
+ENDPOINTS = {"classify": Classifier, "images": ImageGenerator, "generate": TextGenerator}
 # The `serve:` keys each endpoint takes besides the batching ones every endpoint takes.
-ENDPOINT_SETTINGS = {"classify": (), "images": ("max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler")}
+ENDPOINT_SETTINGS = {
+    "classify": (),
+    "images": ("max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler"),
+    "generate": ("max_tokens_limit", "max_completions_per_request", "chat", "api_key_env", "served_model_name"),
+}
 IMPORT_PATH = "dlray.serve.app:build_app"
 
 
