@@ -35,7 +35,7 @@ class SamplingParams:
 class Delta:
     """What one decoding step added to one sequence."""
 
-    text: str  # may be "" while the end of the text could still turn into a stop string
+    text: str  # "" while the new end may still change: a stop string's start, half a character
     finish_reason: str | None  # "stop" (EOS or a stop string) or "length" (max_tokens) on its last step
     completion_tokens: int  # tokens sampled so far, the EOS or the stop string's last token included
 
