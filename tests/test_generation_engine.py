@@ -43,7 +43,7 @@ def write_llm_artifact(directory, chat_template: str | None = CHAT_TEMPLATE):
                          num_key_value_heads=2, max_position_embeddings=MAX_CONTEXT, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    (directory / "dlray.json").write_text(json.dumps({"task": "generate", "serve": {}}))
+    (directory / "dlray.json").write_text(json.dumps({"task": "generate", "model": {"family": "gpt"}, "serve": {}}))
     return directory
 
 

@@ -16,7 +16,7 @@ from ray.serve import Application
 from dlray.config import ServeSection
 from dlray.export import read_artifact_config
 from dlray.serve.classify import Classifier
-from dlray.serve.generate import TextGenerator
+from dlray.serve.generate import TextGenerator, check_chat_template
 from dlray.serve.images import ImageGenerator
 
 ENDPOINTS = {"classify": Classifier, "images": ImageGenerator, "generate": TextGenerator}
@@ -38,6 +38,10 @@ def build_app(args: dict) -> Application:
     if config["task"] not in ENDPOINTS:
         raise ValueError(f"{artifact}: dlray has no serving endpoint for task {config['task']!r} yet (endpoints: {', '.join(ENDPOINTS)})")
     settings = serve_settings(config, {k: v for k, v in args.items() if k != "artifact"})
+    if config["task"] == "generate":
+        from transformers import AutoTokenizer
+
+        check_chat_template(AutoTokenizer.from_pretrained(artifact), artifact, settings.chat)
     options = {"max_ongoing_requests": settings.max_ongoing_requests, "ray_actor_options": {"num_cpus": settings.num_cpus_per_replica}}
     if settings.autoscaling:
         options["autoscaling_config"] = settings.autoscaling.model_dump()

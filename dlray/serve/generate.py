@@ -104,7 +104,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 def check_chat_template(tokenizer: PreTrainedTokenizerBase, artifact: str, chat: bool) -> None:
-    """Refuse to start a chat endpoint whose tokenizer cannot turn messages into a prompt."""
+    """Refuse to start a chat endpoint whose tokenizer cannot turn messages into a prompt.
+    dlray.serve.app calls it where the app is built, so `dlray serve` and `serve deploy` say why
+    at once instead of a replica failing to start."""
     if chat and tokenizer.chat_template is None:
         raise ValueError(
             f"{artifact}: the tokenizer has no chat template, so /v1/chat/completions cannot render messages. "
@@ -241,7 +243,6 @@ class TextGenerator:
                  api_key_env: Optional[str] = None, served_model_name: Optional[str] = None):
         torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
         self.engine = Engine.from_pretrained(artifact)
-        check_chat_template(self.engine.tokenizer, artifact, chat)
         self.api_key, self.chat, self.max_body_bytes = read_api_key(api_key_env), chat, max_body_bytes
         self.openai = OpenAITextAPI(self.engine, served_model_name or Path(artifact).name, max_tokens_limit, max_completions_per_request)
         self.decode.set_max_batch_size(max_batch_size)
