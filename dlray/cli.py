@@ -93,11 +93,15 @@ def tune(
 
 
 @app.command()
-def export(source: Path, out: Path):
+def export(
+    source: Path,
+    out: Path,
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="adapter runs: write the base with the adapters merged in, not the adapter alone"),
+):
     """Checkpoint (or the best checkpoint of a run or a sweep) -> servable artifact (safetensors + dlray.json)."""
     from dlray.export import export as export_artifact
 
-    path = export_artifact(source, out)
+    path = export_artifact(source, out, merge_lora=merge_lora)
     typer.echo(f"artifact written to {path}")
 
 

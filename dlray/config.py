@@ -49,6 +49,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     family: Literal["cnn", "diffusion", "vae", "gan", "gpt"] = "cnn"
     flavor: str = "debug"  # a named size in the family's FLAVORS
+    # Start from a pretrained Hugging Face model (a local directory or a hub id) instead of building
+    # `flavor` from scratch: what LLaMA-Factory calls model_name_or_path, Axolotl base_model.
+    name_or_path: str | None = None
     dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion; gpt: attention dropout
     # diffusion (names as in diffusers' DDPMScheduler; `cosine` is its squaredcos_cap_v2)
     num_train_timesteps: int = Field(1000, ge=10)
@@ -66,11 +69,47 @@ class ModelConfig(Section):
         for key, owner in only.items():
             if getattr(self, key) != type(self).model_fields[key].default and self.family != owner:
                 raise ValueError(f"model.{key} applies only to model.family '{owner}', got model.family '{self.family}'")
+        if self.name_or_path and not hasattr(family_module(self.family), "from_pretrained"):
+            raise ValueError(f"model.name_or_path needs a family that loads Hugging Face models, got model.family {self.family!r}")
         return self
 
 
+class FinetuneConfig(Section):
+    """How much of a model trains. Names as in LLaMA-Factory (`finetuning_type`) and Axolotl (`lora_*`)."""
+
+    # full: every weight; freeze: only the family's head (feature extraction); lora: low-rank adapters on
+    # frozen weights; qlora: lora over weights quantised to 4 bits (bitsandbytes NF4); prompt_tuning:
+    # trained virtual tokens before the input. All but full need model.name_or_path.
+    finetuning_type: Literal["full", "freeze", "lora", "qlora", "prompt_tuning"] = "full"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    # Module names (suffixes) the adapters wrap, or "all-linear" (every linear layer but the output layer).
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    num_virtual_tokens: int = Field(20, ge=1)  # prompt_tuning (PEFT's name)
+    # qlora (transformers' BitsAndBytesConfig names); the compute dtype follows `precision`.
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+
+    @model_validator(mode="after")
+    def _options_match_type(self):
+        lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+        only = {**dict.fromkeys(lora, ("lora", "qlora")), "num_virtual_tokens": ("prompt_tuning",),
+                "bnb_4bit_quant_type": ("qlora",), "bnb_4bit_use_double_quant": ("qlora",)}
+        for key, owners in only.items():
+            if getattr(self, key) != type(self).model_fields[key].default and self.finetuning_type not in owners:
+                raise ValueError(f"finetune.{key} applies only to finetune.finetuning_type {' or '.join(map(repr, owners))}, "
+                                 f"got {self.finetuning_type!r}")
+        return self
+
+    @property
+    def adapter(self) -> bool:
+        """Trains PEFT adapter weights only; the base weights come from model.name_or_path, untouched."""
+        return self.finetuning_type in ("lora", "qlora", "prompt_tuning")
+
+
 IMAGE_DATA_KEYS = ("image_size", "channels", "augment")
-TEXT_DATA_KEYS = ("text_field", "max_seq_len", "tokenizer", "vocab_size")
+TEXT_DATA_KEYS = ("text_field", "max_seq_len", "tokenizer", "vocab_size", "type", "chat_template", "sample_packing")
 
 
 class DataConfig(Section):
@@ -90,6 +129,14 @@ class DataConfig(Section):
     max_seq_len: int = Field(128, ge=1)  # tokens per training sequence
     tokenizer: str | None = None  # a saved Hugging Face tokenizer directory; None: train a byte-level BPE on the corpus
     vocab_size: int = Field(2048, ge=259)  # of the trained tokenizer: at least the 256 bytes and 3 special tokens
+    # completion: raw text, cut into packed windows (pretraining); chat_template: rows with `messages`
+    # ([{role, content}]) or `prompt` and `response`, rendered with the chat template, and only the
+    # assistant's tokens are trained on (Axolotl's dataset types of the same names).
+    type: Literal["completion", "chat_template"] = "completion"
+    # The tokenizer's own template when None; else a Jinja template or a name in dlray.data.text.CHAT_TEMPLATES.
+    # It is saved with the tokenizer, so the exported model's chat route renders what it was trained on.
+    chat_template: str | None = None
+    sample_packing: bool = False  # chat_template: several examples per sequence, each attending only to itself
 
     @model_validator(mode="after")
     def _keys_match_dataset(self):
@@ -100,6 +147,9 @@ class DataConfig(Section):
             if getattr(self, key) != type(self).model_fields[key].default:
                 kind = "text data (data.name 'text')" if key in TEXT_DATA_KEYS else "image data (data.name 'digits' or 'image_folder')"
                 raise ValueError(f"data.{key} applies only to {kind}, got data.name {self.name!r}")
+        if self.type == "completion" and (self.chat_template or self.sample_packing):
+            key = "chat_template" if self.chat_template else "sample_packing"
+            raise ValueError(f"data.{key} applies to data.type 'chat_template' (completion text is always packed into windows), got data.type 'completion'")
         if self.tokenizer and self.vocab_size != type(self).model_fields["vocab_size"].default:
             raise ValueError("data.vocab_size sizes the tokenizer dlray trains, but data.tokenizer brings its own vocabulary: set only one of them")
         return self
@@ -320,6 +370,7 @@ class JobConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     optim: OptimConfig = OptimConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     strategy: StrategyConfig = StrategyConfig()
@@ -340,6 +391,7 @@ class JobConfig(Section):
             raise ValueError(f"model.family {self.model.family!r} trains on text: it needs data.name 'text', got data.name {self.data.name!r}")
         if text_data and not text_family:
             raise ValueError(f"data.name 'text' needs a language model: model.family must be one of {list(TEXT_FAMILIES)}, got {self.model.family!r}")
+        self._check_finetune()
         if self.train.gradient_checkpointing and not hasattr(family_module(self.model.family), "enable_gradient_checkpointing"):
             from dlray.models import FAMILIES
 
@@ -357,6 +409,30 @@ class JobConfig(Section):
         if self.tune:
             self._check_search_space()
         return self
+
+    def _check_finetune(self):
+        model, finetune, family = self.model, self.finetune, family_module(self.model.family)
+        kind = finetune.finetuning_type
+        if model.name_or_path and self.data.name == "text":
+            if self.data.vocab_size != type(self.data).model_fields["vocab_size"].default:
+                raise ValueError("data.vocab_size sizes a tokenizer trained from scratch, but model.name_or_path brings its own: drop data.vocab_size")
+            if self.data.tokenizer is None:  # a pretrained model comes with its tokenizer
+                self.data.tokenizer = model.name_or_path
+        if kind == "full":
+            return
+        if not model.name_or_path:
+            raise ValueError(f"finetune.finetuning_type {kind!r} adapts a pretrained model: set model.name_or_path (a Hugging Face model directory or hub id)")
+        needs = "HEAD_MODULES" if kind == "freeze" else "PEFT_TASK_TYPE"
+        if not hasattr(family, needs):
+            raise ValueError(f"finetune.finetuning_type {kind!r} is not supported by model.family {model.family!r}")
+        if kind == "qlora" and (self.strategy.name == "fsdp" or (self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3)):
+            raise ValueError("finetune.finetuning_type 'qlora' keeps the base weights as packed 4-bit integers, which FSDP and ZeRO-3 "
+                             "cannot shard: use strategy.name 'ddp' or 'deepspeed' with strategy.zero_stage 1 or 2 "
+                             "(the 4-bit base is small enough to replicate), or finetuning_type 'lora' to shard the base")
+        if self.train.ema_decay:
+            raise ValueError(f"train.ema_decay averages every weight, but finetune.finetuning_type {kind!r} trains only some: drop train.ema_decay")
+        if kind == "prompt_tuning" and self.data.sample_packing:
+            raise ValueError("finetune.finetuning_type 'prompt_tuning' puts its virtual tokens before each sequence, not before each packed example: set data.sample_packing false")
 
     def _check_search_space(self):
         """Every searched key exists and every value it can take makes a valid job, so a typo

@@ -1,7 +1,9 @@
-"""Text for causal language modelling: documents -> tokens -> packed blocks. No Ray here.
+"""Text for causal language modelling: documents -> tokens -> packed blocks, or conversations ->
+chat template -> tokens trained on only where the assistant speaks. No Ray here.
 
     data: {name: text}                                    # Python's bundled help texts, no download
     data: {name: text, path: corpus/, text_field: body}   # .txt / .jsonl / .json / .parquet / .csv files
+    data: {name: text, type: chat_template, path: chats.jsonl}   # rows of `messages`, or `prompt` + `response`
 
 Every document ends with the EOS token (as in GPT-2's pretraining data, so a model learns where
 text ends); the documents are concatenated and cut into windows of max_seq_len + 1 tokens that
@@ -63,6 +65,10 @@ class TokenWindows(Dataset):
 
 
 def build_text_data(cfg, seed: int) -> TextData:
+    if cfg.type == "chat_template":
+        from dlray.data.chat import build_chat_data
+
+        return build_chat_data(cfg, seed)
     documents = load_documents(cfg.path, cfg.text_field) if cfg.path else bundled_documents()
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(documents, cfg.vocab_size)
     windows = pack(tokenize(tokenizer, documents), tokenizer.eos_token_id, cfg.max_seq_len)
@@ -82,6 +88,12 @@ def bundled_documents() -> list[str]:
 
 def load_documents(path: str, text_field: str) -> list[str]:
     """Every non-empty text in a file or a folder (recursively); a .txt file is one document."""
+    return [row[text_field] for row in load_rows(path, (text_field,)) if row[text_field]]
+
+
+def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
+    """Every row of a file or a folder (recursively) with `fields` (a .txt file is one row, its text under
+    every field); a field is required where the row has any of them (`fields` of alternatives allowed)."""
     import datasets
 
     root = Path(path).expanduser()
@@ -89,16 +101,19 @@ def load_documents(path: str, text_field: str) -> list[str]:
     if not root.exists() or not files or files[0].suffix.lower() not in FORMATS:
         raise FileNotFoundError(f"data.path {path!r} must be a {', '.join(FORMATS)} file or a folder holding some")
     datasets.disable_progress_bars()  # every worker loads the same files: one bar each would flood the run's log
-    documents = []
+    rows = []
     for builder in sorted({FORMATS[f.suffix.lower()] for f in files}):
         group = [str(f) for f in files if FORMATS[f.suffix.lower()] == builder]
         options = {"sample_by": "document"} if builder == "text" else {}
         dataset = datasets.load_dataset(builder, data_files=group, split="train", **options)
-        column = "text" if builder == "text" else text_field
-        if column not in dataset.column_names:
-            raise ValueError(f"data.text_field {text_field!r} is not a column of {group}; columns: {dataset.column_names}")
-        documents += [text for text in dataset[column] if text]
-    return documents
+        if builder == "text":
+            rows += [dict.fromkeys(fields, text) for text in dataset["text"]]
+            continue
+        if not set(fields) & set(dataset.column_names):
+            raise ValueError(f"{group} has none of the columns {list(fields)} (data.text_field, or a chat row's messages / prompt / response); "
+                             f"columns: {dataset.column_names}")
+        rows += list(dataset)
+    return rows
 
 
 def load_tokenizer(directory: str) -> PreTrainedTokenizerBase:

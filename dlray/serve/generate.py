@@ -37,7 +37,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from ray import serve
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from dlray.export import load_artifact
 
 from dlray.serve.engine import Delta, Engine, SamplingParams, Sequence
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
@@ -242,7 +244,7 @@ class TextGenerator:
                  max_tokens_limit: int = 1024, max_completions_per_request: int = 4, chat: bool = True,
                  api_key_env: Optional[str] = None, served_model_name: Optional[str] = None):
         torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
-        self.engine = Engine.from_pretrained(artifact)
+        self.engine = Engine(load_artifact(artifact)[0], AutoTokenizer.from_pretrained(artifact))  # an adapter: with its base
         self.api_key, self.chat, self.max_body_bytes = read_api_key(api_key_env), chat, max_body_bytes
         self.openai = OpenAITextAPI(self.engine, served_model_name or Path(artifact).name, max_tokens_limit, max_completions_per_request)
         self.decode.set_max_batch_size(max_batch_size)
