@@ -49,7 +49,7 @@ def make_llm_base(directory: Path = LLM_BASE, steps: int = 60) -> Path:
     documents = bundled_documents()
     tokenizer = train_tokenizer(documents, 512)
     torch.manual_seed(0)
-    model = gpt.build({"flavor": "debug", "dropout": 0.0}, {"vocab_size": len(tokenizer), "max_seq_len": 64, "bos_token_id": tokenizer.bos_token_id,
+    model = gpt.build({"flavor": "debug", "dropout": 0.0}, {"vocab_size": len(tokenizer), "max_seq_len": 256, "bos_token_id": tokenizer.bos_token_id,
                                                           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
     windows = pack(tokenize(tokenizer, documents), tokenizer.eos_token_id, 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
