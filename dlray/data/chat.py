@@ -36,7 +36,7 @@ ROW_FIELDS = ("messages", "prompt", "response")
 
 
 def build_chat_data(cfg, seed: int) -> TextData:
-    conversations = [to_messages(row) for row in load_rows(cfg.path, ROW_FIELDS)] if cfg.path else bundled_conversations()
+    conversations = [to_messages(row) for row in load_rows(cfg.path, ROW_FIELDS, "`messages` (or `prompt` and `response`)")] if cfg.path else bundled_conversations()
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
     else:

@@ -88,12 +88,12 @@ def bundled_documents() -> list[str]:
 
 def load_documents(path: str, text_field: str) -> list[str]:
     """Every non-empty text in a file or a folder (recursively); a .txt file is one document."""
-    return [row[text_field] for row in load_rows(path, (text_field,)) if row[text_field]]
+    return [row[text_field] for row in load_rows(path, (text_field,), f"data.text_field {text_field!r}") if row[text_field]]
 
 
-def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
-    """Every row of a file or a folder (recursively) with `fields` (a .txt file is one row, its text under
-    every field); a field is required where the row has any of them (`fields` of alternatives allowed)."""
+def load_rows(path: str, fields: tuple[str, ...], described: str) -> list[dict]:
+    """Every row of a file or a folder (recursively); each file needs at least one of `fields`
+    (`described` says which in errors). A .txt file is one row, its whole text under every field."""
     import datasets
 
     root = Path(path).expanduser()
@@ -110,8 +110,7 @@ def load_rows(path: str, fields: tuple[str, ...]) -> list[dict]:
             rows += [dict.fromkeys(fields, text) for text in dataset["text"]]
             continue
         if not set(fields) & set(dataset.column_names):
-            raise ValueError(f"{group} has none of the columns {list(fields)} (data.text_field, or a chat row's messages / prompt / response); "
-                             f"columns: {dataset.column_names}")
+            raise ValueError(f"{described} is not a column of {group}; columns: {dataset.column_names}")
         rows += list(dataset)
     return rows
 
