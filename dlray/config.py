@@ -263,6 +263,9 @@ class ServeSection(Section):
     chat: bool = True  # false: /v1/completions only (for a tokenizer without a chat template)
     api_key_env: str | None = None  # the environment variable holding the API key; unset: no key needed
     served_model_name: str | None = None  # the `model` clients name; default: the artifact directory's name
+    # LoRA adapters over the served model, by name: a request for model "<served name>:<name>" decodes
+    # with that adapter, batched with requests for the base and for other adapters (vLLM's multi-LoRA).
+    adapters: dict[str, str] | None = None  # name -> adapter directory (`dlray export` of a lora / qlora run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 
 from dlray.local_cluster import free_port
 from dlray.serve.engine import Engine, SamplingParams, Sequence
-from test_generation_engine import MAX_CONTEXT, PROMPTS, write_llm_artifact
+from test_generation_engine import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,12 @@ def artifact(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, artifact):
+def adapter(artifact, tmp_path_factory):
+    return write_lora_adapter(artifact, tmp_path_factory.mktemp("adapter") / "sql", seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, artifact, adapter):
     from ray import serve
 
     from dlray.serve.app import run
@@ -41,7 +46,7 @@ def server(ray_cluster, artifact):
     serve.shutdown()  # Serve keeps the port it first started on; this module picks its own
     port = free_port()
     run(str(artifact), {"port": port, "api_key_env": API_KEY_ENV, "max_tokens_limit": 64, "max_completions_per_request": 3,
-                        "max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+                        "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "adapters": {"sql": adapter}})
     yield f"http://127.0.0.1:{port}"
     serve.delete("dlray")
 
@@ -64,9 +69,22 @@ def local_greedy(engine: Engine, prompt_ids: list[int], max_tokens: int) -> Sequ
     return seq
 
 
-def test_models_lists_the_served_model(client):
-    [model] = client.models.list().data
-    assert (model.id, model.object, model.owned_by) == (MODEL, "model", "dlray") and model.created > 0
+def test_models_lists_the_served_model_and_its_adapters(client):
+    base, adapter = client.models.list().data
+    assert (base.id, base.object, base.owned_by, adapter.id) == (MODEL, "model", "dlray", f"{MODEL}:sql") and base.created > 0
+
+
+def test_a_request_picks_its_lora_adapter_by_model_name(client, artifact, adapter):
+    engine = Engine.from_pretrained(str(artifact))
+    engine.load_adapters({"sql": adapter})
+    prompt_ids = engine.tokenizer.encode(PROMPTS[1])
+    local = Sequence(prompt_ids, SamplingParams(max_tokens=12, temperature=0), adapter="sql")
+    for _ in engine.generate([local]):
+        pass
+    with ThreadPoolExecutor(2) as pool:  # the base and the adapter in flight together
+        base, tuned = pool.map(lambda model: client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=12, temperature=0),
+                               [MODEL, f"{MODEL}:sql"])
+    assert tuned.choices[0].text == local.text != base.choices[0].text and tuned.model == f"{MODEL}:sql"
 
 
 def test_completion_is_the_engines_and_streams_the_same_text(client, engine):

@@ -320,3 +320,39 @@ def test_positions_count_from_each_prompts_first_token(engine):
         alone = Sequence(seq.prompt_ids, seq.params)
         run(gpt2, [alone])
         assert seq.token_ids == alone.token_ids
+
+
+def write_lora_adapter(base, directory, seed: int):
+    """A LoRA adapter over `base` with random (not zero) weights, in PEFT's layout, as `dlray export` writes one."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)  # random B: the adapter changes the output
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(directory)
+    return str(directory)
+
+
+def test_one_batch_mixes_lora_adapters_and_the_base(artifact, tmp_path):
+    """Each row decodes with its own adapter: a mixed batch gives what each sequence gives alone."""
+    engine = Engine.from_pretrained(str(artifact))
+    engine.load_adapters({name: write_lora_adapter(artifact, tmp_path / name, seed) for seed, name in enumerate(("sql", "poem"))})
+    prompt_ids = engine.tokenizer.encode(PROMPTS[0])
+
+    def sequence(adapter):
+        return Sequence(prompt_ids, SamplingParams(max_tokens=8, temperature=0), adapter=adapter)
+
+    alone = []
+    for adapter in (None, "sql", "poem"):
+        run(engine, [seq := sequence(adapter)])
+        alone.append(seq.text)
+    mixed = [sequence(adapter) for adapter in (None, "sql", "poem")]
+    run(engine, mixed)
+    assert [seq.text for seq in mixed] == alone and len(set(alone)) == 3
+
+    api = OpenAITextAPI(engine, "tiny", max_tokens_limit=100, max_completions_per_request=3)
+    assert [m["id"] for m in api.models()["data"]] == ["tiny", "tiny:poem", "tiny:sql"]
+    [seq] = api.sequences(CompletionRequest(model="tiny:sql", prompt="x"), prompt_ids)
+    assert seq.adapter == "sql"
+    with pytest.raises(RequestError) as err:
+        api.check_model(CompletionRequest(model="tiny:nope", prompt="x"))
+    assert err.value.status == 404 and "tiny:sql" in err.value.message

@@ -24,7 +24,7 @@ ENDPOINTS = {"classify": Classifier, "images": ImageGenerator, "generate": TextG
 ENDPOINT_SETTINGS = {
     "classify": (),
     "images": ("max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler"),
-    "generate": ("max_tokens_limit", "max_completions_per_request", "chat", "api_key_env", "served_model_name"),
+    "generate": ("max_tokens_limit", "max_completions_per_request", "chat", "api_key_env", "served_model_name", "adapters"),
 }
 IMPORT_PATH = "dlray.serve.app:build_app"
 
@@ -38,6 +38,8 @@ def build_app(args: dict) -> Application:
     if config["task"] not in ENDPOINTS:
         raise ValueError(f"{artifact}: dlray has no serving endpoint for task {config['task']!r} yet (endpoints: {', '.join(ENDPOINTS)})")
     settings = serve_settings(config, {k: v for k, v in args.items() if k != "artifact"})
+    if settings.adapters:  # replicas run elsewhere: their paths must not depend on this directory
+        settings.adapters = {name: os.path.abspath(os.path.expanduser(path)) for name, path in settings.adapters.items()}
     if config["task"] == "generate":
         from transformers import AutoTokenizer
 

@@ -5,6 +5,9 @@
     for deltas in engine.generate(sequences):    # one decoding step of every sequence at a time
         ...                                      # deltas[i]: what sequence i added, None once it has finished
 
+With LoRA adapters loaded (`engine.load_adapters({"name": dir})`), each sequence names its adapter
+(None: the base model) and one batch mixes them: PEFT applies each row's own adapter.
+
 Prompts of different lengths are left-padded into one batch with an attention mask and position
 ids counted from each prompt's first real token, so a row computes what it would alone; the KV
 cache (`past_key_values`) carries each step to the next, and finished rows leave the batch. Each
@@ -46,6 +49,7 @@ class Sequence:
 
     prompt_ids: list[int]
     params: SamplingParams
+    adapter: str | None = None  # a LoRA adapter's name (Engine.load_adapters); None: the base model
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # the completion decoded so far, cut before a stop string
     sent: int = 0  # characters of `text` already handed out in Deltas
@@ -61,12 +65,24 @@ class Engine:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_context = model.config.max_position_embeddings
+        self.adapters: set[str] = set()
         eos = model.generation_config.eos_token_id
         self.eos_token_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "Engine":
         return cls(AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory))
+
+    def load_adapters(self, adapters: dict[str, str]) -> None:
+        """LoRA adapters (PEFT directories, e.g. `dlray export` of LoRA / QLoRA runs over this base) by name."""
+        from peft import PeftModel
+
+        for name, directory in adapters.items():
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(directory, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, directory, adapter_name=name).eval()
+        self.adapters = set(adapters)
 
     @torch.inference_mode()
     def generate(self, sequences: list[Sequence]) -> Iterator[list[Delta | None]]:
@@ -82,8 +98,10 @@ class Engine:
         cache = None
         active = list(range(len(sequences)))  # the sequence behind each row of the batch
         while active:
+            # "__base__": PEFT's name for rows that use no adapter
+            adapters = {"adapter_names": [sequences[index].adapter or "__base__" for index in active]} if self.adapters else {}
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             past_key_values=cache, use_cache=True, logits_to_keep=1, **adapters)
             cache = out.past_key_values
             # Sampling runs on the CPU, where each sequence's generator lives.
             logits = out.logits[:, -1].float().cpu()

@@ -17,7 +17,8 @@ Responses, stream chunks (server-sent events ending in `data: [DONE]`) and error
 Concurrent requests are decoded together by dlray.serve.engine, driven by a streaming
 @serve.batch method that hands each request its text step by step; a whole response is that
 stream joined. Choice i of a request with a `seed` samples from seed + i alone, so it is the same
-batched or not. With serve.api_key_env set, every /v1 route wants `Authorization: Bearer <key>`,
+batched or not. With serve.adapters, `model="<served name>:<adapter>"` picks a LoRA adapter per
+request, and requests for different adapters still decode in one batch. With serve.api_key_env set, every /v1 route wants `Authorization: Bearer <key>`,
 the key being the value of that environment variable in the replica.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` type.)
 """
@@ -136,11 +137,13 @@ class OpenAITextAPI:
 
     def __init__(self, engine: Engine, model_name: str, max_tokens_limit: int, max_completions_per_request: int):
         self.engine, self.model_name = engine, model_name
+        # What clients may name: the model, and "<model>:<adapter>" for each adapter the engine holds.
+        self.adapters = {model_name: None} | {f"{model_name}:{name}": name for name in sorted(engine.adapters)}
         self.max_tokens_limit, self.max_completions = max_tokens_limit, max_completions_per_request
         self.created = int(time.time())
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dlray"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created, "owned_by": "dlray"} for name in self.adapters]}
 
     def completion_prompt(self, params: CompletionRequest) -> list[int]:
         self.check_model(params)
@@ -160,8 +163,8 @@ class OpenAITextAPI:
             raise RequestError(400, f"messages: the model's chat template refuses them: {err}", param="messages") from None
 
     def check_model(self, params: SamplingRequest) -> None:
-        if params.model not in (None, self.model_name):
-            raise RequestError(404, f"The model `{params.model}` does not exist; this server serves `{self.model_name}`",
+        if params.model is not None and params.model not in self.adapters:
+            raise RequestError(404, f"The model `{params.model}` does not exist; this server serves {', '.join(f'`{m}`' for m in self.adapters)}",
                                param="model", code="model_not_found")
 
     def sequences(self, params: SamplingRequest, prompt_ids: list[int]) -> list[Sequence]:
@@ -182,7 +185,7 @@ class OpenAITextAPI:
                 param="messages" if chat else "prompt", code="context_length_exceeded")
         return [
             Sequence(prompt_ids, SamplingParams(max_tokens, params.temperature, params.top_p, tuple(params.stop),
-                                                None if params.seed is None else params.seed + i))
+                                                None if params.seed is None else params.seed + i), adapter=self.adapters.get(params.model))
             for i in range(params.n)
         ]
 
@@ -242,9 +245,10 @@ class Reply:
 class TextGenerator:
     def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000,
                  max_tokens_limit: int = 1024, max_completions_per_request: int = 4, chat: bool = True,
-                 api_key_env: Optional[str] = None, served_model_name: Optional[str] = None):
+                 api_key_env: Optional[str] = None, served_model_name: Optional[str] = None, adapters: Optional[dict[str, str]] = None):
         torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
         self.engine = Engine(load_artifact(artifact)[0], AutoTokenizer.from_pretrained(artifact))  # an adapter: with its base
+        self.engine.load_adapters(adapters or {})
         self.api_key, self.chat, self.max_body_bytes = read_api_key(api_key_env), chat, max_body_bytes
         self.openai = OpenAITextAPI(self.engine, served_model_name or Path(artifact).name, max_tokens_limit, max_completions_per_request)
         self.decode.set_max_batch_size(max_batch_size)
@@ -284,7 +288,7 @@ class TextGenerator:
 
     async def respond(self, params: SamplingRequest, prompt_ids: list[int], chat: bool):
         sequences = self.openai.sequences(params, prompt_ids)
-        reply = Reply(chat, self.openai.model_name, len(prompt_ids), params.n)
+        reply = Reply(chat, params.model or self.openai.model_name, len(prompt_ids), params.n)
         if params.stream:
             include_usage = params.stream_options is not None and params.stream_options.include_usage
             return StreamingResponse(reply.events(self.decode(sequences), include_usage), media_type="text/event-stream")
