@@ -112,12 +112,13 @@ def pad(examples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int, max_seq_
 
 def pack(examples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int, max_seq_len: int) -> TensorDataset:
     """Examples in order, each into the current sequence while it fits, else into a new one."""
-    rows, row = [], []
+    rows, row, used = [], [], 0
     for ids, trained in examples:
-        if row and sum(len(ids) - 1 for ids, _ in row) + len(ids) - 1 > max_seq_len:
+        if row and used + len(ids) - 1 > max_seq_len:  # an example of n tokens fills n - 1 positions
             rows.append(row)
-            row = []
+            row, used = [], 0
         row.append((ids, trained))
+        used += len(ids) - 1
     rows += [row] if row else []
     input_ids = torch.full((len(rows), max_seq_len), pad_id)
     labels = torch.full((len(rows), max_seq_len), IGNORE_INDEX)
