@@ -1,6 +1,6 @@
 """Benchmarks, side by side in one run, against plain PyTorch and unbatched baselines.
 
-    dlray bench all        # or: train | cluster | tune | serve | diffusion; writes benchmarks/results.md and .json
+    dlray bench all        # or: train | cluster | tune | serve | diffusion | llm; writes benchmarks/results.md and .json
 
 train   dlray (Ray Train, 1 worker) samples/s / a plain PyTorch loop on the same model, data and
         batch size; 2 workers / 1 worker; per-rank parameter+optimizer bytes of FSDP and ZeRO-3
@@ -15,6 +15,11 @@ serve   @serve.batch (max_batch_size 32) / unbatched (max_batch_size 1) requests
 diffusion  jobs/diffusion_digits.yaml: dlray (1 worker) images/s / the plain diffusers training
         loop on the same UNet; DDPM-1000 vs DDIM-50 sampling latency; the images endpoint's
         images/s batched / unbatched at 16 concurrent clients.
+llm     jobs/gpt_pretrain.yaml's gpt/debug: dlray (1 worker) tokens/s / a plain PyTorch + transformers
+        loop on the same Llama, data, batch and precision; QLoRA (NF4, double quantisation) bytes of
+        the quantised linears / bf16, quantisation state included; generation tokens/s, the engine
+        alone with 16 sequences batched / one at a time, and the generate endpoint's at 1 and 16
+        streaming clients with the time to first token; on a GPU, the MFU of gpt/1b training.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import subprocess
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,6 +55,14 @@ SERVE_CLIENTS, SERVE_REQUESTS = 32, 384
 SWEEP_JOB = "jobs/sweep_cnn_asha.yaml"
 TUNE_SEEDS, TUNE_SAMPLES, TUNE_EPOCHS, TUNE_TARGET = (0, 1, 2), 5, 5, 0.90
 TUNE_OVERHEAD_TRIALS = 4
+GPT_JOB = "jobs/gpt_pretrain.yaml"
+# `small` takes about 4 s a step on one CPU thread, over an hour for its dlray and plain runs: add it on a faster machine.
+GPT_TRAIN_FLAVORS = ("debug",)
+QLORA_FLAVOR, QLORA_VOCAB = "base", 32000  # 110M parameters, GPT-2 small's body with a Llama-sized vocabulary
+GEN_STREAMS, GEN_ROUNDS, GEN_MAX_TOKENS = (1, 16), 4, 64
+MFU_FLAVOR, MFU_BATCH, MFU_SEQ_LEN, MFU_VOCAB, MFU_STEPS = "1b", 4, 2048, 32000, 10
+# Dense bf16 tensor-core peaks (no sparsity), by a part of the name torch.cuda.get_device_name() gives; the first match counts.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def run_benchmarks(what: str, out: Path) -> dict:
@@ -70,7 +84,7 @@ def run_benchmarks(what: str, out: Path) -> dict:
 # --------------------------------------------------------------------------------- training
 
 
-def bench_train(job: str = TRAIN_JOB) -> dict:
+def bench_train(job: str = TRAIN_JOB, overrides: tuple[str, ...] = (), worker_counts: tuple[int, ...] = (1, 2)) -> dict:
     import ray
 
     from dlray.tracking import read_history
@@ -78,35 +92,34 @@ def bench_train(job: str = TRAIN_JOB) -> dict:
 
     init_ray()
     storage = tempfile.mkdtemp(prefix="dlray-bench-")
-    common = [f"run.storage_path={storage}", f"train.num_epochs={TRAIN_EPOCHS}", "train.early_stopping_patience=null", "run.checkpoint_num_to_keep=1"]
+    common = [*overrides, f"run.storage_path={storage}", f"train.num_epochs={TRAIN_EPOCHS}", "train.early_stopping_patience=null", "run.checkpoint_num_to_keep=1"]
     cfg = load_config(job, common)
     # The baseline runs in a 1-CPU Ray task: the same process environment a Train worker gets.
     plain_task = ray.remote(num_cpus=1)(plain_pytorch_samples_per_sec)
-    plain, dlray = 0.0, {1: 0.0, 2: 0.0}
+    plain, dlray = 0.0, dict.fromkeys(worker_counts, 0.0)
     for attempt in range(2):  # interleaved, best of two: a busy 2-core machine is noisy
         plain = max(plain, ray.get(plain_task.remote(cfg)))
-        for workers in (1, 2):
+        for workers in worker_counts:
             run_cfg = load_config(job, [*common, f"scaling.num_workers={workers}", f"run.name=bench-{workers}w-{attempt}"])
             fit(run_cfg)
             epochs = [r for r in read_history(run_dir(run_cfg)) if "train_loss" in r][1:]
             dlray[workers] = max(dlray[workers], statistics.mean(r["samples_per_sec"] for r in epochs))
-    return {
+    results = {
         "model": f"{cfg.model.family}/{cfg.model.flavor}, {cfg.precision}",
         "micro_batch_size": cfg.train.micro_batch_size,
         "plain_pytorch_samples_per_sec": plain,
         "dlray_1_worker_samples_per_sec": dlray[1],
-        "dlray_2_workers_samples_per_sec": dlray[2],
         "ratio_1_worker_vs_plain": dlray[1] / plain,
-        "scaling_2_vs_1_workers": dlray[2] / dlray[1],
     }
+    if 2 in dlray:
+        results |= {"dlray_2_workers_samples_per_sec": dlray[2], "scaling_2_vs_1_workers": dlray[2] / dlray[1]}
+    return results
 
 
 def plain_pytorch_samples_per_sec(cfg) -> float:
-    """The loop a PyTorch (or diffusers) user would write: one process, one thread (as a 1-CPU
+    """The loop a PyTorch (or diffusers, or transformers) user would write: one process, one thread (as a 1-CPU
     Ray worker gets), the job's precision through torch.autocast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         torch.manual_seed(cfg.train.seed)
         data = build_data(cfg.data, seed=cfg.train.seed)
         family = FAMILIES[cfg.model.family]
@@ -119,9 +132,9 @@ def plain_pytorch_samples_per_sec(cfg) -> float:
         for _ in range(TRAIN_EPOCHS):
             model.train()
             start, seen = time.perf_counter(), 0
-            for images, labels in loader:
+            for inputs, labels in loader:
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    loss = plain_loss(model, images, labels)
+                    loss = plain_loss(model, inputs, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -129,6 +142,15 @@ def plain_pytorch_samples_per_sec(cfg) -> float:
                 seen += len(labels)
             rates.append(seen / (time.perf_counter() - start))
         return statistics.mean(rates[1:])
+
+
+@contextmanager
+def _one_thread():
+    """One intra-op thread, as a 1-CPU Ray worker or a serving replica computes; and steady on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -146,7 +168,14 @@ def _diffusers_loss(model, images, labels):
     return torch.nn.functional.mse_loss(predicted.float(), noise)
 
 
-PLAIN_LOSSES = {"cnn": _cross_entropy, "diffusion": _diffusers_loss}
+def _next_token_loss(model, input_ids, labels):
+    """A transformers causal LM trained on windows whose labels are already shifted (dlray.data.text):
+    every position's logits against the next token."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+PLAIN_LOSSES = {"cnn": _cross_entropy, "diffusion": _diffusers_loss, "gpt": _next_token_loss}
 
 
 def bench_memory() -> dict:
@@ -192,25 +221,20 @@ def _local_state_bytes(model, optimizer) -> int:
     """Bytes of parameters, master weights and optimizer state this rank holds (shared storage counted once)."""
     from torch.distributed.tensor import DTensor
 
-    seen, total = set(), 0
+    tensors = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in model.parameters()]  # ZeRO-3 keeps only this rank's partition
+    tensors += [p for group in optimizer.param_groups for p in group["params"]]
+    tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value) and value.numel() > 1]
+    return _unique_bytes(t.to_local() if isinstance(t, DTensor) else t for t in tensors)
 
-    def add(tensor):
-        nonlocal total
-        tensor = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+def _unique_bytes(tensors) -> int:
+    """Bytes of `tensors`, each storage counted once (tied weights, parameters the optimizer also lists, shared tables)."""
+    seen, total = set(), 0
+    for tensor in tensors:
         key = (tensor.untyped_storage().data_ptr(), tensor.numel())
         if tensor.numel() and key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
-
-    for p in model.parameters():
-        add(p.ds_tensor if hasattr(p, "ds_tensor") else p)  # ZeRO-3 keeps only this rank's partition
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            add(p)
-    for state in optimizer.state.values():
-        for value in state.values():
-            if torch.is_tensor(value) and value.numel() > 1:
-                add(value)
     return total
 
 
@@ -348,28 +372,37 @@ def bench_serve() -> dict:
 
 
 async def _load(url: str, payload: bytes, clients: int, total: int, content_type: str = "image/png") -> dict:
-    import httpx
-
     latencies: list[float] = []
-    remaining = iter(range(total))
 
-    async def client(session):
-        for _ in remaining:
-            start = time.perf_counter()
-            response = await session.post(url, content=payload, headers={"content-type": content_type})
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - start)
-
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as session:
+    async def request(session, index: int):
         start = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(clients)))
-        elapsed = time.perf_counter() - start
+        response = await session.post(url, content=payload, headers={"content-type": content_type})
+        response.raise_for_status()
+        latencies.append(time.perf_counter() - start)
+
+    elapsed = await _drive(clients, total, request)
     latencies.sort()
     return {
         "requests_per_sec": total / elapsed,
         "p50_ms": 1000 * latencies[len(latencies) // 2],
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
     }
+
+
+async def _drive(clients: int, total: int, request) -> float:
+    """Seconds `clients` concurrent HTTP clients take to make `total` calls of `request(session, index)` between them."""
+    import httpx
+
+    remaining = iter(range(total))
+
+    async def client(session):
+        for index in remaining:
+            await request(session, index)
+
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        return time.perf_counter() - start
 
 
 def _png(image: torch.Tensor) -> bytes:
@@ -387,17 +420,13 @@ def _png(image: torch.Tensor) -> bytes:
 def bench_sampling() -> dict:
     """DDPM with every one of 1,000 steps vs DDIM with 50, same UNet, one image, one process."""
     cfg = load_config(DIFFUSION_JOB)
-    model = _untrained(cfg).eval()
+    model = _untrained(cfg, _data_info(cfg)).eval()
     seconds = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a serving replica runs; and steady on a shared machine
-    try:
+    with _one_thread():
         for scheduler, steps in (("ddim", 50), ("ddpm", 1000)):
             start = time.perf_counter()
             FAMILIES["diffusion"].sample(model, [torch.Generator().manual_seed(0)], num_inference_steps=steps, scheduler=scheduler)
             seconds[f"{scheduler}_{steps}_s"] = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
     return {"model": f"diffusion/{cfg.model.flavor} 16x16, 1 image, 1 thread", **seconds,
             "ddim_50_speedup_vs_ddpm_1000": seconds["ddpm_1000_s"] / seconds["ddim_50_s"]}
 
@@ -414,7 +443,7 @@ def bench_image_serve() -> dict:
     init_ray()
     cfg = load_config(DIFFUSION_JOB)
     info = _data_info(cfg)
-    artifact = write_artifact(_untrained(cfg), {"task": "images", "model": cfg.model.model_dump(), "data_info": info, "serve": {}},
+    artifact = write_artifact(_untrained(cfg, info), {"task": "images", "model": cfg.model.model_dump(), "data_info": info, "serve": {}},
                               tempfile.mkdtemp(prefix="dlray-bench-artifact-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/images/generations"
@@ -433,10 +462,225 @@ def _data_info(cfg) -> dict:
     return build_data(cfg.data, seed=cfg.train.seed).info
 
 
-def _untrained(cfg):
+def _untrained(cfg, data_info: dict):
     """Timing needs the model's shape, not trained weights."""
     torch.manual_seed(0)
-    return FAMILIES[cfg.model.family].build(cfg.model.model_dump(), _data_info(cfg))
+    return FAMILIES[cfg.model.family].build(cfg.model.model_dump(), data_info)
+
+
+# ----------------------------------------------------------------------------- language models
+
+
+def bench_gpt_train() -> dict:
+    """bench_train on GPT_JOB for each of GPT_TRAIN_FLAVORS, 1 worker, against the plain PyTorch +
+    transformers loop (PLAIN_LOSSES["gpt"]). Tokens/s are samples/s x max_seq_len for both: every
+    window is max_seq_len tokens, which is how the gpt family's tokens_per_sec counts them."""
+    seq_len = load_config(GPT_JOB).data.max_seq_len
+    return {flavor: bench_train(GPT_JOB, (f"model.flavor={flavor}",), worker_counts=(1,)) | {"max_seq_len": seq_len}
+            for flavor in GPT_TRAIN_FLAVORS}
+
+
+def bench_qlora_memory(flavor: str = QLORA_FLAVOR) -> dict:
+    """Bytes of the linears QLoRA quantises (every decoder linear; the output layer stays as it is)
+    loaded in 4 bits by dlray.finetune.load_options / loaded in bf16. The 4-bit side counts the packed
+    weights and every tensor of their quantisation state: an absmax per 64 weights, itself quantised
+    to 8 bits under a float32 absmax per 256 of them (double quantisation), and the lookup tables.
+    No Ray; bitsandbytes quantises on the CPU as on a GPU."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from dlray.config import FinetuneConfig
+    from dlray.finetune import load_options
+
+    info = {"vocab_size": QLORA_VOCAB, "max_seq_len": 2048, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="dlray-bench-qlora-") as directory:
+        FAMILIES["gpt"].build({"flavor": flavor, "dropout": 0.0}, info).to(torch.bfloat16).save_pretrained(directory)
+        bf16 = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
+        qlora = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, **load_options(FinetuneConfig(finetuning_type="qlora"), "bf16"))
+        quantised = {name: module for name, module in qlora.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+        states = [t for module in quantised.values() for t in _quant_state_tensors(module.weight.quant_state)]
+        linears = {"bf16": _unique_bytes(bf16.get_submodule(name).weight for name in quantised),
+                   "qlora": _unique_bytes([*(module.weight for module in quantised.values()), *states])}
+        models = {"bf16": _unique_bytes(bf16.parameters()), "qlora": _unique_bytes([*qlora.parameters(), *states])}
+        params = sum(bf16.get_submodule(name).weight.numel() for name in quantised)
+        total = bf16.num_parameters()
+    return {
+        "model": f"gpt/{flavor} ({total / 1e6:.0f}M parameters, {QLORA_VOCAB}-token vocabulary), NF4 + double quantisation",
+        "quantised_linears": len(quantised), "quantised_parameters": params,
+        "linear_bytes": linears, "qlora_vs_bf16": linears["qlora"] / linears["bf16"], "bits_per_param": 8 * linears["qlora"] / params,
+        "model_bytes": models, "model_qlora_vs_bf16": models["qlora"] / models["bf16"],
+    }
+
+
+def _quant_state_tensors(state):
+    """Every tensor of a bitsandbytes QuantState, its nested state's included."""
+    from bitsandbytes.functional import QuantState
+
+    for value in vars(state).values():
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, QuantState):
+            yield from _quant_state_tensors(value)
+
+
+def bench_generate_engine() -> dict:
+    """dlray.serve.engine alone, no Ray or HTTP: GEN_STREAMS[-1] greedy completions decoded as one
+    batch / one after another, on one thread as a replica decodes."""
+    from dlray.serve.engine import Engine
+
+    artifact, model = _gpt_artifact()
+    engine = Engine.from_pretrained(artifact)
+    prompts = _prompts(GEN_STREAMS[-1])
+    rates = {}
+    with _one_thread():
+        _decode(engine, prompts)  # warm-up
+        for label, groups in (("one_at_a_time", [[p] for p in prompts]), ("batched", [prompts])):
+            start = time.perf_counter()
+            tokens = sum(_decode(engine, group) for group in groups)
+            rates[label] = tokens / (time.perf_counter() - start)
+    return {"model": model, "sequences": len(prompts), "tokens_per_sec": rates, "batched_vs_one_at_a_time": rates["batched"] / rates["one_at_a_time"]}
+
+
+def _decode(engine, prompts: list[str]) -> int:
+    """Tokens the engine generates for `prompts` decoded together: GEN_MAX_TOKENS each, unless a
+    (random) model writes EOS first."""
+    from dlray.serve.engine import SamplingParams, Sequence
+
+    sequences = [Sequence(engine.tokenizer.encode(p), SamplingParams(max_tokens=GEN_MAX_TOKENS, temperature=0)) for p in prompts]
+    for _ in engine.generate(sequences):
+        pass
+    return sum(len(s.token_ids) for s in sequences)
+
+
+def bench_generate_serve() -> dict:
+    """Tokens/s of the generate endpoint, streaming /v1/completions over HTTP, at each of GEN_STREAMS
+    concurrent clients (GEN_ROUNDS requests each), and the time to first token; one replica with
+    the default serve settings, so @serve.batch decodes up to 32 streams together."""
+    from ray import serve
+
+    from dlray.serve.app import run
+    from dlray.train import init_ray
+
+    init_ray()
+    artifact, model = _gpt_artifact()
+    serve.shutdown()  # Serve keeps the HTTP port it first started on; this deployment picks its own
+    port = free_port()
+    run(artifact, {"port": port, "chat": False})  # the trained tokenizer has no chat template
+    url, prompts = f"http://127.0.0.1:{port}/v1/completions", _prompts(GEN_STREAMS[-1])
+    results = {"model": model, "requests_per_client": GEN_ROUNDS, "streams": {}}
+    for streams in GEN_STREAMS:
+        asyncio.run(_stream_load(url, prompts, streams, streams))  # warm-up
+        results["streams"][str(streams)] = asyncio.run(_stream_load(url, prompts, streams, GEN_ROUNDS * streams))
+    serve.delete("dlray")
+    rates = [results["streams"][str(n)]["tokens_per_sec"] for n in (GEN_STREAMS[-1], GEN_STREAMS[0])]
+    results["most_vs_fewest_streams_tokens_per_sec"] = rates[0] / rates[1]
+    return results
+
+
+async def _stream_load(url: str, prompts: list[str], clients: int, total: int) -> dict:
+    ttfts, tokens = [], []
+
+    async def request(session, index: int):
+        body = {"prompt": prompts[index % len(prompts)], "max_tokens": GEN_MAX_TOKENS, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        start = time.perf_counter()
+        async with session.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            first, usage = await _read_events(response.aiter_lines())
+        ttfts.append(first - start)
+        tokens.append(usage["completion_tokens"])
+
+    elapsed = await _drive(clients, total, request)
+    return {"tokens_per_sec": sum(tokens) / elapsed, "ttft_p50_ms": 1000 * statistics.median(ttfts), "completion_tokens": sum(tokens)}
+
+
+async def _read_events(lines) -> tuple[float, dict]:
+    """When (time.perf_counter) the first chunk with a choice arrived, and the usage, of an OpenAI
+    completion stream of server-sent events. The server sends a choice once it has text, so that
+    first chunk is the first token as a client sees it."""
+    first = usage = None
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue  # the blank line between events
+        data = line.removeprefix("data:").strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if first is None and chunk["choices"]:
+            first = time.perf_counter()
+        usage = chunk.get("usage") or usage
+    if first is None or usage is None:
+        raise RuntimeError(f"the stream ended without {'a choice' if first is None else 'usage (stream_options.include_usage)'}")
+    return first, usage
+
+
+def _gpt_artifact() -> tuple[str, str]:
+    """GPT_JOB's model, untrained, with its tokenizer, laid out as `dlray export` writes a language
+    model; and a description for the results."""
+    from dlray.export import write_artifact
+
+    cfg = load_config(GPT_JOB)
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    artifact = write_artifact(_untrained(cfg, data.info), {"task": "generate", "model": cfg.model.model_dump(), "data_info": data.info, "serve": {}},
+                              tempfile.mkdtemp(prefix="dlray-bench-artifact-"))
+    data.tokenizer.save_pretrained(artifact)
+    return str(artifact), f"gpt/{cfg.model.flavor} untrained, greedy, {GEN_MAX_TOKENS} tokens per completion"
+
+
+def _prompts(count: int) -> list[str]:
+    """Prompts of different lengths from the text the tokenizer learnt: the first words of Python's
+    help topics (not their underlines of asterisks)."""
+    from dlray.data.text import bundled_documents
+
+    words = [[word for word in document.split() if any(c.isalpha() for c in word)] for document in bundled_documents()[:count]]
+    return [" ".join(topic[:4 + i % 8]) for i, topic in enumerate(words)]
+
+
+def mfu(tokens_per_sec: float, n_params: int, n_layers: int, seq_len: int, hidden: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation: the FLOPs training needs per token times tokens/s, over the accelerator's
+    peak. Per token (PaLM, Chowdhery et al. 2022, appendix B): 6N for the forward and backward matmuls
+    of N weights, plus 12·L·H·T for attention's scores and weighted sums over T positions in L layers
+    of width H. Recomputed activations do not count: that is hardware, not model, FLOPs."""
+    return tokens_per_sec * (6 * n_params + 12 * n_layers * hidden * seq_len) / peak_flops
+
+
+def bench_gpt_mfu() -> dict:
+    """MFU of a few bf16 training steps of the 1b flavor (TinyLlama-1.1B's shape) on random tokens:
+    one GPU, one process, no Ray."""
+    if not torch.cuda.is_available():
+        return {"skipped": "no GPU"}
+    gpu = torch.cuda.get_device_name()
+    peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in gpu), None)
+    gpt = FAMILIES["gpt"]
+    torch.manual_seed(0)
+    info = {"vocab_size": MFU_VOCAB, "max_seq_len": MFU_SEQ_LEN, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    model = gpt.build({"flavor": MFU_FLAVOR, "dropout": 0.0}, info).cuda().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    windows = torch.randint(MFU_VOCAB, (MFU_BATCH, MFU_SEQ_LEN + 1), device="cuda")
+    batch = (windows[:, :-1], windows[:, 1:])
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = gpt.compute_loss(model, batch)["loss"].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # kernel selection, the optimizer's state
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(MFU_STEPS):
+        step()
+    torch.cuda.synchronize()
+    tokens_per_sec = MFU_STEPS * MFU_BATCH * MFU_SEQ_LEN / (time.perf_counter() - start)
+    config = model.config
+    # The input embedding is a lookup, not a matmul, unless tied to the output layer (then counted once).
+    n_params = model.num_parameters() - (0 if config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+    return {"model": f"gpt/{MFU_FLAVOR} ({n_params / 1e9:.2f}B parameters in matmuls), bf16 autocast, AdamW, batch {MFU_BATCH} x {MFU_SEQ_LEN} tokens",
+            "gpu": gpu, "tokens_per_sec": tokens_per_sec, "peak_flops": peak,
+            "mfu": mfu(tokens_per_sec, n_params, config.num_hidden_layers, MFU_SEQ_LEN, config.hidden_size, peak) if peak else None}
 
 
 # Targets of `dlray bench`: each names the result keys it fills.
@@ -446,6 +690,8 @@ BENCHMARKS = {
     "tune": {"tune": bench_tune},
     "serve": {"serve": bench_serve},
     "diffusion": {"diffusion_train": lambda: bench_train(DIFFUSION_JOB), "diffusion_sampling": bench_sampling, "diffusion_serve": bench_image_serve},
+    "llm": {"llm_train": bench_gpt_train, "llm_qlora_memory": bench_qlora_memory, "llm_engine": bench_generate_engine,
+            "llm_serve": bench_generate_serve, "llm_mfu": bench_gpt_mfu},
 }
 
 
@@ -510,12 +756,50 @@ def render_markdown(results: dict) -> str:
             f"{images['batched_vs_unbatched_throughput']:.2f} ({images['batched']['requests_per_sec']:.1f} vs {images['unbatched']['requests_per_sec']:.1f} images/s) | > 1 |",
             f"| images endpoint latency p50 / p99, batched | {images['batched']['p50_ms']:.0f} / {images['batched']['p99_ms']:.0f} ms | |",
         ]
+    lines += _llm_rows(results)
     return "\n".join(lines) + "\n"
 
 
-def _train_rows(train: dict, label: str, baseline: str, unit: str) -> list[str]:
-    return [
-        f"| {label} throughput, dlray 1 worker / {baseline} ({train['model']}, batch {train['micro_batch_size']}) | "
-        f"{train['ratio_1_worker_vs_plain']:.2f} ({train['dlray_1_worker_samples_per_sec']:.0f} vs {train['plain_pytorch_samples_per_sec']:.0f} {unit}) | >= 0.90 |",
-        f"| {label} scaling, 2 workers / 1 worker | {train['scaling_2_vs_1_workers']:.2f} ({train['dlray_2_workers_samples_per_sec']:.0f} {unit}) | (2 cores) |",
-    ]
+def _train_rows(train: dict, label: str, baseline: str, unit: str, per_sample: int = 1) -> list[str]:
+    """bench_train's rows, in units of `per_sample` per sample (tokens of a text window)."""
+    rows = [f"| {label} throughput, dlray 1 worker / {baseline} ({train['model']}, batch {train['micro_batch_size']}) | {train['ratio_1_worker_vs_plain']:.2f} "
+            f"({train['dlray_1_worker_samples_per_sec'] * per_sample:.0f} vs {train['plain_pytorch_samples_per_sec'] * per_sample:.0f} {unit}) | >= 0.90 |"]
+    if "scaling_2_vs_1_workers" in train:
+        rows.append(f"| {label} scaling, 2 workers / 1 worker | {train['scaling_2_vs_1_workers']:.2f} "
+                    f"({train['dlray_2_workers_samples_per_sec'] * per_sample:.0f} {unit}) | (2 cores) |")
+    return rows
+
+
+def _llm_rows(results: dict) -> list[str]:
+    lines = []
+    for train in results.get("llm_train", {}).values():
+        lines += _train_rows(train, f"LLM train ({train['max_seq_len']}-token windows)", "plain PyTorch + transformers loop", "tokens/s", train["max_seq_len"])
+    if memory := results.get("llm_qlora_memory"):
+        linear, model = memory["linear_bytes"], memory["model_bytes"]
+        lines.append(_row(f"QLoRA weight bytes / bf16, the {memory['quantised_linears']} quantised linears ({memory['model']})",
+                          f"{memory['qlora_vs_bf16']:.3f} ({memory['bits_per_param']:.3f} bits/param; {linear['qlora'] / 2**20:.1f} vs {linear['bf16'] / 2**20:.1f} MiB)",
+                          "<= 0.27"))
+        lines.append(_row("QLoRA weight bytes / bf16, whole model (embedding and output layer stay bf16)",
+                          f"{memory['model_qlora_vs_bf16']:.2f} ({model['qlora'] / 2**20:.0f} vs {model['bf16'] / 2**20:.0f} MiB)"))
+    if engine := results.get("llm_engine"):
+        rates = engine["tokens_per_sec"]
+        lines.append(_row(f"generation engine alone, {engine['sequences']} sequences batched / one at a time ({engine['model']}, 1 thread)",
+                          f"{engine['batched_vs_one_at_a_time']:.2f} ({rates['batched']:.0f} vs {rates['one_at_a_time']:.0f} tokens/s)", "> 1"))
+    if serve := results.get("llm_serve"):
+        (few, low), (most, high) = list(serve["streams"].items())[0], list(serve["streams"].items())[-1]
+        lines.append(_row(f"generate endpoint throughput, {most} / {few} streaming clients ({serve['model']})",
+                          f"{serve['most_vs_fewest_streams_tokens_per_sec']:.2f} ({high['tokens_per_sec']:.0f} vs {low['tokens_per_sec']:.0f} tokens/s)", "> 1"))
+        lines.append(_row(f"generate endpoint time to first token p50, {few} / {most} streams", f"{low['ttft_p50_ms']:.0f} / {high['ttft_p50_ms']:.0f} ms"))
+    if mfu := results.get("llm_mfu"):
+        if "skipped" in mfu:
+            measured = f"skipped: {mfu['skipped']}"
+        elif mfu["mfu"] is None:
+            measured = f"{mfu['tokens_per_sec']:.0f} tokens/s on {mfu['gpu']} (peak FLOPs unknown)"
+        else:
+            measured = f"{100 * mfu['mfu']:.0f}% ({mfu['tokens_per_sec']:.0f} tokens/s on {mfu['gpu']}, {mfu['model']})"
+        lines.append(_row(f"MFU of a gpt/{MFU_FLAVOR} training step, FLOPs/token = 6N + 12·L·H·T", measured, ">= 40% (~1B model, H100-class GPU)"))
+    return lines
+
+
+def _row(benchmark: str, measured: str, goal: str = "") -> str:
+    return f"| {benchmark} | {measured} | {goal} |"

@@ -5,7 +5,7 @@
     dlray tune     jobs/sweep_cnn_asha.yaml [key=value ...] [--resume]
     dlray export   <run-dir | sweep-dir | checkpoint-dir> out/cnn
     dlray serve    out/cnn [max_batch_size=16 ...] [--print-config]
-    dlray bench    [train|cluster|tune|serve|diffusion|all]
+    dlray bench    [train|cluster|tune|serve|diffusion|llm|all]
     dlray k8s render jobs/cnn_digits.yaml [key=value ...] --image IMG [--kind rayservice --artifact DIR]
 """
 
@@ -93,11 +93,15 @@ def tune(
 
 
 @app.command()
-def export(source: Path, out: Path):
+def export(
+    source: Path,
+    out: Path,
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="adapter runs: write the base with the adapters merged in, not the adapter alone"),
+):
     """Checkpoint (or the best checkpoint of a run or a sweep) -> servable artifact (safetensors + dlray.json)."""
     from dlray.export import export as export_artifact
 
-    path = export_artifact(source, out)
+    path = export_artifact(source, out, merge_lora=merge_lora)
     typer.echo(f"artifact written to {path}")
 
 
@@ -128,7 +132,7 @@ def serve(
 
 
 @app.command()
-def bench(what: str = typer.Argument("all", help="train | cluster | tune | serve | diffusion | all"), out: Path = typer.Option(Path("benchmarks/results.md"))):
+def bench(what: str = typer.Argument("all", help="train | cluster | tune | serve | diffusion | llm | all"), out: Path = typer.Option(Path("benchmarks/results.md"))):
     """Measure dlray against plain PyTorch / unbatched baselines; write the results file."""
     from dlray.bench import run_benchmarks
 

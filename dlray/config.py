@@ -51,10 +51,10 @@ class Section(BaseModel):
 class ModelConfig(Section):
     family: Literal["cnn", "diffusion", "vae", "gan", "gpt", "vit", "bert"] = "cnn"
     flavor: str = "debug"  # a named size in the family's FLAVORS
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion, vit, bert; gpt: attention dropout
-    # vit, bert: fine-tune this pretrained base (a local transformers directory or a Hub id) with a
-    # new classification head instead of building model.flavor from scratch
+    # Start from a pretrained Hugging Face model (a local directory or a hub id) instead of building
+    # `flavor` from scratch: what LLaMA-Factory calls model_name_or_path, Axolotl base_model.
     name_or_path: str | None = None
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion, vit, bert; gpt: attention dropout
     # diffusion (names as in diffusers' DDPMScheduler; `cosine` is its squaredcos_cap_v2)
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -68,17 +68,58 @@ class ModelConfig(Section):
         if self.flavor not in flavors:
             raise ValueError(f"model.flavor must be one of {sorted(flavors)} for family {self.family!r}, got {self.flavor!r}")
         only = {"num_train_timesteps": ("diffusion",), "beta_schedule": ("diffusion",), "class_conditional": ("diffusion",), "kl_weight": ("vae",),
-                "name_or_path": ("vit", "bert")}
+                "name_or_path": ("gpt", "vit", "bert")}
         for key, owners in only.items():
             if getattr(self, key) != type(self).model_fields[key].default and self.family not in owners:
                 raise ValueError(f"model.{key} applies only to model.family {' or '.join(map(repr, owners))}, got model.family '{self.family}'")
         return self
 
 
-DATA_KINDS = {"image data": ("digits", "image_folder"), "text data": tuple(TEXT_DATA), "text classification data": ("text_classification",)}
+class FinetuneConfig(Section):
+    """How much of a model trains. Names as in LLaMA-Factory (`finetuning_type`) and Axolotl (`lora_*`)."""
+
+    # full: every weight; freeze: only the family's head (feature extraction); lora: low-rank adapters on
+    # frozen weights; qlora: lora over weights quantised to 4 bits (bitsandbytes NF4); prompt_tuning:
+    # trained virtual tokens before the input. All but full need model.name_or_path.
+    finetuning_type: Literal["full", "freeze", "lora", "qlora", "prompt_tuning"] = "full"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    # Module names (suffixes) the adapters wrap, or "all-linear" (every linear layer but the output layer).
+    lora_target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    num_virtual_tokens: int = Field(20, ge=1)  # prompt_tuning (PEFT's name)
+    # qlora (transformers' BitsAndBytesConfig names); the compute dtype follows `precision`.
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+
+    @model_validator(mode="after")
+    def _options_match_type(self):
+        lora = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+        only = {**dict.fromkeys(lora, ("lora", "qlora")), "num_virtual_tokens": ("prompt_tuning",),
+                "bnb_4bit_quant_type": ("qlora",), "bnb_4bit_use_double_quant": ("qlora",)}
+        for key, owners in only.items():
+            if getattr(self, key) != type(self).model_fields[key].default and self.finetuning_type not in owners:
+                raise ValueError(f"finetune.{key} applies only to finetune.finetuning_type {' or '.join(map(repr, owners))}, "
+                                 f"got {self.finetuning_type!r}")
+        return self
+
+    @property
+    def adapter(self) -> bool:
+        """Trains PEFT adapter weights only; the base weights come from model.name_or_path, untouched."""
+        return self.finetuning_type in ("lora", "qlora", "prompt_tuning")
+
+    @property
+    def trainable_only(self) -> bool:
+        """Some weights stay as model.name_or_path has them, so checkpoints hold only those that train."""
+        return self.finetuning_type != "full"
+
+
+DATA_KINDS = {"image data": ("digits", "image_folder"), "text data": tuple(TEXT_DATA), "language model data": ("text",),
+              "text classification data": ("text_classification",)}
 # The data keys that apply to one kind of data only.
 DATASET_KEYS = {**dict.fromkeys(("image_size", "channels", "augment"), "image data"),
                 **dict.fromkeys(("text_field", "max_seq_len", "tokenizer", "vocab_size"), "text data"),
+                **dict.fromkeys(("type", "chat_template", "sample_packing"), "language model data"),
                 "label_field": "text classification data"}
 
 
@@ -101,6 +142,14 @@ class DataConfig(Section):
     max_seq_len: int = Field(128, ge=1)  # tokens per training sequence
     tokenizer: str | None = None  # a saved Hugging Face tokenizer directory; None: train one (text: byte-level BPE, text_classification: WordPiece)
     vocab_size: int = Field(2048, ge=259)  # of the trained tokenizer: at least the 256 bytes and 3 special tokens
+    # completion: raw text, cut into packed windows (pretraining); chat_template: rows with `messages`
+    # ([{role, content}]) or `prompt` and `response`, rendered with the chat template, and only the
+    # assistant's tokens are trained on (Axolotl's dataset types of the same names).
+    type: Literal["completion", "chat_template"] = "completion"
+    # The tokenizer's own template when None; else a Jinja template or a name in dlray.data.text.CHAT_TEMPLATES.
+    # It is saved with the tokenizer, so the exported model's chat route renders what it was trained on.
+    chat_template: str | None = None
+    sample_packing: bool = False  # chat_template: several examples per sequence, each attending only to itself
 
     @model_validator(mode="after")
     def _keys_match_dataset(self):
@@ -111,6 +160,9 @@ class DataConfig(Section):
             # Compared with the default rather than "was it set", so a dumped config reloads.
             if getattr(self, key) != type(self).model_fields[key].default and self.name not in names:
                 raise ValueError(f"data.{key} applies only to {kind} (data.name {' or '.join(map(repr, names))}), got data.name {self.name!r}")
+        if self.type == "completion" and (self.chat_template or self.sample_packing):
+            key = "chat_template" if self.chat_template else "sample_packing"
+            raise ValueError(f"data.{key} applies to data.type 'chat_template' (completion text is always packed into windows), got data.type 'completion'")
         if self.tokenizer and self.vocab_size != type(self).model_fields["vocab_size"].default:
             raise ValueError("data.vocab_size sizes the tokenizer dlray trains, but data.tokenizer brings its own vocabulary: set only one of them")
         return self
@@ -218,6 +270,15 @@ class ServeSection(Section):
     max_inference_steps: int = Field(1000, ge=1)
     num_inference_steps: int = Field(50, ge=1)  # when a request names none
     scheduler: Literal["ddpm", "ddim"] = "ddim"  # when a request names none
+    # generate endpoint (causal LMs; OpenAI completions and chat): names as vLLM's where it has them
+    max_tokens_limit: int = Field(1024, ge=1)  # a request's max_tokens above this gets a 400
+    max_completions_per_request: int = Field(4, ge=1)  # OpenAI's `n`
+    chat: bool = True  # false: /v1/completions only (for a tokenizer without a chat template)
+    api_key_env: str | None = None  # the environment variable holding the API key; unset: no key needed
+    served_model_name: str | None = None  # the `model` clients name; default: the artifact directory's name
+    # LoRA adapters over the served model, by name: a request for model "<served name>:<name>" decodes
+    # with that adapter, batched with requests for the base and for other adapters (vLLM's multi-LoRA).
+    adapters: dict[str, str] | None = None  # name -> adapter directory (`dlray export` of a lora / qlora run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +386,7 @@ class JobConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     optim: OptimConfig = OptimConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     strategy: StrategyConfig = StrategyConfig()
@@ -346,9 +408,7 @@ class JobConfig(Section):
         if self.data.name in TEXT_DATA and not needed:
             able = [family for family, name in TEXT_FAMILIES.items() if name == self.data.name]
             raise ValueError(f"data.name {self.data.name!r} needs {TEXT_DATA[self.data.name]}: model.family must be one of {able}, got {self.model.family!r}")
-        if needed and self.model.name_or_path and not self.data.tokenizer:
-            # A tokenizer trained here would number tokens unlike the pretrained embeddings do.
-            raise ValueError(f"model.name_or_path {self.model.name_or_path!r} needs its own tokenizer: set data.tokenizer (usually to the same path)")
+        self._check_finetune()
         if self.train.gradient_checkpointing and not hasattr(family_module(self.model.family), "enable_gradient_checkpointing"):
             from dlray.models import FAMILIES
 
@@ -366,6 +426,30 @@ class JobConfig(Section):
         if self.tune:
             self._check_search_space()
         return self
+
+    def _check_finetune(self):
+        model, finetune, family = self.model, self.finetune, family_module(self.model.family)
+        kind = finetune.finetuning_type
+        if model.name_or_path and self.data.name in TEXT_DATA:
+            if self.data.vocab_size != type(self.data).model_fields["vocab_size"].default:
+                raise ValueError("data.vocab_size sizes a tokenizer trained from scratch, but model.name_or_path brings its own: drop data.vocab_size")
+            if self.data.tokenizer is None:  # a pretrained model comes with its tokenizer
+                self.data.tokenizer = model.name_or_path
+        if kind == "full":
+            return
+        if not model.name_or_path:
+            raise ValueError(f"finetune.finetuning_type {kind!r} adapts a pretrained model: set model.name_or_path (a Hugging Face model directory or hub id)")
+        needs = "HEAD_MODULES" if kind == "freeze" else "PEFT_TASK_TYPE"
+        if not hasattr(family, needs):
+            raise ValueError(f"finetune.finetuning_type {kind!r} is not supported by model.family {model.family!r}")
+        if kind == "qlora" and (self.strategy.name == "fsdp" or (self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3)):
+            raise ValueError("finetune.finetuning_type 'qlora' keeps the base weights as packed 4-bit integers, which FSDP and ZeRO-3 "
+                             "cannot shard: use strategy.name 'ddp' or 'deepspeed' with strategy.zero_stage 1 or 2 "
+                             "(the 4-bit base is small enough to replicate), or finetuning_type 'lora' to shard the base")
+        if self.train.ema_decay:
+            raise ValueError(f"train.ema_decay averages every weight, but finetune.finetuning_type {kind!r} trains only some: drop train.ema_decay")
+        if kind == "prompt_tuning" and self.data.sample_packing:
+            raise ValueError("finetune.finetuning_type 'prompt_tuning' puts its virtual tokens before each sequence, not before each packed example: set data.sample_packing false")
 
     def _check_search_space(self):
         """Every searched key exists and every value it can take makes a valid job, so a typo

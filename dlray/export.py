@@ -9,7 +9,10 @@ serving defaults) plus the weights: `model.safetensors`, or for families with th
 layout that layout (diffusion: a diffusers pipeline, loadable by `DDPMPipeline.from_pretrained`;
 gpt: a transformers model with its tokenizer, loadable by `AutoModelForCausalLM.from_pretrained`
 and `AutoTokenizer.from_pretrained`, whose `config.json` is why dlray's file has a name of its
-own). Runs that kept an EMA of the weights (`train.ema_decay`) export the EMA weights. Loading an
+own). Runs that kept an EMA of the weights (`train.ema_decay`) export the EMA weights. Adapter
+fine-tunes (lora, qlora, prompt_tuning) export the adapter in PEFT's layout (adapter_config.json,
+adapter_model.safetensors: `PeftModel.from_pretrained(base, artifact)`), or with `merge_lora` the
+base with the adapters merged in (`AutoModelForCausalLM.from_pretrained`). Loading an
 artifact never unpickles anything. (Export itself reads your own training checkpoints; DeepSpeed's format is
 torch.save-based, DCP's metadata too.)
 """
@@ -23,33 +26,42 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dlray import finetune
 from dlray.checkpoint import EMA_FILE, META_FILE, TOKENIZER_DIR, read_meta
+from dlray.config import FinetuneConfig, JobConfig
 from dlray.ema import STEP_KEY
 from dlray.models import FAMILIES
 
 WEIGHTS_FILE = "model.safetensors"
+ADAPTER_INDEX = "adapter_config.json"  # PEFT's, in an adapter artifact
 CONFIG_FILE = "dlray.json"
 TASKS = {"cnn": "classify", "diffusion": "images", "vae": "images", "gan": "images", "gpt": "generate", "vit": "classify", "bert": "classify"}  # model family -> serving endpoint
 
 
-def export(source: str | Path, out_dir: str | Path) -> Path:
+def export(source: str | Path, out_dir: str | Path, merge_lora: bool = False) -> Path:
     checkpoint_dir = resolve_checkpoint(Path(source).expanduser())
     meta = read_meta(checkpoint_dir)
     config = meta["config"]
-    family = FAMILIES[config["model"]["family"]]
-    model = family.build(config["model"], meta["data_info"])
+    cfg = JobConfig.model_validate(config)
+    if merge_lora and not cfg.finetune.adapter:
+        raise ValueError(f"--merge-lora merges adapters, but {checkpoint_dir} is a finetuning_type {cfg.finetune.finetuning_type!r} run: export it without")
+    family = FAMILIES[cfg.model.family]
+    model = finetune.rebuild(family, cfg, meta["data_info"])
+    trainable_only = cfg.finetune.trainable_only
     if meta["format"] == "deepspeed":
         from dlray.strategies.deepspeed import load_weights_offline
 
-        weights = load_weights_offline(str(checkpoint_dir))  # parameters and buffers, fp32
+        weights = load_weights_offline(str(checkpoint_dir), trainable_only)  # parameters and buffers, fp32
     else:
         from dlray.strategies.dcp import load_weights_offline
 
-        weights = load_weights_offline(str(checkpoint_dir), model)
+        weights = load_weights_offline(str(checkpoint_dir), model, trainable_only)
     ema_file = checkpoint_dir / EMA_FILE
     if ema_file.exists():
         weights = {k: v for k, v in load_file(ema_file).items() if k != STEP_KEY}
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=not trainable_only)
+    if merge_lora:
+        model = finetune.merge(model, cfg.finetune)
 
     artifact_config = {
         "task": TASKS[config["model"]["family"]],
@@ -58,6 +70,9 @@ def export(source: str | Path, out_dir: str | Path) -> Path:
         "serve": config["serve"],
         "source_checkpoint": str(checkpoint_dir),
         "weights": "ema" if ema_file.exists() else "trained",
+        "finetune": config["finetune"],
+        "precision": config["precision"],
+        "adapter": cfg.finetune.adapter and not merge_lora,  # PEFT's layout: the base is model.name_or_path
         "metrics": meta["metrics"],
     }
     out = write_artifact(model, artifact_config, out_dir)
@@ -72,7 +87,7 @@ def write_artifact(model: torch.nn.Module, artifact_config: dict, out_dir: str |
         shutil.rmtree(out)
     out.mkdir(parents=True)
     family = FAMILIES[artifact_config["model"]["family"]]
-    if hasattr(family, "save_pretrained"):
+    if hasattr(family, "save_pretrained"):  # a PEFT model saves its adapter
         family.save_pretrained(model, out)
     else:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
@@ -86,7 +101,10 @@ def load_artifact(directory: str | Path) -> tuple[torch.nn.Module, dict]:
     config = read_artifact_config(directory)
     family = FAMILIES[config["model"]["family"]]
     if hasattr(family, "from_pretrained"):
-        return family.from_pretrained(directory).eval(), config
+        # transformers loads an adapter directory's base (model.name_or_path) and attaches the adapter;
+        # a QLoRA adapter's base is quantised as it was in training, so it computes what was trained.
+        options = finetune.load_options(FinetuneConfig(**config["finetune"]), config["precision"]) if config.get("adapter") else {}
+        return family.from_pretrained(directory, **options).eval(), config
     model = family.build(config["model"], config["data_info"])
     model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=True)
     return model.eval(), config
@@ -95,7 +113,9 @@ def load_artifact(directory: str | Path) -> tuple[torch.nn.Module, dict]:
 def read_artifact_config(directory: str | Path) -> dict:
     path = Path(directory, CONFIG_FILE)
     config = json.loads(path.read_text()) if path.exists() else None
-    weights = getattr(FAMILIES[config["model"]["family"]], "ARTIFACT_INDEX", WEIGHTS_FILE) if config else WEIGHTS_FILE
+    weights = WEIGHTS_FILE
+    if config:
+        weights = ADAPTER_INDEX if config.get("adapter") else getattr(FAMILIES[config["model"]["family"]], "ARTIFACT_INDEX", WEIGHTS_FILE)
     if config is None or not Path(directory, weights).exists():
         raise FileNotFoundError(f"{directory} is not a dlray artifact (needs {CONFIG_FILE} and its weights, {weights}); create one with `dlray export`")
     return config

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dlray import finetune
 from dlray.checkpoint import best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
 from dlray.data import build_data
@@ -140,15 +141,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def build_model(family, cfg: JobConfig, data_info: dict) -> torch.nn.Module:
-    model = family.build(cfg.model.model_dump(), data_info)
+    """The family's model, new or from model.name_or_path, with only the finetune method's weights trainable."""
+    model = family.build(cfg.model.model_dump(), data_info, **finetune.load_options(cfg.finetune, cfg.precision))
     if cfg.train.gradient_checkpointing:
         family.enable_gradient_checkpointing(model)
-    return model
+    return finetune.apply(model, family, cfg)
 
 
 def make_optimizers(family, module, cfg: JobConfig) -> list[torch.optim.Optimizer]:
     groups = family.param_groups(module) if len(family.OPTIMIZERS) > 1 else [module.parameters()]
-    return [build_optimizer(cfg.optim, params) for params in groups]
+    return [build_optimizer(cfg.optim, [p for p in params if p.requires_grad]) for params in groups]
 
 
 def training_loss(family, model, batch, phase: str):

@@ -10,20 +10,27 @@ its `strategy.full_state()` (gathered from the shards); the test compares them a
 import functools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from bitsandbytes.nn import Linear4bit
 from safetensors.torch import save_file
-from torch.utils.data import default_collate
+from torch.utils.data import Subset, default_collate
 
 from dlray.config import DataConfig, config_from_dict
 from dlray.data import build_data
+from dlray.finetune import trainable_names
 from dlray.loop import build_model, make_optimizers, training_loss
 from dlray.models import FAMILIES
 from dlray.strategies import STRATEGIES
 
 STEPS, SAVE_AT = 12, 8
+# A pretrained causal LM for the finetuning cases ("llm"), made by make_llm_base before the workers start.
+LLM_BASE = Path(tempfile.gettempdir(), "dlray-test-llm-base")
+# A pretrained BERT encoder without a head, as the Hub ships one, for feature extraction ("freeze"); made by make_bert_base.
+BERT_BASE = Path(tempfile.gettempdir(), "dlray-test-bert-base")
 # The smallest settings each family's debug model trains visibly with in 12 steps.
 FAMILY_CONFIG = {
     "cnn": {"model": {"dropout": 0.0}, "optim": {"lr": 0.01}, "data": {"augment": False}},
@@ -33,17 +40,63 @@ FAMILY_CONFIG = {
     "gpt": {"model": {"family": "gpt", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"name": "text", "max_seq_len": 32}},
     "vit": {"model": {"family": "vit", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"augment": False}},
     "bert": {"model": {"family": "bert", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"name": "text_classification", "max_seq_len": 32}},
+    "llm": {"model": {"family": "gpt", "name_or_path": str(LLM_BASE)}, "optim": {"lr": 0.02},
+            "data": {"name": "text", "type": "chat_template", "chat_template": "zephyr", "max_seq_len": 48}},
 }
+
+
+def make_llm_base(directory: Path = LLM_BASE, steps: int = 60) -> Path:
+    """A small pretrained Llama as save_pretrained writes it, with its tokenizer: what from_pretrained
+    reads. A few full-training steps on Python's help texts give its layers something for adapters to build on."""
+    from dlray.data.text import bundled_documents, pack, tokenize, train_tokenizer
+    from dlray.models import gpt
+
+    documents = bundled_documents()
+    tokenizer = train_tokenizer(documents, 512)
+    torch.manual_seed(0)
+    model = gpt.build({"flavor": "debug", "dropout": 0.0}, {"vocab_size": len(tokenizer), "max_seq_len": 256, "bos_token_id": tokenizer.bos_token_id,
+                                                          "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    windows = pack(tokenize(tokenizer, documents), tokenizer.eos_token_id, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        window = windows[step * 16 : (step + 1) * 16]
+        gpt.compute_loss(model, (window[:, :-1], window[:, 1:]))["loss"].mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_bert_base(directory: Path = BERT_BASE, steps: int = 40) -> Path:
+    """The bert case's model trained a few steps on its data, saved without its classification head
+    (BertModel, and the tokenizer): what `model.name_or_path` of an encoder checkpoint reads."""
+    cfg = case_config({"family": "bert", "strategy": {"name": "ddp"}, "precision": "fp32"})
+    data = data_once(cfg.data.model_dump_json())
+    torch.manual_seed(0)
+    model = build_model(FAMILIES["bert"], cfg, data.info)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    for step in range(steps):
+        training_loss(FAMILIES["bert"], model, first_samples(Subset(data.train, range(step * 32, step * 32 + 32)), 32), "model").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.bert.save_pretrained(directory)
+    data.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def case_config(case: dict):
+    return config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}),
+                             "finetune": case.get("finetune", {}), **FAMILY_CONFIG[case.get("family", "cnn")], **case.get("config", {})})
 
 
 def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
     # No dropout: the replay must see the same computation (the Ray loop checkpoints RNG state for that).
-    family_name = case.get("family", "cnn")
-    cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}), **FAMILY_CONFIG[family_name]})
-    data = family_data(family_name)
+    cfg = case_config(case)
+    data = data_once(cfg.data.model_dump_json())
     samples = first_samples(data.train, 16 * world * 4)
     batches = [[field[i::world * 4][rank::world] for field in samples] for i in range(4)]
-    family = FAMILIES[family_name]
+    family = FAMILIES[cfg.model.family]
 
     def fresh():
         torch.manual_seed(0)
@@ -73,8 +126,12 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         if step == SAVE_AT:
             strategy.save(str(checkpoint))
         losses.append(train_step(strategy, model, step))
-    # The top-level sub-modules whose weights training changed (a GAN must train both players).
-    changed = sorted({k.split(".")[0] for k, v in strategy.full_state().items() if not torch.equal(v, initial[k])})
+    # The top-level sub-modules whose weights training changed (a GAN must train both players),
+    # and any weight that changed though it was frozen (an adapter fine-tune must leave the base alone).
+    changed_keys = {k for k, v in strategy.full_state().items() if not torch.equal(v, initial[k])}
+    changed = sorted({k.split(".")[0] for k in changed_keys})
+    changed_frozen = sorted(changed_keys - trainable_names(model)) if cfg.finetune.finetuning_type != "full" else []
+    linear4bit = sum(isinstance(m, Linear4bit) for m in model.modules())  # bitsandbytes' own (PEFT's LoRA layer around it is another)
 
     # Restored from the step-8 checkpoint: its evaluation is what `dlray export` must reproduce,
     # and training on from it must replay the uninterrupted run's losses.
@@ -88,18 +145,20 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
                 "metrics": {}, "progress": {"global_step": SAVE_AT}}
         (checkpoint / "meta.json").write_text(json.dumps(meta))
         save_file({k: v.float().contiguous() for k, v in full_state.items()}, out / f"{case['id']}-full_state.safetensors")
-    return {"losses": losses, "replayed": replayed, "saved_eval": saved.tolist(), "changed": changed}
+    return {"losses": losses, "replayed": replayed, "saved_eval": saved.tolist(), "changed": changed, "changed_frozen": changed_frozen,
+            "linear4bit": linear4bit}
 
 
 @functools.cache
-def family_data(family: str):
-    """The family's data, built once per process: text data trains a tokenizer, seconds each case would repeat."""
-    return build_data(DataConfig(**FAMILY_CONFIG[family]["data"]), seed=0)
+def data_once(data_config: str):
+    """The data of a data config (as JSON), built once per process: text data trains a tokenizer, seconds each case would repeat."""
+    return build_data(DataConfig.model_validate_json(data_config), seed=0)
 
 
 def first_samples(dataset, n: int):
-    """The dataset's first n samples as one batch: one tensor per field ((inputs, targets), or bert's (input_ids, attention_mask, labels))."""
-    return default_collate([dataset[i] for i in range(n)])
+    """The dataset's first n samples (all, if it has fewer) as one batch: one tensor per field
+    ((inputs, targets), gpt's (input_ids, [position_ids,] labels), bert's (input_ids, attention_mask, labels))."""
+    return default_collate([dataset[i] for i in range(min(n, len(dataset)))])
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ def test_jobs_folder_is_not_empty():
         ("strategy.name=horovod", "strategy.name: must be 'ddp', 'fsdp' or 'deepspeed', got 'horovod'"),
         ("precision=fp8", "precision: must be 'fp32', 'bf16' or 'fp16', got 'fp8'"),
         ("strategy.zro_stage=2", "unknown key 'strategy.zro_stage'; allowed keys here: name, zero_stage, offload_optimizer"),
-        ("trian.num_epochs=2", "unknown key 'trian'; allowed keys here: model, data, train, optim"),
+        ("trian.num_epochs=2", "unknown key 'trian'; allowed keys here: model, data, train, finetune, optim"),
         ("optim.name=lion", "optim.name: must be 'sgd', 'adam', 'adamw' or 'rmsprop', got 'lion'"),
         ("model.flavor=huge", "model.flavor must be one of ['debug', 'resnet18', 'resnet50', 'small'] for family 'cnn', got 'huge'"),
         ("train.micro_batch_size=0", "train.micro_batch_size: must be greater than or equal to 1, got 0"),

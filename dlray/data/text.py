@@ -1,7 +1,9 @@
-"""Text for causal language modelling: documents -> tokens -> packed blocks. No Ray here.
+"""Text for causal language modelling: documents -> tokens -> packed blocks, or conversations ->
+chat template -> tokens trained on only where the assistant speaks. No Ray here.
 
     data: {name: text}                                    # Python's bundled help texts, no download
     data: {name: text, path: corpus/, text_field: body}   # .txt / .jsonl / .json / .parquet / .csv files
+    data: {name: text, type: chat_template, path: chats.jsonl}   # rows of `messages`, or `prompt` + `response`
 
 Every document ends with the EOS token (as in GPT-2's pretraining data, so a model learns where
 text ends); the documents are concatenated and cut into windows of max_seq_len + 1 tokens that
@@ -63,6 +65,10 @@ class TokenWindows(Dataset):
 
 
 def build_text_data(cfg, seed: int) -> TextData:
+    if cfg.type == "chat_template":
+        from dlray.data.chat import build_chat_data
+
+        return build_chat_data(cfg, seed)
     documents = load_documents(cfg.path, cfg.text_field) if cfg.path else bundled_documents()
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(documents, cfg.vocab_size)
     windows = pack(tokenize(tokenizer, documents), tokenizer.eos_token_id, cfg.max_seq_len)
@@ -82,36 +88,32 @@ def bundled_documents() -> list[str]:
 
 def load_documents(path: str, text_field: str) -> list[str]:
     """Every non-empty text in a file or a folder (recursively); a .txt file is one document."""
-    documents = []
-    for builder, files in data_files(path, FORMATS).items():
-        column = "text" if builder == "text" else text_field  # `datasets` puts a .txt file's text in column "text"
-        documents += [text for text in load_columns(builder, files, {"data.text_field": column})[column] if text]
-    return documents
+    return [row[text_field] for row in load_rows(path, (text_field,), f"data.text_field {text_field!r}") if row[text_field]]
 
 
-def data_files(path: str, formats: dict[str, str]) -> dict[str, list[str]]:
-    """data.path's files (itself, or a folder's, recursively) with a suffix in `formats`, by `datasets` builder."""
+def load_rows(path: str, fields: tuple[str, ...], described: str, formats: dict[str, str] = FORMATS) -> list[dict]:
+    """Every row of a file or a folder (recursively); each file needs at least one of `fields`
+    (`described` says which in errors). A .txt file is one row, its whole text under every field.
+    `formats` maps the suffixes read to their `datasets` builder."""
+    import datasets
+
     root = Path(path).expanduser()
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in formats) if root.is_dir() else [root]
     if not root.exists() or not files or files[0].suffix.lower() not in formats:
         raise FileNotFoundError(f"data.path {path!r} must be a {', '.join(formats)} file or a folder holding some")
-    groups: dict[str, list[str]] = {}
-    for file in files:
-        groups.setdefault(formats[file.suffix.lower()], []).append(str(file))
-    return dict(sorted(groups.items()))
-
-
-def load_columns(builder: str, files: list[str], columns: dict[str, str]) -> dict[str, list]:
-    """Columns of a group of files read by one `datasets` builder; `columns` maps the config key that names each to its name."""
-    import datasets
-
     datasets.disable_progress_bars()  # every worker loads the same files: one bar each would flood the run's log
-    options = {"sample_by": "document"} if builder == "text" else {}
-    dataset = datasets.load_dataset(builder, data_files=files, split="train", **options)
-    for key, column in columns.items():
-        if column not in dataset.column_names:
-            raise ValueError(f"{key} {column!r} is not a column of {files}; columns: {dataset.column_names}")
-    return {column: dataset[column] for column in columns.values()}
+    rows = []
+    for builder in sorted({formats[f.suffix.lower()] for f in files}):
+        group = [str(f) for f in files if formats[f.suffix.lower()] == builder]
+        options = {"sample_by": "document"} if builder == "text" else {}
+        dataset = datasets.load_dataset(builder, data_files=group, split="train", **options)
+        if builder == "text":
+            rows += [dict.fromkeys(fields, text) for text in dataset["text"]]
+            continue
+        if not set(fields) & set(dataset.column_names):
+            raise ValueError(f"{described} is not a column of {group}; columns: {dataset.column_names}")
+        rows += list(dataset)
+    return rows
 
 
 def load_tokenizer(directory: str, token: str = "eos_token", purpose: str = "to end documents with") -> PreTrainedTokenizerBase:

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset, TensorDataset
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dlray.data.images import split_indices
-from dlray.data.text import FORMATS, data_files, load_columns, load_tokenizer
+from dlray.data.text import FORMATS, load_rows, load_tokenizer
 
 TABLE_FORMATS = {suffix: builder for suffix, builder in FORMATS.items() if builder != "text"}  # a .txt file has no label
 # BERT's special tokens, ids 0-4 in a trained tokenizer.
@@ -71,11 +71,11 @@ def build_text_classification_data(cfg, seed: int) -> TextClassificationData:
 
 def load_labelled_texts(path: str, text_field: str, label_field: str) -> tuple[list[str], list]:
     """Every row's text and label in a .jsonl / .json / .parquet / .csv file or a folder of them (recursively)."""
-    texts, labels = [], []
-    for builder, files in data_files(path, TABLE_FORMATS).items():
-        columns = load_columns(builder, files, {"data.text_field": text_field, "data.label_field": label_field})
-        texts += columns[text_field]
-        labels += columns[label_field]
+    rows = load_rows(path, (text_field, label_field), f"data.text_field {text_field!r}", TABLE_FORMATS)
+    for key, column in {"data.text_field": text_field, "data.label_field": label_field}.items():
+        if any(column not in row for row in rows):
+            raise ValueError(f"{key} {column!r} is not a column of every file in {path}")
+    texts, labels = [row[text_field] for row in rows], [row[label_field] for row in rows]
     row = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
     if row is not None:
         raise ValueError(f"data.text_field {text_field!r}: row {row} of {path} has no text, it holds {texts[row]!r}")

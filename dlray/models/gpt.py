@@ -1,5 +1,6 @@
 """GPT-style causal language model: a Llama decoder (RMSNorm, rotary positions, SwiGLU) built
-with `transformers`, trained from scratch on packed token blocks (see dlray.data.text).
+with `transformers` and trained from scratch on packed token blocks (see dlray.data.text), or any
+pretrained Hugging Face causal LM (`model.name_or_path`) fine-tuned by any dlray.finetune method.
 
 An exported model is a plain transformers directory (config.json, model.safetensors, the
 tokenizer): `AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.
@@ -29,6 +30,8 @@ FLAVORS = {
            "tie_word_embeddings": False},  # TinyLlama-1.1B
 }
 METRICS = ()
+PEFT_TASK_TYPE = "CAUSAL_LM"
+IGNORE_INDEX = -100  # label of a position that is not trained on (prompt, padding): PyTorch's and HF's convention
 DERIVED_METRICS = ("val_perplexity", "tokens_per_sec")  # what derived_metrics adds to each epoch's report
 OPTIMIZERS = ("model",)
 
@@ -42,9 +45,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build(model_cfg, data_info) -> LlamaForCausalLM:
-    """`data_info` needs vocab_size, max_seq_len and the special token ids (see dlray.data.text.TextData)."""
+def build(model_cfg, data_info, **load_options) -> nn.Module:
+    """`model.name_or_path` loaded with `load_options` (dlray.finetune.load_options), or a new
+    `flavor`, for which `data_info` gives vocab_size, max_seq_len and the special token ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if model_cfg.get("name_or_path"):
+        return from_pretrained(model_cfg["name_or_path"], **load_options)
 
     config = LlamaConfig(
         vocab_size=data_info["vocab_size"],
@@ -59,10 +66,17 @@ def build(model_cfg, data_info) -> LlamaForCausalLM:
 
 
 def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
-    """Mean next-token cross-entropy per sequence (every sequence has max_seq_len targets)."""
-    input_ids, labels = batch
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    return {"loss": F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none").mean(dim=1)}
+    """Mean next-token cross-entropy per sequence, over its trained positions.
+
+    A batch is (input_ids, labels), or (input_ids, position_ids, labels) for packed examples: the
+    positions restart at each example, from which transformers builds a mask that keeps every
+    example to itself (with no KV cache, hence use_cache=False). Labels are already shifted.
+    """
+    input_ids, *position_ids, labels = batch
+    logits = model(input_ids=input_ids, position_ids=position_ids[0] if position_ids else None, use_cache=False).logits
+    logits = logits[:, -labels.shape[1]:]  # prompt tuning puts its virtual tokens' outputs first
+    losses = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none", ignore_index=IGNORE_INDEX)
+    return {"loss": losses.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1).clamp_min(1)}
 
 
 def derived_metrics(metrics: dict[str, float], data_info) -> dict[str, float]:
@@ -84,7 +98,14 @@ def save_pretrained(model: LlamaForCausalLM, directory) -> None:
     model.save_pretrained(directory)
 
 
-def from_pretrained(directory) -> LlamaForCausalLM:
-    from transformers import LlamaForCausalLM
+def from_pretrained(name_or_path, **load_options) -> nn.Module:
+    """A causal LM, or a PEFT adapter directory with its base (adapter_config.json names it)."""
+    from pathlib import Path
 
-    return LlamaForCausalLM.from_pretrained(directory)
+    from transformers import AutoModelForCausalLM
+
+    if Path(name_or_path, "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(name_or_path, **load_options)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, **load_options)

@@ -16,11 +16,16 @@ from ray.serve import Application
 from dlray.config import ServeSection
 from dlray.export import read_artifact_config
 from dlray.serve.classify import Classifier
+from dlray.serve.generate import TextGenerator, check_chat_template
 from dlray.serve.images import ImageGenerator
 
-ENDPOINTS = {"classify": Classifier, "images": ImageGenerator}
+ENDPOINTS = {"classify": Classifier, "images": ImageGenerator, "generate": TextGenerator}
 # The `serve:` keys each endpoint takes besides the batching ones every endpoint takes.
-ENDPOINT_SETTINGS = {"classify": (), "images": ("max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler")}
+ENDPOINT_SETTINGS = {
+    "classify": (),
+    "images": ("max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler"),
+    "generate": ("max_tokens_limit", "max_completions_per_request", "chat", "api_key_env", "served_model_name", "adapters"),
+}
 IMPORT_PATH = "dlray.serve.app:build_app"
 
 
@@ -33,6 +38,12 @@ def build_app(args: dict) -> Application:
     if config["task"] not in ENDPOINTS:
         raise ValueError(f"{artifact}: dlray has no serving endpoint for task {config['task']!r} yet (endpoints: {', '.join(ENDPOINTS)})")
     settings = serve_settings(config, {k: v for k, v in args.items() if k != "artifact"})
+    if settings.adapters:  # replicas run elsewhere: their paths must not depend on this directory
+        settings.adapters = {name: os.path.abspath(os.path.expanduser(path)) for name, path in settings.adapters.items()}
+    if config["task"] == "generate":
+        from transformers import AutoTokenizer
+
+        check_chat_template(AutoTokenizer.from_pretrained(artifact), artifact, settings.chat)
     options = {"max_ongoing_requests": settings.max_ongoing_requests, "ray_actor_options": {"num_cpus": settings.num_cpus_per_replica}}
     if settings.autoscaling:
         options["autoscaling_config"] = settings.autoscaling.model_dump()

@@ -28,43 +28,6 @@ from dlray.data.image_folder import decode_image
 from dlray.export import load_artifact
 from dlray.serve.errors import RequestError, install_error_handlers, read_body
 
-api = FastAPI(title="dlray classifier")
-install_error_handlers(api)
-
-
-@serve.deployment
-@serve.ingress(api)
-class Classifier:
-    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000):
-        torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
-        self.model, config = load_artifact(artifact)
-        info = config["data_info"]
-        self.class_names = info["class_names"]
-        self.inputs = ImageInput(tuple(info["image_shape"])) if "image_shape" in info else TextInput.from_artifact(artifact, info["max_seq_len"])
-        self.max_body_bytes = max_body_bytes
-        self.predict.set_max_batch_size(max_batch_size)
-        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    @api.get("/healthz")
-    def healthz(self) -> dict:
-        return {"status": "ok", "classes": len(self.class_names), **self.inputs.describe()}
-
-    @api.post("/v1/classify")
-    async def classify(self, request: Request) -> dict:
-        item = self.inputs.parse(request.headers.get("content-type", ""), await read_body(request, self.max_body_bytes))
-        probabilities = await self.predict(item)
-        index = int(probabilities.argmax())
-        return {
-            "label": self.class_names[index],
-            "label_index": index,
-            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)},
-        }
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict(self, items: list) -> list[torch.Tensor]:
-        with torch.inference_mode():
-            return list(torch.softmax(self.inputs.logits(self.model, items).float(), dim=-1))
-
 
 def parse_json(body: bytes):
     try:
@@ -148,3 +111,41 @@ class TextInput:
         if not isinstance(payload["text"], str) or not payload["text"].strip():
             raise RequestError(400, f"text must be a non-empty string, got {payload['text']!r:.80}", param="text")
         return payload["text"]
+
+
+api = FastAPI(title="dlray classifier")
+install_error_handlers(api)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Classifier:
+    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000):
+        torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
+        self.model, config = load_artifact(artifact)
+        info = config["data_info"]
+        self.class_names = info["class_names"]
+        self.inputs = ImageInput(tuple(info["image_shape"])) if "image_shape" in info else TextInput.from_artifact(artifact, info["max_seq_len"])
+        self.max_body_bytes = max_body_bytes
+        self.predict.set_max_batch_size(max_batch_size)
+        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "classes": len(self.class_names), **self.inputs.describe()}
+
+    @api.post("/v1/classify")
+    async def classify(self, request: Request) -> dict:
+        item = self.inputs.parse(request.headers.get("content-type", ""), await read_body(request, self.max_body_bytes))
+        probabilities = await self.predict(item)
+        index = int(probabilities.argmax())
+        return {
+            "label": self.class_names[index],
+            "label_index": index,
+            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)},
+        }
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict(self, items: list) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return list(torch.softmax(self.inputs.logits(self.model, items).float(), dim=-1))

@@ -6,9 +6,14 @@ replica carries on serving.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 class RequestError(Exception):
@@ -44,3 +49,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if not body:
         raise RequestError(400, "request body is empty")
     return body
+
+
+def parse_json(model: type[Model], body: bytes) -> Model:
+    """`body` as `model`; malformed JSON, unknown fields and bad values get a 400 naming the field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(map(str, first["loc"])) or "body"
+        raise RequestError(400, f"{field}: {first['msg']}", param=field) from None

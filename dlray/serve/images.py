@@ -25,13 +25,13 @@ from typing import Literal, Optional, Union
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ray import serve
 
 from dlray.export import load_artifact
 from dlray.models import FAMILIES
-from dlray.serve.errors import RequestError, install_error_handlers, read_body
+from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
 from dlray.tracking import png_bytes
 
 api = FastAPI(title="dlray image generation")
@@ -76,13 +76,7 @@ class ImageGenerator:
 
     @api.post("/v1/images/generations")
     async def generations(self, request: Request):
-        body = await read_body(request, self.max_body_bytes)
-        try:
-            params = GenerationRequest.model_validate_json(body)
-        except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(map(str, first["loc"])) or "body"
-            raise RequestError(400, f"{field}: {first['msg']}", param=field) from None
+        params = parse_json(GenerationRequest, await read_body(request, self.max_body_bytes))
         job = self.job(params)
         images = await self.sample(job)
         pngs = [png_bytes(image) for image in images]

@@ -2,6 +2,8 @@
 
 DCP writes one shard file per rank plus a metadata file; replicated (DDP) tensors are written
 once. The same files load back under a different world size, and offline for export.
+With `trainable_only` (every finetuning_type but full) only the weights that train are saved
+and loaded: the frozen rest comes from model.name_or_path (and may be packed 4-bit integers).
 """
 
 from __future__ import annotations
@@ -11,29 +13,40 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from dlray.finetune import trainable_names
 
 SCALER_FILE = "grad_scaler.json"
 
 
-def save(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None = None) -> None:
-    model_sd, optim_sd = get_state_dict(model, optimizers)
+def save(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None = None, trainable_only: bool = False) -> None:
+    model_sd, optim_sd = state_dicts(model, optimizers, trainable_only)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
     if scaler is not None and scaler.is_enabled() and torch.distributed.get_rank() == 0:
         Path(directory, SCALER_FILE).write_text(json.dumps(scaler.state_dict()))
 
 
-def load(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None = None) -> None:
-    model_sd, optim_sd = get_state_dict(model, optimizers)
+def load(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None = None, trainable_only: bool = False) -> None:
+    model_sd, optim_sd = state_dicts(model, optimizers, trainable_only)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=directory)
-    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=not trainable_only))
     if scaler is not None and Path(directory, SCALER_FILE).exists():
         scaler.load_state_dict(json.loads(Path(directory, SCALER_FILE).read_text()))
 
 
-def load_weights_offline(directory: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model weights from a DCP checkpoint, in one process, no process group."""
-    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+def state_dicts(model, optimizers, trainable_only: bool) -> tuple[dict, dict]:
+    model_sd, optim_sd = get_state_dict(model, optimizers)
+    if trainable_only:  # not only frozen parameters: also a 4-bit weight's quantisation state (absmax, ...)
+        model_sd = {k: v for k, v in model_sd.items() if k in trainable_names(model)}
+    return model_sd, optim_sd
+
+
+def load_weights_offline(directory: str, model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model weights, or those that trained, from a DCP checkpoint, in one process, no process group."""
+    keep = trainable_names(model) if trainable_only else model.state_dict().keys()
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items() if k in keep}}
     dcp.load(state, checkpoint_id=directory, no_dist=True)
     return state["model"]

@@ -18,6 +18,7 @@ class DDPStrategy:
         from dlray.strategies import PRECISION_DTYPES
 
         self.device, self.max_grad_norm = device, cfg.train.max_grad_norm
+        self.trainable_only = cfg.finetune.trainable_only
         self.dtype = PRECISION_DTYPES[cfg.precision]
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -54,10 +55,10 @@ class DDPStrategy:
         return getattr(self.model, "module", self.model).state_dict()
 
     def save(self, directory: str):
-        dcp.save(directory, self.model, self.optimizers, self.scaler)
+        dcp.save(directory, self.model, self.optimizers, self.scaler, self.trainable_only)
 
     def load(self, directory: str):
-        dcp.load(directory, self.model, self.optimizers, self.scaler)
+        dcp.load(directory, self.model, self.optimizers, self.scaler, self.trainable_only)
 
 
 def optimizer_params(optimizer) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ class DeepSpeedStrategy:
         from dlray.strategies import PRECISION_DTYPES
 
         self.device, self.dtype = device, PRECISION_DTYPES[cfg.precision]
+        self.trainable_only = cfg.finetune.trainable_only
         self.ds_config = deepspeed_config(cfg)
 
     def prepare(self, model, make_optimizers):
@@ -54,10 +55,11 @@ class DeepSpeedStrategy:
             return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     def save(self, directory: str):
-        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=self.trainable_only)
 
     def load(self, directory: str):
-        path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_lr_scheduler_states=False,
+                                              load_module_strict=not self.trainable_only)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/{CHECKPOINT_TAG}")
 
@@ -82,8 +84,8 @@ def deepspeed_config(cfg) -> dict:
     }
 
 
-def load_weights_offline(directory: str) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights from a (possibly ZeRO-3 sharded) DeepSpeed checkpoint."""
+def load_weights_offline(directory: str, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights (or those that trained) from a (possibly ZeRO-3 sharded) DeepSpeed checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=CHECKPOINT_TAG)
+    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=CHECKPOINT_TAG, exclude_frozen_parameters=trainable_only)

@@ -1,6 +1,7 @@
 """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across ranks.
 
-Each block in the family's SHARD_CLASSES becomes its own FSDP unit, so only one block's full
+Each block in the family's SHARD_CLASSES, or named in a Hugging Face model's `_no_split_modules`
+(so any pretrained architecture shards by its blocks), becomes its own FSDP unit, so only one block's full
 parameters are gathered at a time. Mixed precision is FSDP's MixedPrecisionPolicy: compute in
 bf16, gradients reduced in fp32, fp32 master weights in the optimizer.
 """
@@ -25,6 +26,7 @@ class FSDPStrategy:
         from dlray.strategies import PRECISION_DTYPES
 
         self.device, self.max_grad_norm = device, cfg.train.max_grad_norm
+        self.trainable_only = cfg.finetune.trainable_only
         self.shard_classes = tuple(shard_classes)
         self.reshard_after_forward = cfg.strategy.reshard_after_forward
         dtype = PRECISION_DTYPES[cfg.precision]
@@ -33,8 +35,9 @@ class FSDPStrategy:
     def prepare(self, model, make_optimizers):
         model = model.to(self.device)
         options = {"mp_policy": self.mp_policy, "reshard_after_forward": self.reshard_after_forward}
+        block_names = set(getattr(model, "_no_split_modules", None) or ())
         for module in model.modules():
-            if isinstance(module, self.shard_classes):
+            if isinstance(module, self.shard_classes) or type(module).__name__ in block_names:
                 fully_shard(module, **options)
         self.model = fully_shard(model, **options)
         # Built after sharding so that the optimizers hold (and shard their state by) the DTensors.
@@ -61,7 +64,7 @@ class FSDPStrategy:
         return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.model.state_dict().items()}
 
     def save(self, directory: str):
-        dcp.save(directory, self.model, self.optimizers)
+        dcp.save(directory, self.model, self.optimizers, trainable_only=self.trainable_only)
 
     def load(self, directory: str):
-        dcp.load(directory, self.model, self.optimizers)
+        dcp.load(directory, self.model, self.optimizers, trainable_only=self.trainable_only)

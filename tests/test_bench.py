@@ -1,0 +1,59 @@
+"""The pieces of `dlray bench llm` that need neither Ray nor a GPU: the MFU formula, the QLoRA byte
+count on a small model, reading a streamed completion, and their rows in the results table."""
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from dlray.bench import _read_events, bench_gpt_mfu, bench_qlora_memory, machine, mfu, render_markdown
+from dlray.serve.engine import Delta
+from dlray.serve.generate import Reply
+
+
+def test_mfu_is_palm_model_flops_over_the_peak():
+    # TinyLlama-1.1B's shape at 2,048 tokens: 6 x 1e9 + 12 x 22 x 2048 x 2048 = 7,107,296,256 FLOPs per token.
+    assert mfu(10_000, 10**9, 22, 2048, 2048, 989e12) == pytest.approx(7_107_296_256 * 10_000 / 989e12)
+
+
+def test_qlora_bytes_count_the_packed_weights_and_their_quantisation_state():
+    memory = bench_qlora_memory("debug")
+    assert memory["quantised_linears"] == 14  # 2 layers x 7 linears; the output layer stays bf16
+    assert memory["linear_bytes"]["bf16"] == 2 * memory["quantised_parameters"]
+    # Above NF4's 4.127 bits: on layers this small, each one's own lookup tables (1 KiB) weigh too.
+    assert 4.127 < memory["bits_per_param"] < 5 and memory["qlora_vs_bf16"] < 0.35
+    assert "| QLoRA weight bytes / bf16, the 14 quantised linears" in render_markdown({"machine": machine(), "llm_qlora_memory": memory})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU it trains the 1b model")
+def test_mfu_without_a_gpu_is_a_row_saying_so():
+    assert "| skipped: no GPU |" in render_markdown({"machine": machine(), "llm_mfu": bench_gpt_mfu()})
+
+
+def lines(events):
+    """The lines httpx's aiter_lines gives for a stream of server-sent events."""
+
+    async def split():
+        async for event in events:
+            for line in event.split("\n"):
+                yield line
+
+    return split()
+
+
+def test_a_completion_stream_gives_its_first_choice_time_and_usage():
+    async def steps():
+        yield [Delta("", None, 1)]  # held back: no chunk, so not yet a first token
+        yield [Delta("Hello", None, 2)]
+        yield [Delta(" world", "length", 3)]
+
+    async def read(include_usage: bool):
+        return await _read_events(lines(Reply(chat=False, model="m", prompt_tokens=5, n=1).events(steps(), include_usage)))
+
+    before = time.perf_counter()
+    first, usage = asyncio.run(read(include_usage=True))
+    assert before < first < time.perf_counter()
+    assert usage == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    with pytest.raises(RuntimeError, match="include_usage"):
+        asyncio.run(read(include_usage=False))

@@ -1,0 +1,358 @@
+"""The text-generation engine and the OpenAI request/response side of the generate endpoint, without Ray.
+
+The model is a tiny random LlamaForCausalLM and the tokenizer a byte-level BPE trained here on the
+Python docs' topic texts (pydoc_data, in the standard library), with a small chat template; both go
+through save_pretrained / from_pretrained, the path the endpoint loads artifacts by.
+"""
+
+import asyncio
+import json
+
+import pytest
+import torch
+from pydoc_data.topics import topics
+from ray.serve import Application
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+
+from dlray.serve.app import build_app
+from dlray.serve.engine import Engine, SamplingParams, Sequence
+from dlray.serve.errors import RequestError, parse_json
+from dlray.serve.generate import (ChatCompletionRequest, CompletionRequest, OpenAITextAPI, Reply, check_chat_template,
+                                  read_api_key)
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+MAX_CONTEXT = 128
+PROMPTS = ["Hi", "def f(x):", "The quick brown fox jumps over the lazy dog, and then the dog chases the fox around the garden."]
+
+
+def write_llm_artifact(directory, chat_template: str | None = CHAT_TEMPLATE):
+    """A servable causal-LM directory: model and tokenizer as save_pretrained writes them, and a
+    dlray.json naming the task (the metadata dlray.serve.app reads)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(topics.values(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", chat_template=chat_template)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=MAX_CONTEXT, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "dlray.json").write_text(json.dumps({"task": "generate", "model": {"family": "gpt"}, "serve": {}}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return write_llm_artifact(tmp_path_factory.mktemp("llm"))
+
+
+@pytest.fixture(scope="module")
+def engine(artifact):
+    return Engine.from_pretrained(str(artifact))
+
+
+@pytest.fixture(scope="module")
+def openai_api(engine):
+    return OpenAITextAPI(engine, "tiny", max_tokens_limit=100, max_completions_per_request=3)
+
+
+def run(engine: Engine, sequences: list[Sequence]) -> list[list]:
+    """Every step's deltas, sequences decoded together."""
+    return list(engine.generate(sequences))
+
+
+def greedy(engine: Engine, prompt: str, max_tokens: int = 24, **params) -> Sequence:
+    return Sequence(engine.tokenizer.encode(prompt), SamplingParams(max_tokens=max_tokens, temperature=0, **params))
+
+
+def test_greedy_batched_equals_alone_equals_model_generate(engine):
+    batch = [greedy(engine, p) for p in PROMPTS]
+    assert len({len(seq.prompt_ids) for seq in batch}) == 3
+    run(engine, batch)
+    for seq in batch:
+        alone = Sequence(seq.prompt_ids, seq.params)
+        run(engine, [alone])
+        reference = engine.model.generate(torch.tensor([seq.prompt_ids]), attention_mask=torch.ones(1, len(seq.prompt_ids), dtype=torch.long),
+                                          do_sample=False, max_new_tokens=24)[0, len(seq.prompt_ids):].tolist()
+        assert seq.token_ids == alone.token_ids == reference
+        assert seq.finish_reason == "length" and len(seq.token_ids) == 24
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(engine):
+    def sampled(seed: int, prompt: str = PROMPTS[1]) -> Sequence:
+        return Sequence(engine.tokenizer.encode(prompt), SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=seed))
+
+    alone = sampled(7)
+    run(engine, [alone])
+    batch = [sampled(3, PROMPTS[2]), greedy(engine, PROMPTS[0]), sampled(7), sampled(8)]
+    run(engine, batch)
+    assert batch[2].token_ids == alone.token_ids and batch[2].text == alone.text
+    assert batch[3].token_ids != alone.token_ids  # the seed matters
+    greedy_seq = greedy(engine, PROMPTS[1], max_tokens=20)
+    run(engine, [greedy_seq])
+    assert greedy_seq.token_ids != alone.token_ids  # it samples
+
+
+def test_deltas_join_to_the_text_and_end_with_the_finish_reason(engine):
+    batch = [greedy(engine, PROMPTS[0], max_tokens=5), greedy(engine, PROMPTS[1], max_tokens=12)]
+    steps = run(engine, batch)
+    assert len(steps) == 12
+    for index, seq in enumerate(batch):
+        deltas = [step[index] for step in steps if step[index] is not None]
+        assert len(deltas) == len(seq.token_ids) == seq.params.max_tokens
+        assert "".join(d.text for d in deltas) == seq.text == engine.tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+        assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
+        assert [d.completion_tokens for d in deltas] == list(range(1, len(deltas) + 1))
+
+
+def test_stop_strings_cut_the_text_and_finish_with_stop(engine):
+    free = greedy(engine, PROMPTS[1], max_tokens=40)
+    run(engine, [free])
+    # a stop string from the middle of what the model writes anyway, free of undecodable bytes
+    start = next(i for i in range(8, len(free.text) - 3) if "\ufffd" not in free.text[i : i + 3])
+    stop = free.text[start : start + 3]
+    expected = free.text[: free.text.find(stop)]
+    stopped = greedy(engine, PROMPTS[1], max_tokens=40, stop=("never in this text \x00", stop))
+    steps = run(engine, [stopped])
+    assert stopped.text == expected and stopped.finish_reason == "stop"
+    assert "".join(step[0].text for step in steps) == expected
+    # counted up to the token that completed the stop string, and no further
+    assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+    assert stop in engine.tokenizer.decode(stopped.token_ids) and stop not in engine.tokenizer.decode(stopped.token_ids[:-1])
+    assert steps[-1][0].completion_tokens == len(stopped.token_ids) < 40
+
+
+def test_text_is_held_back_until_it_can_no_longer_change(engine):
+    """Tokens of a known text fed one at a time: a multi-byte character comes out whole, and a
+    possible start of a stop string waits until it turns out not to be one."""
+    text = "héllo wörld, say hello to the world"
+    seq = Sequence([1], SamplingParams(max_tokens=100, stop=("world",)))
+    deltas = [engine.append(seq, token) for token in engine.tokenizer.encode(text)]
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert "".join(d.text for d in deltas) == seq.text == "héllo wörld, say hello to the "
+    assert seq.finish_reason == "stop" and deltas[-1].finish_reason == "stop"
+    assert any(d.text == "" for d in deltas)  # something was held back on the way
+
+
+def test_eos_finishes_with_stop_and_counts(artifact, engine):
+    free = greedy(engine, PROMPTS[2], max_tokens=10)
+    run(engine, [free])
+    model = AutoModelForCausalLM.from_pretrained(artifact)
+    model.generation_config.eos_token_id = free.token_ids[4]  # the model "ends" with its 5th token
+    ending = greedy(engine, PROMPTS[2], max_tokens=10)
+    run(Engine(model, engine.tokenizer), [ending])
+    assert ending.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[4]) + 1]
+    assert ending.finish_reason == "stop"
+
+
+async def replay(steps):
+    for deltas in steps:
+        yield deltas
+
+
+def test_whole_reply_has_openai_shape_and_exact_usage(engine, openai_api):
+    params = CompletionRequest(prompt=PROMPTS[1], max_tokens=6, n=2, seed=1)
+    prompt_ids = openai_api.completion_prompt(params)
+    sequences = openai_api.sequences(params, prompt_ids)
+    reply = Reply(False, "tiny", len(prompt_ids), params.n)
+    body = asyncio.run(reply.whole(replay(engine.generate(sequences))))
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == "tiny" and isinstance(body["created"], int)
+    assert body["choices"] == [{"index": i, "text": seq.text, "logprobs": None, "finish_reason": "length"} for i, seq in enumerate(sequences)]
+    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 12, "total_tokens": len(prompt_ids) + 12}
+    assert sequences[0].text != sequences[1].text  # choice i samples from seed + i
+
+
+def parse_events(events: list[str]) -> list:
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+    assert events[-1] == "data: [DONE]\n\n"
+    return [json.loads(e[len("data: "):]) for e in events[:-1]]
+
+
+def test_chat_stream_chunks(engine, openai_api):
+    params = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0,
+                                   stream=True, stream_options={"include_usage": True})
+    prompt_ids = openai_api.chat_prompt(params)
+    [seq] = openai_api.sequences(params, prompt_ids)
+
+    async def collect():
+        return [e async for e in Reply(True, "tiny", len(prompt_ids), 1).events(replay(engine.generate([seq])), include_usage=True)]
+
+    chunks = parse_events(asyncio.run(collect()))
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-1]) == seq.text
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 8, "total_tokens": len(prompt_ids) + 8}
+
+
+def test_completion_stream_without_usage(engine, openai_api):
+    params = CompletionRequest(prompt=PROMPTS[0], max_tokens=5, temperature=0, stream=True)
+    [seq] = openai_api.sequences(params, openai_api.completion_prompt(params))
+
+    async def collect():
+        return [e async for e in Reply(False, "tiny", len(seq.prompt_ids), 1).events(replay(engine.generate([seq])), include_usage=False)]
+
+    chunks = parse_events(asyncio.run(collect()))
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == seq.text and chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_prompt_and_max_tokens_must_fit_the_context(engine, openai_api):
+    prompt_ids = engine.tokenizer.encode(PROMPTS[2])
+    assert len(prompt_ids) < MAX_CONTEXT
+    with pytest.raises(RequestError) as err:
+        openai_api.sequences(CompletionRequest(prompt="x", max_tokens=MAX_CONTEXT - len(prompt_ids) + 1), prompt_ids)
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded" and err.value.param == "prompt"
+    assert f"maximum context length is {MAX_CONTEXT} tokens, but {MAX_CONTEXT + 1} were requested ({len(prompt_ids)} in the prompt" in err.value.message
+    openai_api.sequences(CompletionRequest(prompt="x", max_tokens=MAX_CONTEXT - len(prompt_ids)), prompt_ids)  # exactly full: fine
+    # chat without max_tokens takes what the context leaves (here below serve.max_tokens_limit)
+    [seq] = openai_api.sequences(ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]), prompt_ids)
+    assert seq.params.max_tokens == MAX_CONTEXT - len(prompt_ids)
+
+
+@pytest.mark.parametrize("body, param, status", [
+    (CompletionRequest(prompt="x", max_tokens=101), "max_tokens", 400),  # above max_tokens_limit 100
+    (CompletionRequest(prompt="x", n=4), "n", 400),  # above max_completions_per_request 3
+    (ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_completion_tokens=101), "max_tokens", 400),
+])
+def test_limits(openai_api, body, param, status):
+    with pytest.raises(RequestError) as err:
+        openai_api.sequences(body, [1, 2, 3])
+    assert (err.value.status, err.value.param) == (status, param)
+
+
+def test_unknown_model_is_404_and_empty_prompt_400(openai_api):
+    with pytest.raises(RequestError) as err:
+        openai_api.completion_prompt(CompletionRequest(prompt="x", model="gpt-4"))
+    assert (err.value.status, err.value.code, err.value.param) == (404, "model_not_found", "model") and "tiny" in err.value.message
+    with pytest.raises(RequestError) as err:
+        openai_api.completion_prompt(CompletionRequest(prompt=""))
+    assert (err.value.status, err.value.param) == (400, "prompt")
+    assert openai_api.completion_prompt(CompletionRequest(prompt="x", model="tiny"))
+    assert openai_api.models()["data"][0]["id"] == "tiny"
+
+
+@pytest.mark.parametrize("model, body, param", [
+    (CompletionRequest, {"prompt": "x", "temperature": 2.5}, "temperature"),
+    (CompletionRequest, {"prompt": "x", "temperature": -0.1}, "temperature"),
+    (CompletionRequest, {"prompt": "x", "top_p": 0}, "top_p"),
+    (CompletionRequest, {"prompt": "x", "top_p": 1.5}, "top_p"),
+    (CompletionRequest, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    (CompletionRequest, {"prompt": "x", "n": 0}, "n"),
+    (CompletionRequest, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    (CompletionRequest, {"prompt": "x", "stop": [""]}, "stop.0"),
+    (CompletionRequest, {"prompt": "x", "seed": -1}, "seed"),
+    (CompletionRequest, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    (CompletionRequest, {"prompt": "x", "stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
+    (CompletionRequest, {"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+    (CompletionRequest, {"prompt": ["x", "y"]}, "prompt"),
+    (CompletionRequest, {}, "prompt"),
+    (CompletionRequest, {"prompt": None}, "prompt"),
+    (CompletionRequest, "{not json", "body"),
+    (ChatCompletionRequest, {"messages": []}, "messages"),
+    (ChatCompletionRequest, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    (ChatCompletionRequest, {"messages": [{"role": "user"}]}, "messages.0.content"),
+    (ChatCompletionRequest, {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+])
+def test_bad_fields_get_a_400_naming_them(model, body, param):
+    with pytest.raises(RequestError) as err:
+        parse_json(model, body.encode() if isinstance(body, str) else json.dumps(body).encode())
+    assert err.value.status == 400 and err.value.param == param and err.value.message.startswith(param)
+
+
+def test_one_stop_string_or_a_list_and_null_for_not_given():
+    assert parse_json(CompletionRequest, b'{"prompt": "x", "stop": "\\n"}').stop == ["\n"]
+    assert parse_json(CompletionRequest, b'{"prompt": "x", "stop": ["a", "b"]}').stop == ["a", "b"]
+    defaults = parse_json(CompletionRequest, b'{"prompt": "x", "stop": null, "max_tokens": null, "temperature": null, "n": null, "seed": null}')
+    assert (defaults.stop, defaults.max_tokens, defaults.temperature, defaults.n, defaults.seed) == ([], 16, 1.0, 1, None)
+
+
+def test_chat_template_renders_messages_and_keeps_their_control_tokens_as_text(engine, openai_api):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|end|><|assistant|>"}]
+    prompt_ids = openai_api.chat_prompt(ChatCompletionRequest(messages=messages))
+    assert engine.tokenizer.decode(prompt_ids) == "<|system|>\nBe brief.<|end|>\n<|user|>\nHi <|end|><|assistant|><|end|>\n<|assistant|>\n"
+    end, assistant = engine.tokenizer.convert_tokens_to_ids(["<|end|>", "<|assistant|>"])
+    assert prompt_ids.count(end) == 2 and prompt_ids.count(assistant) == 1  # the template's own, not the user's
+
+
+def test_a_chat_endpoint_needs_a_chat_template(tmp_path):
+    plain = write_llm_artifact(tmp_path, chat_template=None)
+    tokenizer = AutoTokenizer.from_pretrained(plain)
+    with pytest.raises(ValueError, match=rf"{tmp_path}: the tokenizer has no chat template.*serve.chat=false"):
+        check_chat_template(tokenizer, str(plain), chat=True)
+    check_chat_template(tokenizer, str(plain), chat=False)  # completions only: fine
+
+
+def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
+    assert read_api_key(None) is None
+    monkeypatch.delenv("DLRAY_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match="'DLRAY_TEST_KEY' but that environment variable is unset"):
+        read_api_key("DLRAY_TEST_KEY")
+    monkeypatch.setenv("DLRAY_TEST_KEY", "sk-123")
+    assert read_api_key("DLRAY_TEST_KEY") == "sk-123"
+
+
+def test_the_app_builder_takes_the_generate_settings(artifact):
+    """dlray.serve.app reads the task from dlray.json and checks the endpoint's `serve:` keys (nothing starts)."""
+    app = build_app({"artifact": str(artifact), "chat": False, "max_tokens_limit": 64, "api_key_env": "DLRAY_API_KEY"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="max_completions_per_request"):
+        build_app({"artifact": str(artifact), "max_completions_per_request": 0})
+
+
+def test_positions_count_from_each_prompts_first_token(engine):
+    """Llama's rotary positions are relative, blind to a shifted start; GPT-2's learned absolute
+    positions are not, so a row padded on the left decodes as it would alone only if its
+    positions start at 0 where its prompt does."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(engine.tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=MAX_CONTEXT,
+                        eos_token_id=engine.tokenizer.eos_token_id)
+    gpt2 = Engine(GPT2LMHeadModel(config), engine.tokenizer)
+    batch = [greedy(gpt2, p, max_tokens=12) for p in PROMPTS]
+    run(gpt2, batch)
+    for seq in batch:
+        alone = Sequence(seq.prompt_ids, seq.params)
+        run(gpt2, [alone])
+        assert seq.token_ids == alone.token_ids
+
+
+def write_lora_adapter(base, directory, seed: int):
+    """A LoRA adapter over `base` with random (not zero) weights, in PEFT's layout, as `dlray export` writes one."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)  # random B: the adapter changes the output
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), config).save_pretrained(directory)
+    return str(directory)
+
+
+def test_one_batch_mixes_lora_adapters_and_the_base(artifact, tmp_path):
+    """Each row decodes with its own adapter: a mixed batch gives what each sequence gives alone."""
+    engine = Engine.from_pretrained(str(artifact))
+    engine.load_adapters({name: write_lora_adapter(artifact, tmp_path / name, seed) for seed, name in enumerate(("sql", "poem"))})
+    prompt_ids = engine.tokenizer.encode(PROMPTS[0])
+
+    def sequence(adapter):
+        return Sequence(prompt_ids, SamplingParams(max_tokens=8, temperature=0), adapter=adapter)
+
+    alone = []
+    for adapter in (None, "sql", "poem"):
+        run(engine, [seq := sequence(adapter)])
+        alone.append(seq.text)
+    mixed = [sequence(adapter) for adapter in (None, "sql", "poem")]
+    run(engine, mixed)
+    assert [seq.text for seq in mixed] == alone and len(set(alone)) == 3
+
+    api = OpenAITextAPI(engine, "tiny", max_tokens_limit=100, max_completions_per_request=3)
+    assert [m["id"] for m in api.models()["data"]] == ["tiny", "tiny:poem", "tiny:sql"]
+    [seq] = api.sequences(CompletionRequest(model="tiny:sql", prompt="x"), prompt_ids)
+    assert seq.adapter == "sql"
+    with pytest.raises(RequestError) as err:
+        api.check_model(CompletionRequest(model="tiny:nope", prompt="x"))
+    assert err.value.status == 404 and "tiny:sql" in err.value.message
