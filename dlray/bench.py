@@ -1,6 +1,7 @@
 """Benchmarks, side by side in one run, against plain PyTorch and unbatched baselines.
 
     dlray bench all        # or: train | cluster | tune | serve | diffusion | llm; writes benchmarks/results.md and .json
+    dlray bench llm_train  # or any one benchmark by its key in BENCHMARKS
 
 train   dlray (Ray Train, 1 worker) samples/s / a plain PyTorch loop on the same model, data and
         batch size; 2 workers / 1 worker; per-rank parameter+optimizer bytes of FSDP and ZeRO-3
@@ -66,14 +67,16 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 
 
 
 def run_benchmarks(what: str, out: Path) -> dict:
-    if what not in BENCHMARKS and what != "all":
-        raise ValueError(f"bench target must be {', '.join(BENCHMARKS)} or all, got {what!r}")
+    """Run a group of BENCHMARKS, one benchmark of a group (by its key, e.g. llm_train) or all, and
+    rewrite `out` with these results beside the earlier ones of the others."""
+    selected = {key: bench for name, benchmarks in BENCHMARKS.items() for key, bench in benchmarks.items() if what in ("all", name, key)}
+    if not selected:
+        keys = [key for benchmarks in BENCHMARKS.values() for key in benchmarks]
+        raise ValueError(f"bench target must be all, a group ({', '.join(BENCHMARKS)}) or one benchmark ({', '.join(keys)}), got {what!r}")
     results = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     results["machine"] = machine()
-    for name, benchmarks in BENCHMARKS.items():
-        if what in (name, "all"):
-            for key, bench in benchmarks.items():
-                results[key] = bench()
+    for key, bench in selected.items():
+        results[key] = bench()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     out.write_text(render_markdown(results))

@@ -132,7 +132,7 @@ def serve(
 
 
 @app.command()
-def bench(what: str = typer.Argument("all", help="train | cluster | tune | serve | diffusion | llm | all"), out: Path = typer.Option(Path("benchmarks/results.md"))):
+def bench(what: str = typer.Argument("all", help="train | cluster | tune | serve | diffusion | llm | all, or one benchmark, e.g. llm_train"), out: Path = typer.Option(Path("benchmarks/results.md"))):
     """Measure dlray against plain PyTorch / unbatched baselines; write the results file."""
     from dlray.bench import run_benchmarks
 
