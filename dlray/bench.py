@@ -16,8 +16,8 @@ serve   @serve.batch (max_batch_size 32) / unbatched (max_batch_size 1) requests
 diffusion  jobs/diffusion_digits.yaml: dlray (1 worker) images/s / the plain diffusers training
         loop on the same UNet; DDPM-1000 vs DDIM-50 sampling latency; the images endpoint's
         images/s batched / unbatched at 16 concurrent clients.
-llm     jobs/gpt_pretrain.yaml's gpt/debug: dlray (1 worker) tokens/s / a plain PyTorch + transformers
-        loop on the same Llama, data, batch and precision; QLoRA (NF4, double quantisation) bytes of
+llm     jobs/gpt_pretrain.yaml's gpt/debug and gpt/small: dlray (1 worker) tokens/s / a plain
+        PyTorch + transformers loop on the same Llama, data, batch and precision; QLoRA (NF4, double quantisation) bytes of
         the quantised linears / bf16, quantisation state included; generation tokens/s, the engine
         alone with 16 sequences batched / one at a time, and the generate endpoint's at 1 and 16
         streaming clients with the time to first token; on a GPU, the MFU of gpt/1b training.
@@ -57,8 +57,10 @@ SWEEP_JOB = "jobs/sweep_cnn_asha.yaml"
 TUNE_SEEDS, TUNE_SAMPLES, TUNE_EPOCHS, TUNE_TARGET = (0, 1, 2), 5, 5, 0.90
 TUNE_OVERHEAD_TRIALS = 4
 GPT_JOB = "jobs/gpt_pretrain.yaml"
-# `small` takes about 4 s a step on one CPU thread, over an hour for its dlray and plain runs: add it on a faster machine.
-GPT_TRAIN_FLAVORS = ("debug",)
+# flavor -> characters of the bundled help texts it trains on (None: all ~0.5 MB). `small` takes
+# about 4 s a step on one CPU thread: the whole corpus would keep its dlray and plain runs over an
+# hour, its first 48 KB (~85 training windows, 5 steps an epoch) about a minute and a half each.
+GPT_TRAIN_FLAVORS = {"debug": None, "small": 48_000}
 QLORA_FLAVOR, QLORA_VOCAB = "base", 32000  # 110M parameters, GPT-2 small's body with a Llama-sized vocabulary
 GEN_STREAMS, GEN_ROUNDS, GEN_MAX_TOKENS = (1, 16), 4, 64
 MFU_FLAVOR, MFU_BATCH, MFU_SEQ_LEN, MFU_VOCAB, MFU_STEPS = "1b", 4, 2048, 32000, 10
@@ -478,9 +480,18 @@ def bench_gpt_train() -> dict:
     """bench_train on GPT_JOB for each of GPT_TRAIN_FLAVORS, 1 worker, against the plain PyTorch +
     transformers loop (PLAIN_LOSSES["gpt"]). Tokens/s are samples/s x max_seq_len for both: every
     window is max_seq_len tokens, which is how the gpt family's tokens_per_sec counts them."""
+    from dlray.data.text import bundled_documents
+
     seq_len = load_config(GPT_JOB).data.max_seq_len
-    return {flavor: bench_train(GPT_JOB, (f"model.flavor={flavor}",), worker_counts=(1,)) | {"max_seq_len": seq_len}
-            for flavor in GPT_TRAIN_FLAVORS}
+    results = {}
+    for flavor, chars in GPT_TRAIN_FLAVORS.items():
+        overrides = [f"model.flavor={flavor}"]
+        if chars:
+            corpus = Path(tempfile.mkdtemp(prefix="dlray-bench-corpus-"), "help.txt")
+            corpus.write_text("\n\n".join(bundled_documents())[:chars])
+            overrides.append(f"data.path={corpus}")
+        results[flavor] = bench_train(GPT_JOB, tuple(overrides), worker_counts=(1,)) | {"max_seq_len": seq_len, "corpus_chars": chars}
+    return results
 
 
 def bench_qlora_memory(flavor: str = QLORA_FLAVOR) -> dict:
@@ -776,7 +787,8 @@ def _train_rows(train: dict, label: str, baseline: str, unit: str, per_sample: i
 def _llm_rows(results: dict) -> list[str]:
     lines = []
     for train in results.get("llm_train", {}).values():
-        lines += _train_rows(train, f"LLM train ({train['max_seq_len']}-token windows)", "plain PyTorch + transformers loop", "tokens/s", train["max_seq_len"])
+        corpus = f", the corpus' first {train['corpus_chars'] // 1000} KB" if train.get("corpus_chars") else ""
+        lines += _train_rows(train, f"LLM train ({train['max_seq_len']}-token windows{corpus})", "plain PyTorch + transformers loop", "tokens/s", train["max_seq_len"])
     if memory := results.get("llm_qlora_memory"):
         linear, model = memory["linear_bytes"], memory["model_bytes"]
         lines.append(_row(f"QLoRA weight bytes / bf16, the {memory['quantised_linears']} quantised linears ({memory['model']})",

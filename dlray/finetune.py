@@ -16,12 +16,7 @@ the base with the adapters merged in, as a plain transformers model.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
-
-# The dtype 4-bit weights are dequantised to for each matmul, by the job's precision.
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def load_options(finetune, precision: str) -> dict:
     """Keyword arguments for the family's from_pretrained: qlora quantises the base as it loads."""
@@ -29,9 +24,12 @@ def load_options(finetune, precision: str) -> dict:
         return {}
     from transformers import BitsAndBytesConfig
 
+    from dlray.strategies import PRECISION_DTYPES  # here: the strategies import this module
+
+    # 4-bit weights are dequantised to the job's precision for each matmul.
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=finetune.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=finetune.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision])}
+        bnb_4bit_use_double_quant=finetune.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=PRECISION_DTYPES[precision])}
 
 
 def apply(model: nn.Module, family, cfg) -> nn.Module:
