@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
+
 def load_options(finetune, precision: str) -> dict:
     """Keyword arguments for the family's from_pretrained: qlora quantises the base as it loads."""
     if finetune.finetuning_type != "qlora":
