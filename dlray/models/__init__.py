@@ -23,6 +23,9 @@ Optional, each used where present:
     save_pretrained(model, directory), from_pretrained(directory)
                          the family's own library layout for `dlray export` instead of
                          model.safetensors (ARTIFACT_INDEX: its file that marks a complete artifact)
+    HEAD_MODULES         sub-modules that train under `finetune.finetuning_type: freeze` (vit, bert)
+    PEFT_TASK_TYPE       PEFT's task type, for lora / qlora / prompt_tuning (gpt: CAUSAL_LM); such a
+                         family's build also takes dlray.finetune.load_options (qlora's 4-bit load)
 
 Adding a family: one file here, one line in FAMILIES, one jobs/debug/<family>_cpu.yaml.
 Models know nothing of Ray.
