@@ -33,8 +33,8 @@ def epochs(cfg):
 
 def placement(cluster, storage):
     """Single node (PACK onto one 2-CPU node) vs SPREAD over two 1-CPU nodes: same seed, same numbers."""
-    single = job(storage, "single", "train.num_epochs=4", "scaling.placement_strategy=STRICT_PACK")
-    spread = job(storage, "spread", "train.num_epochs=4", "scaling.placement_strategy=STRICT_SPREAD")
+    single = job(storage, "single", "train.num_epochs=3", "scaling.placement_strategy=STRICT_PACK")
+    spread = job(storage, "spread", "train.num_epochs=3", "scaling.placement_strategy=STRICT_SPREAD")
     check_shared_storage(str(storage))  # passes: every raylet here shares this host's disk
     fit(single)
     fit(spread)

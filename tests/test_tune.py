@@ -164,7 +164,7 @@ def test_pbt_continues_a_trial_from_another_trials_checkpoint(ray_cluster, stora
         "scheduler": {"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
         "search_space": {"optim.lr": {"choice": [0.03, 1.0e-5]}},
     }
-    cfg = sweep_config(storage, "pbt", tune, "train.num_epochs=4", "tune.search_alg.seed=3")
+    cfg = sweep_config(storage, "pbt", tune, "train.num_epochs=3", "tune.search_alg.seed=3")
     run_sweep(cfg)
     exploited = []
     for run in (storage / "pbt" / "runs").iterdir():
