@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -128,6 +129,8 @@ def serve(
 
     init_ray()
     typer.echo(f"serving {artifact}; Ctrl-C to stop")
+    # `kill`, systemd and container runtimes stop a server with SIGTERM: shut Serve down as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     run(str(artifact), settings, blocking=True)
 
 
