@@ -511,7 +511,7 @@ def bench_qlora_memory(flavor: str = QLORA_FLAVOR) -> dict:
     with tempfile.TemporaryDirectory(prefix="dlray-bench-qlora-") as directory:
         FAMILIES["gpt"].build({"flavor": flavor, "dropout": 0.0}, info).to(torch.bfloat16).save_pretrained(directory)
         bf16 = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16)
-        qlora = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, **load_options(FinetuneConfig(finetuning_type="qlora"), "bf16"))
+        qlora = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, **load_options(FinetuneConfig(finetuning_type="qlora"), "bf16", FAMILIES["gpt"]))
         quantised = {name: module for name, module in qlora.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
         states = [t for module in quantised.values() for t in _quant_state_tensors(module.weight.quant_state)]
         linears = {"bf16": _unique_bytes(bf16.get_submodule(name).weight for name in quantised),

@@ -439,9 +439,9 @@ class JobConfig(Section):
             return
         if not model.name_or_path:
             raise ValueError(f"finetune.finetuning_type {kind!r} adapts a pretrained model: set model.name_or_path (a Hugging Face model directory or hub id)")
-        needs = "HEAD_MODULES" if kind == "freeze" else "PEFT_TASK_TYPE"
-        if not hasattr(family, needs):
-            raise ValueError(f"finetune.finetuning_type {kind!r} is not supported by model.family {model.family!r}")
+        supported = getattr(family, "FINETUNING_TYPES", ("full",))
+        if kind not in supported:
+            raise ValueError(f"finetune.finetuning_type {kind!r} is not supported by model.family {model.family!r} (it supports {', '.join(supported)})")
         if kind == "qlora" and (self.strategy.name == "fsdp" or (self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3)):
             raise ValueError("finetune.finetuning_type 'qlora' keeps the base weights as packed 4-bit integers, which FSDP and ZeRO-3 "
                              "cannot shard: use strategy.name 'ddp' or 'deepspeed' with strategy.zero_stage 1 or 2 "

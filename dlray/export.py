@@ -103,7 +103,7 @@ def load_artifact(directory: str | Path) -> tuple[torch.nn.Module, dict]:
     if hasattr(family, "from_pretrained"):
         # transformers loads an adapter directory's base (model.name_or_path) and attaches the adapter;
         # a QLoRA adapter's base is quantised as it was in training, so it computes what was trained.
-        options = finetune.load_options(FinetuneConfig(**config["finetune"]), config["precision"]) if config.get("adapter") else {}
+        options = finetune.load_options(FinetuneConfig(**config["finetune"]), config["precision"], family) if config.get("adapter") else {}
         return family.from_pretrained(directory, **options).eval(), config
     model = family.build(config["model"], config["data_info"])
     model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=True)

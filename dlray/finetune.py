@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 
-def load_options(finetune, precision: str) -> dict:
+def load_options(finetune, precision: str, family) -> dict:
     """Keyword arguments for the family's from_pretrained: qlora quantises the base as it loads."""
     if finetune.finetuning_type != "qlora":
         return {}
@@ -27,10 +27,12 @@ def load_options(finetune, precision: str) -> dict:
 
     from dlray.strategies import PRECISION_DTYPES  # here: the strategies import this module
 
-    # 4-bit weights are dequantised to the job's precision for each matmul.
+    # 4-bit weights are dequantised to the job's precision for each matmul. A classifier's new head
+    # stays unquantised (transformers keeps a causal LM's output layer so by itself): it is trained whole.
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=finetune.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=finetune.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=PRECISION_DTYPES[precision])}
+        bnb_4bit_use_double_quant=finetune.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=PRECISION_DTYPES[precision],
+        llm_int8_skip_modules=list(family.HEAD_MODULES) if hasattr(family, "HEAD_MODULES") else None)}
 
 
 def apply(model: nn.Module, family, cfg) -> nn.Module:
@@ -57,7 +59,7 @@ def rebuild(family, cfg, data_info: dict) -> nn.Module:
     dequantised to plain linears: these are exactly the weights QLoRA trained over, and merging
     adapters into them is plain arithmetic (merging into the original full-precision weights, or
     into re-quantised ones, would give another model)."""
-    base = family.build(cfg.model.model_dump(), data_info, **load_options(cfg.finetune, cfg.precision))
+    base = family.build(cfg.model.model_dump(), data_info, **load_options(cfg.finetune, cfg.precision, family))
     if cfg.finetune.finetuning_type == "qlora":
         base.dequantize()
     return apply(base, family, cfg)

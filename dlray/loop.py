@@ -142,7 +142,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def build_model(family, cfg: JobConfig, data_info: dict) -> torch.nn.Module:
     """The family's model, new or from model.name_or_path, with only the finetune method's weights trainable."""
-    model = family.build(cfg.model.model_dump(), data_info, **finetune.load_options(cfg.finetune, cfg.precision))
+    model = family.build(cfg.model.model_dump(), data_info, **finetune.load_options(cfg.finetune, cfg.precision, family))
     if cfg.train.gradient_checkpointing:
         family.enable_gradient_checkpointing(model)
     return finetune.apply(model, family, cfg)

@@ -128,9 +128,13 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         losses.append(train_step(strategy, model, step))
     # The top-level sub-modules whose weights training changed (a GAN must train both players),
     # and any weight that changed though it was frozen (an adapter fine-tune must leave the base alone).
-    changed_keys = {k for k, v in strategy.full_state().items() if not torch.equal(v, initial[k])}
+    final = strategy.full_state()
+    changed_keys = {k for k, v in final.items() if not torch.equal(v, initial[k])}
     changed = sorted({k.split(".")[0] for k in changed_keys})
-    changed_frozen = sorted(changed_keys - trainable_names(model)) if cfg.finetune.finetuning_type != "full" else []
+    # Within bf16 rounding: bitsandbytes casts a 4-bit layer's bias to the compute dtype in place on
+    # its first forward, which rounds it but does not train it.
+    changed_frozen = sorted(k for k in changed_keys - trainable_names(model)
+                            if not torch.allclose(final[k].float(), initial[k].float(), rtol=2**-8, atol=0)) if cfg.finetune.trainable_only else []
     linear4bit = sum(isinstance(m, Linear4bit) for m in model.modules())  # bitsandbytes' own (PEFT's LoRA layer around it is another)
 
     # Restored from the step-8 checkpoint: its evaluation is what `dlray export` must reproduce,

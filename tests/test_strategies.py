@@ -61,10 +61,11 @@ CASES = [
     {"family": family, "strategy": {"name": "fsdp"}, "precision": "bf16", "train": {"gradient_checkpointing": True}, "id": f"{family}-fsdp-checkpointing-bf16"}
     for family in ("vit", "bert")
 ] + [
-    # Feature extraction: a new head over a frozen pretrained encoder.
-    {"family": "bert", "finetune": {"finetuning_type": "freeze"}, "strategy": strategy, "precision": "bf16", "id": f"bert-freeze-{label}-bf16",
+    # A new head over a pretrained encoder: frozen (feature extraction), or with LoRA adapters.
+    {"family": "bert", "finetune": {"finetuning_type": kind}, "strategy": strategy, "precision": "bf16", "id": f"bert-{kind}-{label}-bf16",
      "config": {"model": {"family": "bert", "name_or_path": str(BERT_BASE), "dropout": 0.0}, "optim": {"lr": 0.01}}}
-    for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
+    for kind, strategies in [("freeze", ("ddp", "zero3")), ("lora", ("ddp", "zero3")), ("qlora", ("ddp",))]
+    for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")] if label in strategies
 ] + [
     {"family": "llm", "finetune": {"finetuning_type": kind}, "strategy": strategy, "precision": "bf16", "id": f"{kind}-{label}-bf16",
      "config": {"optim": {"lr": 0.3}} if kind == "prompt_tuning" else {}}  # prompt tuning's usual learning rate
@@ -82,7 +83,7 @@ def results(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("strategies")
     if any(case.get("family") == "llm" for case in cases):
         make_llm_base()
-    if any(case["id"].startswith("bert-freeze") for case in cases):
+    if any(case.get("config", {}).get("model", {}).get("name_or_path") == str(BERT_BASE) for case in cases):
         make_bert_base()
     # The environment torchrun would give each rank.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -119,7 +120,8 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
     kind = case.get("finetune", {}).get("finetuning_type", "full")
     if kind != "full":
         assert result["changed_frozen"] == [], "a fine-tune changed frozen weights"
-        assert result["linear4bit"] == (14 if kind == "qlora" else 0)  # 2 layers x 7 linears; the output layer stays
+        # 2 layers x 7 linears (the output layer stays); bert: 2 x 6 and the pooler (the head stays)
+        assert result["linear4bit"] == ({"llm": 14, "bert": 13}[case["family"]] if kind == "qlora" else 0)
     if kind == "freeze":
         assert result["changed"] == ["classifier"], result["changed"]
     artifact = export(out / case["id"], tmp_path / "artifact")
@@ -137,11 +139,12 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
     assert torch.allclose(exported, saved, **tolerance), (exported - saved).abs().max()
     if kind not in ("full", "freeze"):
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         assert isinstance(model, PeftModel) and (artifact / "adapter_model.safetensors").exists()
         if kind in ("lora", "qlora"):
-            merged = AutoModelForCausalLM.from_pretrained(export(out / case["id"], tmp_path / "merged", merge_lora=True))
+            plain = AutoModelForSequenceClassification if config["model"]["family"] == "bert" else AutoModelForCausalLM
+            merged = plain.from_pretrained(export(out / case["id"], tmp_path / "merged", merge_lora=True))
             assert torch.allclose(evaluate(merged), saved, **tolerance)
         return  # full_state() of an adapter model holds the base too, under PEFT's names
 

@@ -23,7 +23,8 @@ Optional, each used where present:
     save_pretrained(model, directory), from_pretrained(directory)
                          the family's own library layout for `dlray export` instead of
                          model.safetensors (ARTIFACT_INDEX: its file that marks a complete artifact)
-    HEAD_MODULES         sub-modules that train under `finetune.finetuning_type: freeze` (vit, bert)
+    FINETUNING_TYPES     the `finetune.finetuning_type` values it takes (without it: only full)
+    HEAD_MODULES         sub-modules that train under `freeze` (and, unquantised, beside qlora's adapters)
     PEFT_TASK_TYPE       PEFT's task type, for lora / qlora / prompt_tuning (gpt: CAUSAL_LM); such a
                          family's build also takes dlray.finetune.load_options (qlora's 4-bit load)
 

@@ -30,6 +30,11 @@ FLAVORS = {
 METRICS = ("accuracy",)
 OPTIMIZERS = ("model",)
 HEAD_MODULES = ("classifier",)  # what stays trainable when only the head is fine-tuned
+# LoRA (and QLoRA, prompt tuning) as PEFT does them for classifiers: the new head trains whole beside the adapters.
+PEFT_TASK_TYPE = "SEQ_CLS"
+# No prompt tuning: its virtual tokens would need positions beyond data.max_seq_len, which a debug
+# flavor's learned position table (sized to it) does not have.
+FINETUNING_TYPES = ("full", "freeze", "lora", "qlora")
 
 
 def __getattr__(name: str):
@@ -41,8 +46,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build(model_cfg, data_info) -> PreTrainedModel:
-    """`data_info` needs vocab_size, pad_token_id, max_seq_len and class_names (see dlray.data.text_classification)."""
+def build(model_cfg, data_info, **load_options) -> PreTrainedModel:
+    """`data_info` needs vocab_size, pad_token_id, max_seq_len and class_names (see dlray.data.text_classification);
+    `load_options` (dlray.finetune.load_options) go to from_pretrained."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     base = model_cfg.get("name_or_path")
@@ -61,7 +67,7 @@ def build(model_cfg, data_info) -> PreTrainedModel:
     if data_info["max_seq_len"] > config.max_position_embeddings:
         raise ValueError(f"data.max_seq_len {data_info['max_seq_len']} exceeds the {config.max_position_embeddings} positions of model.name_or_path {base!r}")
     # ignore_mismatched_sizes: a base that is itself a classifier gets a new head for these classes.
-    return AutoModelForSequenceClassification.from_pretrained(base, config=config, ignore_mismatched_sizes=True)
+    return AutoModelForSequenceClassification.from_pretrained(base, config=config, ignore_mismatched_sizes=True, **load_options)
 
 
 def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
@@ -75,10 +81,23 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
 
 
 def save_pretrained(model: PreTrainedModel, directory) -> None:
+    """A model, or an adapter with its model's config: the base it names has no head for these classes."""
     model.save_pretrained(directory)
+    if hasattr(model, "peft_config"):
+        model.get_base_model().config.save_pretrained(directory)
 
 
-def from_pretrained(directory) -> PreTrainedModel:
-    from transformers import AutoModelForSequenceClassification
+def from_pretrained(directory, **load_options) -> PreTrainedModel:
+    """A classifier, or a PEFT adapter directory over its base (adapter_config.json names it) with a
+    head sized by the config.json beside it."""
+    from pathlib import Path
 
-    return AutoModelForSequenceClassification.from_pretrained(directory)
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if not Path(directory, "adapter_config.json").is_file():
+        return AutoModelForSequenceClassification.from_pretrained(directory)
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(directory).base_model_name_or_path
+    model = AutoModelForSequenceClassification.from_pretrained(base, config=AutoConfig.from_pretrained(directory), ignore_mismatched_sizes=True, **load_options)
+    return PeftModel.from_pretrained(model, directory)

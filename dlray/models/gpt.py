@@ -31,6 +31,7 @@ FLAVORS = {
 }
 METRICS = ()
 PEFT_TASK_TYPE = "CAUSAL_LM"
+FINETUNING_TYPES = ("full", "lora", "qlora", "prompt_tuning")  # finetune.finetuning_type values (no head to freeze)
 IGNORE_INDEX = -100  # label of a position that is not trained on (prompt, padding): PyTorch's and HF's convention
 DERIVED_METRICS = ("val_perplexity", "tokens_per_sec")  # what derived_metrics adds to each epoch's report
 OPTIMIZERS = ("model",)

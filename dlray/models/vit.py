@@ -36,6 +36,7 @@ FLAVORS = {
 METRICS = ("accuracy",)
 OPTIMIZERS = ("model",)
 HEAD_MODULES = ("model.classifier",)  # what stays trainable when only the head is fine-tuned (relative to build's module)
+FINETUNING_TYPES = ("full", "freeze")  # finetune.finetuning_type values
 
 
 def __getattr__(name: str):
