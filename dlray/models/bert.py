@@ -1,9 +1,11 @@
 """BERT-style text classifier (Devlin et al., 2019): `transformers`' BertForSequenceClassification,
 trained from scratch on a flavor's sizes with the tokenizer of dlray.data.text_classification, or
-fine-tuned from a pretrained base (`model.name_or_path`, with its tokenizer as `data.tokenizer`).
+fine-tuned from a pretrained base (`model.name_or_path`, whose tokenizer `data.tokenizer` defaults to):
+whole, head only (`freeze`), or with LoRA / QLoRA adapters.
 
 An exported model is a plain transformers directory with its tokenizer:
-`AutoModelForSequenceClassification.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`.
+`AutoModelForSequenceClassification.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)`; an adapter's export is
+PEFT's layout with the new head's config.json beside it (`bert.from_pretrained` loads both).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ FLAVORS = {
 METRICS = ("accuracy",)
 OPTIMIZERS = ("model",)
 HEAD_MODULES = ("classifier",)  # what stays trainable when only the head is fine-tuned
-# LoRA (and QLoRA, prompt tuning) as PEFT does them for classifiers: the new head trains whole beside the adapters.
+# LoRA and QLoRA as PEFT does them for classifiers: the new head trains whole beside the adapters.
 PEFT_TASK_TYPE = "SEQ_CLS"
 # No prompt tuning: its virtual tokens would need positions beyond data.max_seq_len, which a debug
 # flavor's learned position table (sized to it) does not have.
