@@ -40,7 +40,9 @@ from pathlib import Path
 
 import torch
 
+from dlray import precision
 from dlray.config import load_config
+from dlray.precision import PRECISION_DTYPES
 from dlray.data import build_data
 from dlray.local_cluster import RAY, free_port, local_cluster
 from dlray.models import FAMILIES
@@ -64,8 +66,6 @@ GPT_TRAIN_FLAVORS = {"debug": None, "small": 48_000}
 QLORA_FLAVOR, QLORA_VOCAB = "base", 32000  # 110M parameters, GPT-2 small's body with a Llama-sized vocabulary
 GEN_STREAMS, GEN_ROUNDS, GEN_MAX_TOKENS = (1, 16), 4, 64
 MFU_FLAVOR, MFU_BATCH, MFU_SEQ_LEN, MFU_VOCAB, MFU_STEPS = "1b", 4, 2048, 32000, 10
-# Dense bf16 tensor-core peaks (no sparsity), by a part of the name torch.cuda.get_device_name() gives; the first match counts.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def run_benchmarks(what: str, out: Path) -> dict:
@@ -132,7 +132,7 @@ def plain_pytorch_samples_per_sec(cfg) -> float:
         optimizer = build_optimizer(cfg.optim, model.parameters())
         loader = torch.utils.data.DataLoader(data.train, cfg.train.micro_batch_size, shuffle=True)
         plain_loss = PLAIN_LOSSES[cfg.model.family]
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.precision]
+        dtype = PRECISION_DTYPES[precision.resolve(cfg.precision, torch.device("cpu"), cfg.strategy.name)]
         rates = []
         for _ in range(TRAIN_EPOCHS):
             model.train()
@@ -651,21 +651,13 @@ def _prompts(count: int) -> list[str]:
     return [" ".join(topic[:4 + i % 8]) for i, topic in enumerate(words)]
 
 
-def mfu(tokens_per_sec: float, n_params: int, n_layers: int, seq_len: int, hidden: int, peak_flops: float) -> float:
-    """Model FLOPs utilisation: the FLOPs training needs per token times tokens/s, over the accelerator's
-    peak. Per token (PaLM, Chowdhery et al. 2022, appendix B): 6N for the forward and backward matmuls
-    of N weights, plus 12·L·H·T for attention's scores and weighted sums over T positions in L layers
-    of width H. Recomputed activations do not count: that is hardware, not model, FLOPs."""
-    return tokens_per_sec * (6 * n_params + 12 * n_layers * hidden * seq_len) / peak_flops
-
-
 def bench_gpt_mfu() -> dict:
     """MFU of a few bf16 training steps of the 1b flavor (TinyLlama-1.1B's shape) on random tokens:
     one GPU, one process, no Ray."""
     if not torch.cuda.is_available():
         return {"skipped": "no GPU"}
-    gpu = torch.cuda.get_device_name()
-    peak = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in gpu), None)
+    hardware = precision.detect(torch.device("cuda"))
+    gpu, peak = hardware.name, hardware.peak_flops
     gpt = FAMILIES["gpt"]
     torch.manual_seed(0)
     info = {"vocab_size": MFU_VOCAB, "max_seq_len": MFU_SEQ_LEN, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
@@ -689,12 +681,9 @@ def bench_gpt_mfu() -> dict:
         step()
     torch.cuda.synchronize()
     tokens_per_sec = MFU_STEPS * MFU_BATCH * MFU_SEQ_LEN / (time.perf_counter() - start)
-    config = model.config
-    # The input embedding is a lookup, not a matmul, unless tied to the output layer (then counted once).
-    n_params = model.num_parameters() - (0 if config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
-    return {"model": f"gpt/{MFU_FLAVOR} ({n_params / 1e9:.2f}B parameters in matmuls), bf16 autocast, AdamW, batch {MFU_BATCH} x {MFU_SEQ_LEN} tokens",
+    return {"model": f"gpt/{MFU_FLAVOR} ({model.num_parameters() / 1e9:.2f}B parameters), bf16 autocast, AdamW, batch {MFU_BATCH} x {MFU_SEQ_LEN} tokens",
             "gpu": gpu, "tokens_per_sec": tokens_per_sec, "peak_flops": peak,
-            "mfu": mfu(tokens_per_sec, n_params, config.num_hidden_layers, MFU_SEQ_LEN, config.hidden_size, peak) if peak else None}
+            "mfu": tokens_per_sec * gpt.flops_per_token(model, MFU_SEQ_LEN) / peak if peak else None}
 
 
 # Targets of `dlray bench`: each names the result keys it fills.

@@ -55,6 +55,10 @@ class ModelConfig(Section):
     # `flavor` from scratch: what LLaMA-Factory calls model_name_or_path, Axolotl base_model.
     name_or_path: str | None = None
     dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion, vit, bert; gpt: attention dropout
+    # The attention kernel of the transformers families (transformers' name): sdpa is PyTorch's fused
+    # scaled_dot_product_attention (flash / memory-efficient kernels on GPUs), flash_attention_2 needs
+    # the flash-attn package on CUDA workers, eager is the plain matmul-softmax reference.
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     # diffusion (names as in diffusers' DDPMScheduler; `cosine` is its squaredcos_cap_v2)
     num_train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "cosine"] = "linear"
@@ -68,7 +72,7 @@ class ModelConfig(Section):
         if self.flavor not in flavors:
             raise ValueError(f"model.flavor must be one of {sorted(flavors)} for family {self.family!r}, got {self.flavor!r}")
         only = {"num_train_timesteps": ("diffusion",), "beta_schedule": ("diffusion",), "class_conditional": ("diffusion",), "kl_weight": ("vae",),
-                "name_or_path": ("gpt", "vit", "bert")}
+                "name_or_path": ("gpt", "vit", "bert"), "attn_implementation": ("gpt", "vit", "bert")}
         for key, owners in only.items():
             if getattr(self, key) != type(self).model_fields[key].default and self.family not in owners:
                 raise ValueError(f"model.{key} applies only to model.family {' or '.join(map(repr, owners))}, got model.family '{self.family}'")
@@ -183,6 +187,9 @@ class TrainConfig(Section):
     # Recompute each block's activations in the backward pass instead of keeping them (transformers'
     # name): much less activation memory for about a third more compute. Families with enable_gradient_checkpointing.
     gradient_checkpointing: bool = False
+    # torch.compile the model (each FSDP block on its own, as torchtitan does): faster steps on GPUs
+    # after a compilation of seconds to minutes at the first step. ddp and fsdp.
+    compile: bool = False
 
 
 class OptimConfig(Section):
@@ -390,7 +397,9 @@ class JobConfig(Section):
     optim: OptimConfig = OptimConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     strategy: StrategyConfig = StrategyConfig()
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: what the training device computes natively (dlray.precision: bf16 on GPUs and CPUs that have it,
+    # fp16 on older GPUs, fp32 on CPUs that would only emulate bf16); each worker decides and rank 0 says why.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     serve: ServeSection = ServeSection()
@@ -409,6 +418,11 @@ class JobConfig(Section):
             able = [family for family, name in TEXT_FAMILIES.items() if name == self.data.name]
             raise ValueError(f"data.name {self.data.name!r} needs {TEXT_DATA[self.data.name]}: model.family must be one of {able}, got {self.model.family!r}")
         self._check_finetune()
+        if self.train.compile and self.strategy.name == "deepspeed":
+            raise ValueError("train.compile is supported with strategy.name 'ddp' or 'fsdp', got 'deepspeed' (its engine wraps the "
+                             "forward in hooks that torch.compile cannot trace whole): use 'fsdp' for sharding with compile")
+        if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
+            raise ValueError("model.attn_implementation 'flash_attention_2' runs on CUDA only: set scaling.use_gpu true, or use 'sdpa'")
         if self.train.gradient_checkpointing and not hasattr(family_module(self.model.family), "enable_gradient_checkpointing"):
             from dlray.models import FAMILIES
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from dlray.precision import PRECISION_DTYPES
+
 
 def load_options(finetune, precision: str, family) -> dict:
     """Keyword arguments for the family's from_pretrained: qlora quantises the base as it loads."""
     if finetune.finetuning_type != "qlora":
         return {}
     from transformers import BitsAndBytesConfig
-
-    from dlray.strategies import PRECISION_DTYPES  # here: the strategies import this module
 
     # 4-bit weights are dequantised to the job's precision for each matmul. A classifier's new head
     # stays unquantised (transformers keeps a causal LM's output layer so by itself): it is trained whole.

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dlray import finetune
+from dlray import finetune, precision
 from dlray.checkpoint import best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
 from dlray.data import build_data
@@ -38,20 +38,23 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     family = FAMILIES[cfg.model.family]
     num_nodes = count_nodes(rank, world)
+    hardware = precision.detect(device)
+    cfg.precision = choose_precision(cfg, hardware, rank)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     data = build_data(cfg.data, seed=cfg.train.seed)
     data_info = data.info
     model = build_model(family, cfg, data_info)
+    flops_per_sample = model_flops_per_sample(family, model, data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.SHARD_CLASSES)
-    model, optimizers = strategy.prepare(model, lambda module: make_optimizers(family, module, cfg))
+    model, optimizers = strategy.prepare(model, lambda module: make_optimizers(family, module, cfg, fused=device.type == "cuda"))
     ema = EMA(strategy.full_state(), cfg.train.ema_decay) if cfg.train.ema_decay else None
     sampler = Sampler(family, cfg, data_info, device) if hasattr(family, "sample") and rank == 0 else None
     torch.manual_seed(cfg.train.seed + 1 + rank)  # but different dropout / augmentation draws
 
     shuffle = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
-    train_loader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=shuffle, num_workers=cfg.data.dataloader_num_workers)
-    val_loader = eval_loader(data.val, cfg, rank, world)
+    train_loader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=shuffle, **loader_options(cfg, device))
+    val_loader = eval_loader(data.val, cfg, rank, world, device)
     accumulation = cfg.train.gradient_accumulation_steps
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
@@ -80,7 +83,8 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(progress["epoch"], cfg.train.num_epochs):
         shuffle.set_epoch(epoch)  # a new shuffle each epoch, identical across ranks
         model.train()
-        totals = torch.zeros(len(family.OPTIMIZERS) + 1, dtype=torch.float64)  # loss sum per optimizer, samples
+        # Loss sum per optimizer, samples; on the training device: NCCL reduces only CUDA tensors.
+        totals = torch.zeros(len(family.OPTIMIZERS) + 1, dtype=torch.float64, device=device)
         start = time.perf_counter()
         for i, batch in enumerate(itertools.islice(train_loader, steps_per_epoch * accumulation)):
             batch = to_device(batch, device)
@@ -89,7 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
                 with strategy.autocast():
                     loss = training_loss(family, model, batch, phase)
                 strategy.backward(loss / accumulation, sync=boundary)
-                totals[index] += loss.item() * len(batch[-1])
+                totals[index] += loss.detach() * len(batch[-1])  # no .item(): it would wait for the GPU every micro-batch
                 if boundary:
                     strategy.step(index)
                     if is_per_step(schedulers[index]):
@@ -111,6 +115,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "samples_per_sec": totals[-1].item() / elapsed}
         metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes}
         metrics |= derived_metrics(family, metrics, data_info)
+        if hardware.peak_flops and flops_per_sample:  # model FLOPs utilisation, of the GPUs' dense bf16 peak
+            metrics["mfu"] = metrics["samples_per_sec"] * flops_per_sample / (world * hardware.peak_flops)
         for scheduler in schedulers:
             if not is_per_step(scheduler):
                 scheduler.step(metrics[cfg.train.metric])
@@ -136,7 +142,7 @@ def train_loop_per_worker(config: dict) -> None:
         restore(best, strategy, schedulers, restore_train_state=False)
     final = {"epoch": progress["epoch"] - 1, "global_step": progress["global_step"], "best_" + cfg.train.metric: progress["best"]}
     if len(data.test):
-        final |= evaluate(model, eval_loader(data.test, cfg, rank, world), family, strategy, device, prefix="test")
+        final |= evaluate(model, eval_loader(data.test, cfg, rank, world, device), family, strategy, device, prefix="test")
     ray.train.report(final | derived_metrics(family, final, data_info))
 
 
@@ -148,15 +154,32 @@ def build_model(family, cfg: JobConfig, data_info: dict) -> torch.nn.Module:
     return finetune.apply(model, family, cfg)
 
 
-def make_optimizers(family, module, cfg: JobConfig) -> list[torch.optim.Optimizer]:
+def choose_precision(cfg: JobConfig, hardware: precision.Hardware, rank: int) -> str:
+    """The precision this worker computes in (`auto` resolved for its device); rank 0 says which and why."""
+    chosen, why = precision.choose(cfg.precision, hardware, cfg.strategy.name)
+    if rank == 0:
+        print(f"[dlray] precision {chosen}: {why}", flush=True)
+        if warning := precision.slowdown_warning(chosen, hardware):
+            print(f"[dlray] warning: {warning}", flush=True)
+    return chosen
+
+
+def make_optimizers(family, module, cfg: JobConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
     groups = family.param_groups(module) if len(family.OPTIMIZERS) > 1 else [module.parameters()]
-    return [build_optimizer(cfg.optim, [p for p in params if p.requires_grad]) for params in groups]
+    return [build_optimizer(cfg.optim, [p for p in params if p.requires_grad], fused) for params in groups]
 
 
 def training_loss(family, model, batch, phase: str):
     """The mean loss the optimizer of `phase` minimises (single-optimizer families have one phase)."""
     values = family.compute_loss(model, batch, phase) if len(family.OPTIMIZERS) > 1 else family.compute_loss(model, batch)
     return values["loss"].mean()
+
+
+def model_flops_per_sample(family, model, data_info: dict) -> float | None:
+    """Training FLOPs per sample, for families that can count them (gpt: per token x tokens per window)."""
+    if not hasattr(family, "flops_per_token"):
+        return None
+    return family.flops_per_token(model, data_info["max_seq_len"]) * data_info["max_seq_len"]
 
 
 def derived_metrics(family, metrics: dict, data_info: dict) -> dict:
@@ -210,23 +233,30 @@ class EvalShard(Dataset):
         return self.dataset[index % self.n], float(index < self.n)
 
 
-def eval_loader(dataset: Dataset, cfg: JobConfig, rank: int, world: int) -> DataLoader:
-    return DataLoader(EvalShard(dataset, rank, world), cfg.train.micro_batch_size, num_workers=cfg.data.dataloader_num_workers)
+def loader_options(cfg: JobConfig, device: torch.device) -> dict:
+    # Pinned (page-locked) batches copy to a GPU asynchronously (to_device's non_blocking).
+    workers = cfg.data.dataloader_num_workers
+    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+
+
+def eval_loader(dataset: Dataset, cfg: JobConfig, rank: int, world: int, device: torch.device) -> DataLoader:
+    return DataLoader(EvalShard(dataset, rank, world), cfg.train.micro_batch_size, **loader_options(cfg, device))
 
 
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, family, strategy, device, prefix: str) -> dict[str, float]:
     """Weighted means of every per-sample value the family's compute_loss returns, over all ranks."""
     model.eval()
+    # Summed on the training device (NCCL reduces only CUDA tensors), read once at the end.
     sums: dict[str, torch.Tensor] = {}
-    weight_total = torch.zeros((), dtype=torch.float64)
+    weight_total = torch.zeros((), dtype=torch.float64, device=device)
     for batch, weight in loader:
-        batch, weight = to_device(batch, device), weight.to(device)
+        batch, weight = to_device(batch, device), weight.to(device, torch.float64, non_blocking=True)
         with strategy.autocast():
             values = family.compute_loss(model, batch)
         for key, value in values.items():
-            sums[key] = sums.get(key, 0) + (value.double() * weight).sum().cpu()
-        weight_total += weight.sum().cpu()
+            sums[key] = sums.get(key, 0) + (value.double() * weight).sum()
+        weight_total += weight.sum()
     keys = sorted(sums)
     packed = torch.stack([sums[k] for k in keys] + [weight_total])
     dist.all_reduce(packed)

@@ -19,6 +19,7 @@ from bitsandbytes.nn import Linear4bit
 from safetensors.torch import save_file
 from torch.utils.data import Subset, default_collate
 
+from dlray import precision
 from dlray.config import DataConfig, config_from_dict
 from dlray.data import build_data
 from dlray.finetune import trainable_names
@@ -86,8 +87,11 @@ def make_bert_base(directory: Path = BERT_BASE, steps: int = 40) -> Path:
 
 
 def case_config(case: dict):
-    return config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}),
-                             "finetune": case.get("finetune", {}), **FAMILY_CONFIG[case.get("family", "cnn")], **case.get("config", {})})
+    """The case's job config, its precision resolved for this CPU as a Ray worker resolves `auto`."""
+    cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}),
+                            "finetune": case.get("finetune", {}), **FAMILY_CONFIG[case.get("family", "cnn")], **case.get("config", {})})
+    cfg.precision = precision.resolve(cfg.precision, torch.device("cpu"), cfg.strategy.name)
+    return cfg
 
 
 def run_case(case: dict, out: Path, rank: int, world: int) -> dict:

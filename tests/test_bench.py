@@ -7,14 +7,20 @@ import time
 import pytest
 import torch
 
-from dlray.bench import _read_events, bench_gpt_mfu, bench_qlora_memory, machine, mfu, render_markdown
+from dlray.bench import _read_events, bench_gpt_mfu, bench_qlora_memory, machine, render_markdown
+from dlray.models import gpt
 from dlray.serve.engine import Delta
 from dlray.serve.generate import Reply
 
 
-def test_mfu_is_palm_model_flops_over_the_peak():
-    # TinyLlama-1.1B's shape at 2,048 tokens: 6 x 1e9 + 12 x 22 x 2048 x 2048 = 7,107,296,256 FLOPs per token.
-    assert mfu(10_000, 10**9, 22, 2048, 2048, 989e12) == pytest.approx(7_107_296_256 * 10_000 / 989e12)
+def test_flops_per_token_are_palm_model_flops():
+    # The 1b flavor (TinyLlama-1.1B's shape, untied) at 2,048 tokens: 6N over the matmul weights (all but the input
+    # embedding's 32000 x 2048 lookup) + 12 x 22 layers x 2048 wide x 2048 positions.
+    with torch.device("meta"):  # the shapes without allocating 4 GB
+        model = gpt.build({"flavor": "1b", "dropout": 0.0}, {"vocab_size": 32000, "max_seq_len": 2048, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    matmul_params = model.num_parameters() - 32000 * 2048
+    assert 1.0e9 < matmul_params < 1.1e9
+    assert gpt.flops_per_token(model, 2048) == 6 * matmul_params + 12 * 22 * 2048 * 2048
 
 
 def test_qlora_bytes_count_the_packed_weights_and_their_quantisation_state():

@@ -1,10 +1,10 @@
 """Strategy mechanics in a plain 2-process gloo group (Ray adds nothing here; see test_train for Ray).
 
-Every strategy x precision (the CNN), the diffusion UNet and the GPT under each strategy with bf16
+Every strategy x precision (the CNN), the diffusion UNet and the GPT under each strategy
 (the GPT also with gradient checkpointing under FSDP and ZeRO-3), the ViT and BERT under each strategy
-with bf16 and DDP with fp32 too (and with gradient checkpointing under FSDP), the VAE and GAN under
-DDP and FSDP with bf16, and fine-tunes of a pretrained causal LM on chat data (LoRA under every
-strategy, QLoRA under DDP and ZeRO-2, prompt tuning): the loss goes down (a GAN's two players both learn
+and DDP with fp32 too (and with gradient checkpointing under FSDP), the VAE and GAN under DDP and FSDP, and fine-tunes of a pretrained causal LM on chat data (LoRA under every
+strategy, QLoRA under DDP and ZeRO-2, prompt tuning), these in `precision: auto` (bf16 where this CPU
+has it natively, fp32 where bf16 would be emulated ~20x slower): the loss goes down (a GAN's two players both learn
 instead), a checkpoint restored into a fresh model replays the same losses (optimizer states
 included), `dlray export` reads the (sharded) checkpoint back into the same model, and
 `strategy.full_state()` gathers exactly those weights. An adapter fine-tune changes no frozen
@@ -42,32 +42,32 @@ CASES = [
     {"strategy": {"name": "ddp"}, "precision": "fp16", "id": "ddp-fp16"},
     {"strategy": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True, "offload_param": True}, "precision": "bf16", "id": "zero3-offload-bf16"},
 ] + [
-    {"family": family, "strategy": strategy, "precision": "bf16", "id": f"{family}-{label}-bf16"}
+    {"family": family, "strategy": strategy, "precision": "auto", "id": f"{family}-{label}-auto"}
     for family in ("diffusion", "gpt")
     for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 2}, "zero2"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
 ] + [
-    {"family": family, "strategy": {"name": name}, "precision": "bf16", "id": f"{family}-{name}-bf16"}
+    {"family": family, "strategy": {"name": name}, "precision": "auto", "id": f"{family}-{name}-auto"}
     for family in ("vae", "gan")
     for name in ("ddp", "fsdp")
 ] + [
-    {"family": "gpt", "strategy": strategy, "precision": "bf16", "train": {"gradient_checkpointing": True}, "id": f"gpt-{label}-checkpointing-bf16"}
+    {"family": "gpt", "strategy": strategy, "precision": "auto", "train": {"gradient_checkpointing": True}, "id": f"gpt-{label}-checkpointing-auto"}
     for strategy, label in [({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
 ] + [
     {"family": family, "strategy": strategy, "precision": precision, "id": f"{family}-{label}-{precision}"}
     for family in ("vit", "bert")
-    for strategy, label, precision in [({"name": "ddp"}, "ddp", "fp32"), ({"name": "ddp"}, "ddp", "bf16"), ({"name": "fsdp"}, "fsdp", "bf16"),
-                                       ({"name": "deepspeed", "zero_stage": 2}, "zero2", "bf16"), ({"name": "deepspeed", "zero_stage": 3}, "zero3", "bf16")]
+    for strategy, label, precision in [({"name": "ddp"}, "ddp", "fp32"), ({"name": "ddp"}, "ddp", "auto"), ({"name": "fsdp"}, "fsdp", "auto"),
+                                       ({"name": "deepspeed", "zero_stage": 2}, "zero2", "auto"), ({"name": "deepspeed", "zero_stage": 3}, "zero3", "auto")]
 ] + [
-    {"family": family, "strategy": {"name": "fsdp"}, "precision": "bf16", "train": {"gradient_checkpointing": True}, "id": f"{family}-fsdp-checkpointing-bf16"}
+    {"family": family, "strategy": {"name": "fsdp"}, "precision": "auto", "train": {"gradient_checkpointing": True}, "id": f"{family}-fsdp-checkpointing-auto"}
     for family in ("vit", "bert")
 ] + [
     # A new head over a pretrained encoder: frozen (feature extraction), or with LoRA adapters.
-    {"family": "bert", "finetune": {"finetuning_type": kind}, "strategy": strategy, "precision": "bf16", "id": f"bert-{kind}-{label}-bf16",
+    {"family": "bert", "finetune": {"finetuning_type": kind}, "strategy": strategy, "precision": "auto", "id": f"bert-{kind}-{label}-auto",
      "config": {"model": {"family": "bert", "name_or_path": str(BERT_BASE), "dropout": 0.0}, "optim": {"lr": 0.01}}}
     for kind, strategies in [("freeze", ("ddp", "zero3")), ("lora", ("ddp", "zero3")), ("qlora", ("ddp",))]
     for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")] if label in strategies
 ] + [
-    {"family": "llm", "finetune": {"finetuning_type": kind}, "strategy": strategy, "precision": "bf16", "id": f"{kind}-{label}-bf16",
+    {"family": "llm", "finetune": {"finetuning_type": kind}, "strategy": strategy, "precision": "auto", "id": f"{kind}-{label}-auto",
      "config": {"optim": {"lr": 0.3}} if kind == "prompt_tuning" else {}}  # prompt tuning's usual learning rate
     for kind, strategies in [("lora", ("ddp", "fsdp", "zero2", "zero3")), ("qlora", ("ddp", "zero2")), ("prompt_tuning", ("ddp",))]
     for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 2}, "zero2"),
@@ -114,7 +114,8 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
         factor = {"lora": 0.96, "qlora": 0.98, "prompt_tuning": 0.995}.get(case.get("finetune", {}).get("finetuning_type"), 0.93)
         assert sum(losses[-4:]) < factor * sum(losses[:4]), f"loss did not go down: {losses}"
 
-    tolerance = 1e-4 if case["precision"] == "fp32" else 2e-2
+    mixed = case_config(case).precision != "fp32"  # auto: bf16 where this CPU has it natively, else fp32
+    tolerance = 2e-2 if mixed else 1e-4
     assert result["replayed"] == pytest.approx(losses[8:], rel=tolerance), "resumed training diverges from the uninterrupted run"
 
     kind = case.get("finetune", {}).get("finetuning_type", "full")
@@ -127,10 +128,10 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
     artifact = export(out / case["id"], tmp_path / "artifact")
     data = data_once(case_config(case).data.model_dump_json())
     saved = torch.tensor(result["saved_eval"])
-    tolerance = {"rtol": 1e-4, "atol": 1e-5} if case["precision"] == "fp32" else {"rtol": 0.05, "atol": 0.05}
+    tolerance = {"rtol": 0.05, "atol": 0.05} if mixed else {"rtol": 1e-4, "atol": 1e-5}
 
     def evaluate(model):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case["precision"] == "bf16"):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
             torch.manual_seed(0)
             return FAMILIES[config["model"]["family"]].compute_loss(model, first_samples(data.val, 64))["loss"].float()
 
@@ -151,4 +152,4 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
     gathered = load_file(out / f"{case['id']}-full_state.safetensors")
     exported_state = model.state_dict()
     assert gathered.keys() == exported_state.keys()
-    assert all(torch.allclose(gathered[k], exported_state[k].float(), atol=1e-2 if case["precision"] != "fp32" else 1e-6) for k in gathered)
+    assert all(torch.allclose(gathered[k], exported_state[k].float(), atol=1e-2 if mixed else 1e-6) for k in gathered)

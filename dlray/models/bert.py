@@ -59,6 +59,7 @@ def build(model_cfg, data_info, **load_options) -> PreTrainedModel:
             vocab_size=data_info["vocab_size"],
             max_position_embeddings=data_info["max_seq_len"],  # learned positions: the model reads at most this many tokens
             pad_token_id=data_info["pad_token_id"],
+            attn_implementation=model_cfg.get("attn_implementation"),
             **FLAVORS[model_cfg["flavor"]],
             **head_config(model_cfg, data_info),
         )
@@ -69,7 +70,8 @@ def build(model_cfg, data_info, **load_options) -> PreTrainedModel:
     if data_info["max_seq_len"] > config.max_position_embeddings:
         raise ValueError(f"data.max_seq_len {data_info['max_seq_len']} exceeds the {config.max_position_embeddings} positions of model.name_or_path {base!r}")
     # ignore_mismatched_sizes: a base that is itself a classifier gets a new head for these classes.
-    return AutoModelForSequenceClassification.from_pretrained(base, config=config, ignore_mismatched_sizes=True, **load_options)
+    return AutoModelForSequenceClassification.from_pretrained(base, config=config, ignore_mismatched_sizes=True,
+                                                              attn_implementation=model_cfg.get("attn_implementation"), **load_options)
 
 
 def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:

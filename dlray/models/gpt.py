@@ -52,7 +52,7 @@ def build(model_cfg, data_info, **load_options) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if model_cfg.get("name_or_path"):
-        return from_pretrained(model_cfg["name_or_path"], **load_options)
+        return from_pretrained(model_cfg["name_or_path"], attn_implementation=model_cfg.get("attn_implementation"), **load_options)
 
     config = LlamaConfig(
         vocab_size=data_info["vocab_size"],
@@ -61,6 +61,7 @@ def build(model_cfg, data_info, **load_options) -> nn.Module:
         eos_token_id=data_info["eos_token_id"],
         pad_token_id=data_info["pad_token_id"],
         attention_dropout=model_cfg["dropout"],
+        attn_implementation=model_cfg.get("attn_implementation"),
         **FLAVORS[model_cfg["flavor"]],
     )
     return LlamaForCausalLM(config)
@@ -90,6 +91,16 @@ def derived_metrics(metrics: dict[str, float], data_info) -> dict[str, float]:
     if "samples_per_sec" in metrics:
         derived["tokens_per_sec"] = metrics["samples_per_sec"] * data_info["max_seq_len"]
     return derived
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6N for the forward and backward
+    matmuls of N weights, plus 12·L·H·T for attention's scores and weighted sums over T positions in L layers
+    of width H. Recomputed activations do not count: that is hardware, not model, FLOPs."""
+    config = model.config
+    # The input embedding is a lookup, not a matmul, unless tied to the output layer (then counted once).
+    n_params = model.num_parameters() - (0 if config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+    return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def enable_gradient_checkpointing(model: LlamaForCausalLM) -> None:

@@ -74,7 +74,8 @@ def build(model_cfg, data_info) -> ViTClassifier:
         if height < patch_size:
             raise ValueError(f"model.flavor {model_cfg['flavor']!r} cuts images into {patch_size}x{patch_size} patches: "
                              f"the data's {height} px images need data.image_size >= {patch_size}")
-        config = ViTConfig(image_size=height, num_channels=channels, **FLAVORS[model_cfg["flavor"]], **head_config(model_cfg, data_info))
+        config = ViTConfig(image_size=height, num_channels=channels, attn_implementation=model_cfg.get("attn_implementation"),
+                           **FLAVORS[model_cfg["flavor"]], **head_config(model_cfg, data_info))
         return ViTClassifier(ViTForImageClassification(config), data_info["mean"], data_info["std"])
     config = AutoConfig.from_pretrained(base, **head_config(model_cfg, data_info))
     expected = (getattr(config, "num_channels", channels), getattr(config, "image_size", height))
@@ -82,7 +83,8 @@ def build(model_cfg, data_info) -> ViTClassifier:
         raise ValueError(f"model.name_or_path {base!r} takes {expected[0]}-channel {expected[1]} px images, the data has {channels}-channel "
                          f"{height} px ones: set data.channels {expected[0]} and data.image_size {expected[1]}")
     # ignore_mismatched_sizes: a base that is itself a classifier gets a new head for these classes.
-    model = AutoModelForImageClassification.from_pretrained(base, config=config, ignore_mismatched_sizes=True)
+    model = AutoModelForImageClassification.from_pretrained(base, config=config, ignore_mismatched_sizes=True,
+                                                            attn_implementation=model_cfg.get("attn_implementation"))
     # The normalisation the base was pretrained with, where it ships one.
     mean, std = image_statistics(base) or (data_info["mean"], data_info["std"])
     return ViTClassifier(model, mean, std)

@@ -15,12 +15,8 @@ Each strategy owns its mixed precision and its checkpoint format:
   deepspeed  ZeRO stage 1/2/3 (+ CPU offload); DeepSpeed's own (sharded) checkpoint
 """
 
-import torch
-
 from dlray.strategies.ddp import DDPStrategy
 from dlray.strategies.deepspeed import DeepSpeedStrategy
 from dlray.strategies.fsdp import FSDPStrategy
 
 STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dlray.precision import PRECISION_DTYPES
 from dlray.strategies import dcp
 
 
@@ -15,16 +16,16 @@ class DDPStrategy:
     CHECKPOINT_FORMAT = "dcp"
 
     def __init__(self, cfg, device: torch.device, shard_classes=()):
-        from dlray.strategies import PRECISION_DTYPES
-
         self.device, self.max_grad_norm = device, cfg.train.max_grad_norm
-        self.trainable_only = cfg.finetune.trainable_only
+        self.trainable_only, self.compile = cfg.finetune.trainable_only, cfg.train.compile
         self.dtype = PRECISION_DTYPES[cfg.precision]
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     def prepare(self, model, make_optimizers):
         model = model.to(self.device)
+        if self.compile:  # in place: the state dict keeps its names, so checkpoints do not change
+            model.compile()
         self.optimizers = make_optimizers(model)
         # One rank has nothing to all-reduce: skip DDP's hooks, as ray.train.torch.prepare_model
         # does. Checkpoints stay interchangeable (DCP names parameters without DDP's "module.").

@@ -3,13 +3,19 @@
 The DeepSpeed config is derived from dlray's config, so a user never keeps two files in sync.
 DeepSpeed counts gradient accumulation itself: `backward` hands every micro-batch to the engine
 and the engine applies the optimizer on the accumulation boundary.
+
+Mixed precision is DeepSpeed's `torch_autocast` section: the engine keeps fp32 weights, runs its
+forward under torch.autocast on its own device (CPU or CUDA alike), gathers and reduces the
+matmul weights in the low dtype, and scales fp16 losses with a GradScaler. Its `bf16` / `fp16`
+sections instead hold bf16 weights and switch off any autocast around the engine on CUDA (not on
+CPU), so fp32 inputs met bf16 weights there: the same code failed on a GPU and passed on CPU.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
+
+from dlray.precision import PRECISION_DTYPES
 
 CHECKPOINT_TAG = "deepspeed"  # fixed: one checkpoint per Ray checkpoint directory
 
@@ -18,8 +24,6 @@ class DeepSpeedStrategy:
     CHECKPOINT_FORMAT = "deepspeed"
 
     def __init__(self, cfg, device: torch.device, shard_classes=()):
-        from dlray.strategies import PRECISION_DTYPES
-
         self.device, self.dtype = device, PRECISION_DTYPES[cfg.precision]
         self.trainable_only = cfg.finetune.trainable_only
         self.ds_config = deepspeed_config(cfg)
@@ -32,11 +36,9 @@ class DeepSpeedStrategy:
         return self.engine, [optimizer]
 
     def autocast(self):
-        # Parameters are already bf16/fp16 inside the engine; autocast casts the inputs and
-        # keeps losses and normalisation statistics in fp32.
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        # The engine's forward autocasts by itself; this covers the loss computed from its outputs
+        # (cross-entropy and the like in fp32), with the engine's dtype so the two never disagree.
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def backward(self, loss, sync: bool):
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divided by the accumulation steps
@@ -75,8 +77,7 @@ def deepspeed_config(cfg) -> dict:
         "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "gradient_clipping": cfg.train.max_grad_norm or 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
+        "torch_autocast": {"enabled": cfg.precision != "fp32", "dtype": cfg.precision},
         # dlray builds a plain torch optimizer from `optim:`; DeepSpeed wraps it for ZeRO.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,

@@ -15,6 +15,7 @@ import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from dlray.precision import PRECISION_DTYPES
 from dlray.strategies import dcp
 from dlray.strategies.ddp import optimizer_params
 
@@ -23,10 +24,8 @@ class FSDPStrategy:
     CHECKPOINT_FORMAT = "dcp"
 
     def __init__(self, cfg, device: torch.device, shard_classes=()):
-        from dlray.strategies import PRECISION_DTYPES
-
         self.device, self.max_grad_norm = device, cfg.train.max_grad_norm
-        self.trainable_only = cfg.finetune.trainable_only
+        self.trainable_only, self.compile = cfg.finetune.trainable_only, cfg.train.compile
         self.shard_classes = tuple(shard_classes)
         self.reshard_after_forward = cfg.strategy.reshard_after_forward
         dtype = PRECISION_DTYPES[cfg.precision]
@@ -36,9 +35,13 @@ class FSDPStrategy:
         model = model.to(self.device)
         options = {"mp_policy": self.mp_policy, "reshard_after_forward": self.reshard_after_forward}
         block_names = set(getattr(model, "_no_split_modules", None) or ())
-        for module in model.modules():
-            if isinstance(module, self.shard_classes) or type(module).__name__ in block_names:
-                fully_shard(module, **options)
+        blocks = [m for m in model.modules() if isinstance(m, self.shard_classes) or type(m).__name__ in block_names]
+        for module in blocks:
+            if self.compile:  # block by block (torchtitan's way); FSDP's hooks stay outside the graphs
+                module.compile()
+            fully_shard(module, **options)
+        if self.compile and not blocks:
+            model.compile()
         self.model = fully_shard(model, **options)
         # Built after sharding so that the optimizers hold (and shard their state by) the DTensors.
         self.optimizers = make_optimizers(self.model)

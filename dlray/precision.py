@@ -1,0 +1,69 @@
+"""Which precision a run computes in. `precision: auto` (the default) picks what the hardware does natively:
+
+    GPU with bf16 (Ampere and later)         bf16
+    GPU without bf16 (V100, T4)              fp16 with loss scaling (fp32 under FSDP, which has no loss scaler here)
+    CPU with AVX512-BF16 or AMX              bf16
+    any other CPU (AVX2 only, e.g. Zen 3)    fp32: bf16 there is emulated, ~20x slower than fp32
+
+Each training worker decides for its own device (the driver may have no GPU) and rank 0 prints the
+choice and the reason. `detect` also knows the dense bf16 peak of common GPUs, for the loop's `mfu`.
+A leaf module: strategies, finetune and the loop import it, it imports none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# A 3x3 conv step on a Zen 3 core: 28 ms in fp32, 659 ms under emulated bf16 autocast.
+EMULATED_BF16_SLOWDOWN = "~20x"
+# Dense bf16 tensor-core peaks (no sparsity), by a part of the name torch.cuda.get_device_name() gives; the first match counts.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H20": 148e12, "B200": 2250e12, "A100": 312e12,
+                   "A10G": 70e12, "L40S": 362e12, "L4": 121e12}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device_type: str  # "cuda" or "cpu"
+    name: str  # the GPU's name, or the CPU's vector capability
+    native_bf16: bool  # bf16 arithmetic in hardware, not emulated
+    peak_flops: float | None = None  # dense bf16 FLOP/s, where known (GPUs in PEAK_BF16_FLOPS)
+
+
+def detect(device: torch.device) -> Hardware:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((flops for part, flops in PEAK_BF16_FLOPS.items() if part in name), None)
+        return Hardware("cuda", name, torch.cuda.is_bf16_supported(including_emulation=False), peak)
+    # The capability ATen dispatches to (ATEN_CPU_CAPABILITY can lower it), and the instructions the CPU has.
+    capability = torch.backends.cpu.get_cpu_capability()
+    has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return Hardware("cpu", f"this CPU ({capability})", capability.startswith("AVX512") and has_bf16)
+
+
+def choose(requested: str, hardware: Hardware, strategy: str) -> tuple[str, str]:
+    """(precision, why): `requested` unless it is `auto`, else what `hardware` computes natively."""
+    if requested != "auto":
+        return requested, "set in the job config"
+    if hardware.native_bf16:
+        return "bf16", f"precision auto: {hardware.name} computes bf16 natively"
+    if hardware.device_type == "cuda":
+        if strategy == "fsdp":
+            return "fp32", f"precision auto: {hardware.name} has no bf16, and FSDP here has no loss scaler for fp16"
+        return "fp16", f"precision auto: {hardware.name} has no bf16; fp16 with loss scaling"
+    return "fp32", f"precision auto: {hardware.name} has no AVX512-BF16 or AMX, so bf16 would be emulated ({EMULATED_BF16_SLOWDOWN} slower than fp32)"
+
+
+def resolve(requested: str, device: torch.device, strategy: str) -> str:
+    """`requested`, or what `auto` picks on `device`, without the reason."""
+    return choose(requested, detect(device), strategy)[0]
+
+
+def slowdown_warning(precision: str, hardware: Hardware) -> str | None:
+    """What to tell a user who asked for bf16 on a CPU that can only emulate it."""
+    if precision == "bf16" and hardware.device_type == "cpu" and not hardware.native_bf16:
+        return (f"precision bf16 on {hardware.name}, which has no AVX512-BF16 or AMX: bf16 is emulated and training runs "
+                f"{EMULATED_BF16_SLOWDOWN} slower than in fp32; precision auto picks fp32 here")
+    return None
