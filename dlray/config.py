@@ -272,6 +272,7 @@ class ServeSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     num_cpus_per_replica: float = Field(1.0, ge=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0)  # Ray's ray_actor_options.num_gpus: > 0 serves on the replica's GPU
     # images endpoint (diffusion, vae, gan): limits beyond which a request gets a 400
     max_images_per_request: int = Field(8, ge=1)  # OpenAI's `n`
     max_inference_steps: int = Field(1000, ge=1)

@@ -140,6 +140,7 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
     changed_frozen = sorted(k for k in changed_keys - trainable_names(model)
                             if not torch.allclose(final[k].float(), initial[k].float(), rtol=2**-8, atol=0)) if cfg.finetune.trainable_only else []
     linear4bit = sum(isinstance(m, Linear4bit) for m in model.modules())  # bitsandbytes' own (PEFT's LoRA layer around it is another)
+    compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())  # nn.Module.compile() ran
 
     # Restored from the step-8 checkpoint: its evaluation is what `dlray export` must reproduce,
     # and training on from it must replay the uninterrupted run's losses.
@@ -154,7 +155,7 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         (checkpoint / "meta.json").write_text(json.dumps(meta))
         save_file({k: v.float().contiguous() for k, v in full_state.items()}, out / f"{case['id']}-full_state.safetensors")
     return {"losses": losses, "replayed": replayed, "saved_eval": saved.tolist(), "changed": changed, "changed_frozen": changed_frozen,
-            "linear4bit": linear4bit}
+            "linear4bit": linear4bit, "compiled": compiled}
 
 
 @functools.cache

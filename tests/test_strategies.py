@@ -53,6 +53,10 @@ CASES = [
     {"family": "gpt", "strategy": strategy, "precision": "auto", "train": {"gradient_checkpointing": True}, "id": f"gpt-{label}-checkpointing-auto"}
     for strategy, label in [({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
 ] + [
+    # torch.compile: in place under DDP, block by block under FSDP; checkpoints keep their names.
+    {"family": "gpt", "strategy": {"name": name}, "precision": "auto", "train": {"compile": True}, "id": f"gpt-{name}-compile-auto"}
+    for name in ("ddp", "fsdp")
+] + [
     {"family": family, "strategy": strategy, "precision": precision, "id": f"{family}-{label}-{precision}"}
     for family in ("vit", "bert")
     for strategy, label, precision in [({"name": "ddp"}, "ddp", "fp32"), ({"name": "ddp"}, "ddp", "auto"), ({"name": "fsdp"}, "fsdp", "auto"),
@@ -118,6 +122,7 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
     tolerance = 2e-2 if mixed else 1e-4
     assert result["replayed"] == pytest.approx(losses[8:], rel=tolerance), "resumed training diverges from the uninterrupted run"
 
+    assert result["compiled"] == case.get("train", {}).get("compile", False)
     kind = case.get("finetune", {}).get("finetuning_type", "full")
     if kind != "full":
         assert result["changed_frozen"] == [], "a fine-tune changed frozen weights"

@@ -69,6 +69,7 @@ def image_side(model_cfg, image_shape, levels: int) -> int:
     return height
 
 
-def latents(generators: list[torch.Generator], latent_dim: int) -> torch.Tensor:
-    """z ~ N(0, I), one row per generator: each image depends only on its own seed."""
-    return torch.stack([torch.randn(latent_dim, generator=g, device=g.device) for g in generators])
+def latents(generators: list[torch.Generator], latent_dim: int, device: torch.device) -> torch.Tensor:
+    """z ~ N(0, I), one row per generator: each image depends only on its own seed (drawn on the
+    generator's device, computed with on the model's)."""
+    return torch.stack([torch.randn(latent_dim, generator=g, device=g.device) for g in generators]).to(device)

@@ -81,4 +81,4 @@ def compute_loss(model: nn.Module, batch, phase: str | None = None) -> dict[str,
 @torch.no_grad()
 def sample(model: GAN, generators: list[torch.Generator], **options) -> torch.Tensor:
     """One image per generator, in [-1, 1]. `options` (a diffusion model's steps, scheduler) do not apply."""
-    return model.generator(latents(generators, model.latent_dim)).float()
+    return model.generator(latents(generators, model.latent_dim, next(model.generator.parameters()).device)).float()

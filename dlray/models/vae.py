@@ -69,4 +69,4 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def sample(model: VAE, generators: list[torch.Generator], **options) -> torch.Tensor:
     """One image per generator, in [-1, 1]. `options` (a diffusion model's steps, scheduler) do not apply."""
-    return model.decoder(latents(generators, model.latent_dim)).float()
+    return model.decoder(latents(generators, model.latent_dim, next(model.decoder.parameters()).device)).float()

@@ -44,7 +44,7 @@ def build_app(args: dict) -> Application:
         from transformers import AutoTokenizer
 
         check_chat_template(AutoTokenizer.from_pretrained(artifact), artifact, settings.chat)
-    options = {"max_ongoing_requests": settings.max_ongoing_requests, "ray_actor_options": {"num_cpus": settings.num_cpus_per_replica}}
+    options = {"max_ongoing_requests": settings.max_ongoing_requests, "ray_actor_options": {"num_cpus": settings.num_cpus_per_replica, "num_gpus": settings.num_gpus_per_replica}}
     if settings.autoscaling:
         options["autoscaling_config"] = settings.autoscaling.model_dump()
     else:

@@ -27,6 +27,7 @@ from ray import serve
 from dlray.data.image_folder import decode_image
 from dlray.export import load_artifact
 from dlray.serve.errors import RequestError, install_error_handlers, read_body
+from dlray.serve.replica import replica_device
 
 
 def parse_json(body: bytes):
@@ -45,8 +46,8 @@ class ImageInput:
     def describe(self) -> dict:
         return {"input_shape": list(self.shape)}
 
-    def logits(self, model, images: list[torch.Tensor]) -> torch.Tensor:
-        return model(torch.stack(images))
+    def logits(self, model, images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        return model(torch.stack(images).to(device))
 
     def parse(self, content_type: str, body: bytes) -> torch.Tensor:
         if content_type.startswith("application/json"):
@@ -98,8 +99,8 @@ class TextInput:
     def describe(self) -> dict:
         return {"max_seq_len": self.max_seq_len}
 
-    def logits(self, model, texts: list[str]) -> torch.Tensor:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt")
+    def logits(self, model, texts: list[str], device: torch.device) -> torch.Tensor:
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt").to(device)
         return model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits
 
     def parse(self, content_type: str, body: bytes) -> str:
@@ -121,8 +122,9 @@ install_error_handlers(api)
 @serve.ingress(api)
 class Classifier:
     def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000):
-        torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
+        self.device = replica_device()
         self.model, config = load_artifact(artifact)
+        self.model.to(self.device)
         info = config["data_info"]
         self.class_names = info["class_names"]
         self.inputs = ImageInput(tuple(info["image_shape"])) if "image_shape" in info else TextInput.from_artifact(artifact, info["max_seq_len"])
@@ -148,4 +150,4 @@ class Classifier:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict(self, items: list) -> list[torch.Tensor]:
         with torch.inference_mode():
-            return list(torch.softmax(self.inputs.logits(self.model, items).float(), dim=-1))
+            return list(torch.softmax(self.inputs.logits(self.model, items, self.device).float(), dim=-1).cpu())

@@ -44,6 +44,7 @@ from dlray.export import load_artifact
 
 from dlray.serve.engine import Delta, Engine, SamplingParams, Sequence
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
+from dlray.serve.replica import replica_device
 
 api = FastAPI(title="dlray text generation")
 install_error_handlers(api)
@@ -246,8 +247,8 @@ class TextGenerator:
     def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000,
                  max_tokens_limit: int = 1024, max_completions_per_request: int = 4, chat: bool = True,
                  api_key_env: Optional[str] = None, served_model_name: Optional[str] = None, adapters: Optional[dict[str, str]] = None):
-        torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
-        self.engine = Engine(load_artifact(artifact)[0], AutoTokenizer.from_pretrained(artifact))  # an adapter: with its base
+        model = load_artifact(artifact)[0].to(replica_device())  # an adapter: with its base
+        self.engine = Engine(model, AutoTokenizer.from_pretrained(artifact))
         self.engine.load_adapters(adapters or {})
         self.api_key, self.chat, self.max_body_bytes = read_api_key(api_key_env), chat, max_body_bytes
         self.openai = OpenAITextAPI(self.engine, served_model_name or Path(artifact).name, max_tokens_limit, max_completions_per_request)

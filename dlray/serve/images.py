@@ -32,6 +32,7 @@ from ray import serve
 from dlray.export import load_artifact
 from dlray.models import FAMILIES
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
+from dlray.serve.replica import replica_device
 from dlray.tracking import png_bytes
 
 api = FastAPI(title="dlray image generation")
@@ -58,8 +59,8 @@ class GenerationRequest(BaseModel):
 class ImageGenerator:
     def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000,
                  max_images_per_request: int = 8, max_inference_steps: int = 1000, num_inference_steps: int = 50, scheduler: str = "ddim"):
-        torch.set_num_threads(1)  # one replica per CPU; more replicas, not more threads, scale it
         self.model, config = load_artifact(artifact)
+        self.model.to(replica_device())
         self.family_name = config["model"]["family"]
         self.family = FAMILIES[self.family_name]
         self.class_names = config["data_info"]["class_names"]
@@ -131,8 +132,8 @@ class ImageGenerator:
                 labels += [job["class_label"]] * job["n"]
                 owners += [index] * job["n"]
             options = dict(key) | ({"class_labels": labels} if self.conditional else {})
-            with torch.inference_mode():
-                images = self.family.sample(self.model, generators, **options)
+            with torch.inference_mode():  # CPU generators on any device: a seed gives the same image on a GPU replica
+                images = self.family.sample(self.model, generators, **options).cpu()
             for owner, image in zip(owners, images):
                 results[owner].append(image)
         return results

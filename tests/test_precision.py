@@ -1,0 +1,100 @@
+"""`precision: auto` picks what the hardware computes natively, and says why; explicit bf16 on a CPU
+that can only emulate it still runs, with a warning. The speed switches' config checks."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dlray.config import ConfigError, load_config
+from dlray.loop import choose_precision
+from dlray.precision import Hardware, choose, detect, slowdown_warning
+from conftest import REPO
+
+H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", native_bf16=True, peak_flops=989e12)
+V100 = Hardware("cuda", "Tesla V100-SXM2-16GB", native_bf16=False)
+SAPPHIRE_RAPIDS = Hardware("cpu", "this CPU (AVX512)", native_bf16=True)  # AMX
+ZEN3 = Hardware("cpu", "this CPU (AVX2)", native_bf16=False)
+
+
+@pytest.mark.parametrize("hardware, strategy, expected", [
+    (H100, "fsdp", "bf16"),
+    (V100, "ddp", "fp16"),  # with GradScaler (DeepSpeed: its torch_autocast scaler)
+    (V100, "deepspeed", "fp16"),
+    (V100, "fsdp", "fp32"),  # FSDP here has no loss scaler, so fp16 is refused
+    (SAPPHIRE_RAPIDS, "ddp", "bf16"),
+    (ZEN3, "ddp", "fp32"),
+    (ZEN3, "deepspeed", "fp32"),
+])
+def test_auto_picks_what_the_hardware_computes_natively(hardware, strategy, expected):
+    chosen, why = choose("auto", hardware, strategy)
+    assert chosen == expected
+    assert why.startswith("precision auto: ") and hardware.name in why
+
+
+def test_an_explicit_precision_is_kept_and_emulated_bf16_warns():
+    assert choose("bf16", ZEN3, "ddp") == ("bf16", "set in the job config")
+    assert "emulated" in slowdown_warning("bf16", ZEN3) and "~20x" in slowdown_warning("bf16", ZEN3)
+    assert slowdown_warning("bf16", SAPPHIRE_RAPIDS) is None
+    assert slowdown_warning("fp32", ZEN3) is None
+    assert slowdown_warning("bf16", V100) is None  # GPUs without bf16 are CUDA's business, not an emulation
+
+
+def test_rank_zero_prints_the_choice_and_the_warning(capsys):
+    cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["precision=bf16"])
+    assert choose_precision(cfg, ZEN3, rank=0) == "bf16"
+    out = capsys.readouterr().out
+    assert "[dlray] precision bf16: set in the job config" in out and "[dlray] warning: precision bf16 on this CPU (AVX2)" in out
+    assert choose_precision(cfg, ZEN3, rank=1) == "bf16" and capsys.readouterr().out == ""
+
+
+CPU_KIND = """
+import torch
+from dlray.precision import choose, detect
+hardware = detect(torch.device("cpu"))
+print(hardware.native_bf16, choose("auto", hardware, "ddp")[0])
+"""
+
+
+def test_an_avx2_only_cpu_is_detected_as_emulating_bf16():
+    """ATEN_CPU_CAPABILITY=avx2 makes torch dispatch as on an AVX2-only CPU (where bf16 runs ~20x slower)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", CPU_KIND], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "fp32"]
+    native = detect(torch.device("cpu")).native_bf16
+    expected = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert native == expected
+
+
+def test_every_shipped_job_defaults_to_auto():
+    for job in sorted((REPO / "jobs").rglob("*.yaml")):
+        assert load_config(job).precision == "auto", job
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy.name=deepspeed", "train.compile=true"], "train.compile is supported with strategy.name 'ddp' or 'fsdp', got 'deepspeed'"),
+    (["model.attn_implementation=eager"], "model.attn_implementation applies only to model.family 'gpt' or 'vit' or 'bert'"),
+    (["precision=fp8"], "precision: must be 'auto', 'fp32', 'bf16' or 'fp16'"),
+])
+def test_speed_switches_are_checked_before_anything_starts(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO / "jobs/debug/cnn_cpu.yaml", overrides)
+
+
+def test_flash_attention_needs_gpu_workers():
+    with pytest.raises(ConfigError, match="'flash_attention_2' runs on CUDA only"):
+        load_config(REPO / "jobs/debug/gpt_cpu.yaml", ["model.attn_implementation=flash_attention_2"])
+    assert load_config(REPO / "jobs/debug/gpt_cpu.yaml", ["model.attn_implementation=flash_attention_2", "scaling.use_gpu=true"])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attn_implementation_reaches_the_transformers_model(implementation):
+    from dlray.models import gpt
+
+    info = {"vocab_size": 64, "max_seq_len": 16, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    model = gpt.build({"flavor": "debug", "dropout": 0.0, "attn_implementation": implementation}, info)
+    assert model.config._attn_implementation == implementation
