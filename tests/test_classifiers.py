@@ -98,7 +98,7 @@ def test_served_texts_tokenize_and_classify_as_in_training(trained_bert):
     padded = data.tokenizer(texts, padding="max_length", truncation=True, max_length=data.info["max_seq_len"], return_tensors="pt")
     with torch.no_grad():
         trained_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
-        assert torch.allclose(inputs.logits(model, texts), trained_logits, atol=1e-5)
+        assert torch.allclose(inputs.logits(model, texts, torch.device("cpu")), trained_logits, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ Optional, each used where present:
                          more metrics computed from the reported ones, after each epoch and after
                          the final test (gpt: val_/test_perplexity = exp(loss), tokens_per_sec)
     DERIVED_METRICS      the names derived_metrics adds to every epoch (train.metric may be one)
+    flops_per_token(model, seq_len) -> training FLOPs per token, for the loop's `mfu` on GPUs (gpt)
     enable_gradient_checkpointing(model)
                          what `train.gradient_checkpointing` calls; the config refuses it without
     save_pretrained(model, directory), from_pretrained(directory)
