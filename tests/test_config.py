@@ -26,7 +26,7 @@ def test_jobs_folder_is_not_empty():
     [
         ("strategy.zero_stage=4", "strategy.zero_stage: must be 1, 2 or 3, got 4"),
         ("strategy.name=horovod", "strategy.name: must be 'ddp', 'fsdp' or 'deepspeed', got 'horovod'"),
-        ("precision=fp8", "precision: must be 'fp32', 'bf16' or 'fp16', got 'fp8'"),
+        ("precision=fp8", "precision: must be 'auto', 'fp32', 'bf16' or 'fp16', got 'fp8'"),
         ("strategy.zro_stage=2", "unknown key 'strategy.zro_stage'; allowed keys here: name, zero_stage, offload_optimizer"),
         ("trian.num_epochs=2", "unknown key 'trian'; allowed keys here: model, data, train, finetune, optim"),
         ("optim.name=lion", "optim.name: must be 'sgd', 'adam', 'adamw' or 'rmsprop', got 'lion'"),
