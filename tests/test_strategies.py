@@ -123,6 +123,8 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
     assert result["replayed"] == pytest.approx(losses[8:], rel=tolerance), "resumed training diverges from the uninterrupted run"
 
     assert result["compiled"] == case.get("train", {}).get("compile", False)
+    if case["precision"] == "fp16":  # the loss scale reached travels with the checkpoint
+        assert json.loads((out / case["id"] / "grad_scaler.json").read_text())["scale"] > 0
     kind = case.get("finetune", {}).get("finetuning_type", "full")
     if kind != "full":
         assert result["changed_frozen"] == [], "a fine-tune changed frozen weights"

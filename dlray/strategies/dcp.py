@@ -8,23 +8,18 @@ and loaded: the frozen rest comes from model.name_or_path (and may be packed 4-b
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dlray.finetune import trainable_names
-
-SCALER_FILE = "grad_scaler.json"
+from dlray.strategies.scaler import load_scaler, save_scaler
 
 
 def save(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None = None, trainable_only: bool = False) -> None:
     model_sd, optim_sd = state_dicts(model, optimizers, trainable_only)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
-    if scaler is not None and scaler.is_enabled() and torch.distributed.get_rank() == 0:
-        Path(directory, SCALER_FILE).write_text(json.dumps(scaler.state_dict()))
+    save_scaler(directory, scaler)
 
 
 def load(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None = None, trainable_only: bool = False) -> None:
@@ -33,8 +28,7 @@ def load(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None 
     dcp.load(state, checkpoint_id=directory)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=not trainable_only))
-    if scaler is not None and Path(directory, SCALER_FILE).exists():
-        scaler.load_state_dict(json.loads(Path(directory, SCALER_FILE).read_text()))
+    load_scaler(directory, scaler)
 
 
 def state_dicts(model, optimizers, trainable_only: bool) -> tuple[dict, dict]:

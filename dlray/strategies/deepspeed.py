@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from dlray.precision import PRECISION_DTYPES
+from dlray.strategies.scaler import load_scaler, save_scaler
 
 CHECKPOINT_TAG = "deepspeed"  # fixed: one checkpoint per Ray checkpoint directory
 
@@ -58,12 +59,18 @@ class DeepSpeedStrategy:
 
     def save(self, directory: str):
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=self.trainable_only)
+        save_scaler(directory, self.loss_scaler())  # DeepSpeed's checkpoint leaves its torch_autocast scaler out
 
     def load(self, directory: str):
         path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_lr_scheduler_states=False,
                                               load_module_strict=not self.trainable_only)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/{CHECKPOINT_TAG}")
+        load_scaler(directory, self.loss_scaler())
+
+    def loss_scaler(self) -> torch.amp.GradScaler | None:
+        """The GradScaler the ZeRO optimizer keeps under torch_autocast fp16 (None otherwise)."""
+        return getattr(self.engine.optimizer, "torch_autocast_gradscaler", None)
 
 
 def deepspeed_config(cfg) -> dict:
