@@ -283,11 +283,13 @@ def render_rayservice(job: str | os.PathLike, overrides: list[str], image: str, 
     cfg, _ = load_for_cluster(job, list(overrides))
     serve: ServeSection = cfg.serve
     cpus = max(1, math.ceil(serve.num_cpus_per_replica))  # one replica per pod
+    gpus = math.ceil(serve.num_gpus_per_replica)  # a fractional GPU still needs a whole device in the pod
     if serve.autoscaling:
         low, high = serve.autoscaling.min_replicas, serve.autoscaling.max_replicas
     else:
         low = high = serve.num_replicas
-    workers = worker_group("serve-workers", image, low, low, high, cpus, CPU_WORKER_MEMORY_GIB)
+    memory_gib = GPU_WORKER_MEMORY_GIB * gpus if gpus else CPU_WORKER_MEMORY_GIB
+    workers = worker_group("serve-workers", image, low, low, high, cpus, memory_gib, gpus=gpus)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",

@@ -125,6 +125,7 @@ RENDER_CASES = {
     "train-debug-resources": ("rayjob", "jobs/debug/cnn_cpu.yaml", ["scaling.use_gpu=true", "scaling.resources_per_worker={CPU: 3, GPU: 0.5, fast_disk: 1}"]),
     "serve-digits": ("rayservice", "jobs/cnn_digits.yaml", []),
     "serve-debug-autoscaling": ("rayservice", "jobs/debug/cnn_cpu.yaml", ["serve.autoscaling.max_replicas=3"]),
+    "serve-digits-gpu": ("rayservice", "jobs/cnn_digits.yaml", ["serve.num_gpus_per_replica=1"]),
 }
 
 
@@ -337,3 +338,14 @@ def test_cli_render_of_a_sweep_runs_dlray_tune_with_workers_for_its_concurrent_t
 def test_cli_render_rejects_bad_input(args, message):
     result = CliRunner().invoke(app, ["k8s", "render", "jobs/debug/cnn_cpu.yaml", "--image", IMAGE, *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_replicas_on_gpus_get_gpu_pods():
+    """serve.num_gpus_per_replica reaches both Serve (the replica's ray_actor_options) and the worker pods."""
+    spec = rendered("serve-digits-gpu")["spec"]
+    (workers,) = spec["rayClusterConfig"]["workerGroupSpecs"]
+    (container,) = workers["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]["num_gpus_per_replica"] == 1
+    cpu_only = rendered("serve-digits")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in cpu_only["resources"]["limits"]
