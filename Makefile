@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-gpu bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ test: install        ## the whole suite (CI runs exactly this)
 
 test-fast: install   ## skip the end-to-end runs marked slow
 	$(BIN)/pytest -q -m "not slow"
+
+test-gpu: install    ## the GPU tier (tests/test_gpu.py): skipped without CUDA
+	$(BIN)/pytest -q -m gpu
 
 bench: install       ## writes benchmarks/results.md
 	$(BIN)/dlray bench all

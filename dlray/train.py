@@ -116,7 +116,6 @@ def nodes_not_seeing(path: str, nodes: list[dict]) -> list[str]:
 
 
 def worker_env(cfg: JobConfig) -> dict[str, str]:
-    env = {}
-    if not cfg.scaling.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise probe for CUDA
-    return env
+    # DeepSpeed's accelerator follows the workers' device, whatever the submitting environment says
+    # (a DS_ACCELERATOR=cpu left there by a laptop run would put GPU workers on its CPU backend).
+    return {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu"}

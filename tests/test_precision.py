@@ -97,3 +97,12 @@ def test_attn_implementation_reaches_the_transformers_model(implementation):
     info = {"vocab_size": 64, "max_seq_len": 16, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     model = gpt.build({"flavor": "debug", "dropout": 0.0, "attn_implementation": implementation}, info)
     assert model.config._attn_implementation == implementation
+
+
+@pytest.mark.parametrize("use_gpu, accelerator", [(False, "cpu"), (True, "cuda")])
+def test_deepspeed_follows_the_workers_device_not_the_submitting_environment(use_gpu, accelerator, monkeypatch):
+    from dlray.train import worker_env
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # as a laptop run (or this test session) leaves it
+    cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", [f"scaling.use_gpu={str(use_gpu).lower()}"])
+    assert worker_env(cfg)["DS_ACCELERATOR"] == accelerator
