@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test test-fast test-gpu bench clean
+.PHONY: install demo lint test test-fast test-gpu bench clean
 
 install: $(VENV)/.installed
 
@@ -21,7 +21,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install        ## train -> export -> serve -> query the CNN on bundled digits (local Ray)
 	$(BIN)/python -m dlray.demo
 
-test: install        ## the whole suite (CI runs exactly this)
+lint: install        ## ruff; mypy checks the strategies against their Protocol, and the loop
+	$(BIN)/ruff check dlray tests
+	$(BIN)/mypy -p dlray.strategies -m dlray.loop
+
+test: lint           ## lint, then the whole suite (CI runs exactly this)
 	$(BIN)/pytest -q
 
 test-fast: install   ## skip the end-to-end runs marked slow

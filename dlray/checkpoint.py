@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray.train
@@ -24,17 +25,35 @@ SAMPLES_FILE = "samples.png"
 TOKENIZER_DIR = "tokenizer"
 
 
-def report_with_checkpoint(metrics: dict, strategy, schedulers: list, progress: dict, meta: dict, ema=None, samples_png: bytes | None = None,
+@dataclass
+class TrainState:
+    """Where a run is: saved with every checkpoint (as plain numbers), restored on resume."""
+
+    epoch: int = 0  # epochs done: the next one to run
+    global_step: int = 0  # optimizer steps done
+    best: float | None = None  # the best train.metric so far
+    bad_epochs: int = 0  # epochs since it last improved (early stopping)
+    base_lr: float | None = None  # optim.lr the schedules were built with (a PBT trial may continue another's with its own)
+
+    def update(self, value: float, mode: str) -> bool:
+        """Count one more epoch ending with train.metric at `value`; whether it improved on the best."""
+        improved = self.best is None or (value < self.best if mode == "min" else value > self.best)
+        self.epoch += 1
+        self.best, self.bad_epochs = (value, 0) if improved else (self.best, self.bad_epochs + 1)
+        return improved
+
+
+def report_with_checkpoint(metrics: dict, strategy, schedulers: list, state: TrainState, meta: dict, ema=None, samples_png: bytes | None = None,
                            tokenizer=None) -> None:
     rank = dist.get_rank()
     with tempfile.TemporaryDirectory(prefix="dlray-ckpt-") as directory:
         strategy.save(directory)
         torch.save(
-            {"progress": progress, "schedulers": [s.state_dict() for s in schedulers], "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng()},
+            {"progress": asdict(state), "schedulers": [s.state_dict() for s in schedulers], "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng()},
             Path(directory, f"train_state_rank{rank}.pt"),
         )
         if rank == 0:
-            Path(directory, META_FILE).write_text(json.dumps({**meta, "progress": progress, "metrics": metrics}, indent=2))
+            Path(directory, META_FILE).write_text(json.dumps({**meta, "progress": asdict(state), "metrics": metrics}, indent=2))
             if ema is not None:
                 Path(directory, EMA_FILE).write_bytes(ema.to_bytes())
             if samples_png is not None:
@@ -45,8 +64,8 @@ def report_with_checkpoint(metrics: dict, strategy, schedulers: list, progress: 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
 
 
-def restore(checkpoint: ray.train.Checkpoint, strategy, schedulers: list, ema=None, restore_train_state: bool = True) -> dict:
-    """Load a checkpoint into the running strategy (and EMA); returns the saved progress counters."""
+def restore(checkpoint: ray.train.Checkpoint, strategy, schedulers: list, ema=None, restore_train_state: bool = True) -> TrainState:
+    """Load a checkpoint into the running strategy (and EMA); returns where the run was."""
     with checkpoint.as_directory() as directory:
         strategy.load(directory)
         state_file = Path(directory, f"train_state_rank{dist.get_rank()}.pt")
@@ -63,7 +82,7 @@ def restore(checkpoint: ray.train.Checkpoint, strategy, schedulers: list, ema=No
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
-    return state["progress"]
+    return TrainState(**state["progress"])
 
 
 def best_checkpoint(metric: str, mode: str) -> ray.train.Checkpoint | None:

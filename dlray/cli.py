@@ -44,8 +44,8 @@ def validate(job: Path, overrides: Optional[list[str]] = OVERRIDES):
 def train(job: Path, overrides: Optional[list[str]] = OVERRIDES):
     """Train on Ray Train: the cluster in RAY_ADDRESS, or a local Ray on 127.0.0.1."""
     cfg = _load(job, overrides)
-    from dlray.train import fit, run_dir
     from dlray.tracking import read_history
+    from dlray.train import fit, run_dir
 
     result = fit(cfg)
     directory = run_dir(cfg)
@@ -135,7 +135,8 @@ def serve(
 
 
 @app.command()
-def bench(what: str = typer.Argument("all", help="train | cluster | tune | serve | diffusion | llm | all, or one benchmark, e.g. llm_train"), out: Path = typer.Option(Path("benchmarks/results.md"))):
+def bench(what: str = typer.Argument("all", help="train | cluster | tune | serve | diffusion | llm | all, or one benchmark, e.g. llm_train"),
+          out: Path = typer.Option(Path("benchmarks/results.md"))):
     """Measure dlray against plain PyTorch / unbatched baselines; write the results file."""
     from dlray.bench import run_benchmarks
 

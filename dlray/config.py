@@ -18,26 +18,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dlray.models import FAMILIES
 
-# What every epoch reports, whatever the family; `train.metric` (and a sweep's metric) is one of
-# these, one of the family's own validation metrics (`val_<name>` for each name in its METRICS) or
-# one its derived_metrics adds (DERIVED_METRICS, e.g. val_perplexity).
-# `epoch` with mode max keeps the newest checkpoints, for models without a validation score (GANs).
-EPOCH_METRICS = ["train_loss", "val_loss", "epoch"]
-# The families that train on text, each with the data.name it needs; the others train on images.
-TEXT_FAMILIES = {"gpt": "text", "bert": "text_classification"}
 TEXT_DATA = {"text": "a language model", "text_classification": "a text classifier"}  # data.name -> what trains on it
 
 
-def family_module(family: str):
-    from dlray.models import FAMILIES
-
-    return FAMILIES[family]
-
-
-def epoch_metrics(family: str) -> list[str]:
-    module = family_module(family)
-    return EPOCH_METRICS + [f"val_{name}" for name in module.METRICS] + list(getattr(module, "DERIVED_METRICS", ()))
+def families_where(test) -> list[str]:
+    """The names of the families for which test(family) holds, for error messages."""
+    return [name for name, family in FAMILIES.items() if test(family)]
 
 
 class ConfigError(ValueError):
@@ -49,7 +37,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    family: Literal["cnn", "diffusion", "vae", "gan", "gpt", "vit", "bert"] = "cnn"
+    family: Literal[tuple(FAMILIES)] = "cnn"  # type: ignore[valid-type]  # the names in dlray.models.FAMILIES
     flavor: str = "debug"  # a named size in the family's FLAVORS
     # Start from a pretrained Hugging Face model (a local directory or a hub id) instead of building
     # `flavor` from scratch: what LLaMA-Factory calls model_name_or_path, Axolotl base_model.
@@ -68,13 +56,14 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _known_flavor(self):
-        flavors = family_module(self.family).FLAVORS
-        if self.flavor not in flavors:
-            raise ValueError(f"model.flavor must be one of {sorted(flavors)} for family {self.family!r}, got {self.flavor!r}")
-        only = {"num_train_timesteps": ("diffusion",), "beta_schedule": ("diffusion",), "class_conditional": ("diffusion",), "kl_weight": ("vae",),
-                "name_or_path": ("gpt", "vit", "bert"), "attn_implementation": ("gpt", "vit", "bert")}
+        family = FAMILIES[self.family]
+        if self.flavor not in family.flavors:
+            raise ValueError(f"model.flavor must be one of {sorted(family.flavors)} for family {self.family!r}, got {self.flavor!r}")
+        # Keys that only some families read: their own (extra_model_keys), or the pretrained transformers families'.
+        only = {key: families_where(lambda f, key=key: key in f.extra_model_keys) for key in type(self).model_fields}
+        only |= {key: families_where(lambda f: f.pretrained) for key in ("name_or_path", "attn_implementation")}
         for key, owners in only.items():
-            if getattr(self, key) != type(self).model_fields[key].default and self.family not in owners:
+            if owners and getattr(self, key) != type(self).model_fields[key].default and self.family not in owners:
                 raise ValueError(f"model.{key} applies only to model.family {' or '.join(map(repr, owners))}, got model.family '{self.family}'")
         return self
 
@@ -412,11 +401,11 @@ class JobConfig(Section):
             raise ValueError("precision 'fp16' is not supported with strategy.name 'fsdp' (FSDP2 has no loss scaler here); use precision 'bf16'")
         if self.precision == "fp16" and self.strategy.name == "deepspeed" and not self.scaling.use_gpu:
             raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: DeepSpeed's CPU accelerator has no fp16; use 'bf16'")
-        needed = TEXT_FAMILIES.get(self.model.family)
-        if needed and self.data.name != needed:
-            raise ValueError(f"model.family {self.model.family!r} trains on text: it needs data.name {needed!r}, got data.name {self.data.name!r}")
-        if self.data.name in TEXT_DATA and not needed:
-            able = [family for family, name in TEXT_FAMILIES.items() if name == self.data.name]
+        family = FAMILIES[self.model.family]
+        if self.data.name not in family.data:
+            if set(family.data) <= set(TEXT_DATA):
+                raise ValueError(f"model.family {self.model.family!r} trains on text: it needs data.name {family.data[0]!r}, got data.name {self.data.name!r}")
+            able = families_where(lambda f: self.data.name in f.data)
             raise ValueError(f"data.name {self.data.name!r} needs {TEXT_DATA[self.data.name]}: model.family must be one of {able}, got {self.model.family!r}")
         self._check_finetune()
         if self.train.compile and self.strategy.name == "deepspeed":
@@ -424,14 +413,12 @@ class JobConfig(Section):
                              "forward in hooks that torch.compile cannot trace whole): use 'fsdp' for sharding with compile")
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
             raise ValueError("model.attn_implementation 'flash_attention_2' runs on CUDA only: set scaling.use_gpu true, or use 'sdpa'")
-        if self.train.gradient_checkpointing and not hasattr(family_module(self.model.family), "enable_gradient_checkpointing"):
-            from dlray.models import FAMILIES
-
-            able = [name for name, module in FAMILIES.items() if hasattr(module, "enable_gradient_checkpointing")]
+        if self.train.gradient_checkpointing and not family.enable_gradient_checkpointing:
+            able = families_where(lambda f: f.enable_gradient_checkpointing)
             raise ValueError(f"train.gradient_checkpointing is not supported by model.family {self.model.family!r} (only by {able})")
-        if self.train.metric not in epoch_metrics(self.model.family):
-            raise ValueError(f"train.metric must be one of {epoch_metrics(self.model.family)} for model.family {self.model.family!r}, got {self.train.metric!r}")
-        optimizers = family_module(self.model.family).OPTIMIZERS
+        if self.train.metric not in family.epoch_metrics():
+            raise ValueError(f"train.metric must be one of {family.epoch_metrics()} for model.family {self.model.family!r}, got {self.train.metric!r}")
+        optimizers = family.optimizers
         if len(optimizers) > 1:
             if self.strategy.name == "deepspeed":
                 raise ValueError(f"model.family {self.model.family!r} trains {len(optimizers)} optimizers ({', '.join(optimizers)}); "
@@ -443,7 +430,7 @@ class JobConfig(Section):
         return self
 
     def _check_finetune(self):
-        model, finetune, family = self.model, self.finetune, family_module(self.model.family)
+        model, finetune, family = self.model, self.finetune, FAMILIES[self.model.family]
         kind = finetune.finetuning_type
         if model.name_or_path and self.data.name in TEXT_DATA:
             if self.data.vocab_size != type(self.data).model_fields["vocab_size"].default:
@@ -454,7 +441,7 @@ class JobConfig(Section):
             return
         if not model.name_or_path:
             raise ValueError(f"finetune.finetuning_type {kind!r} adapts a pretrained model: set model.name_or_path (a Hugging Face model directory or hub id)")
-        supported = getattr(family, "FINETUNING_TYPES", ("full",))
+        supported = family.finetuning_types
         if kind not in supported:
             raise ValueError(f"finetune.finetuning_type {kind!r} is not supported by model.family {model.family!r} (it supports {', '.join(supported)})")
         if kind == "qlora" and (self.strategy.name == "fsdp" or (self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3)):

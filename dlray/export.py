@@ -35,7 +35,6 @@ from dlray.models import FAMILIES
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_INDEX = "adapter_config.json"  # PEFT's, in an adapter artifact
 CONFIG_FILE = "dlray.json"
-TASKS = {"cnn": "classify", "diffusion": "images", "vae": "images", "gan": "images", "gpt": "generate", "vit": "classify", "bert": "classify"}  # model family -> serving endpoint
 
 
 def export(source: str | Path, out_dir: str | Path, merge_lora: bool = False) -> Path:
@@ -64,7 +63,7 @@ def export(source: str | Path, out_dir: str | Path, merge_lora: bool = False) ->
         model = finetune.merge(model, cfg.finetune)
 
     artifact_config = {
-        "task": TASKS[config["model"]["family"]],
+        "task": family.task,
         "model": config["model"],
         "data_info": meta["data_info"],
         "serve": config["serve"],
@@ -87,7 +86,7 @@ def write_artifact(model: torch.nn.Module, artifact_config: dict, out_dir: str |
         shutil.rmtree(out)
     out.mkdir(parents=True)
     family = FAMILIES[artifact_config["model"]["family"]]
-    if hasattr(family, "save_pretrained"):  # a PEFT model saves its adapter
+    if family.save_pretrained:  # a PEFT model saves its adapter
         family.save_pretrained(model, out)
     else:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
@@ -100,7 +99,7 @@ def load_artifact(directory: str | Path) -> tuple[torch.nn.Module, dict]:
     directory = Path(directory)
     config = read_artifact_config(directory)
     family = FAMILIES[config["model"]["family"]]
-    if hasattr(family, "from_pretrained"):
+    if family.from_pretrained:
         # transformers loads an adapter directory's base (model.name_or_path) and attaches the adapter;
         # a QLoRA adapter's base is quantised as it was in training, so it computes what was trained.
         options = finetune.load_options(FinetuneConfig(**config["finetune"]), config["precision"], family) if config.get("adapter") else {}
@@ -115,7 +114,7 @@ def read_artifact_config(directory: str | Path) -> dict:
     config = json.loads(path.read_text()) if path.exists() else None
     weights = WEIGHTS_FILE
     if config:
-        weights = ADAPTER_INDEX if config.get("adapter") else getattr(FAMILIES[config["model"]["family"]], "ARTIFACT_INDEX", WEIGHTS_FILE)
+        weights = ADAPTER_INDEX if config.get("adapter") else FAMILIES[config["model"]["family"]].artifact_index
     if config is None or not Path(directory, weights).exists():
         raise FileNotFoundError(f"{directory} is not a dlray artifact (needs {CONFIG_FILE} and its weights, {weights}); create one with `dlray export`")
     return config

@@ -32,7 +32,7 @@ def load_options(finetune, precision: str, family) -> dict:
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=finetune.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=finetune.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=PRECISION_DTYPES[precision],
-        llm_int8_skip_modules=list(family.HEAD_MODULES) if hasattr(family, "HEAD_MODULES") else None)}
+        llm_int8_skip_modules=list(family.head_modules) or None)}
 
 
 def apply(model: nn.Module, family, cfg) -> nn.Module:
@@ -41,7 +41,7 @@ def apply(model: nn.Module, family, cfg) -> nn.Module:
     if kind == "full":
         return model
     if kind == "freeze":
-        heads = tuple(f"{name}." for name in family.HEAD_MODULES)
+        heads = tuple(f"{name}." for name in family.head_modules)
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith(heads))
         return model
@@ -76,8 +76,8 @@ def peft_config(family, finetune):
     from peft import LoraConfig, PromptTuningConfig
 
     if finetune.finetuning_type == "prompt_tuning":
-        return PromptTuningConfig(task_type=family.PEFT_TASK_TYPE, num_virtual_tokens=finetune.num_virtual_tokens)
-    return LoraConfig(task_type=family.PEFT_TASK_TYPE, r=finetune.lora_r, lora_alpha=finetune.lora_alpha,
+        return PromptTuningConfig(task_type=family.peft_task_type, num_virtual_tokens=finetune.num_virtual_tokens)
+    return LoraConfig(task_type=family.peft_task_type, r=finetune.lora_r, lora_alpha=finetune.lora_alpha,
                       lora_dropout=finetune.lora_dropout, target_modules=finetune.lora_target_modules)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from dlray.config import ConfigError, JobConfig, ServeSection, load_config
+from dlray.models import FAMILIES
 
 RAY_VERSION = "2.60.0"  # the image's Ray; KubeRay's authOptions needs >= 2.52
 APP_DIR = "/home/ray/dlray"  # where the Dockerfile puts the repo
@@ -139,7 +140,8 @@ def autoscaler_options() -> dict:
     }
 
 
-def worker_group(name: str, image: str, replicas: int, min_replicas: int, max_replicas: int, cpus: int, memory_gib: int, gpus: int = 0, ray_resources: dict | None = None, extra_cpus: int = 1) -> dict:
+def worker_group(name: str, image: str, replicas: int, min_replicas: int, max_replicas: int, cpus: int, memory_gib: int, gpus: int = 0,
+                 ray_resources: dict | None = None, extra_cpus: int = 1) -> dict:
     """`cpus` is what Ray may schedule on the pod; the pod gets `extra_cpus` more for the raylet and agents."""
     group = {
         "groupName": name,
@@ -262,10 +264,9 @@ def serve_config_v2(cfg: JobConfig, artifact: str) -> dict:
     Not dlray.serve.app.serve_config: that one reads the artifact from local disk and makes its
     path absolute here, while a RayService's artifact lives on the shared volume.
     """
-    from dlray.export import TASKS
     from dlray.serve.app import ENDPOINT_SETTINGS, IMPORT_PATH
 
-    task = TASKS[cfg.model.family]  # the endpoint's own settings only: a classifier takes no image limits
+    task = FAMILIES[cfg.model.family].task  # the endpoint's own settings only: a classifier takes no image limits
     other_endpoints = {key for name, keys in ENDPOINT_SETTINGS.items() if name != task for key in keys}
     settings = cfg.serve.model_dump(mode="json", exclude={"host", "port", *other_endpoints}, exclude_none=True)
     return {

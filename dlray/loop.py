@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dlray import finetune, precision
-from dlray.checkpoint import best_checkpoint, report_with_checkpoint, restore
+from dlray.checkpoint import TrainState, best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
 from dlray.data import build_data
 from dlray.ema import EMA
@@ -46,115 +46,122 @@ def train_loop_per_worker(config: dict) -> None:
     data_info = data.info
     model = build_model(family, cfg, data_info)
     flops_per_sample = model_flops_per_sample(family, model, data_info)
-    strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.SHARD_CLASSES)
+    strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.shard_classes())
     model, optimizers = strategy.prepare(model, lambda module: make_optimizers(family, module, cfg, fused=device.type == "cuda"))
     ema = EMA(strategy.full_state(), cfg.train.ema_decay) if cfg.train.ema_decay else None
-    sampler = Sampler(family, cfg, data_info, device) if hasattr(family, "sample") and rank == 0 else None
+    sampler = Sampler(family, cfg, data_info, device) if family.sample and rank == 0 else None
     torch.manual_seed(cfg.train.seed + 1 + rank)  # but different dropout / augmentation draws
 
-    shuffle = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
-    train_loader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=shuffle, **loader_options(cfg, device))
+    shuffle = train_sampler(data.train, cfg.train.seed, rank, world)
+    train_loader: DataLoader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=shuffle, **loader_options(cfg, device))
     val_loader = eval_loader(data.val, cfg, rank, world, device)
     accumulation = cfg.train.gradient_accumulation_steps
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
         raise ValueError(
             f"train.micro_batch_size x train.gradient_accumulation_steps x scaling.num_workers = "
-            f"{cfg.train.micro_batch_size * accumulation * world} exceeds the {len(data.train)} training samples"
+            f"{cfg.train.micro_batch_size * accumulation * world} exceeds the {size(data.train)} training samples"
         )
     schedulers = [build_scheduler(cfg.scheduler, o, steps_per_epoch, cfg.train.num_epochs, cfg.train.mode) for o in optimizers]
     meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": data_info, "world_size": world}
 
-    progress = {"epoch": 0, "global_step": 0, "best": None, "bad_epochs": 0, "base_lr": cfg.optim.lr}
+    state = TrainState(base_lr=cfg.optim.lr)
     resumed_from_step = 0
     checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a restart
     if checkpoint is None and cfg.run.resume_from_checkpoint:
         checkpoint = ray.train.Checkpoint(cfg.run.resume_from_checkpoint)
     if checkpoint:
-        progress = restore(checkpoint, strategy, schedulers, ema)
+        state = restore(checkpoint, strategy, schedulers, ema)
         # This config's hyperparameters, not the checkpoint's: a PBT trial continues another's state with its own.
         for optimizer, scheduler in zip(optimizers, schedulers):
-            apply_hyperparameters(optimizer, scheduler, cfg.optim, progress.get("base_lr", cfg.optim.lr))
-        progress["base_lr"] = cfg.optim.lr
-        resumed_from_step = progress["global_step"]
+            apply_hyperparameters(optimizer, scheduler, cfg.optim, state.base_lr or cfg.optim.lr)
+        state.base_lr = cfg.optim.lr
+        resumed_from_step = state.global_step
         if rank == 0:
-            print(f"[dlray] resumed from epoch {progress['epoch']}, step {progress['global_step']} of {checkpoint.path}")
+            print(f"[dlray] resumed from epoch {state.epoch}, step {state.global_step} of {checkpoint.path}")
 
-    for epoch in range(progress["epoch"], cfg.train.num_epochs):
+    started = {}  # when this run took its first optimizer step, reported with the epoch it falls in
+    for epoch in range(state.epoch, cfg.train.num_epochs):
         shuffle.set_epoch(epoch)  # a new shuffle each epoch, identical across ranks
         model.train()
         # Loss sum per optimizer, samples; on the training device: NCCL reduces only CUDA tensors.
-        totals = torch.zeros(len(family.OPTIMIZERS) + 1, dtype=torch.float64, device=device)
+        totals = torch.zeros(len(family.optimizers) + 1, dtype=torch.float64, device=device)
+        grad_norms = torch.zeros(len(family.optimizers), dtype=torch.float64, device=device)  # summed over the epoch's steps
         start = time.perf_counter()
         for i, batch in enumerate(itertools.islice(train_loader, steps_per_epoch * accumulation)):
             batch = to_device(batch, device)
             boundary = (i + 1) % accumulation == 0
-            for index, phase in enumerate(family.OPTIMIZERS):
+            for index, phase in enumerate(family.optimizers):
                 with strategy.autocast():
-                    loss = training_loss(family, model, batch, phase)
+                    loss = family.training_loss(model, batch, phase)
                 strategy.backward(loss / accumulation, sync=boundary)
                 totals[index] += loss.detach() * len(batch[-1])  # no .item(): it would wait for the GPU every micro-batch
                 if boundary:
-                    strategy.step(index)
+                    grad_norms[index] += strategy.step(index)
                     if is_per_step(schedulers[index]):
                         schedulers[index].step()
             totals[-1] += len(batch[-1])
             if boundary:
-                progress["global_step"] += 1
+                state.global_step += 1
                 if ema:
                     ema.update(strategy.full_state())
-                if progress["global_step"] == 1 and rank == 0:  # start-up latency, as `dlray bench cluster` reads it
-                    print(f"[dlray] first optimizer step done at unix time {time.time():.3f}", flush=True)
+                if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
+                    started["first_step_unix_time"] = time.time()
         elapsed = time.perf_counter() - start
         dist.all_reduce(totals)
 
-        metrics = {"epoch": epoch, "global_step": progress["global_step"], "train_loss": (totals[:-1].sum() / totals[-1]).item()}
-        if len(family.OPTIMIZERS) > 1:  # e.g. train_generator_loss, train_discriminator_loss
-            metrics |= {f"train_{phase}_loss": (totals[i] / totals[-1]).item() for i, phase in enumerate(family.OPTIMIZERS)}
+        metrics = {"epoch": epoch, "global_step": state.global_step, "train_loss": (totals[:-1].sum() / totals[-1]).item()}
+        # Before clipping, mean over the epoch's optimizer steps (the same on every rank: gradients are reduced first).
+        norms = (grad_norms / steps_per_epoch).tolist()
+        if len(family.optimizers) == 1:
+            metrics["grad_norm"] = norms[0]
+        else:  # e.g. train_generator_loss and generator_grad_norm, the same for the discriminator
+            metrics |= {f"train_{phase}_loss": (totals[i] / totals[-1]).item() for i, phase in enumerate(family.optimizers)}
+            metrics |= {f"{phase}_grad_norm": norms[i] for i, phase in enumerate(family.optimizers)}
         metrics |= evaluate(model, val_loader, family, strategy, device, prefix="val")
         metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "samples_per_sec": totals[-1].item() / elapsed}
-        metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes}
-        metrics |= derived_metrics(family, metrics, data_info)
+        metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes} | started
+        started = {}
+        metrics |= family.derived_metrics(metrics, data_info)
         if hardware.peak_flops and flops_per_sample:  # model FLOPs utilisation, of the GPUs' dense bf16 peak
             metrics["mfu"] = metrics["samples_per_sec"] * flops_per_sample / (world * hardware.peak_flops)
         for scheduler in schedulers:
             if not is_per_step(scheduler):
                 scheduler.step(metrics[cfg.train.metric])
-        # Every rank takes part: gathering sharded weights is a collective.
-        weights = ema.shadow if ema else strategy.full_state() if hasattr(family, "sample") else None
-        samples_png = sampler.grid_png(weights) if sampler else None
+        samples_png = None
+        if family.sample:  # every rank takes part: gathering sharded weights is a collective
+            weights = ema.shadow if ema else strategy.full_state()
+            samples_png = sampler.grid_png(weights) if sampler else None
 
         for key in dict.fromkeys(["train_loss", cfg.train.metric]):  # accuracy can look finite while the loss is NaN
             if not math.isfinite(metrics[key]):
                 raise FloatingPointError(f"{key} is {metrics[key]} at epoch {epoch}: training diverged (check optim.lr)")
-        value = metrics[cfg.train.metric]
-        improved = progress["best"] is None or (value < progress["best"] if cfg.train.mode == "min" else value > progress["best"])
-        progress |= {"epoch": epoch + 1, "best": value if improved else progress["best"], "bad_epochs": 0 if improved else progress["bad_epochs"] + 1}
-        report_with_checkpoint(metrics, strategy, schedulers, progress, meta, ema, samples_png, getattr(data, "tokenizer", None))
-        if cfg.train.early_stopping_patience and progress["bad_epochs"] >= cfg.train.early_stopping_patience:
+        state.update(metrics[cfg.train.metric], cfg.train.mode)
+        report_with_checkpoint(metrics, strategy, schedulers, state, meta, ema, samples_png, getattr(data, "tokenizer", None))
+        if cfg.train.early_stopping_patience and state.bad_epochs >= cfg.train.early_stopping_patience:
             if rank == 0:
-                print(f"[dlray] early stop at epoch {epoch}: {cfg.train.metric} has not improved for {progress['bad_epochs']} epochs")
+                print(f"[dlray] early stop at epoch {epoch}: {cfg.train.metric} has not improved for {state.bad_epochs} epochs")
             break
 
     # Finish on the best weights, as early stopping promises, and score them once on the test split.
     best = best_checkpoint(cfg.train.metric, cfg.train.mode)
     if best is not None:
         restore(best, strategy, schedulers, restore_train_state=False)
-    final = {"epoch": progress["epoch"] - 1, "global_step": progress["global_step"], "best_" + cfg.train.metric: progress["best"]}
-    if len(data.test):
+    final = {"epoch": state.epoch - 1, "global_step": state.global_step, "best_" + cfg.train.metric: state.best}
+    if size(data.test):
         final |= evaluate(model, eval_loader(data.test, cfg, rank, world, device), family, strategy, device, prefix="test")
-    ray.train.report(final | derived_metrics(family, final, data_info))
+    ray.train.report(final | family.derived_metrics(final, data_info))
 
 
 def build_model(family, cfg: JobConfig, data_info: dict) -> torch.nn.Module:
     """The family's model, new or from model.name_or_path, with only the finetune method's weights trainable."""
     model = family.build(cfg.model.model_dump(), data_info, **finetune.load_options(cfg.finetune, cfg.precision, family))
-    if cfg.train.gradient_checkpointing:
+    if cfg.train.gradient_checkpointing:  # the config refuses it for families without
         family.enable_gradient_checkpointing(model)
     return finetune.apply(model, family, cfg)
 
 
-def choose_precision(cfg: JobConfig, hardware: precision.Hardware, rank: int) -> str:
+def choose_precision(cfg: JobConfig, hardware: precision.Hardware, rank: int) -> precision.Precision:
     """The precision this worker computes in (`auto` resolved for its device); rank 0 says which and why."""
     chosen, why = precision.choose(cfg.precision, hardware, cfg.strategy.name)
     if rank == 0:
@@ -165,26 +172,14 @@ def choose_precision(cfg: JobConfig, hardware: precision.Hardware, rank: int) ->
 
 
 def make_optimizers(family, module, cfg: JobConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
-    groups = family.param_groups(module) if len(family.OPTIMIZERS) > 1 else [module.parameters()]
-    return [build_optimizer(cfg.optim, [p for p in params if p.requires_grad], fused) for params in groups]
-
-
-def training_loss(family, model, batch, phase: str):
-    """The mean loss the optimizer of `phase` minimises (single-optimizer families have one phase)."""
-    values = family.compute_loss(model, batch, phase) if len(family.OPTIMIZERS) > 1 else family.compute_loss(model, batch)
-    return values["loss"].mean()
+    return [build_optimizer(cfg.optim, [p for p in params if p.requires_grad], fused) for params in family.optimizer_params(module)]
 
 
 def model_flops_per_sample(family, model, data_info: dict) -> float | None:
     """Training FLOPs per sample, for families that can count them (gpt: per token x tokens per window)."""
-    if not hasattr(family, "flops_per_token"):
+    if not family.flops_per_token:
         return None
     return family.flops_per_token(model, data_info["max_seq_len"]) * data_info["max_seq_len"]
-
-
-def derived_metrics(family, metrics: dict, data_info: dict) -> dict:
-    """What the family computes from the reported metrics (gpt: perplexity, tokens/s); most compute none."""
-    return family.derived_metrics(metrics, data_info) if hasattr(family, "derived_metrics") else {}
 
 
 class Sampler:
@@ -214,6 +209,13 @@ def count_nodes(rank: int, world: int) -> int:
     return len(set(nodes))
 
 
+def train_sampler(dataset: Dataset, seed: int, rank: int, world: int) -> DistributedSampler:
+    """Rank `rank`'s share of the training set: every sample once per epoch across ranks (padded by at
+    most world - 1 repeats so that every rank takes the same number of steps, as FSDP and ZeRO-3 need),
+    reshuffled by `set_epoch` identically on every rank."""
+    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+
+
 class EvalShard(Dataset):
     """Rank `rank`'s share of an evaluation set: every sample exactly once across ranks.
 
@@ -222,7 +224,7 @@ class EvalShard(Dataset):
     """
 
     def __init__(self, dataset: Dataset, rank: int, world: int):
-        self.dataset, self.n = dataset, len(dataset)
+        self.dataset, self.n = dataset, size(dataset)
         self.indices = range(rank, world * math.ceil(self.n / world), world)
 
     def __len__(self) -> int:
@@ -261,6 +263,10 @@ def evaluate(model, loader: DataLoader, family, strategy, device, prefix: str) -
     packed = torch.stack([sums[k] for k in keys] + [weight_total])
     dist.all_reduce(packed)
     return {f"{prefix}_{k}": (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
+
+
+def size(dataset: Dataset) -> int:
+    return len(dataset)  # type: ignore[arg-type]  # torch's Dataset does not declare __len__; every dlray dataset has one
 
 
 def to_device(batch, device):

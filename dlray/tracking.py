@@ -16,7 +16,6 @@ from pathlib import Path
 from ray.train import UserCallback
 
 
-
 class MetricsLogger(UserCallback):
     def __init__(self, run_dir: str, num_epochs: int):
         self.run_dir, self.num_epochs = run_dir, num_epochs
@@ -62,7 +61,7 @@ class MetricsLogger(UserCallback):
 
 
 def format_progress(record: dict, num_epochs: int) -> str:
-    shown = [f"{k} {record[k]:.4g}" for k in sorted(record) if k not in ("epoch", "global_step") and isinstance(record[k], float)]
+    shown = [f"{k} {record[k]:.4g}" for k in sorted(record) if k not in ("epoch", "global_step", "first_step_unix_time") and isinstance(record[k], float)]
     return f"[dlray] epoch {record.get('epoch', 0) + 1}/{num_epochs} step {record.get('global_step', 0)} | " + "  ".join(shown)
 
 

@@ -111,7 +111,8 @@ def nodes_not_seeing(path: str, nodes: list[dict]) -> list[str]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0)(os.path.exists)
-    refs = {f"{n['NodeID'][:12]} ({n['NodeManagerAddress']})": probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path) for n in nodes}
+    refs = {f"{n['NodeID'][:12]} ({n['NodeManagerAddress']})": probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
+            for n in nodes}
     return [name for name, ref in refs.items() if not ray.get(ref)]
 
 

@@ -1,18 +1,17 @@
 """One local Ray per test session, bound to 127.0.0.1; tests that need it ask for `ray_cluster`."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import REPO
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # pytest's own process (sampling, exported-model checks) computes on one thread, as a Serve
 # replica does: on 2 cores Ray's workers run beside it, and oversubscribed threads crawl.
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -49,18 +48,3 @@ def digits_run(ray_cluster, tmp_path_factory):
     assert result.error is None, result.error
     artifact = export(run_dir(cfg), storage / "artifact")
     return cfg, result, run_dir(cfg), artifact
-
-
-def wait_for_committed_checkpoint(run_dir, epoch: int, timeout_s: float = 300) -> None:
-    """Block until Ray Train has committed the checkpoint of `epoch` (its controller lists it in
-    checkpoint_manager_snapshot.json); a checkpoint still being uploaded is, rightly, not one to
-    resume from, so failures injected earlier would restart from scratch."""
-    import time
-
-    snapshot, name = Path(run_dir) / "checkpoint_manager_snapshot.json", f"checkpoint_epoch{epoch:04d}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if snapshot.exists() and name in snapshot.read_text():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{name} was not committed within {timeout_s} s")

@@ -15,10 +15,11 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from conftest import wait_for_committed_checkpoint
 from dlray.config import load_config
 from dlray.tracking import read_history
 from dlray.train import check_shared_storage, fit, nodes_not_seeing, run_dir
+
+from helpers import wait_for_committed_checkpoint
 
 JOB = Path(__file__).resolve().parents[1] / "jobs/debug/cnn_cpu.yaml"
 

@@ -1,5 +1,5 @@
 """A family's model trained, evaluated and exported in one process (no Ray, no process group),
-with the loop's own pieces: build_model, training_loss, the optimizer and schedule of the config."""
+with the loop's own pieces: build_model, the family's training_loss, the optimizer and schedule of the config."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,7 @@ from dlray.checkpoint import META_FILE, TOKENIZER_DIR
 from dlray.config import config_from_dict
 from dlray.data import build_data
 from dlray.export import export
-from dlray.loop import build_model, training_loss
+from dlray.loop import build_model
 from dlray.models import FAMILIES
 from dlray.optim import build_optimizer, build_scheduler
 
@@ -29,7 +29,7 @@ def train(cfg, steps: int, batch_size: int):
     batches = (batch for _ in range(steps) for batch in loader)
     model.train()
     for _, batch in zip(range(steps), batches):
-        training_loss(family, model, batch, "model").backward()
+        family.training_loss(model, batch, "model").backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -65,7 +65,7 @@ def checkpointing_gradients(job: dict, data) -> tuple[list, list[torch.Tensor]]:
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = build_model(family, config_from_dict({**job, "train": {"gradient_checkpointing": checkpointing}}), data.info)
-        training_loss(family, model.train(), batch, "model").backward()
+        family.training_loss(model.train(), batch, "model").backward()
         models.append(model)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     return models, grads

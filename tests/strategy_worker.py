@@ -23,7 +23,7 @@ from dlray import precision
 from dlray.config import DataConfig, config_from_dict
 from dlray.data import build_data
 from dlray.finetune import trainable_names
-from dlray.loop import build_model, make_optimizers, training_loss
+from dlray.loop import build_model, make_optimizers
 from dlray.models import FAMILIES
 from dlray.strategies import STRATEGIES
 
@@ -78,7 +78,7 @@ def make_bert_base(directory: Path = BERT_BASE, steps: int = 40) -> Path:
     model = build_model(FAMILIES["bert"], cfg, data.info)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     for step in range(steps):
-        training_loss(FAMILIES["bert"], model, first_samples(Subset(data.train, range(step * 32, step * 32 + 32)), 32), "model").backward()
+        FAMILIES["bert"].training_loss(model, first_samples(Subset(data.train, range(step * 32, step * 32 + 32)), 32), "model").backward()
         optimizer.step()
         optimizer.zero_grad()
     model.bert.save_pretrained(directory)
@@ -104,7 +104,7 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
 
     def fresh():
         torch.manual_seed(0)
-        strategy = STRATEGIES[cfg.strategy.name](cfg, torch.device("cpu"), family.SHARD_CLASSES)
+        strategy = STRATEGIES[cfg.strategy.name](cfg, torch.device("cpu"), family.shard_classes())
         model, _ = strategy.prepare(build_model(family, cfg, data.info), lambda module: make_optimizers(family, module, cfg))
         return strategy, model
 
@@ -113,9 +113,9 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         model.train()
         torch.manual_seed(1000 * step + rank)  # losses that draw noise (diffusion, vae, gan): the same draws on replay
         value = torch.zeros(())
-        for index, phase in enumerate(family.OPTIMIZERS):
+        for index, phase in enumerate(family.optimizers):
             with strategy.autocast():
-                loss = training_loss(family, model, batches[step % 4], phase)
+                loss = family.training_loss(model, batches[step % 4], phase)
             strategy.backward(loss, sync=True)
             strategy.step(index)
             value += loss.detach().float()

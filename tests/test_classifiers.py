@@ -14,14 +14,24 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import (AutoImageProcessor, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification,
-                          ViTConfig, ViTForImageClassification, ViTImageProcessorPil, ViTModel)
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+    ViTModel,
+)
 
 from dlray.config import config_from_dict
 from dlray.export import load_artifact
 from dlray.models import FAMILIES, bert, vit
 from dlray.serve.classify import TextInput
 from dlray.serve.errors import RequestError
+
 from single_process import checkpointing_gradients, evaluate, export_trained, train
 
 JOBS = {  # job, steps of 32 samples, the validation accuracy it must reach (measured: 0.955, 0.717)

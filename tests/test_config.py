@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from dlray.config import ConfigError, JobConfig, apply_override, job_files, load_config
+
+from helpers import REPO
 
 
 @pytest.mark.parametrize("path", job_files(REPO / "jobs"), ids=lambda p: str(p.relative_to(REPO)))
@@ -47,7 +48,8 @@ def test_bad_config_names_key_and_allowed_values(override, expected):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["strategy.name=deepspeed", "strategy.zero_stage=3", "precision=bf16", "optim.betas=[0.8, 0.95]", "train.max_grad_norm=null"])
+    cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml",
+                      ["strategy.name=deepspeed", "strategy.zero_stage=3", "precision=bf16", "optim.betas=[0.8, 0.95]", "train.max_grad_norm=null"])
     assert (cfg.strategy.name, cfg.strategy.zero_stage, cfg.precision) == ("deepspeed", 3, "bf16")
     assert cfg.optim.betas == (0.8, 0.95) and cfg.train.max_grad_norm is None
     assert cfg.run.name.startswith("cnn_cpu-"), "runs are named after their job file"
@@ -75,7 +77,8 @@ print("ray" in sys.modules)
 
 
 def test_cli_validate_fails_before_any_ray_process():
-    bad = subprocess.run([sys.executable, "-m", "dlray.cli", "validate", "jobs/cnn_digits.yaml", "strategy.zero_stage=4", "strategy.name=deepspeed"], cwd=REPO, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "dlray.cli", "validate", "jobs/cnn_digits.yaml", "strategy.zero_stage=4", "strategy.name=deepspeed"],
+                         cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2
     assert "strategy.zero_stage: must be 1, 2 or 3, got 4" in bad.stderr
     not_even_imported = subprocess.run([sys.executable, "-c", VALIDATE_PROBE], cwd=REPO, capture_output=True, text=True)

@@ -1,15 +1,13 @@
 """Data: real bundled digits, stratified splits, correct sharding across ranks, image folders."""
 
-import io
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DistributedSampler
 
 from dlray.config import DataConfig
 from dlray.data import build_data
-from dlray.loop import EvalShard
+from dlray.loop import EvalShard, train_sampler
 
 
 def test_digits_splits_are_disjoint_stratified_and_complete():
@@ -33,12 +31,18 @@ def test_training_shards_cover_every_sample_each_epoch():
     n, world = 1437, 2
     seen = []
     for rank in range(world):
-        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3)
+        sampler = train_sampler(range(n), seed=3, rank=rank, world=world)
         sampler.set_epoch(5)
         seen.append(list(sampler))
     assert len(seen[0]) == len(seen[1]), "equal steps per rank (FSDP/ZeRO-3 need lockstep)"
     assert set(seen[0]) | set(seen[1]) == set(range(n))
     assert len(seen[0]) + len(seen[1]) - n <= world - 1, "at most world-1 padding repeats"
+    # A new order each epoch, the same on every rank for the same seed (so the shards stay disjoint).
+    again = train_sampler(range(n), seed=3, rank=0, world=world)
+    again.set_epoch(5)
+    assert list(again) == seen[0]
+    again.set_epoch(6)
+    assert list(again) != seen[0]
 
 
 def test_eval_shards_count_every_sample_exactly_once():

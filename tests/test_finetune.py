@@ -13,6 +13,7 @@ from dlray.data import build_data
 from dlray.data.chat import CHAT_TEMPLATES, pack, pad, tokenize_conversation
 from dlray.data.text import train_tokenizer
 from dlray.models import gpt
+
 from strategy_worker import make_llm_base
 
 LLM = {"model": {"family": "gpt", "name_or_path": "/models/llm"}, "data": {"name": "text"}}
@@ -27,7 +28,8 @@ LLM = {"model": {"family": "gpt", "name_or_path": "/models/llm"}, "data": {"name
     ({**LLM, "finetune": {"finetuning_type": "lora"}, "train": {"ema_decay": 0.99}}, "drop train.ema_decay"),
     ({"model": {"family": "bert", "name_or_path": "/models/bert"}, "data": {"name": "text_classification"}, "finetune": {"finetuning_type": "prompt_tuning"}},
      "'prompt_tuning' is not supported by model.family 'bert' (it supports full, freeze, lora, qlora)"),
-    ({"model": {"family": "vit", "name_or_path": "/models/vit"}, "finetune": {"finetuning_type": "lora"}}, "'lora' is not supported by model.family 'vit' (it supports full, freeze)"),
+    ({"model": {"family": "vit", "name_or_path": "/models/vit"}, "finetune": {"finetuning_type": "lora"}},
+     "'lora' is not supported by model.family 'vit' (it supports full, freeze)"),
     ({**LLM, "finetune": {"finetuning_type": "prompt_tuning"}, "data": {"name": "text", "type": "chat_template", "sample_packing": True}},
      "set data.sample_packing false"),
     ({**LLM, "data": {"name": "text", "vocab_size": 4096}}, "model.name_or_path brings its own: drop data.vocab_size"),

@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from test_generation_engine import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
 
 from dlray.local_cluster import free_port
 from dlray.serve.engine import Engine, SamplingParams, Sequence
-from test_generation_engine import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
 
 pytestmark = pytest.mark.slow
 

@@ -7,20 +7,18 @@ through save_pretrained / from_pretrained, the path the endpoint loads artifacts
 
 import asyncio
 import json
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
 from ray.serve import Application
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dlray.serve.app import build_app
 from dlray.serve.engine import Engine, SamplingParams, Sequence
 from dlray.serve.errors import RequestError, parse_json
-from dlray.serve.generate import (ChatCompletionRequest, CompletionRequest, OpenAITextAPI, Reply, check_chat_template,
-                                  read_api_key)
+from dlray.serve.generate import ChatCompletionRequest, CompletionRequest, OpenAITextAPI, Reply, check_chat_template, read_api_key
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO
 from dlray.config import load_config
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.models import diffusion
 from dlray.tracking import read_history
 from dlray.train import fit, run_dir
+
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -214,6 +215,7 @@ def test_gan_debug_job_updates_both_networks_with_finite_losses(ray_cluster, tmp
     cfg, directory, history = train_job("jobs/debug/gan_cpu.yaml", tmp_path, "run.checkpoint_num_to_keep=null")
     for record in history:
         assert np.isfinite([record["train_generator_loss"], record["train_discriminator_loss"], record["val_d_loss"], record["val_g_loss"]]).all()
+        assert record["generator_grad_norm"] > 0 and record["discriminator_grad_norm"] > 0, record  # each optimizer's own
     first, _ = load_artifact(export(Path(directory, "checkpoint_epoch0000"), tmp_path / "first"))
     last, _ = load_artifact(export(directory, tmp_path / "last"))  # the newest: train.metric is epoch
     for network in ("generator", "discriminator"):

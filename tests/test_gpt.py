@@ -11,12 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO
 from dlray.config import config_from_dict, load_config
 from dlray.export import export
 from dlray.models import gpt
 from dlray.tracking import read_history
 from dlray.train import fit, run_dir
+
+from helpers import REPO
 from single_process import checkpointing_gradients, evaluate, export_trained, train
 
 STEPS, BATCH = 200, 16

@@ -15,16 +15,13 @@ bf16 (ZeRO-2 and fp16 for a few), two epochs each. With 2+ GPUs a few jobs also 
 import base64
 import functools
 import math
-import threading
 from contextlib import contextmanager
 
 import httpx
-import psutil
 import pytest
 import torch
 from torch.utils.data import default_collate
 
-from conftest import REPO, wait_for_committed_checkpoint
 from dlray import precision
 from dlray.config import ConfigError, DataConfig, load_config
 from dlray.data import build_data
@@ -33,9 +30,11 @@ from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
 from dlray.tracking import png_bytes, read_history
 from dlray.train import fit, run_dir
+
+from helpers import REPO
 from strategy_worker import make_llm_base
 from test_generative import decode_png
-from test_train import epochs, ray_train_worker_pids
+from test_train import epochs, fit_losing_a_worker
 
 pytestmark = [
     pytest.mark.gpu,
@@ -74,7 +73,7 @@ def fit_and_check(cfg) -> list[dict]:
     assert [r["epoch"] for r in history] == list(range(cfg.train.num_epochs))
     losses = [(r["epoch"], k, v) for r in history for k, v in r.items() if "loss" in k]
     assert all(math.isfinite(v) for _, _, v in losses), losses
-    if len(FAMILIES[cfg.model.family].OPTIMIZERS) == 1:
+    if len(FAMILIES[cfg.model.family].optimizers) == 1:
         train_losses = [r["train_loss"] for r in history]
         assert train_losses[-1] < train_losses[0], train_losses
     return history
@@ -96,7 +95,7 @@ def check_export(cfg, artifact) -> None:
     (in fp32, on this process's CPU) as its checkpoint did on the GPU; a generator draws finite images."""
     model, config = load_artifact(artifact)
     family = FAMILIES[cfg.model.family]
-    if hasattr(family, "sample"):  # diffusion, vae, gan: their losses draw noise, so no loss to reproduce
+    if family.sample:  # diffusion, vae, gan: their losses draw noise, so no loss to reproduce
         options = {"num_inference_steps": 2} if cfg.model.family == "diffusion" else {}
         images = family.sample(model, [torch.Generator().manual_seed(0)], **options)
         assert images.isfinite().all() and images.abs().max() <= 1 + 1e-6
@@ -209,23 +208,7 @@ def test_killed_gpu_worker_restarts_from_checkpoint_and_matches_uninterrupted_ru
     reference = gpu_job("cnn", storage, "uninterrupted", *common)
     assert fit(reference).error is None
 
-    cfg = gpu_job("cnn", storage, "killed", *common)
-    finished_runs = set(ray_train_worker_pids())  # the reference's workers may linger a while: not the victim
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
-    thread.start()
-    wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
-    victims = [pid for pid in ray_train_worker_pids() if pid not in finished_runs]
-    assert victims, "no live Ray Train worker of this run to kill (did it finish first?)"
-    psutil.Process(victims[0]).kill()
-    thread.join(timeout=600)
-
-    assert outcome["result"].error is None, outcome["result"].error
-    history = epochs(read_history(run_dir(cfg)))
-    assert [r["epoch"] for r in history] == list(range(8)), "every epoch reported once, none lost"
-    resumed = [r for r in history if r["resumed_from_step"] > 0]
-    assert resumed, "the restarted worker started from step 0, not from the checkpoint"
-    assert resumed[0]["resumed_from_step"] >= 2 * history[0]["global_step"]
+    history = fit_losing_a_worker(gpu_job("cnn", storage, "killed", *common))
     expected = epochs(read_history(run_dir(reference)))
     for got, want in zip(history, expected):
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=5e-3, abs=1e-4), (got, want)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import REPO
 from dlray.cli import app
 from dlray.config import ConfigError, job_files, load_config
+
+from helpers import REPO
 
 GPU_JOBS = job_files(REPO / "jobs/gpu")
 EXPECTED = {"gpt_1b_fsdp.yaml", "llm_qlora_8b.yaml", "resnet50_imagefolder.yaml"}

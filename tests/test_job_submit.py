@@ -4,9 +4,11 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
-from dlray.local_cluster import RAY, local_cluster as start_local_cluster
+from dlray.local_cluster import RAY
+from dlray.local_cluster import local_cluster as start_local_cluster
 from dlray.tracking import read_history
+
+from helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 

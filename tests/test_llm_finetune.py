@@ -9,13 +9,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO
 from dlray.config import load_config
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.serve.engine import Engine, SamplingParams, Sequence
 from dlray.tracking import read_history
 from dlray.train import fit, run_dir
+
+from helpers import REPO
 from strategy_worker import make_llm_base
 
 pytestmark = pytest.mark.slow

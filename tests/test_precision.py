@@ -12,7 +12,8 @@ import torch
 from dlray.config import ConfigError, load_config
 from dlray.loop import choose_precision
 from dlray.precision import Hardware, choose, detect, slowdown_warning
-from conftest import REPO
+
+from helpers import REPO
 
 H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", native_bf16=True, peak_flops=989e12)
 V100 = Hardware("cuda", "Tesla V100-SXM2-16GB", native_bf16=False)

@@ -3,7 +3,6 @@
 import asyncio
 import base64
 import io
-import socket
 
 import httpx
 import numpy as np
@@ -15,6 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from dlray.data import build_data
 from dlray.export import load_artifact
+from dlray.local_cluster import free_port
 from dlray.serve.app import run, serve_config
 
 pytestmark = pytest.mark.slow
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(digits_run):
     cfg, _, _, artifact = digits_run
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     run(str(artifact), {"port": port, "max_batch_size": 16})
     base = f"http://127.0.0.1:{port}"
     yield base, artifact, build_data(cfg.data, seed=cfg.train.seed).test

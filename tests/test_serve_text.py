@@ -2,14 +2,15 @@
 the same /v1/classify as images, with {"text": ...} bodies tokenized in the replica."""
 
 import asyncio
-import socket
 
 import httpx
 import pytest
 import torch
 
 from dlray.config import config_from_dict
+from dlray.local_cluster import free_port
 from dlray.serve.app import run
+
 from single_process import export_trained, train
 
 pytestmark = pytest.mark.slow
@@ -21,9 +22,7 @@ def server(ray_cluster, tmp_path_factory):
     cfg = config_from_dict(JOB)
     data, model = train(cfg, steps=100, batch_size=32)
     artifact = export_trained(cfg, data, model, tmp_path_factory.mktemp("bert"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     run(str(artifact), {"port": port, "max_batch_size": 16})
     yield f"http://127.0.0.1:{port}", data, model
     from ray import serve

@@ -20,12 +20,13 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import REPO
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
-from safetensors.torch import load_file
+
+from helpers import REPO
 from strategy_worker import BERT_BASE, case_config, data_once, first_samples, make_bert_base, make_llm_base
 
 CASES = [
@@ -44,7 +45,8 @@ CASES = [
 ] + [
     {"family": family, "strategy": strategy, "precision": "auto", "id": f"{family}-{label}-auto"}
     for family in ("diffusion", "gpt")
-    for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 2}, "zero2"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
+    for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 2}, "zero2"),
+                            ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
 ] + [
     {"family": family, "strategy": {"name": name}, "precision": "auto", "id": f"{family}-{name}-auto"}
     for family in ("vae", "gan")
@@ -82,7 +84,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def results(request, tmp_path_factory):
     # Only the cases of the tests pytest selected (`-k zero3` runs the ZeRO-3 cases alone).
-    selected = {item.callspec.params["case"]["id"] for item in request.session.items if item.originalname == "test_strategy_trains_resumes_and_exports"}
+    selected = {item.callspec.params["case"]["id"] for item in request.session.items if item.module is request.module}
     cases = [case for case in CASES if case["id"] in selected]
     out = tmp_path_factory.mktemp("strategies")
     if any(case.get("family") == "llm" for case in cases):
@@ -105,40 +107,63 @@ def results(request, tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
-    out, all_results = results
-    result = all_results[case["id"]]
+def kind_of(case: dict) -> str:
+    return case.get("finetune", {}).get("finetuning_type", "full")
+
+
+def mixed(case: dict) -> bool:
+    """bf16 rather than fp32: explicitly, or `auto` on a CPU with native bf16."""
+    return case_config(case).precision != "fp32"
+
+
+every_case = pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+finetune_cases = pytest.mark.parametrize("case", [c for c in CASES if kind_of(c) != "full"], ids=[c["id"] for c in CASES if kind_of(c) != "full"])
+
+
+@every_case
+def test_loss_falls(results, case):
+    result = results[1][case["id"]]
     losses = result["losses"]
     if case.get("family") == "gan":  # two players: neither loss has to fall, but both must learn
         assert all(map(math.isfinite, losses)), losses
         assert {"discriminator", "generator"} <= set(result["changed"]), result["changed"]
-    else:
-        # Adapters on the small base move its loss less in 12 steps: LoRA and QLoRA 3-7%, prompt tuning ~1%.
-        factor = {"lora": 0.96, "qlora": 0.98, "prompt_tuning": 0.995}.get(case.get("finetune", {}).get("finetuning_type"), 0.93)
-        assert sum(losses[-4:]) < factor * sum(losses[:4]), f"loss did not go down: {losses}"
+        return
+    # Adapters on the small base move its loss less in 12 steps: LoRA and QLoRA 3-7%, prompt tuning ~1%.
+    factor = {"lora": 0.96, "qlora": 0.98, "prompt_tuning": 0.995}.get(kind_of(case), 0.93)
+    assert sum(losses[-4:]) < factor * sum(losses[:4]), f"loss did not go down: {losses}"
 
-    mixed = case_config(case).precision != "fp32"  # auto: bf16 where this CPU has it natively, else fp32
-    tolerance = 2e-2 if mixed else 1e-4
-    assert result["replayed"] == pytest.approx(losses[8:], rel=tolerance), "resumed training diverges from the uninterrupted run"
 
+@every_case
+def test_resume_replays_the_uninterrupted_run(results, case):
+    out, all_results = results
+    result = all_results[case["id"]]
+    assert result["replayed"] == pytest.approx(result["losses"][8:], rel=2e-2 if mixed(case) else 1e-4), "resumed training diverges"
     assert result["compiled"] == case.get("train", {}).get("compile", False)
     if case["precision"] == "fp16":  # the loss scale reached travels with the checkpoint
         assert json.loads((out / case["id"] / "grad_scaler.json").read_text())["scale"] > 0
-    kind = case.get("finetune", {}).get("finetuning_type", "full")
-    if kind != "full":
-        assert result["changed_frozen"] == [], "a fine-tune changed frozen weights"
-        # 2 layers x 7 linears (the output layer stays); bert: 2 x 6 and the pooler (the head stays)
-        assert result["linear4bit"] == ({"llm": 14, "bert": 13}[case["family"]] if kind == "qlora" else 0)
+
+
+@finetune_cases
+def test_frozen_weights_stay_frozen(results, case):
+    result, kind = results[1][case["id"]], kind_of(case)
+    assert result["changed_frozen"] == [], "a fine-tune changed frozen weights"
+    # 2 layers x 7 linears (the output layer stays); bert: 2 x 6 and the pooler (the head stays)
+    assert result["linear4bit"] == ({"llm": 14, "bert": 13}[case["family"]] if kind == "qlora" else 0)
     if kind == "freeze":
         assert result["changed"] == ["classifier"], result["changed"]
+
+
+@every_case
+def test_export_reproduces_the_checkpoint(results, case, tmp_path):
+    out, all_results = results
+    result, kind = all_results[case["id"]], kind_of(case)
     artifact = export(out / case["id"], tmp_path / "artifact")
     data = data_once(case_config(case).data.model_dump_json())
     saved = torch.tensor(result["saved_eval"])
-    tolerance = {"rtol": 0.05, "atol": 0.05} if mixed else {"rtol": 1e-4, "atol": 1e-5}
+    tolerance = {"rtol": 0.05, "atol": 0.05} if mixed(case) else {"rtol": 1e-4, "atol": 1e-5}
 
     def evaluate(model):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed(case)):
             torch.manual_seed(0)
             return FAMILIES[config["model"]["family"]].compute_loss(model, first_samples(data.val, 64))["loss"].float()
 
@@ -156,7 +181,8 @@ def test_strategy_trains_resumes_and_exports(results, case, tmp_path):
             assert torch.allclose(evaluate(merged), saved, **tolerance)
         return  # full_state() of an adapter model holds the base too, under PEFT's names
 
+    # What strategy.full_state() gathered from the shards is exactly the exported weights.
     gathered = load_file(out / f"{case['id']}-full_state.safetensors")
     exported_state = model.state_dict()
     assert gathered.keys() == exported_state.keys()
-    assert all(torch.allclose(gathered[k], exported_state[k].float(), atol=1e-2 if mixed else 1e-6) for k in gathered)
+    assert all(torch.allclose(gathered[k], exported_state[k].float(), atol=1e-2 if mixed(case) else 1e-6) for k in gathered)

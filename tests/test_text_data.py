@@ -8,12 +8,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import REPO
 from dlray.config import ConfigError, DataConfig, load_config
 from dlray.data import build_data
 from dlray.data.text import TokenWindows, bundled_documents, load_documents, pack, tokenize, train_tokenizer
 from dlray.data.text_classification import STDLIB_PACKAGES, load_labelled_texts
 from dlray.data.text_classification import train_tokenizer as train_wordpiece
+
+from helpers import REPO
 
 DOCUMENTS = ["The first document.\nIt has two lines.", "A second, shorter one.", "Unicode too: naïve café, 東京, 🙂."]
 

@@ -11,16 +11,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from test_serve import png_bytes
 from typer.testing import CliRunner
 
-from conftest import REPO
 from dlray.checkpoint import read_meta
 from dlray.config import ConfigError, config_from_dict, load_config
 from dlray.data import build_data
 from dlray.export import read_artifact_config
 from dlray.local_cluster import free_port
 from dlray.tracking import read_history
-from test_serve import png_bytes
+
+from helpers import REPO
 
 SWEEP_JOB = REPO / "jobs/sweep_cnn_asha.yaml"
 
@@ -49,7 +50,8 @@ def test_an_unknown_search_space_path_fails_before_anything_starts(tmp_path):
     # And through the CLI: exit 2 with the path named, before Ray is even imported.
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(job))
-    probe = "import sys; from typer.testing import CliRunner; from dlray.cli import app; r = CliRunner().invoke(app, ['tune', sys.argv[1]]); print(r.exit_code, 'ray' in sys.modules); print(r.output)"
+    probe = ("import sys; from typer.testing import CliRunner; from dlray.cli import app; "
+             "r = CliRunner().invoke(app, ['tune', sys.argv[1]]); print(r.exit_code, 'ray' in sys.modules); print(r.output)")
     out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("2 False") and "optim.learning_rate" in out, out
 

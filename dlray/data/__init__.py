@@ -40,6 +40,11 @@ class ImageData:
 
 
 def build_data(cfg: DataConfig, seed: int) -> ImageData | TextData | TextClassificationData:
+    # Imported when needed: image jobs never load transformers.
+    if cfg.name == "text" and cfg.type == "chat_template":
+        from dlray.data.chat import build_chat_data
+
+        return build_chat_data(cfg, seed)
     if cfg.name == "text":
         from dlray.data.text import build_text_data
 

@@ -24,7 +24,10 @@ from transformers import PreTrainedTokenizerBase
 
 from dlray.data.images import split_indices
 from dlray.data.text import TextData, load_rows, load_tokenizer, train_tokenizer
-from dlray.models.gpt import IGNORE_INDEX
+
+# The label of a position not trained on (prompt, padding): the ignore_index that PyTorch's
+# cross_entropy and transformers' losses skip by default, as dlray.models.gpt.compute_loss does.
+IGNORE_INDEX = -100
 
 # Named templates for tokenizers that come without one. zephyr ends each turn with the tokenizer's
 # EOS token, so a model trained on it stops by itself at the end of its answer.

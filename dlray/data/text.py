@@ -65,10 +65,7 @@ class TokenWindows(Dataset):
 
 
 def build_text_data(cfg, seed: int) -> TextData:
-    if cfg.type == "chat_template":
-        from dlray.data.chat import build_chat_data
-
-        return build_chat_data(cfg, seed)
+    """Completion text (`data.type: completion`) packed into windows; dlray.data.chat builds chat_template data."""
     documents = load_documents(cfg.path, cfg.text_field) if cfg.path else bundled_documents()
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(documents, cfg.vocab_size)
     windows = pack(tokenize(tokenizer, documents), tokenizer.eos_token_id, cfg.max_seq_len)

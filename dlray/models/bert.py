@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dlray.models.classification import classification_losses, head_config
+from dlray.models.family import ModelFamily
 
 # transformers takes seconds to import: it is imported where a model is built or loaded, so that
 # checking a config (`dlray validate`, every CLI command) does not pay for it.
@@ -39,13 +40,11 @@ PEFT_TASK_TYPE = "SEQ_CLS"
 FINETUNING_TYPES = ("full", "freeze", "lora", "qlora")
 
 
-def __getattr__(name: str):
-    """SHARD_CLASSES on first use (module __getattr__, PEP 562), so transformers loads only then."""
-    if name == "SHARD_CLASSES":
-        from transformers.models.bert.modeling_bert import BertLayer
+def shard_classes() -> tuple[type[nn.Module], ...]:
+    """The blocks FSDP shards one by one (imported here, so transformers loads only when FSDP asks)."""
+    from transformers.models.bert.modeling_bert import BertLayer
 
-        return (BertLayer,)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return (BertLayer,)
 
 
 def build(model_cfg, data_info, **load_options) -> PreTrainedModel:
@@ -105,3 +104,9 @@ def from_pretrained(directory, **load_options) -> PreTrainedModel:
     base = PeftConfig.from_pretrained(directory).base_model_name_or_path
     model = AutoModelForSequenceClassification.from_pretrained(base, config=AutoConfig.from_pretrained(directory), ignore_mismatched_sizes=True, **load_options)
     return PeftModel.from_pretrained(model, directory)
+
+
+FAMILY = ModelFamily(name="bert", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("text_classification",), task="classify",
+                     metrics=METRICS, shard_classes=shard_classes, enable_gradient_checkpointing=enable_gradient_checkpointing,
+                     save_pretrained=save_pretrained, from_pretrained=from_pretrained, pretrained=True,
+                     finetuning_types=FINETUNING_TYPES, head_modules=HEAD_MODULES, peft_task_type=PEFT_TASK_TYPE)

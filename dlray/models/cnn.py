@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlray.models.classification import classification_losses
+from dlray.models.family import IMAGE_DATA, ModelFamily
 
 FLAVORS = {
     "debug": {"block": "basic", "widths": (16, 32), "depths": (1, 1)},
@@ -146,3 +147,7 @@ def build(model_cfg, data_info) -> ResNet:
 def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     images, labels = batch
     return classification_losses(model(images), labels)
+
+
+FAMILY = ModelFamily(name="cnn", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="classify",
+                     metrics=METRICS, shard_classes=lambda: SHARD_CLASSES)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlray.models.family import IMAGE_DATA, ModelFamily
+
 # diffusers takes seconds to import: it is imported where a model is built or sampled, so that
 # checking a config (`dlray validate`, every CLI command) does not pay for it.
 if TYPE_CHECKING:
@@ -33,13 +35,11 @@ DEFAULT_SAMPLE_STEPS = 50
 ARTIFACT_INDEX = "model_index.json"  # what save_pretrained writes in place of model.safetensors (see dlray.export)
 
 
-def __getattr__(name: str):
-    """SHARD_CLASSES on first use (module __getattr__, PEP 562), so diffusers loads only then."""
-    if name == "SHARD_CLASSES":
-        from diffusers.models.unets.unet_2d_blocks import AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, UNetMidBlock2D, UpBlock2D
+def shard_classes() -> tuple[type[nn.Module], ...]:
+    """The blocks FSDP shards one by one (imported here, so diffusers loads only when FSDP asks)."""
+    from diffusers.models.unets.unet_2d_blocks import AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, UNetMidBlock2D, UpBlock2D
 
-        return (DownBlock2D, AttnDownBlock2D, UNetMidBlock2D, UpBlock2D, AttnUpBlock2D)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return (DownBlock2D, AttnDownBlock2D, UNetMidBlock2D, UpBlock2D, AttnUpBlock2D)
 
 
 class Diffusion(nn.Module):
@@ -137,3 +137,8 @@ def from_pretrained(directory) -> Diffusion:
     from diffusers import DDPMScheduler, UNet2DModel
 
     return Diffusion(UNet2DModel.from_pretrained(directory, subfolder="unet"), DDPMScheduler.from_pretrained(directory, subfolder="scheduler"))
+
+
+FAMILY = ModelFamily(name="diffusion", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="images",
+                     shard_classes=shard_classes, sample=sample, save_pretrained=save_pretrained, from_pretrained=from_pretrained,
+                     artifact_index=ARTIFACT_INDEX, extra_model_keys=("num_train_timesteps", "beta_schedule", "class_conditional"))

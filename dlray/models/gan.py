@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlray.models.convnets import Decoder, Down, Encoder, Up, image_side, latents
+from dlray.models.family import IMAGE_DATA, ModelFamily
 
 # widths: the discriminator's channels after each halving of the resolution (the generator mirrors them).
 FLAVORS = {
@@ -82,3 +83,7 @@ def compute_loss(model: nn.Module, batch, phase: str | None = None) -> dict[str,
 def sample(model: GAN, generators: list[torch.Generator], **options) -> torch.Tensor:
     """One image per generator, in [-1, 1]. `options` (a diffusion model's steps, scheduler) do not apply."""
     return model.generator(latents(generators, model.latent_dim, next(model.generator.parameters()).device)).float()
+
+
+FAMILY = ModelFamily(name="gan", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="images",
+                     metrics=METRICS, shard_classes=lambda: SHARD_CLASSES, optimizers=OPTIMIZERS, param_groups=param_groups, sample=sample)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlray.models.family import ModelFamily
+
 # transformers takes seconds to import: it is imported where a model is built or loaded, so that
 # checking a config (`dlray validate`, every CLI command) does not pay for it.
 if TYPE_CHECKING:
@@ -37,13 +39,11 @@ DERIVED_METRICS = ("val_perplexity", "tokens_per_sec")  # what derived_metrics a
 OPTIMIZERS = ("model",)
 
 
-def __getattr__(name: str):
-    """SHARD_CLASSES on first use (module __getattr__, PEP 562), so transformers loads only then."""
-    if name == "SHARD_CLASSES":
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+def shard_classes() -> tuple[type[nn.Module], ...]:
+    """The blocks FSDP shards one by one (imported here, so transformers loads only when FSDP asks)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        return (LlamaDecoderLayer,)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return (LlamaDecoderLayer,)
 
 
 def build(model_cfg, data_info, **load_options) -> nn.Module:
@@ -123,3 +123,10 @@ def from_pretrained(name_or_path, **load_options) -> nn.Module:
 
         return AutoPeftModelForCausalLM.from_pretrained(name_or_path, **load_options)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **load_options)
+
+
+FAMILY = ModelFamily(name="gpt", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("text",), task="generate",
+                     shard_classes=shard_classes, derived_metrics=derived_metrics, derived_metric_names=DERIVED_METRICS,
+                     enable_gradient_checkpointing=enable_gradient_checkpointing, flops_per_token=flops_per_token,
+                     save_pretrained=save_pretrained, from_pretrained=from_pretrained, pretrained=True,
+                     finetuning_types=FINETUNING_TYPES, peft_task_type=PEFT_TASK_TYPE)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dlray.models.convnets import Decoder, Down, Encoder, Up, image_side, latents
+from dlray.models.family import IMAGE_DATA, ModelFamily
 
 # widths: channels after each halving of the resolution (the decoder mirrors them).
 FLAVORS = {
@@ -70,3 +71,7 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 def sample(model: VAE, generators: list[torch.Generator], **options) -> torch.Tensor:
     """One image per generator, in [-1, 1]. `options` (a diffusion model's steps, scheduler) do not apply."""
     return model.decoder(latents(generators, model.latent_dim, next(model.decoder.parameters()).device)).float()
+
+
+FAMILY = ModelFamily(name="vae", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="images",
+                     metrics=METRICS, shard_classes=lambda: SHARD_CLASSES, sample=sample, extra_model_keys=("kl_weight",))

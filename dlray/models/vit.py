@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dlray.models.classification import classification_losses, head_config
+from dlray.models.family import IMAGE_DATA, ModelFamily
 
 # transformers takes seconds to import: it is imported where a model is built or loaded, so that
 # checking a config (`dlray validate`, every CLI command) does not pay for it.
@@ -39,13 +40,11 @@ HEAD_MODULES = ("model.classifier",)  # what stays trainable when only the head 
 FINETUNING_TYPES = ("full", "freeze")  # finetune.finetuning_type values
 
 
-def __getattr__(name: str):
-    """SHARD_CLASSES on first use (module __getattr__, PEP 562), so transformers loads only then."""
-    if name == "SHARD_CLASSES":
-        from transformers.models.vit.modeling_vit import ViTLayer
+def shard_classes() -> tuple[type[nn.Module], ...]:
+    """The blocks FSDP shards one by one (imported here, so transformers loads only when FSDP asks)."""
+    from transformers.models.vit.modeling_vit import ViTLayer
 
-        return (ViTLayer,)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return (ViTLayer,)
 
 
 class ViTClassifier(nn.Module):
@@ -126,3 +125,9 @@ def image_statistics(name_or_path: str) -> tuple[list[float], list[float]] | Non
     except (OSError, ValueError):  # no preprocessor_config.json
         return None
     return processor.image_mean, processor.image_std
+
+
+FAMILY = ModelFamily(name="vit", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="classify",
+                     metrics=METRICS, shard_classes=shard_classes, enable_gradient_checkpointing=enable_gradient_checkpointing,
+                     save_pretrained=save_pretrained, from_pretrained=from_pretrained, pretrained=True,
+                     finetuning_types=FINETUNING_TYPES, head_modules=HEAD_MODULES)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Annotated, AsyncIterator, Literal, Optional
 
 import jinja2
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -41,7 +40,6 @@ from ray import serve
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dlray.export import load_artifact
-
 from dlray.serve.engine import Delta, Engine, SamplingParams, Sequence
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
 from dlray.serve.replica import replica_device

@@ -26,7 +26,6 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
-
 from ray import serve
 
 from dlray.export import load_artifact

@@ -4,7 +4,7 @@
     model, optimizers = strategy.prepare(model, make_optimizers)  # make_optimizers(module) -> [torch optimizers]
     with strategy.autocast(): losses = compute_loss(model, batch)
     strategy.backward(loss, sync=is_last_micro_batch)             # loss already / gradient_accumulation_steps
-    grad_norm = strategy.step(index)                              # clip, step optimizers[index], zero grads
+    grad_norm = strategy.step(index)                              # clip, step optimizers[index], zero grads; the norm before clipping
     strategy.full_state()                                         # complete weights on every rank (EMA, samples)
     strategy.save(directory) / strategy.load(directory)           # model + optimizers (+ loss scaler), all ranks
     strategy.CHECKPOINT_FORMAT                                   # how `dlray export` reads the weights back
@@ -15,8 +15,52 @@ Each strategy owns its mixed precision and its checkpoint format:
   deepspeed  ZeRO stage 1/2/3 (+ CPU offload); DeepSpeed's own (sharded) checkpoint
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
 from dlray.strategies.ddp import DDPStrategy
 from dlray.strategies.deepspeed import DeepSpeedStrategy
 from dlray.strategies.fsdp import FSDPStrategy
 
-STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
+
+class Strategy(Protocol):
+    """What the loop asks of a strategy; the three below satisfy it (checked by mypy in `make test`)."""
+
+    CHECKPOINT_FORMAT: str  # "dcp" or "deepspeed": how `dlray export` reads the weights back
+
+    def __init__(self, cfg: Any, device: torch.device, shard_classes: tuple[type[nn.Module], ...] = ()) -> None: ...
+
+    def prepare(self, model: nn.Module, make_optimizers: Callable[[nn.Module], list[torch.optim.Optimizer]]
+                ) -> tuple[nn.Module, list[torch.optim.Optimizer]]:
+        """The model wrapped for training on the device, and its optimizers (built on the wrapped parameters)."""
+        ...
+
+    def autocast(self) -> AbstractContextManager:
+        """Around the forward and loss: the strategy's mixed precision."""
+        ...
+
+    def backward(self, loss: torch.Tensor, sync: bool) -> None:
+        """Gradients of one micro-batch's loss; `sync` on the last micro-batch of an optimizer step."""
+        ...
+
+    def step(self, index: int = 0) -> torch.Tensor | float:
+        """After the last micro-batch: clip, apply optimizer `index` (DeepSpeed's engine already has, in
+        `backward`), zero the gradients; the gradient norm before clipping."""
+        ...
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Complete weights on every rank (a collective under FSDP and ZeRO-3)."""
+        ...
+
+    def save(self, directory: str) -> None: ...
+
+    def load(self, directory: str) -> None: ...
+
+
+STRATEGIES: dict[str, type[Strategy]] = {"ddp": DDPStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}

@@ -43,14 +43,14 @@ class DDPStrategy:
         with nullcontext() if sync or not isinstance(self.model, DistributedDataParallel) else self.model.no_sync():
             self.scaler.scale(loss).backward()
 
-    def step(self, index: int = 0) -> float:
+    def step(self, index: int = 0) -> torch.Tensor:
         optimizer = self.optimizers[index]
         self.scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), self.max_grad_norm or math.inf)
         self.scaler.step(optimizer)
         self.scaler.update()
         self.model.zero_grad(set_to_none=True)  # all of it: a GAN's generator loss also reached the discriminator
-        return float(norm)
+        return norm  # a tensor: reading it here would wait for the GPU every step
 
     def full_state(self) -> dict[str, torch.Tensor]:
         return getattr(self.model, "module", self.model).state_dict()

@@ -45,9 +45,10 @@ class DeepSpeedStrategy:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divided by the accumulation steps
         self.engine.step()  # no-op until the accumulation boundary
 
-    def step(self, index: int = 0) -> float:
+    def step(self, index: int = 0) -> torch.Tensor | float:
+        """The engine stepped in `backward` on the accumulation boundary; the gradient norm it clipped."""
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return norm if norm is not None else float("nan")
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Complete weights; under ZeRO-3 gathered from the partitions (a collective: every rank calls it)."""

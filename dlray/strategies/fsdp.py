@@ -55,12 +55,12 @@ class FSDPStrategy:
         self.model.set_requires_gradient_sync(sync)
         loss.backward()
 
-    def step(self, index: int = 0) -> float:
+    def step(self, index: int = 0) -> torch.Tensor:
         optimizer = self.optimizers[index]
         norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), self.max_grad_norm or math.inf)
         optimizer.step()
         self.model.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Unsharded weights; a collective: every rank must call it."""
