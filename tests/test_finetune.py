@@ -130,7 +130,7 @@ def test_qlora_loads_the_base_linears_in_4_bits(tmp_path):
 
     cfg = config_from_dict({"model": {"family": "gpt", "name_or_path": str(make_llm_base(tmp_path / "base", steps=0))}, "data": {"name": "text"},
                             "finetune": {"finetuning_type": "qlora"}, "precision": "bf16"})
-    model = build_model(gpt, cfg, {})
+    model = build_model(gpt.FAMILY, cfg, {})
     quantised = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert len(quantised) == 14 and all(m.weight.dtype == torch.uint8 for m in quantised)  # 2 layers x 7 projections
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]

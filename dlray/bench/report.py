@@ -1,0 +1,127 @@
+"""The results table of `dlray bench` (benchmarks/results.md), rendered from the results (benchmarks/results.json),
+and the machine they were measured on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dlray.bench.llm import MFU_FLAVOR
+
+
+def machine() -> dict:
+    import ray
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_gib, 1), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def render_markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = ["# dlray benchmark results", "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, GPU: {m['gpu']}; "
+             f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']}; measured {m['date']} with `dlray bench`.", ""]
+    lines += ["| benchmark | measured | goal |", "|---|---|---|"]
+    if train := results.get("train"):
+        lines += _train_rows(train, "train", "plain PyTorch", "samples/s")
+    if memory := results.get("memory"):
+        b = memory["bytes_per_rank"]
+        lines += [
+            f"| param+optimizer bytes per rank, FSDP / DDP ({memory['model']}) | {memory['fsdp_vs_ddp']:.2f} ({b['fsdp'] / 2**20:.0f} vs {b['ddp'] / 2**20:.0f} MiB) | <= 0.55 |",
+            f"| param+optimizer bytes per rank, ZeRO-3 / DDP | {memory['zero3_vs_ddp']:.2f} ({b['zero3'] / 2**20:.0f} MiB) | <= 0.55 |",
+        ]
+    if cluster := results.get("cluster"):
+        first, rates = cluster["submit_to_first_step_s"], cluster["samples_per_sec"]
+        lines += [
+            f"| `ray job submit` to first optimizer step, 1st / later jobs on a fresh cluster/local.sh cluster | "
+            f"{first['1_node'][0]:.1f} / {statistics.median([*first['2_nodes'], *first['1_node'][1:]]):.1f} s | |",
+            f"| train throughput, 2 workers on 2 nodes / on 1 node ({cluster['model']}) | "
+            f"{cluster['2_nodes_vs_1_node']:.2f} ({rates['2_nodes']:.0f} vs {rates['1_node']:.0f} samples/s) | (cost of crossing nodes) |",
+        ]
+    if tune := results.get("tune"):
+        runs = lambda key: " / ".join(f"{r[key]}" for r in tune["search"]["asha"]) + " vs " + " / ".join(f"{r[key]}" for r in tune["search"]["fifo"])  # noqa: E731
+        lines += [
+            f"| sweep epochs until a trial reaches val_accuracy {tune['target_val_accuracy']}, ASHA / FIFO (random search, {tune['num_samples']} trials x "
+            f"{tune['epochs_per_trial']} epochs, seeds {', '.join(str(r['seed']) for r in tune['search']['asha'])}) | "
+            f"{tune['asha_vs_fifo_epochs_to_target']:.2f} ({runs('epochs_to_target')}) | <= 0.5 |",
+            f"| sweep epochs in total, ASHA / FIFO | {tune['asha_vs_fifo_total_epochs']:.2f} ({runs('total_epochs')}) | |",
+            f"| Tune overhead: {tune['overhead_trials']} identical 3-epoch trials, one at a time / {tune['overhead_trials']} standalone runs | "
+            f"{tune['tune_overhead']:.2f} ({tune['sweep_s']:.0f} s vs {tune['overhead_trials']} x {tune['standalone_run_s']:.0f} s) | <= 1.2 |",
+        ]
+    if serve := results.get("serve"):
+        lines += [
+            f"| serve throughput, batched / unbatched at {serve['concurrent_clients']} clients ({serve['model']}) | "
+            f"{serve['batched_vs_unbatched_throughput']:.2f} ({serve['batched']['requests_per_sec']:.0f} vs {serve['unbatched']['requests_per_sec']:.0f} req/s) | >= 2 |",
+            f"| serve latency p50 / p99, batched | {serve['batched']['p50_ms']:.0f} / {serve['batched']['p99_ms']:.0f} ms | |",
+            f"| serve latency p50 / p99, unbatched | {serve['unbatched']['p50_ms']:.0f} / {serve['unbatched']['p99_ms']:.0f} ms | |",
+        ]
+    if diffusion := results.get("diffusion_train"):
+        lines += _train_rows(diffusion, "diffusion train", "plain diffusers loop", "images/s")
+    if sampling := results.get("diffusion_sampling"):
+        lines += [f"| sampling latency, DDPM 1000 steps / DDIM 50 steps ({sampling['model']}) | "
+                  f"{sampling['ddim_50_speedup_vs_ddpm_1000']:.1f}x ({sampling['ddpm_1000_s']:.2f} vs {sampling['ddim_50_s']:.2f} s) | >= 15x |"]
+    if images := results.get("diffusion_serve"):
+        lines += [
+            f"| images endpoint throughput, batched / unbatched at {images['concurrent_clients']} clients ({images['model']}) | "
+            f"{images['batched_vs_unbatched_throughput']:.2f} ({images['batched']['requests_per_sec']:.1f} vs {images['unbatched']['requests_per_sec']:.1f} images/s) | > 1 |",
+            f"| images endpoint latency p50 / p99, batched | {images['batched']['p50_ms']:.0f} / {images['batched']['p99_ms']:.0f} ms | |",
+        ]
+    lines += _llm_rows(results)
+    return "\n".join(lines) + "\n"
+
+
+def _train_rows(train: dict, label: str, baseline: str, unit: str, per_sample: int = 1) -> list[str]:
+    """bench_train's rows, in units of `per_sample` per sample (tokens of a text window)."""
+    rows = [f"| {label} throughput, dlray 1 worker / {baseline} ({train['model']}, batch {train['micro_batch_size']}) | {train['ratio_1_worker_vs_plain']:.2f} "
+            f"({train['dlray_1_worker_samples_per_sec'] * per_sample:.0f} vs {train['plain_pytorch_samples_per_sec'] * per_sample:.0f} {unit}) | >= 0.90 |"]
+    if "scaling_2_vs_1_workers" in train:
+        rows.append(f"| {label} scaling, 2 workers / 1 worker | {train['scaling_2_vs_1_workers']:.2f} "
+                    f"({train['dlray_2_workers_samples_per_sec'] * per_sample:.0f} {unit}) | (2 cores) |")
+    return rows
+
+
+def _llm_rows(results: dict) -> list[str]:
+    lines = []
+    for train in results.get("llm_train", {}).values():
+        corpus = f", the corpus' first {train['corpus_chars'] // 1000} KB" if train.get("corpus_chars") else ""
+        lines += _train_rows(train, f"LLM train ({train['max_seq_len']}-token windows{corpus})", "plain PyTorch + transformers loop", "tokens/s", train["max_seq_len"])
+    if memory := results.get("llm_qlora_memory"):
+        linear, model = memory["linear_bytes"], memory["model_bytes"]
+        lines.append(_row(f"QLoRA weight bytes / bf16, the {memory['quantised_linears']} quantised linears ({memory['model']})",
+                          f"{memory['qlora_vs_bf16']:.3f} ({memory['bits_per_param']:.3f} bits/param; {linear['qlora'] / 2**20:.1f} vs {linear['bf16'] / 2**20:.1f} MiB)",
+                          "<= 0.27"))
+        lines.append(_row("QLoRA weight bytes / bf16, whole model (embedding and output layer stay bf16)",
+                          f"{memory['model_qlora_vs_bf16']:.2f} ({model['qlora'] / 2**20:.0f} vs {model['bf16'] / 2**20:.0f} MiB)"))
+    if engine := results.get("llm_engine"):
+        rates = engine["tokens_per_sec"]
+        lines.append(_row(f"generation engine alone, {engine['sequences']} sequences batched / one at a time ({engine['model']}, 1 thread)",
+                          f"{engine['batched_vs_one_at_a_time']:.2f} ({rates['batched']:.0f} vs {rates['one_at_a_time']:.0f} tokens/s)", "> 1"))
+    if serve := results.get("llm_serve"):
+        (few, low), (most, high) = list(serve["streams"].items())[0], list(serve["streams"].items())[-1]
+        lines.append(_row(f"generate endpoint throughput, {most} / {few} streaming clients ({serve['model']})",
+                          f"{serve['most_vs_fewest_streams_tokens_per_sec']:.2f} ({high['tokens_per_sec']:.0f} vs {low['tokens_per_sec']:.0f} tokens/s)", "> 1"))
+        lines.append(_row(f"generate endpoint time to first token p50, {few} / {most} streams", f"{low['ttft_p50_ms']:.0f} / {high['ttft_p50_ms']:.0f} ms"))
+    if mfu := results.get("llm_mfu"):
+        title = f"MFU of gpt/{MFU_FLAVOR} bf16 training, FLOPs/token = 6N + 12·L·H·T"
+        if "skipped" in mfu:
+            lines.append(_row(title, f"skipped: {mfu['skipped']}", ">= 45% through dlray train (H100-class GPU)"))
+        else:
+            for key, name in (("plain_eager", "plain loop, eager"), ("plain_compiled", "plain loop, torch.compile"), ("dlray", "dlray train (FSDP2, compile)")):
+                rate = f"{mfu[f'{key}_tokens_per_sec']:.0f} tokens/s on {mfu['gpu']}"
+                share = mfu.get(f"{key}_mfu")
+                measured = f"{100 * share:.1f}% ({rate})" if share is not None else f"{rate} (peak FLOPs unknown)"
+                goal = ">= 45%, >= 0.95 of the compiled plain loop" if key == "dlray" else ""
+                if key == "dlray" and "dlray_vs_compiled_plain" in mfu:
+                    measured += f", {mfu['dlray_vs_compiled_plain']:.2f} of the compiled plain loop"
+                lines.append(_row(f"{title}: {name}", measured, goal))
+    return lines
+
+
+def _row(benchmark: str, measured: str, goal: str = "") -> str:
+    return f"| {benchmark} | {measured} | {goal} |"

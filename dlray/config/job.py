@@ -1,0 +1,118 @@
+"""JobConfig: every section, and the checks between keys of different sections (a precision the
+strategy cannot run, data the model family cannot train on, a search space with an invalid value)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+from pydantic import ValidationError, model_validator
+
+from dlray.config.dotted import messages, set_dotted
+from dlray.config.sections import (
+    TEXT_DATA,
+    DataConfig,
+    FinetuneConfig,
+    ModelConfig,
+    OptimConfig,
+    RunSection,
+    ScalingSection,
+    SchedulerConfig,
+    Section,
+    ServeSection,
+    StrategyConfig,
+    TrainConfig,
+    families_where,
+)
+from dlray.config.sweep import TuneSection
+from dlray.models import FAMILIES
+
+
+class JobConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    optim: OptimConfig = OptimConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    # auto: what the training device computes natively (dlray.precision: bf16 on GPUs and CPUs that have it,
+    # fp16 on older GPUs, fp32 on CPUs that would only emulate bf16); each worker decides and rank 0 says why.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    serve: ServeSection = ServeSection()
+    tune: TuneSection | None = None  # a sweep (`dlray tune`); `dlray train` ignores it
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.precision == "fp16" and self.strategy.name == "fsdp":
+            raise ValueError("precision 'fp16' is not supported with strategy.name 'fsdp' (FSDP2 has no loss scaler here); use precision 'bf16'")
+        if self.precision == "fp16" and self.strategy.name == "deepspeed" and not self.scaling.use_gpu:
+            raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: DeepSpeed's CPU accelerator has no fp16; use 'bf16'")
+        family = FAMILIES[self.model.family]
+        if self.data.name not in family.data:
+            if set(family.data) <= set(TEXT_DATA):
+                raise ValueError(f"model.family {self.model.family!r} trains on text: it needs data.name {family.data[0]!r}, got data.name {self.data.name!r}")
+            able = families_where(lambda f: self.data.name in f.data)
+            raise ValueError(f"data.name {self.data.name!r} needs {TEXT_DATA[self.data.name]}: model.family must be one of {able}, got {self.model.family!r}")
+        self._check_finetune()
+        if self.train.compile and self.strategy.name == "deepspeed":
+            raise ValueError("train.compile is supported with strategy.name 'ddp' or 'fsdp', got 'deepspeed' (its engine wraps the "
+                             "forward in hooks that torch.compile cannot trace whole): use 'fsdp' for sharding with compile")
+        if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
+            raise ValueError("model.attn_implementation 'flash_attention_2' runs on CUDA only: set scaling.use_gpu true, or use 'sdpa'")
+        if self.train.gradient_checkpointing and not family.enable_gradient_checkpointing:
+            able = families_where(lambda f: f.enable_gradient_checkpointing)
+            raise ValueError(f"train.gradient_checkpointing is not supported by model.family {self.model.family!r} (only by {able})")
+        if self.train.metric not in family.epoch_metrics():
+            raise ValueError(f"train.metric must be one of {family.epoch_metrics()} for model.family {self.model.family!r}, got {self.train.metric!r}")
+        optimizers = family.optimizers
+        if len(optimizers) > 1:
+            if self.strategy.name == "deepspeed":
+                raise ValueError(f"model.family {self.model.family!r} trains {len(optimizers)} optimizers ({', '.join(optimizers)}); "
+                                 "strategy.name 'deepspeed' drives exactly one: use 'ddp' or 'fsdp'")
+            if self.train.gradient_accumulation_steps != 1:
+                raise ValueError(f"model.family {self.model.family!r} alternates its optimizers every micro-batch: train.gradient_accumulation_steps must be 1")
+        if self.tune:
+            self._check_search_space()
+        return self
+
+    def _check_finetune(self):
+        model, finetune, family = self.model, self.finetune, FAMILIES[self.model.family]
+        kind = finetune.finetuning_type
+        if model.name_or_path and self.data.name in TEXT_DATA:
+            if self.data.vocab_size != type(self.data).model_fields["vocab_size"].default:
+                raise ValueError("data.vocab_size sizes a tokenizer trained from scratch, but model.name_or_path brings its own: drop data.vocab_size")
+            if self.data.tokenizer is None:  # a pretrained model comes with its tokenizer
+                self.data.tokenizer = model.name_or_path
+        if kind == "full":
+            return
+        if not model.name_or_path:
+            raise ValueError(f"finetune.finetuning_type {kind!r} adapts a pretrained model: set model.name_or_path (a Hugging Face model directory or hub id)")
+        supported = family.finetuning_types
+        if kind not in supported:
+            raise ValueError(f"finetune.finetuning_type {kind!r} is not supported by model.family {model.family!r} (it supports {', '.join(supported)})")
+        if kind == "qlora" and (self.strategy.name == "fsdp" or (self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3)):
+            raise ValueError("finetune.finetuning_type 'qlora' keeps the base weights as packed 4-bit integers, which FSDP and ZeRO-3 "
+                             "cannot shard: use strategy.name 'ddp' or 'deepspeed' with strategy.zero_stage 1 or 2 "
+                             "(the 4-bit base is small enough to replicate), or finetuning_type 'lora' to shard the base")
+        if self.train.ema_decay:
+            raise ValueError(f"train.ema_decay averages every weight, but finetune.finetuning_type {kind!r} trains only some: drop train.ema_decay")
+        if kind == "prompt_tuning" and self.data.sample_packing:
+            raise ValueError("finetune.finetuning_type 'prompt_tuning' puts its virtual tokens before each sequence, not before each packed example: set data.sample_packing false")
+
+    def _check_search_space(self):
+        """Every searched key exists and every value it can take makes a valid job, so a typo
+        fails here, naming the key, before any trial starts."""
+        base = self.model_dump(mode="json", exclude={"tune"})
+        for path, param in self.tune.search_space.items():
+            if path.split(".")[0] in ("tune", "run"):
+                raise ValueError(f"tune.search_space: {path!r} cannot be searched (the sweep sets run.* for each trial)")
+            for value in param.extremes():
+                trial = copy.deepcopy(base)
+                set_dotted(trial, path, value)
+                try:
+                    JobConfig.model_validate(trial)
+                except ValidationError as err:
+                    raise ValueError(f"tune.search_space.{path}: {'; '.join(messages(err, JobConfig))}") from None
