@@ -27,6 +27,10 @@ from dlray.loop import build_model, make_optimizers
 from dlray.models import FAMILIES
 from dlray.strategies import STRATEGIES
 
+import toy_family
+
+toy_family.register()  # as test_strategies does in its own process
+
 STEPS, SAVE_AT = 12, 8
 # A pretrained causal LM for the finetuning cases ("llm"), made by make_llm_base before the workers start.
 LLM_BASE = Path(tempfile.gettempdir(), "dlray-test-llm-base")
@@ -89,7 +93,7 @@ def make_bert_base(directory: Path = BERT_BASE, steps: int = 40) -> Path:
 def case_config(case: dict):
     """The case's job config, its precision resolved for this CPU as a Ray worker resolves `auto`."""
     cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}),
-                            "finetune": case.get("finetune", {}), **FAMILY_CONFIG[case.get("family", "cnn")], **case.get("config", {})})
+                            "finetune": case.get("finetune", {}), **FAMILY_CONFIG.get(case.get("family", "cnn"), {}), **case.get("config", {})})
     cfg.precision = precision.resolve(cfg.precision, torch.device("cpu"), cfg.strategy.name)
     return cfg
 

@@ -28,6 +28,11 @@ from dlray.models import FAMILIES
 
 from helpers import REPO
 from strategy_worker import BERT_BASE, case_config, data_once, first_samples, make_bert_base, make_llm_base
+from toy_family import register
+
+register()  # the toy family's registry line (tests/toy_family.py): every rank makes it too
+# The toy family's debug job (what jobs/debug/toy_cpu.yaml would hold); test_a_new_family_... checks it as a job file.
+TOY_JOB = {"model": {"family": "toy", "dropout": 0.0}, "optim": {"lr": 0.01}, "data": {"augment": False}}
 
 CASES = [
     {"strategy": {"name": name, **extra}, "precision": precision, "id": f"{label}-{precision}"}
@@ -54,6 +59,10 @@ CASES = [
 ] + [
     {"family": "gpt", "strategy": strategy, "precision": "auto", "train": {"gradient_checkpointing": True}, "id": f"gpt-{label}-checkpointing-auto"}
     for strategy, label in [({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
+] + [
+    # A family added by the README's recipe alone (tests/toy_family.py) goes through the same matrix.
+    {"family": "toy", "strategy": strategy, "precision": "auto", "id": f"toy-{label}-auto", "config": TOY_JOB}
+    for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
 ] + [
     # torch.compile: in place under DDP, block by block under FSDP; checkpoints keep their names.
     {"family": "gpt", "strategy": {"name": name}, "precision": "auto", "train": {"compile": True}, "id": f"gpt-{name}-compile-auto"}
@@ -84,7 +93,8 @@ CASES = [
 @pytest.fixture(scope="module")
 def results(request, tmp_path_factory):
     # Only the cases of the tests pytest selected (`-k zero3` runs the ZeRO-3 cases alone).
-    selected = {item.callspec.params["case"]["id"] for item in request.session.items if item.module is request.module}
+    selected = {item.callspec.params["case"]["id"] for item in request.session.items
+                if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})}
     cases = [case for case in CASES if case["id"] in selected]
     out = tmp_path_factory.mktemp("strategies")
     if any(case.get("family") == "llm" for case in cases):
@@ -186,3 +196,19 @@ def test_export_reproduces_the_checkpoint(results, case, tmp_path):
     exported_state = model.state_dict()
     assert gathered.keys() == exported_state.keys()
     assert all(torch.allclose(gathered[k], exported_state[k].float(), atol=1e-2 if mixed(case) else 1e-6) for k in gathered)
+
+
+def test_a_new_family_is_one_file_one_registry_line_and_a_debug_job(tmp_path):
+    """What the config and export derive from the toy family's spec alone (the matrix above trains it)."""
+    import yaml
+
+    from dlray.config import ConfigError, load_config
+
+    job = tmp_path / "toy_cpu.yaml"
+    job.write_text(yaml.safe_dump(TOY_JOB))
+    cfg = load_config(job, ["train.metric=val_accuracy", "train.mode=max"])  # its metrics are valid train.metric values
+    assert cfg.model.family == "toy" and FAMILIES["toy"].task == "classify"
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing is not supported by model.family 'toy'"):
+        load_config(job, ["train.gradient_checkpointing=true"])  # a part it does not have is refused by name
+    with pytest.raises(ConfigError, match="model.name_or_path applies only to model.family 'gpt' or 'vit' or 'bert'"):
+        load_config(job, ["model.name_or_path=/models/x"])

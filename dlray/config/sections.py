@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dlray.models import FAMILIES
 
@@ -41,7 +41,7 @@ def applies_only(section: Section, selector: str, owners: Mapping[str, Sequence[
 
 
 class ModelConfig(Section):
-    family: Literal[tuple(FAMILIES)] = "cnn"  # type: ignore[valid-type]  # the names in dlray.models.FAMILIES
+    family: str = "cnn"  # a name in dlray.models.FAMILIES (checked against the registry as it is when validating)
     flavor: str = "debug"  # a named size in the family's FLAVORS
     # Start from a pretrained Hugging Face model (a local directory or a hub id) instead of building
     # `flavor` from scratch: what LLaMA-Factory calls model_name_or_path, Axolotl base_model.
@@ -57,6 +57,13 @@ class ModelConfig(Section):
     class_conditional: bool = False  # the UNet also takes the class label (classifier-free: no)
     # vae: weight of the KL term in the ELBO (beta-VAE; 1.0 is the plain VAE)
     kl_weight: float = Field(1.0, ge=0)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, name: str) -> str:
+        if name not in FAMILIES:
+            raise ValueError(f"model.family must be one of {list(FAMILIES)}, got {name!r}")
+        return name
 
     @model_validator(mode="after")
     def _known_flavor(self):

@@ -1,0 +1,46 @@
+"""A family added the way the README's recipe says, to show the recipe works: this file, one registry
+entry (`register`, where dlray/models/__init__.py would hold the line) and a debug job
+(test_add_a_family writes it). The strategy matrix trains it and exports it like the shipped ones.
+
+A two-layer perceptron over the pixels of any image data.
+"""
+
+import torch
+from torch import nn
+
+from dlray.models import FAMILIES
+from dlray.models.classification import classification_losses
+from dlray.models.family import IMAGE_DATA, ModelFamily
+
+FLAVORS = {"debug": {"hidden": 32}}
+
+
+class Block(nn.Module):
+    """A hidden layer: what FSDP shards on its own."""
+
+    def __init__(self, width_in: int, width_out: int):
+        super().__init__()
+        self.linear = nn.Linear(width_in, width_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x))
+
+
+def build(model_cfg: dict, data_info: dict) -> nn.Module:
+    pixels = int(torch.tensor(data_info["image_shape"]).prod())
+    hidden = FLAVORS[model_cfg["flavor"]]["hidden"]
+    return nn.Sequential(nn.Flatten(), Block(pixels, hidden), nn.Linear(hidden, len(data_info["class_names"])))
+
+
+def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    images, labels = batch
+    return classification_losses(model(images), labels)
+
+
+FAMILY = ModelFamily(name="toy", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="classify",
+                     metrics=("accuracy",), shard_classes=lambda: (Block,))
+
+
+def register() -> None:
+    """The registry line, made at run time in each process that needs it (the test's and each strategy rank's)."""
+    FAMILIES.setdefault(FAMILY.name, FAMILY)
