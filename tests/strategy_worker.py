@@ -27,9 +27,9 @@ from dlray.loop import build_model, make_optimizers
 from dlray.models import FAMILIES
 from dlray.strategies import STRATEGIES
 
-import toy_family
+from toy_family import TOY
 
-toy_family.register()  # as test_strategies does in its own process
+FAMILIES[TOY.name] = TOY  # the toy family's registry line, as test_strategies makes it in its own process
 
 STEPS, SAVE_AT = 12, 8
 # A pretrained causal LM for the finetuning cases ("llm"), made by make_llm_base before the workers start.

@@ -28,9 +28,8 @@ from dlray.models import FAMILIES
 
 from helpers import REPO
 from strategy_worker import BERT_BASE, case_config, data_once, first_samples, make_bert_base, make_llm_base
-from toy_family import register
+from toy_family import TOY
 
-register()  # the toy family's registry line (tests/toy_family.py): every rank makes it too
 # The toy family's debug job (what jobs/debug/toy_cpu.yaml would hold); test_a_new_family_... checks it as a job file.
 TOY_JOB = {"model": {"family": "toy", "dropout": 0.0}, "optim": {"lr": 0.01}, "data": {"augment": False}}
 
@@ -90,8 +89,17 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def toy_family_registered():
+    """The toy family's registry line (tests/toy_family.py), in this module's tests only: the session's
+    Serve deployments pickle FAMILIES with them, and their replicas cannot import a test module."""
+    FAMILIES[TOY.name] = TOY
+    yield
+    del FAMILIES[TOY.name]
+
+
 @pytest.fixture(scope="module")
-def results(request, tmp_path_factory):
+def results(request, tmp_path_factory, toy_family_registered):
     # Only the cases of the tests pytest selected (`-k zero3` runs the ZeRO-3 cases alone).
     selected = {item.callspec.params["case"]["id"] for item in request.session.items
                 if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})}
@@ -147,7 +155,8 @@ def test_loss_falls(results, case):
 def test_resume_replays_the_uninterrupted_run(results, case):
     out, all_results = results
     result = all_results[case["id"]]
-    assert result["replayed"] == pytest.approx(result["losses"][8:], rel=2e-2 if mixed(case) else 1e-4), "resumed training diverges"
+    # abs: a fine-tune's loss can be ~1e-3 by then, where fp32 4-bit (QLoRA) kernels differ in the 4th digit.
+    assert result["replayed"] == pytest.approx(result["losses"][8:], rel=2e-2 if mixed(case) else 1e-4, abs=1e-6), "resumed training diverges"
     assert result["compiled"] == case.get("train", {}).get("compile", False)
     if case["precision"] == "fp16":  # the loss scale reached travels with the checkpoint
         assert json.loads((out / case["id"] / "grad_scaler.json").read_text())["scale"] > 0

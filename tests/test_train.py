@@ -96,7 +96,7 @@ def fit_losing_a_worker(cfg) -> list[dict]:
 
 
 def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(ray_cluster, storage):
-    common = ["train.num_epochs=6", "run.max_failures=1", "optim.lr=0.01", "scheduler.name=constant"]
+    common = ["train.num_epochs=4", "run.max_failures=1", "optim.lr=0.01", "scheduler.name=constant"]
     reference = debug_job(storage, "uninterrupted", *common)
     assert fit(reference).error is None
     history = fit_losing_a_worker(debug_job(storage, "killed", *common))

@@ -187,7 +187,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_clus
 
     tune = {"num_samples": 1, "max_concurrent_trials": 1, "scheduler": {"name": "fifo"}, "search_alg": {"name": "grid"},
             "search_space": {"optim.lr": {"grid": [0.03, 0.02, 0.01]}}}
-    job = sweep_config(storage, "resumable", tune, "train.num_epochs=3").model_dump(mode="json")
+    job = sweep_config(storage, "resumable", tune, "train.num_epochs=2").model_dump(mode="json")
     job["run"]["name"] = None  # named per invocation, as users' job files are: --resume finds the newest
     job_file = storage / "resumable.yaml"
     job_file.write_text(yaml.safe_dump(job))

@@ -1,6 +1,6 @@
 """A family added the way the README's recipe says, to show the recipe works: this file, one registry
-entry (`register`, where dlray/models/__init__.py would hold the line) and a debug job
-(test_add_a_family writes it). The strategy matrix trains it and exports it like the shipped ones.
+entry (made by the tests, where dlray/models/__init__.py would hold the line) and a debug job
+(test_strategies' TOY_JOB). The strategy matrix trains it and exports it like the shipped ones.
 
 A two-layer perceptron over the pixels of any image data.
 """
@@ -8,7 +8,6 @@ A two-layer perceptron over the pixels of any image data.
 import torch
 from torch import nn
 
-from dlray.models import FAMILIES
 from dlray.models.classification import classification_losses
 from dlray.models.family import IMAGE_DATA, ModelFamily
 
@@ -37,10 +36,7 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     return classification_losses(model(images), labels)
 
 
-FAMILY = ModelFamily(name="toy", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="classify",
-                     metrics=("accuracy",), shard_classes=lambda: (Block,))
-
-
-def register() -> None:
-    """The registry line, made at run time in each process that needs it (the test's and each strategy rank's)."""
-    FAMILIES.setdefault(FAMILY.name, FAMILY)
+# `FAMILY` in a family module; here TOY, so that nothing but the tests that want it registers it
+# (the line in FAMILIES is made by test_strategies' fixture and by strategy_worker).
+TOY = ModelFamily(name="toy", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="classify",
+                  metrics=("accuracy",), shard_classes=lambda: (Block,))
