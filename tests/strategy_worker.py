@@ -29,8 +29,6 @@ from dlray.strategies import STRATEGIES
 
 from toy_family import TOY
 
-FAMILIES[TOY.name] = TOY  # the toy family's registry line, as test_strategies makes it in its own process
-
 STEPS, SAVE_AT = 12, 8
 # A pretrained causal LM for the finetuning cases ("llm"), made by make_llm_base before the workers start.
 LLM_BASE = Path(tempfile.gettempdir(), "dlray-test-llm-base")
@@ -184,6 +182,9 @@ def eval_losses(strategy, model, family, batch):
 
 
 def main(out: str, cases: str):
+    # The toy family's registry line, as test_strategies makes it in its own process (here, in main:
+    # test_strategies imports this module, and its own registration must end with its tests).
+    FAMILIES[TOY.name] = TOY
     dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment, as torchrun sets them
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {case["id"]: run_case(case, Path(out), rank, world) for case in json.loads(cases)}
