@@ -15,37 +15,44 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from bitsandbytes.nn import Linear4bit
 from safetensors.torch import save_file
 from torch.utils.data import Subset, default_collate
 
 from dlray import precision
 from dlray.config import DataConfig, config_from_dict
+from dlray.config.sections import DATA_KINDS
 from dlray.data import build_data
 from dlray.finetune import trainable_names
 from dlray.loop import build_model, make_optimizers
 from dlray.models import FAMILIES
 from dlray.strategies import STRATEGIES
 
-from toy_family import TOY
+from toy_family import TOY, TOY_JOB
 
 STEPS, SAVE_AT = 12, 8
 # A pretrained causal LM for the finetuning cases ("llm"), made by make_llm_base before the workers start.
 LLM_BASE = Path(tempfile.gettempdir(), "dlray-test-llm-base")
 # A pretrained BERT encoder without a head, as the Hub ships one, for feature extraction ("freeze"); made by make_bert_base.
 BERT_BASE = Path(tempfile.gettempdir(), "dlray-test-bert-base")
-# The smallest settings each family's debug model trains visibly with in 12 steps.
-FAMILY_CONFIG = {
-    "cnn": {"model": {"dropout": 0.0}, "optim": {"lr": 0.01}, "data": {"augment": False}},
-    "diffusion": {"model": {"family": "diffusion", "dropout": 0.0}, "optim": {"lr": 0.002}, "data": {"image_size": 16, "augment": False}},
-    "vae": {"model": {"family": "vae"}, "optim": {"lr": 0.002}, "data": {"image_size": 16, "augment": False}},
-    "gan": {"model": {"family": "gan"}, "optim": {"lr": 0.0005, "betas": (0.5, 0.999)}, "data": {"image_size": 16, "augment": False}},
-    "gpt": {"model": {"family": "gpt", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"name": "text", "max_seq_len": 32}},
-    "vit": {"model": {"family": "vit", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"augment": False}},
-    "bert": {"model": {"family": "bert", "dropout": 0.0}, "optim": {"lr": 0.003}, "data": {"name": "text_classification", "max_seq_len": 32}},
-    "llm": {"model": {"family": "gpt", "name_or_path": str(LLM_BASE)}, "optim": {"lr": 0.02},
-            "data": {"name": "text", "type": "chat_template", "chat_template": "zephyr", "max_seq_len": 48}},
-}
+# Each family trains its debug job's model on its debug job's data, with its optimizer settings
+# (jobs/debug/<family>_cpu.yaml; the toy family's job is TOY_JOB): a new family's job puts it in the matrix.
+DEBUG_JOBS = Path(__file__).resolve().parents[1] / "jobs/debug"
+# The causal-LM fine-tunes ("llm" cases) train a small pretrained base on chat data.
+LLM_JOB = {"model": {"family": "gpt", "name_or_path": str(LLM_BASE)}, "optim": {"lr": 0.02},
+           "data": {"name": "text", "type": "chat_template", "chat_template": "zephyr", "max_seq_len": 48}}
+
+
+def debug_job(family: str) -> dict:
+    """A family's debug job as the matrix trains it: its model, data and optimizer sections, without
+    dropout or augmentation (the replay must repeat the computation exactly)."""
+    job = TOY_JOB if family == TOY.name else yaml.safe_load((DEBUG_JOBS / f"{family}_cpu.yaml").read_text())
+    config = {section: dict(job.get(section, {})) for section in ("model", "data", "optim")}
+    config["model"]["dropout"] = 0.0
+    if config["data"].get("name", "digits") in DATA_KINDS["image data"]:
+        config["data"]["augment"] = False
+    return config
 
 
 def make_llm_base(directory: Path = LLM_BASE, steps: int = 60) -> Path:
@@ -74,7 +81,7 @@ def make_llm_base(directory: Path = LLM_BASE, steps: int = 60) -> Path:
 def make_bert_base(directory: Path = BERT_BASE, steps: int = 40) -> Path:
     """The bert case's model trained a few steps on its data, saved without its classification head
     (BertModel, and the tokenizer): what `model.name_or_path` of an encoder checkpoint reads."""
-    cfg = case_config({"family": "bert", "strategy": {"name": "ddp"}, "precision": "fp32"})
+    cfg = case_config({"strategy": {"name": "ddp"}, "precision": "fp32", "config": debug_job("bert")})
     data = data_once(cfg.data.model_dump_json())
     torch.manual_seed(0)
     model = build_model(FAMILIES["bert"], cfg, data.info)
@@ -91,7 +98,7 @@ def make_bert_base(directory: Path = BERT_BASE, steps: int = 40) -> Path:
 def case_config(case: dict):
     """The case's job config, its precision resolved for this CPU as a Ray worker resolves `auto`."""
     cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}),
-                            "finetune": case.get("finetune", {}), **FAMILY_CONFIG.get(case.get("family", "cnn"), {}), **case.get("config", {})})
+                            "finetune": case.get("finetune", {}), **case["config"]})
     cfg.precision = precision.resolve(cfg.precision, torch.device("cpu"), cfg.strategy.name)
     return cfg
 

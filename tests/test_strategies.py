@@ -1,17 +1,19 @@
 """Strategy mechanics in a plain 2-process gloo group (Ray adds nothing here; see test_train for Ray).
 
-Every strategy x precision (the CNN), the diffusion UNet and the GPT under each strategy
-(the GPT also with gradient checkpointing under FSDP and ZeRO-3), the ViT and BERT under each strategy
-and DDP with fp32 too (and with gradient checkpointing under FSDP), the VAE and GAN under DDP and FSDP, and fine-tunes of a pretrained causal LM on chat data (LoRA under every
-strategy, QLoRA under DDP and ZeRO-2, prompt tuning), these in `precision: auto` (bf16 where this CPU
-has it natively, fp32 where bf16 would be emulated ~20x slower): the loss goes down (a GAN's two players both learn
-instead), a checkpoint restored into a fresh model replays the same losses (optimizer states
-included), `dlray export` reads the (sharded) checkpoint back into the same model, and
-`strategy.full_state()` gathers exactly those weights. An adapter fine-tune changes no frozen
-weight, QLoRA's base linears are 4-bit, and the exported adapter (loaded with plain peft) and the
-merged model (plain transformers) evaluate as the trained model did.
+The CNN under every strategy x precision; every family in FAMILIES (and the toy family of the
+README's recipe) under DDP, FSDP and ZeRO-3 with its debug job's settings; gradient checkpointing,
+torch.compile, and fine-tunes (a new head over a pretrained BERT encoder: frozen, LoRA, QLoRA;
+LoRA, QLoRA and prompt tuning of a pretrained causal LM on chat data), in `precision: auto` unless
+named (bf16 where this CPU has it natively, fp32 where bf16 would be emulated ~20x slower).
+Each case: the loss goes down (a GAN's two players both learn instead), a checkpoint restored into
+a fresh model replays the same losses (optimizer states included), `dlray export` reads the
+(sharded) checkpoint back into the same model, and `strategy.full_state()` gathers exactly those
+weights. An adapter fine-tune changes no frozen weight, QLoRA's base linears are 4-bit, and the
+exported adapter (loaded with plain peft) and the merged model (plain transformers) evaluate as the
+trained model did.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -22,80 +24,82 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dlray.config import ConfigError, config_from_dict
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
 
 from helpers import REPO
-from strategy_worker import BERT_BASE, case_config, data_once, first_samples, make_bert_base, make_llm_base
-from toy_family import TOY
+from strategy_worker import BERT_BASE, LLM_JOB, case_config, data_once, debug_job, first_samples, make_bert_base, make_llm_base
+from toy_family import TOY, TOY_JOB
 
-# The toy family's debug job (what jobs/debug/toy_cpu.yaml would hold); test_a_new_family_... checks it as a job file.
-TOY_JOB = {"model": {"family": "toy", "dropout": 0.0}, "optim": {"lr": 0.01}, "data": {"augment": False}}
+STRATEGY = {"ddp": {"name": "ddp"}, "fsdp": {"name": "fsdp"}, "zero1": {"name": "deepspeed", "zero_stage": 1},
+            "zero2": {"name": "deepspeed", "zero_stage": 2}, "zero3": {"name": "deepspeed", "zero_stage": 3},
+            "zero3-offload": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True, "offload_param": True}}
 
-CASES = [
-    {"strategy": {"name": name, **extra}, "precision": precision, "id": f"{label}-{precision}"}
-    for name, extra, label in [
-        ("ddp", {}, "ddp"),
-        ("fsdp", {}, "fsdp"),
-        ("deepspeed", {"zero_stage": 1}, "zero1"),
-        ("deepspeed", {"zero_stage": 2}, "zero2"),
-        ("deepspeed", {"zero_stage": 3}, "zero3"),
+
+def case(family: str, strategy: str, precision: str = "auto", variant: str = "", config: dict | None = None, **settings) -> dict:
+    """One cell of the matrix: `family`'s debug job (or `config`) under a strategy of STRATEGY, with
+    `settings` (train, finetune) on top."""
+    return {"family": family, "strategy": STRATEGY[strategy], "precision": precision, "id": "-".join(filter(None, (family, strategy, variant, precision))),
+            "config": config or debug_job(family), **settings}
+
+
+def with_sections(job: dict, **sections) -> dict:
+    return {**job, **{name: {**job.get(name, {}), **values} for name, values in sections.items()}}
+
+
+@contextlib.contextmanager
+def toy_family_registry_line():
+    """The toy family's registry line (tests/toy_family.py), while this module collects and runs its
+    tests only: the session's Serve deployments pickle FAMILIES, and their replicas cannot import a test module."""
+    FAMILIES[TOY.name] = TOY
+    try:
+        yield
+    finally:
+        del FAMILIES[TOY.name]
+
+
+def accepts(family: str, strategy: str) -> bool:
+    """Whether the config takes the family under the strategy (a GAN's two optimizers rule out DeepSpeed)."""
+    try:
+        config_from_dict({**debug_job(family), "strategy": STRATEGY[strategy]})
+    except ConfigError:
+        return False
+    return True
+
+
+BERT_ENCODER = with_sections(debug_job("bert"), model={"name_or_path": str(BERT_BASE)}, optim={"lr": 0.01})
+
+with toy_family_registry_line():
+    CASES = [
+        # The CNN under every strategy and precision.
+        *(case("cnn", strategy, precision) for strategy in ("ddp", "fsdp", "zero1", "zero2", "zero3") for precision in ("fp32", "bf16")),
+        case("cnn", "ddp", "fp16"),
+        case("cnn", "zero3-offload", "bf16"),
+        # Every registered family (the toy one too, added by the README's recipe alone: tests/toy_family.py)
+        # under DDP, FSDP and ZeRO-3 (those the config takes it under), in `precision: auto`; its debug job decides the rest.
+        *(case(family, strategy) for family in FAMILIES if family != "cnn" for strategy in ("ddp", "fsdp", "zero3") if accepts(family, strategy)),
+        *(case(family, "ddp", "fp32") for family in ("vit", "bert")),
+        # Gradient checkpointing under the sharding strategies; torch.compile in place under DDP, block by block under FSDP.
+        *(case("gpt", strategy, variant="checkpointing", train={"gradient_checkpointing": True}) for strategy in ("fsdp", "zero3")),
+        *(case(family, "fsdp", variant="checkpointing", train={"gradient_checkpointing": True}) for family in ("vit", "bert")),
+        *(case("gpt", strategy, variant="compile", train={"compile": True}) for strategy in ("ddp", "fsdp")),
+        # A new head over a pretrained encoder: frozen (feature extraction), or with LoRA adapters.
+        *(case("bert", strategy, variant=kind, config=BERT_ENCODER, finetune={"finetuning_type": kind})
+          for kind, strategies in [("freeze", ("ddp", "zero3")), ("lora", ("ddp", "zero3")), ("qlora", ("ddp",))] for strategy in strategies),
+        # Adapters on a pretrained causal LM, on chat data.
+        *(case("llm", strategy, variant=kind, finetune={"finetuning_type": kind},
+               config=with_sections(LLM_JOB, optim={"lr": 0.3}) if kind == "prompt_tuning" else LLM_JOB)  # prompt tuning's usual learning rate
+          for kind, strategies in [("lora", ("ddp", "fsdp", "zero2", "zero3")), ("qlora", ("ddp", "zero2")), ("prompt_tuning", ("ddp",))]
+          for strategy in strategies),
     ]
-    for precision in ("fp32", "bf16")
-] + [
-    {"strategy": {"name": "ddp"}, "precision": "fp16", "id": "ddp-fp16"},
-    {"strategy": {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True, "offload_param": True}, "precision": "bf16", "id": "zero3-offload-bf16"},
-] + [
-    {"family": family, "strategy": strategy, "precision": "auto", "id": f"{family}-{label}-auto"}
-    for family in ("diffusion", "gpt")
-    for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 2}, "zero2"),
-                            ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
-] + [
-    {"family": family, "strategy": {"name": name}, "precision": "auto", "id": f"{family}-{name}-auto"}
-    for family in ("vae", "gan")
-    for name in ("ddp", "fsdp")
-] + [
-    {"family": "gpt", "strategy": strategy, "precision": "auto", "train": {"gradient_checkpointing": True}, "id": f"gpt-{label}-checkpointing-auto"}
-    for strategy, label in [({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
-] + [
-    # A family added by the README's recipe alone (tests/toy_family.py) goes through the same matrix.
-    {"family": "toy", "strategy": strategy, "precision": "auto", "id": f"toy-{label}-auto", "config": TOY_JOB}
-    for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")]
-] + [
-    # torch.compile: in place under DDP, block by block under FSDP; checkpoints keep their names.
-    {"family": "gpt", "strategy": {"name": name}, "precision": "auto", "train": {"compile": True}, "id": f"gpt-{name}-compile-auto"}
-    for name in ("ddp", "fsdp")
-] + [
-    {"family": family, "strategy": strategy, "precision": precision, "id": f"{family}-{label}-{precision}"}
-    for family in ("vit", "bert")
-    for strategy, label, precision in [({"name": "ddp"}, "ddp", "fp32"), ({"name": "ddp"}, "ddp", "auto"), ({"name": "fsdp"}, "fsdp", "auto"),
-                                       ({"name": "deepspeed", "zero_stage": 2}, "zero2", "auto"), ({"name": "deepspeed", "zero_stage": 3}, "zero3", "auto")]
-] + [
-    {"family": family, "strategy": {"name": "fsdp"}, "precision": "auto", "train": {"gradient_checkpointing": True}, "id": f"{family}-fsdp-checkpointing-auto"}
-    for family in ("vit", "bert")
-] + [
-    # A new head over a pretrained encoder: frozen (feature extraction), or with LoRA adapters.
-    {"family": "bert", "finetune": {"finetuning_type": kind}, "strategy": strategy, "precision": "auto", "id": f"bert-{kind}-{label}-auto",
-     "config": {"model": {"family": "bert", "name_or_path": str(BERT_BASE), "dropout": 0.0}, "optim": {"lr": 0.01}}}
-    for kind, strategies in [("freeze", ("ddp", "zero3")), ("lora", ("ddp", "zero3")), ("qlora", ("ddp",))]
-    for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "deepspeed", "zero_stage": 3}, "zero3")] if label in strategies
-] + [
-    {"family": "llm", "finetune": {"finetuning_type": kind}, "strategy": strategy, "precision": "auto", "id": f"{kind}-{label}-auto",
-     "config": {"optim": {"lr": 0.3}} if kind == "prompt_tuning" else {}}  # prompt tuning's usual learning rate
-    for kind, strategies in [("lora", ("ddp", "fsdp", "zero2", "zero3")), ("qlora", ("ddp", "zero2")), ("prompt_tuning", ("ddp",))]
-    for strategy, label in [({"name": "ddp"}, "ddp"), ({"name": "fsdp"}, "fsdp"), ({"name": "deepspeed", "zero_stage": 2}, "zero2"),
-                            ({"name": "deepspeed", "zero_stage": 3}, "zero3")] if label in strategies
-]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def toy_family_registered():
-    """The toy family's registry line (tests/toy_family.py), in this module's tests only: the session's
-    Serve deployments pickle FAMILIES with them, and their replicas cannot import a test module."""
-    FAMILIES[TOY.name] = TOY
-    yield
-    del FAMILIES[TOY.name]
+    with toy_family_registry_line():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +215,7 @@ def test_a_new_family_is_one_file_one_registry_line_and_a_debug_job(tmp_path):
     """What the config and export derive from the toy family's spec alone (the matrix above trains it)."""
     import yaml
 
-    from dlray.config import ConfigError, load_config
+    from dlray.config import load_config
 
     job = tmp_path / "toy_cpu.yaml"
     job.write_text(yaml.safe_dump(TOY_JOB))

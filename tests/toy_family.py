@@ -1,6 +1,6 @@
 """A family added the way the README's recipe says, to show the recipe works: this file, one registry
 entry (made by the tests, where dlray/models/__init__.py would hold the line) and a debug job
-(test_strategies' TOY_JOB). The strategy matrix trains it and exports it like the shipped ones.
+(TOY_JOB, what jobs/debug/toy_cpu.yaml would hold). The strategy matrix trains it and exports it like the shipped ones.
 
 A two-layer perceptron over the pixels of any image data.
 """
@@ -40,3 +40,7 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 # (the line in FAMILIES is made by test_strategies' fixture and by strategy_worker).
 TOY = ModelFamily(name="toy", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="classify",
                   metrics=("accuracy",), shard_classes=lambda: (Block,))
+
+# Its debug job, as jobs/debug/toy_cpu.yaml would hold it.
+TOY_JOB = {"model": {"family": "toy", "flavor": "debug"}, "optim": {"lr": 0.01}, "train": {"num_epochs": 3, "micro_batch_size": 32},
+           "scaling": {"num_workers": 2}}
