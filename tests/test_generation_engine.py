@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dlray.serve.app import build_app
-from dlray.serve.engine import Engine, SamplingParams, Sequence
+from dlray.serve.engine import Engine, SamplingParams, Sequence, sample
 from dlray.serve.errors import RequestError, parse_json
 from dlray.serve.generate import ChatCompletionRequest, CompletionRequest, OpenAITextAPI, Reply, check_chat_template, read_api_key
 
@@ -95,6 +95,13 @@ def test_seeded_sampling_is_the_same_alone_and_batched(engine):
     greedy_seq = greedy(engine, PROMPTS[1], max_tokens=20)
     run(engine, [greedy_seq])
     assert greedy_seq.token_ids != alone.token_ids  # it samples
+
+
+@pytest.mark.parametrize("temperature, top_p", [(5e-324, 1.0), (1.0, 5e-324), (1e-40, 0.5)])
+def test_temperature_or_top_p_below_float32s_range_samples_the_most_likely_token(temperature, top_p):
+    """Both are valid above 0; schemathesis found top_p=5e-324 a 500 (float32 rounded it to 0, dropping every token)."""
+    logits = torch.randn(384, generator=torch.Generator().manual_seed(0))
+    assert sample(logits, Sequence([1], SamplingParams(temperature=temperature, top_p=top_p, seed=0))) == int(logits.argmax())
 
 
 def test_deltas_join_to_the_text_and_end_with_the_finish_reason(engine):

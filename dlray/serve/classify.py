@@ -19,15 +19,40 @@ there, with the artifact's own tokenizer, padded to the longest of the batch.
 import base64
 import binascii
 import json
+from typing import Annotated, Union
 
 import torch
 from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field
 from ray import serve
 
 from dlray.data.image_folder import decode_image
 from dlray.export import load_artifact
 from dlray.serve.errors import RequestError, install_error_handlers, read_body
+from dlray.serve.openapi import BINARY, json_content, request_body, responses
 from dlray.serve.replica import replica_device
+
+Pixel = Annotated[float, Field(ge=0, le=1)]
+
+
+# The JSON bodies /v1/classify takes, for its OpenAPI description: ImageInput and TextInput parse
+# them by hand, to keep their error messages. Other keys are ignored.
+class PixelsBody(BaseModel):
+    image: Union[list[list[Pixel]], list[list[list[Pixel]]]] = Field(description="An image classifier's input: pixels in [0, 1], (H, W) for one channel or (C, H, W)")
+
+
+class Base64Body(BaseModel):
+    image_b64: str = Field(description="An image classifier's input: a base64-encoded PNG or JPEG (taken over `image` when both are sent)")
+
+
+class TextBody(BaseModel):
+    text: str = Field(min_length=1, description="A text classifier's input; its first data.max_seq_len tokens count")
+
+
+class Classification(BaseModel):
+    label: str
+    label_index: int
+    probabilities: dict[str, float] = Field(description="Every class's probability, by class name")
 
 
 def parse_json(body: bytes):
@@ -136,7 +161,8 @@ class Classifier:
     def healthz(self) -> dict:
         return {"status": "ok", "classes": len(self.class_names), **self.inputs.describe()}
 
-    @api.post("/v1/classify")
+    @api.post("/v1/classify", response_model=None, responses=responses(Classification, 400, 413, 415), openapi_extra=request_body(
+        {**json_content(PixelsBody, Base64Body, TextBody), "image/png": BINARY, "image/jpeg": BINARY, "application/octet-stream": BINARY}))
     async def classify(self, request: Request) -> dict:
         item = self.inputs.parse(request.headers.get("content-type", ""), await read_body(request, self.max_body_bytes))
         probabilities = await self.predict(item)

@@ -153,7 +153,10 @@ def sample(logits: torch.Tensor, seq: Sequence) -> int:
     params = seq.params
     if params.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # In float64, from the largest logit down: the API takes any temperature and top_p above 0, and
+    # below float32's range a temperature would scale logits to inf and NaN, and a top_p would round
+    # to 0 and drop even the most likely token.
+    probs = torch.softmax((logits.double() - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         # Drop a token once the more likely ones already hold top_p of the mass (the first stays).

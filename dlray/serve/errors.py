@@ -6,7 +6,7 @@ replica carries on serving.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Literal, Optional, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +14,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 Model = TypeVar("Model", bound=BaseModel)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "server_error"]
+    param: Optional[str]  # the request field at fault, "messages.0.role" for a nested one
+    code: Optional[str]  # a stable name for errors clients act on: "model_not_found", "context_length_exceeded", ...
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
 
 
 class RequestError(Exception):
@@ -24,7 +35,7 @@ class RequestError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+    return JSONResponse(status_code=status, content=ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump())
 
 
 def install_error_handlers(api: FastAPI) -> None:

@@ -30,7 +30,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated, AsyncIterator, Literal, Optional
+from typing import Annotated, AsyncIterator, Literal, Optional, Union
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -42,6 +42,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from dlray.export import load_artifact
 from dlray.serve.engine import Delta, Engine, SamplingParams, Sequence
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
+from dlray.serve.openapi import event_stream, json_content, request_body, responses
 from dlray.serve.replica import replica_device
 
 api = FastAPI(title="dlray text generation")
@@ -54,6 +55,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+StopString = Annotated[str, Field(min_length=1)]
+
+
 class SamplingRequest(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share."""
 
@@ -63,7 +67,7 @@ class SamplingRequest(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[Annotated[str, Field(min_length=1)]] = Field([], max_length=4)
+    stop: list[StopString] = Field([], max_length=4)
     seed: Optional[int] = Field(None, ge=0, lt=2**63 - 2**16)  # room for seed + i, i < n
     n: int = Field(1, ge=1)
     stream: bool = False
@@ -75,7 +79,7 @@ class SamplingRequest(BaseModel):
     def _null_means_not_given(cls, data):
         return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop", mode="before", json_schema_input_type=Union[StopString, Annotated[list[StopString], Field(max_length=4)]])
     @classmethod
     def _one_stop_string_or_several(cls, value):
         return [value] if isinstance(value, str) else value
@@ -103,6 +107,83 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+
+
+# What the routes answer, for their OpenAPI description (Reply builds the same as dicts).
+class ModelCard(BaseModel):
+    id: str = Field(description="What requests name as `model`: the served model, or <model>:<adapter>")
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Choice(BaseModel):
+    index: int
+    logprobs: None
+    finish_reason: Optional[Literal["stop", "length"]] = Field(description="null until the choice's last chunk of a stream")
+
+
+class CompletionChoice(Choice):
+    text: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(Choice):
+    message: AssistantMessage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] = Field(None, description="In each choice's first chunk only")
+    content: str = Field(None, description="The text added (absent from a choice's last chunk when it adds none)")
+
+
+class ChatChunkChoice(Choice):
+    delta: ChatDelta
+
+
+class Header(BaseModel):
+    id: str
+    created: int
+    model: str
+
+
+class Completion(Header):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(Header):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice] = Field(description="One choice's new text; none in the usage chunk")
+    usage: Usage = Field(None, description="In the chunk before [DONE], where stream_options.include_usage is true")
+
+
+class ChatCompletion(Header):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatCompletionChunk(Header):
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice] = Field(description="One choice's delta; none in the usage chunk")
+    usage: Usage = Field(None, description="In the chunk before [DONE], where stream_options.include_usage is true")
 
 
 def check_chat_template(tokenizer: PreTrainedTokenizerBase, artifact: str, chat: bool) -> None:
@@ -257,18 +338,20 @@ class TextGenerator:
     def healthz(self) -> dict:
         return {"status": "ok", "model": self.openai.model_name, "max_context": self.engine.max_context, "chat": self.chat}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", response_model=None, responses=responses(ModelList, 401))
     def models(self, request: Request) -> dict:
         self.authorize(request)
         return self.openai.models()
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", response_model=None, openapi_extra=request_body(json_content(CompletionRequest)),
+              responses=responses(Completion, 400, 401, 404, 413, content={"text/event-stream": event_stream(CompletionChunk)}))
     async def completions(self, request: Request):
         self.authorize(request)
         params = parse_json(CompletionRequest, await read_body(request, self.max_body_bytes))
         return await self.respond(params, self.openai.completion_prompt(params), chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", response_model=None, openapi_extra=request_body(json_content(ChatCompletionRequest)),
+              responses=responses(ChatCompletion, 400, 401, 404, 413, content={"text/event-stream": event_stream(ChatCompletionChunk)}))
     async def chat_completions(self, request: Request):
         self.authorize(request)
         if not self.chat:

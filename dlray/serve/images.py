@@ -31,6 +31,7 @@ from ray import serve
 from dlray.export import load_artifact
 from dlray.models import FAMILIES
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
+from dlray.serve.openapi import BINARY, json_content, request_body, responses
 from dlray.serve.replica import replica_device
 from dlray.tracking import png_bytes
 
@@ -51,6 +52,16 @@ class GenerationRequest(BaseModel):
     num_inference_steps: Optional[int] = Field(None, ge=1)
     scheduler: Optional[Literal["ddpm", "ddim"]] = None
     class_label: Optional[Union[int, str]] = None
+
+
+class GeneratedImage(BaseModel):
+    b64_json: str = Field(description="A PNG, base64-encoded")
+    seed: int = Field(description="The seed that alone draws this image")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[GeneratedImage]
 
 
 @serve.deployment
@@ -74,7 +85,8 @@ class ImageGenerator:
     def healthz(self) -> dict:
         return {"status": "ok", "family": self.family_name, "image_shape": list(self.shape), "class_conditional": self.conditional}
 
-    @api.post("/v1/images/generations")
+    @api.post("/v1/images/generations", response_model=None, openapi_extra=request_body(json_content(GenerationRequest)),
+              responses=responses(ImagesResponse, 400, 413, content={"image/png": BINARY}))
     async def generations(self, request: Request):
         params = parse_json(GenerationRequest, await read_body(request, self.max_body_bytes))
         job = self.job(params)

@@ -1,0 +1,95 @@
+"""Each endpoint's OpenAPI description (/openapi.json, what /docs shows) fuzzed against the endpoint
+served on 127.0.0.1: schemathesis draws bodies from each route's request schema, and bodies that
+break it, and checks that no answer is a server error and that every answer's status, Content-Type
+and body are the ones the description documents. Afterwards the replica still answers a normal request.
+
+The apps are cheap to stand up: the session's digits CNN, an untrained debug diffusion UNet and the
+tiny random Llama of test_generation_engine, with limits low enough that a fuzzed request which
+passes them samples in milliseconds.
+"""
+
+from collections import Counter
+
+import httpx
+import hypothesis
+import pytest
+import schemathesis
+from schemathesis import GenerationMode, checks
+from schemathesis.core import NOT_SET
+from test_generation_engine import write_llm_artifact
+
+from dlray.config import load_config
+from dlray.export import write_artifact
+from dlray.local_cluster import free_port
+from dlray.models import diffusion
+
+from helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+CHECKS = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance, checks.response_schema_conformance]
+EXAMPLES = 100  # per operation; hypothesis stops early only for an operation with fewer distinct requests (GET /healthz has one)
+
+
+def diffusion_artifact(directory):
+    cfg = load_config(REPO / "jobs/debug/diffusion_cpu.yaml")
+    info = {"image_shape": [1, 16, 16], "class_names": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25]}
+    model_cfg = cfg.model.model_dump()
+    return write_artifact(diffusion.build(model_cfg, info), {"task": "images", "model": model_cfg, "data_info": info, "serve": {}}, directory)
+
+
+@pytest.fixture(scope="module")
+def port(ray_cluster):
+    from ray import serve
+
+    serve.shutdown()  # Serve keeps the port it first started on; this module picks its own
+    yield free_port()
+    serve.shutdown()
+
+
+@pytest.fixture()
+def endpoint(request, port, tmp_path):
+    """(base URL, a normal request) of the parametrized endpoint, served as the app "dlray" (each replaces the last)."""
+    from dlray.serve.app import run
+
+    artifact, overrides, normal = {
+        "classify": (lambda: request.getfixturevalue("digits_run")[3], {}, ("/v1/classify", {"image": [[0.5] * 8] * 8})),
+        "images": (lambda: diffusion_artifact(tmp_path / "unet"), {"max_images_per_request": 2, "max_inference_steps": 3, "num_inference_steps": 2},
+                   ("/v1/images/generations", {"seed": 0})),
+        "generate": (lambda: write_llm_artifact(tmp_path / "llm"), {"max_tokens_limit": 16, "max_completions_per_request": 2},
+                     ("/v1/completions", {"prompt": "x", "max_tokens": 2})),
+    }[request.param]
+    run(str(artifact()), {"port": port, **overrides})
+    return f"http://127.0.0.1:{port}", normal
+
+
+def fuzz(operation, base: str, mode: GenerationMode) -> Counter:
+    """Run the CHECKS on EXAMPLES requests drawn (seeded) from the operation's schema, as it allows
+    (positive mode) or breaking it (negative); the statuses of those that had a body."""
+    statuses: Counter = Counter()
+
+    @hypothesis.seed(0)
+    @hypothesis.settings(max_examples=EXAMPLES, database=None, deadline=None, phases=[hypothesis.Phase.generate, hypothesis.Phase.shrink],
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(case=operation.as_strategy(mode))
+    def run(case):
+        response = case.call_and_validate(base_url=base, checks=CHECKS, timeout=60)
+        if case.body is not NOT_SET:
+            statuses[response.status_code] += 1
+
+    run()
+    return statuses
+
+
+@pytest.mark.parametrize("endpoint", ["classify", "images", "generate"], indirect=True)
+def test_every_route_answers_as_its_openapi_description_says(endpoint):
+    base, (route, body) = endpoint
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in [GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if operation.body else [GenerationMode.POSITIVE]:  # negative: a body to break
+            statuses = fuzz(operation, base, mode)
+            print(f"{operation.label} ({mode.value}): {statuses.total()} requests with a body, by status {dict(sorted(statuses.items()))}")
+            if operation.body:
+                assert statuses.total() >= EXAMPLES, (operation.label, mode)
+    assert httpx.post(f"{base}{route}", json=body, timeout=60).status_code == 200
