@@ -11,17 +11,17 @@ Strategy differences (DDP / FSDP2 / DeepSpeed, precision) live behind the strate
 
 from __future__ import annotations
 
-import itertools
 import math
+import resource
 import time
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dlray import finetune, precision
+from dlray.batches import InMemoryBatches, StreamedBatches
 from dlray.checkpoint import TrainState, best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
 from dlray.data import build_data
@@ -32,7 +32,8 @@ from dlray.strategies import STRATEGIES
 
 
 def train_loop_per_worker(config: dict) -> None:
-    cfg = JobConfig.model_validate(config)
+    """config: {"job": the JobConfig as a dict, "streamed": dlray.streaming's worker spec, or None for data loaded here}."""
+    cfg = JobConfig.model_validate(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -42,8 +43,13 @@ def train_loop_per_worker(config: dict) -> None:
     cfg.precision = choose_precision(cfg, hardware, rank)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    data = build_data(cfg.data, seed=cfg.train.seed)
-    data_info = data.info
+    if config["streamed"]:
+        data_info, tokenizer = config["streamed"]["info"], config["streamed"]["tokenizer"]
+        batches: InMemoryBatches | StreamedBatches = StreamedBatches(config["streamed"], cfg, world, device)
+    else:
+        data = build_data(cfg.data, seed=cfg.train.seed)
+        data_info, tokenizer = data.info, getattr(data, "tokenizer", None)
+        batches = InMemoryBatches(data, cfg, rank, world, device)
     model = build_model(family, cfg, data_info)
     flops_per_sample = model_flops_per_sample(family, model, data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.shard_classes())
@@ -52,15 +58,12 @@ def train_loop_per_worker(config: dict) -> None:
     sampler = Sampler(family, cfg, data_info, device) if family.sample and rank == 0 else None
     torch.manual_seed(cfg.train.seed + 1 + rank)  # but different dropout / augmentation draws
 
-    shuffle = train_sampler(data.train, cfg.train.seed, rank, world)
-    train_loader: DataLoader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=shuffle, **loader_options(cfg, device))
-    val_loader = eval_loader(data.val, cfg, rank, world, device)
     accumulation = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = len(train_loader) // accumulation
+    steps_per_epoch = math.ceil(batches.micro_batches / accumulation)
     if steps_per_epoch == 0:
         raise ValueError(
             f"train.micro_batch_size x train.gradient_accumulation_steps x scaling.num_workers = "
-            f"{cfg.train.micro_batch_size * accumulation * world} exceeds the {size(data.train)} training samples"
+            f"{cfg.train.micro_batch_size * accumulation * world} exceeds the {batches.rows['train']} training samples"
         )
     schedulers = [build_scheduler(cfg.scheduler, o, steps_per_epoch, cfg.train.num_epochs, cfg.train.mode) for o in optimizers]
     meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": data_info, "world_size": world}
@@ -82,25 +85,27 @@ def train_loop_per_worker(config: dict) -> None:
 
     started = {}  # when this run took its first optimizer step, reported with the epoch it falls in
     for epoch in range(state.epoch, cfg.train.num_epochs):
-        shuffle.set_epoch(epoch)  # a new shuffle each epoch, identical across ranks
         model.train()
-        # Loss sum per optimizer, samples; on the training device: NCCL reduces only CUDA tensors.
-        totals = torch.zeros(len(family.optimizers) + 1, dtype=torch.float64, device=device)
+        # Loss sum per optimizer, samples, skipped rows; on the training device: NCCL reduces only CUDA tensors.
+        totals = torch.zeros(len(family.optimizers) + 2, dtype=torch.float64, device=device)
         grad_norms = torch.zeros(len(family.optimizers), dtype=torch.float64, device=device)  # summed over the epoch's steps
         start = time.perf_counter()
-        for i, batch in enumerate(itertools.islice(train_loader, steps_per_epoch * accumulation)):
+        for i, (batch, weight, skipped) in enumerate(batches.train(epoch)):
+            batch, rows, scale = real_rows(batch, weight)
             batch = to_device(batch, device)
-            boundary = (i + 1) % accumulation == 0
+            boundary = (i + 1) % accumulation == 0 or i + 1 == batches.micro_batches
             for index, phase in enumerate(family.optimizers):
                 with strategy.autocast():
                     loss = family.training_loss(model, batch, phase)
-                strategy.backward(loss / accumulation, sync=boundary)
-                totals[index] += loss.detach() * len(batch[-1])  # no .item(): it would wait for the GPU every micro-batch
+                strategy.backward(loss * scale / accumulation, sync=boundary)
+                totals[index] += loss.detach() * rows  # no .item(): it would wait for the GPU every micro-batch
                 if boundary:
                     grad_norms[index] += strategy.step(index)
                     if is_per_step(schedulers[index]):
                         schedulers[index].step()
-            totals[-1] += len(batch[-1])
+            totals[-2] += rows
+            if skipped is not None:
+                totals[-1] += int(skipped.sum())
             if boundary:
                 state.global_step += 1
                 if ema:
@@ -110,17 +115,19 @@ def train_loop_per_worker(config: dict) -> None:
         elapsed = time.perf_counter() - start
         dist.all_reduce(totals)
 
-        metrics = {"epoch": epoch, "global_step": state.global_step, "train_loss": (totals[:-1].sum() / totals[-1]).item()}
+        metrics = {"epoch": epoch, "global_step": state.global_step, "train_loss": (totals[:-2].sum() / totals[-2]).item()}
         # Before clipping, mean over the epoch's optimizer steps (the same on every rank: gradients are reduced first).
         norms = (grad_norms / steps_per_epoch).tolist()
         if len(family.optimizers) == 1:
             metrics["grad_norm"] = norms[0]
         else:  # e.g. train_generator_loss and generator_grad_norm, the same for the discriminator
-            metrics |= {f"train_{phase}_loss": (totals[i] / totals[-1]).item() for i, phase in enumerate(family.optimizers)}
+            metrics |= {f"train_{phase}_loss": (totals[i] / totals[-2]).item() for i, phase in enumerate(family.optimizers)}
             metrics |= {f"{phase}_grad_norm": norms[i] for i, phase in enumerate(family.optimizers)}
-        metrics |= evaluate(model, val_loader, family, strategy, device, prefix="val")
-        metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "samples_per_sec": totals[-1].item() / elapsed}
-        metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes} | started
+        metrics |= evaluate(model, batches.eval("val"), family, strategy, device, prefix="val")
+        metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "samples_per_sec": totals[-2].item() / elapsed}
+        if config["streamed"]:
+            metrics["skipped_rows"] = int(totals[-1].item())
+        metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes, "peak_rss_mib": peak_rss_mib()} | started
         started = {}
         metrics |= family.derived_metrics(metrics, data_info)
         if hardware.peak_flops and flops_per_sample:  # model FLOPs utilisation, of the GPUs' dense bf16 peak
@@ -137,7 +144,7 @@ def train_loop_per_worker(config: dict) -> None:
             if not math.isfinite(metrics[key]):
                 raise FloatingPointError(f"{key} is {metrics[key]} at epoch {epoch}: training diverged (check optim.lr)")
         state.update(metrics[cfg.train.metric], cfg.train.mode)
-        report_with_checkpoint(metrics, strategy, schedulers, state, meta, ema, samples_png, getattr(data, "tokenizer", None))
+        report_with_checkpoint(metrics, strategy, schedulers, state, meta, ema, samples_png, tokenizer)
         if cfg.train.early_stopping_patience and state.bad_epochs >= cfg.train.early_stopping_patience:
             if rank == 0:
                 print(f"[dlray] early stop at epoch {epoch}: {cfg.train.metric} has not improved for {state.bad_epochs} epochs")
@@ -148,8 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
     if best is not None:
         restore(best, strategy, schedulers, restore_train_state=False)
     final = {"epoch": state.epoch - 1, "global_step": state.global_step, "best_" + cfg.train.metric: state.best}
-    if size(data.test):
-        final |= evaluate(model, eval_loader(data.test, cfg, rank, world, device), family, strategy, device, prefix="test")
+    if batches.rows["test"]:
+        final |= evaluate(model, batches.eval("test"), family, strategy, device, prefix="test")
     ray.train.report(final | family.derived_metrics(final, data_info))
 
 
@@ -209,44 +216,8 @@ def count_nodes(rank: int, world: int) -> int:
     return len(set(nodes))
 
 
-def train_sampler(dataset: Dataset, seed: int, rank: int, world: int) -> DistributedSampler:
-    """Rank `rank`'s share of the training set: every sample once per epoch across ranks (padded by at
-    most world - 1 repeats so that every rank takes the same number of steps, as FSDP and ZeRO-3 need),
-    reshuffled by `set_epoch` identically on every rank."""
-    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-
-
-class EvalShard(Dataset):
-    """Rank `rank`'s share of an evaluation set: every sample exactly once across ranks.
-
-    Shards are padded to equal length (FSDP and ZeRO-3 need every rank to run the same number
-    of forward passes); padding items carry weight 0 so they do not count.
-    """
-
-    def __init__(self, dataset: Dataset, rank: int, world: int):
-        self.dataset, self.n = dataset, size(dataset)
-        self.indices = range(rank, world * math.ceil(self.n / world), world)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = self.indices[i]
-        return self.dataset[index % self.n], float(index < self.n)
-
-
-def loader_options(cfg: JobConfig, device: torch.device) -> dict:
-    # Pinned (page-locked) batches copy to a GPU asynchronously (to_device's non_blocking).
-    workers = cfg.data.dataloader_num_workers
-    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
-
-
-def eval_loader(dataset: Dataset, cfg: JobConfig, rank: int, world: int, device: torch.device) -> DataLoader:
-    return DataLoader(EvalShard(dataset, rank, world), cfg.train.micro_batch_size, **loader_options(cfg, device))
-
-
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, family, strategy, device, prefix: str) -> dict[str, float]:
+def evaluate(model, loader, family, strategy, device, prefix: str) -> dict[str, float]:
     """Weighted means of every per-sample value the family's compute_loss returns, over all ranks."""
     model.eval()
     # Summed on the training device (NCCL reduces only CUDA tensors), read once at the end.
@@ -265,8 +236,21 @@ def evaluate(model, loader: DataLoader, family, strategy, device, prefix: str) -
     return {f"{prefix}_{k}": (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
 
 
-def size(dataset: Dataset) -> int:
-    return len(dataset)  # type: ignore[arg-type]  # torch's Dataset does not declare __len__; every dlray dataset has one
+def real_rows(batch: list[torch.Tensor], weight: torch.Tensor | None) -> tuple[list[torch.Tensor], int, float]:
+    """The batch's weight-1 rows (streamed splits are padded with weight-0 rows), how many, and the loss
+    scale: 0 for a batch of padding only, which still runs forward and backward (its rank must take
+    part in the step's collectives) but must not move the weights."""
+    if weight is None or bool(weight.all()):
+        return batch, len(batch[-1]), 1.0
+    keep = weight > 0
+    if not keep.any():
+        return batch, 0, 0.0
+    return [field[keep] for field in batch], int(keep.sum()), 1.0
+
+
+def peak_rss_mib() -> float:
+    """This worker's peak resident memory so far: flat when data streams, the data's size when it loads here."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def to_device(batch, device):

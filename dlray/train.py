@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import TYPE_CHECKING
 
 import ray
+import ray.train
+from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dlray.config import JobConfig
+from dlray.data.sources import streams
 from dlray.loop import train_loop_per_worker
 from dlray.tracking import MetricsLogger
+
+if TYPE_CHECKING:
+    from dlray.streaming import StreamedData
 
 
 def fit(cfg: JobConfig, callbacks: list | None = None) -> Result:
@@ -31,9 +38,14 @@ def fit(cfg: JobConfig, callbacks: list | None = None) -> Result:
     # working dir, and a relative path would put checkpoints there.
     cfg.run.storage_path = storage = storage_path(cfg.run.storage_path)
     check_shared_storage(storage)
+    streamed = stream(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config={"job": cfg.model_dump(mode="json"), "streamed": streamed and streamed.worker_spec()},
+        datasets=streamed and streamed.datasets,
+        # Ordered, and without locality hints (where blocks land varies from run to run): the equal
+        # split then gives each worker the same rows in every run (see dlray.streaming).
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -56,6 +68,19 @@ def fit(cfg: JobConfig, callbacks: list | None = None) -> Result:
     return trainer.fit()
 
 
+def stream(cfg: JobConfig) -> StreamedData | None:
+    """The Ray Data pipelines of a streamed source (data.streaming, or the rule in dlray.data.sources); None: the workers load it."""
+    if cfg.data.name == "image_folder":
+        from dlray.data.image_folder import IMAGE_SUFFIXES as suffixes
+    else:
+        from dlray.data.text import FORMATS as suffixes  # transformers: imported for text jobs only
+    if not streams(cfg.data.path, cfg.data.streaming, suffixes):
+        return None
+    from dlray.streaming import build_streamed_data
+
+    return build_streamed_data(cfg.data, cfg.train.seed, cfg.scaling.num_workers)
+
+
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local one bound to 127.0.0.1."""
     if ray.is_initialized():
@@ -63,7 +88,9 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+        # One logical CPU more than the cores: streamed data's preprocessing tasks need a CPU
+        # while the training workers hold one each, and a laptop has no CPU node to run them on.
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
 
 
 def run_dir(cfg: JobConfig) -> str:

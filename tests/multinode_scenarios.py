@@ -3,7 +3,7 @@
 Run by test_multinode.py in a subprocess, since a Cluster cannot share a process with the test
 session's local Ray. Prints one JSON line of results.
 
-    python tests/multinode_scenarios.py placement|node-loss <storage-dir>
+    python tests/multinode_scenarios.py placement|node-loss|cpu-node <storage-dir>
 """
 
 import json
@@ -16,6 +16,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from dlray.config import load_config
+from dlray.local_cluster import free_port
 from dlray.tracking import read_history
 from dlray.train import check_shared_storage, fit, nodes_not_seeing, run_dir
 
@@ -64,19 +65,46 @@ def node_loss(cluster, storage, spare_args):
     return {"error": repr(outcome["result"].error) if outcome["result"].error else None, "epochs": epochs(cfg), "downtime_s": time.monotonic() - removed_at}
 
 
+def cpu_node(cluster, storage):
+    """Streamed digits on two training nodes (1 CPU and the `trainer` resource each: the stand-in
+    for GPU nodes) and a CPU-only node: where Ray's own task records say each task ran."""
+    from ray.util.state import list_actors, list_tasks
+
+    cfg = job(storage, "cpu-node", "train.num_epochs=1", "data.streaming=true", "scaling.resources_per_worker={CPU: 1, trainer: 1}")
+    result = fit(cfg)
+    nodes = {n["NodeID"]: "trainer" if n["Resources"].get("trainer") else "cpu-only" if n["Resources"].get("CPU") else "head" for n in ray.nodes()}
+    # This cluster by address: the test session's own Ray runs beside it on this host.
+    tasks = list_tasks(address=cluster.address, filters=[("type", "=", "NORMAL_TASK")], limit=10_000, detail=True, raise_on_missing_output=False)
+    workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], limit=100, raise_on_missing_output=False)
+    # Once training runs (before it, the driver's statistics pass may use the idle training nodes).
+    training_from_ms = 1000 * epochs(cfg)[0]["first_step_unix_time"]
+    return {
+        "error": repr(result.error) if result.error else None,
+        "preprocessing": sorted({nodes[t.node_id] for t in tasks if "preprocess_images" in t.name and t.node_id and (t.start_time_ms or 0) >= training_from_ms}),
+        "training": sorted({nodes[a.node_id] for a in workers if a.node_id}),
+    }
+
+
+SCENARIOS = {  # the nodes each scenario starts beside a head with no CPUs, and what it runs
+    "placement": ([{"num_cpus": 2}, {"num_cpus": 1}, {"num_cpus": 1}], lambda cluster, storage, nodes: placement(cluster, storage)),
+    "node-loss": ([{"num_cpus": 1}] * 2, lambda cluster, storage, nodes: node_loss(cluster, storage, nodes[-1])),
+    "cpu-node": ([{"num_cpus": 1, "resources": {"trainer": 1}}] * 2 + [{"num_cpus": 2}], lambda cluster, storage, nodes: cpu_node(cluster, storage)),
+}
+
+
 def main(scenario: str, storage: str):
     storage = Path(storage)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    if scenario == "placement":
-        worker_nodes = [{"num_cpus": 2}, {"num_cpus": 1}, {"num_cpus": 1}]
-    else:
-        worker_nodes = [{"num_cpus": 1}] * 2
-    for args in worker_nodes:
+    nodes, run = SCENARIOS[scenario]
+    # The dashboard serves Ray's state API (list_tasks), which cpu-node reads; on a port of its own
+    # (the test session's Ray has 8265).
+    dashboard = {"include_dashboard": True, "dashboard_port": free_port()} if scenario == "cpu-node" else {"include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **dashboard})
+    for args in nodes:
         cluster.add_node(**args)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
-        result = placement(cluster, storage) if scenario == "placement" else node_loss(cluster, storage, worker_nodes[-1])
+        result = run(cluster, storage, nodes)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -5,9 +5,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dlray.batches import EvalShard, train_sampler
 from dlray.config import DataConfig
 from dlray.data import build_data
-from dlray.loop import EvalShard, train_sampler
 
 
 def test_digits_splits_are_disjoint_stratified_and_complete():

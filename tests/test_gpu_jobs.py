@@ -45,7 +45,8 @@ def test_gpu_job_is_a_multi_gpu_run_on_shared_storage(path, tmp_path):
     assert cfg.precision == "auto"
     assert cfg.run.storage_path.startswith(("/mnt/", "s3://", "gs://")), "checkpoints must land on storage every node sees"
     assert cfg.run.max_failures >= 1
-    assert cfg.data.path and cfg.data.dataloader_num_workers > 0
+    # Large data streams (decoded / tokenised on the cluster's CPUs, never whole in a worker); small SFT data loads with loader processes.
+    assert cfg.data.path and (cfg.data.streaming or cfg.data.dataloader_num_workers > 0)
     # The data path is a placeholder: validating does not open it (as `dlray validate` does not).
     assert load_config(path, [f"data.path={tmp_path / 'missing'}"]).data.path == str(tmp_path / "missing")
 
@@ -97,7 +98,7 @@ def test_resnet50_imagefolder_is_resnet50_at_224():
     assert (cfg.model.family, cfg.model.flavor) == ("cnn", "resnet50")
     assert (cfg.data.name, cfg.data.image_size, cfg.data.channels) == ("image_folder", 224, 3)
     assert cfg.strategy.name in ("ddp", "fsdp") and cfg.train.compile
-    assert cfg.data.dataloader_num_workers == 8
+    assert cfg.data.streaming and cfg.data.preprocess_num_cpus == 1
     assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9
     from dlray.models import cnn
 

@@ -41,3 +41,10 @@ def test_losing_a_worker_node_resumes_from_the_last_checkpoint(storage):
     resumed = [r for r in history if r["resumed_from_step"] > 0]
     assert resumed and resumed[0]["resumed_from_step"] >= 2 * history[0]["global_step"], history
     assert {r["num_nodes"] for r in history} == {2}
+
+
+def test_streamed_preprocessing_runs_on_the_cpu_only_node_while_the_training_nodes_train(storage):
+    result = run_scenario("cpu-node", storage)
+    assert result["error"] is None, result["error"]
+    assert result["training"] == ["trainer"]
+    assert result["preprocessing"] == ["cpu-only"], result  # decode/resize tasks, as Ray's task records place them

@@ -54,7 +54,19 @@ def render_markdown(results: dict) -> str:
             f"| Tune overhead: {tune['overhead_trials']} identical 3-epoch trials, one at a time / {tune['overhead_trials']} standalone runs | "
             f"{tune['tune_overhead']:.2f} ({tune['sweep_s']:.0f} s vs {tune['overhead_trials']} x {tune['standalone_run_s']:.0f} s) | <= 1.2 |",
         ]
+    if data := results.get("data"):
+        rss, mb, rates = data["worker_peak_rss_mib"], data["image_folder_mb"], data["samples_per_sec"]
+        small, large = sorted(rss, key=float)
+        lines += [
+            _row(f"training worker peak memory, streaming a {mb[large]:.0f} MB / a {mb[small]:.0f} MB image folder (cnn/debug, 224 px PNGs resized to 16 by Ray Data)",
+                 f"{data['large_vs_small_rss']:.2f} ({rss[large]:.0f} vs {rss[small]:.0f} MiB)", "<= 1.3"),
+            *(_row(f"train throughput, streamed / in memory ({name.replace('_', ' ')})",
+                   f"{data['streamed_vs_in_memory'][name]:.2f} ({rates[name]['true']:.0f} vs {rates[name]['false']:.0f} samples/s)", ">= 0.9") for name in rates),
+            _row("streamed decode + resize + augment throughput, 2 / 1 CPUs (224 px PNGs to 64 px)",
+                 f"{data['decode_2_vs_1_cpus']:.2f} ({data['decode_images_per_sec']['2']:.0f} vs {data['decode_images_per_sec']['1']:.0f} images/s)", "> 1 (2 cores)"),
+        ]
     if serve := results.get("serve"):
+
         lines += [
             f"| serve throughput, batched / unbatched at {serve['concurrent_clients']} clients ({serve['model']}) | "
             f"{serve['batched_vs_unbatched_throughput']:.2f} ({serve['batched']['requests_per_sec']:.0f} vs {serve['unbatched']['requests_per_sec']:.0f} req/s) | >= 2 |",

@@ -126,11 +126,24 @@ class DataConfig(Section):
     name: Literal["digits", "image_folder", "text", "text_classification"] = "digits"
     # image_folder: a folder with one sub-folder per class; text: a file or a folder of .txt, .jsonl,
     # .json, .parquet or .csv files (default: Python's bundled help texts); text_classification: the
-    # same without .txt (default: docstrings of Python's standard library by package). Every worker reads it.
+    # same without .txt (default: docstrings of Python's standard library by package). A folder, a
+    # glob (shards/*.parquet) or, streamed, a URI (s3://bucket/data, gs://..., file:///...).
     path: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.2, ge=0.0, lt=0.5)
-    dataloader_num_workers: int = Field(0, ge=0)
+    dataloader_num_workers: int = Field(0, ge=0)  # in-memory data: DataLoader processes per training worker
+    # Stream through Ray Data (dlray.streaming) rather than load into every worker's memory. None: a
+    # URI streams, a local path streams when its files hold more than 1 GiB, bundled data loads.
+    streaming: bool | None = None
+    # Streamed data's shuffle: `local`, a buffer of local_shuffle_buffer_size rows on each worker,
+    # seeded per epoch (a resumed run replays the order); `full` adds Ray Data's random_shuffle.
+    shuffle: Literal["local", "full"] = "local"
+    local_shuffle_buffer_size: int = Field(1024, ge=1)
+    preprocess_num_cpus: float = Field(1.0, gt=0)  # per streamed preprocessing task (decode, augment, tokenize, pack)
+    preprocess_concurrency: int | None = Field(None, ge=1)  # at most this many such tasks at once; None: as many as CPUs allow
+    # A streamed image that does not decode: `error` stops with its path; `skip` trains without it
+    # and counts it in each epoch's `skipped_rows`.
+    bad_rows: Literal["error", "skip"] = "error"
     # images
     image_size: int | None = Field(None, ge=4)  # resize to a square; None keeps the native size
     channels: Literal[1, 3] = 1
@@ -154,6 +167,8 @@ class DataConfig(Section):
     def _keys_match_dataset(self):
         if self.name == "image_folder" and not self.path:
             raise ValueError("data.path is required when data.name is 'image_folder'")
+        if self.path and "://" in self.path and self.streaming is False:
+            raise ValueError(f"data.path {self.path!r} is a URI, which only streams: drop data.streaming: false")
         applies_only(self, "data.name", {key: DATA_KINDS[kind] for key, kind in DATASET_KEYS.items()}, kinds=DATASET_KEYS)
         if self.type == "completion" and (self.chat_template or self.sample_packing):
             key = "chat_template" if self.chat_template else "sample_packing"

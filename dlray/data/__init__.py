@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 from torch.utils.data import Dataset
 
 from dlray.config import DataConfig
-from dlray.data.images import ImageTensorDataset, split_indices
+from dlray.data.images import ImageTensorDataset, resize_images, split_indices
 
 if TYPE_CHECKING:
     from dlray.data.text import TextData
@@ -61,11 +60,7 @@ def build_data(cfg: DataConfig, seed: int) -> ImageData | TextData | TextClassif
         from dlray.data.image_folder import load_image_folder
 
         images, labels, class_names = load_image_folder(cfg.path, cfg.image_size or 32, cfg.channels)
-    if cfg.image_size and images.shape[-1] != cfg.image_size:
-        images = torch.nn.functional.interpolate(images, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-        images = images.clamp(0, 1)
-    if cfg.channels == 3 and images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1).contiguous()
+    images = resize_images(images, cfg.image_size or images.shape[-1], cfg.channels)
     train_idx, val_idx, test_idx = split_indices(labels, cfg.val_fraction, cfg.test_fraction, seed)
     train_images = images[train_idx]
     return ImageData(

@@ -39,6 +39,15 @@ def random_affine(image: torch.Tensor, max_degrees: float = 10.0, max_shift: flo
     return F.grid_sample(image.unsqueeze(0), grid, padding_mode="zeros", align_corners=False).squeeze(0)
 
 
+def resize_images(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """A batch (N, C, H, W) at size x size (antialiased bilinear) with `channels` channels (grey repeated for RGB)."""
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    if channels == 3 and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    return images
+
+
 def split_indices(labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int):
     """Stratified train/val/test split, the same on every worker for the same seed."""
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,98 @@
+"""Each training worker's batches: from data in its memory (a DataLoader over its share), or
+streamed from its Ray Data shard (dlray.streaming). The loop sees the same thing from both:
+
+    batches.micro_batches            micro-batches per epoch, the same on every rank
+    batches.train(epoch)             (fields, weight, skipped) per micro-batch; weight None: every row counts
+    batches.eval("val" | "test")     (fields, weight): every row once across ranks, padding at weight 0
+"""
+
+from __future__ import annotations
+
+import math
+
+import ray.train
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dlray.config import JobConfig
+
+
+class InMemoryBatches:
+    def __init__(self, data, cfg: JobConfig, rank: int, world: int, device: torch.device):
+        self.data, self.cfg, self.rank, self.world, self.device = data, cfg, rank, world, device
+        self.sampler = train_sampler(data.train, cfg.train.seed, rank, world)
+        self.loader: DataLoader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=self.sampler, **loader_options(cfg, device))
+        accumulation = cfg.train.gradient_accumulation_steps
+        self.micro_batches = len(self.loader) // accumulation * accumulation  # whole optimizer steps; the rest waits for the next epoch's shuffle
+        self.rows = {split: size(getattr(data, split)) for split in ("train", "val", "test")}
+
+    def train(self, epoch: int):
+        self.sampler.set_epoch(epoch)  # a new shuffle each epoch, identical across ranks
+        for index, batch in enumerate(self.loader):
+            if index == self.micro_batches:
+                return
+            yield batch, None, None
+
+    def eval(self, split: str):
+        return DataLoader(EvalShard(getattr(self.data, split), self.rank, self.world), self.cfg.train.micro_batch_size, **loader_options(self.cfg, self.device))
+
+
+class StreamedBatches:
+    """This rank's shards of the streamed splits. Every rank gets the same number of rows (the
+    splits are padded with weight-0 rows to a multiple of the worker count), so the same number
+    of micro-batches: the last one may be partial, and nothing is dropped."""
+
+    def __init__(self, spec: dict, cfg: JobConfig, world: int, device: torch.device):
+        self.spec, self.cfg, self.pin_memory = spec, cfg, device.type == "cuda"
+        self.rows = spec["rows"]
+        self.micro_batches = math.ceil(math.ceil(self.rows["train"] / world) / cfg.train.micro_batch_size)
+
+    def train(self, epoch: int):
+        from dlray.streaming import streamed_batches
+
+        data = self.cfg.data
+        yield from streamed_batches(ray.train.get_dataset_shard("train"), self.spec["columns"], self.cfg.train.micro_batch_size,
+                                    self.cfg.train.seed + epoch, data.local_shuffle_buffer_size, self.pin_memory)
+
+    def eval(self, split: str):
+        from dlray.streaming import streamed_batches
+
+        for fields, weight, _ in streamed_batches(ray.train.get_dataset_shard(split), self.spec["columns"], self.cfg.train.micro_batch_size,
+                                                  None, 0, self.pin_memory):
+            yield fields, weight
+
+
+def train_sampler(dataset: Dataset, seed: int, rank: int, world: int) -> DistributedSampler:
+    """Rank `rank`'s share of the training set: every sample once per epoch across ranks (padded by at
+    most world - 1 repeats so that every rank takes the same number of steps, as FSDP and ZeRO-3 need),
+    reshuffled by `set_epoch` identically on every rank."""
+    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+
+
+class EvalShard(Dataset):
+    """Rank `rank`'s share of an evaluation set: every sample exactly once across ranks.
+
+    Shards are padded to equal length (FSDP and ZeRO-3 need every rank to run the same number
+    of forward passes); padding items carry weight 0 so they do not count.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world: int):
+        self.dataset, self.n = dataset, size(dataset)
+        self.indices = range(rank, world * math.ceil(self.n / world), world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        return self.dataset[index % self.n], float(index < self.n)
+
+
+def loader_options(cfg: JobConfig, device: torch.device) -> dict:
+    # Pinned (page-locked) batches copy to a GPU asynchronously (to_device's non_blocking).
+    workers = cfg.data.dataloader_num_workers
+    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+
+
+def size(dataset: Dataset) -> int:
+    return len(dataset)  # type: ignore[arg-type]  # torch's Dataset does not declare __len__; every dlray dataset has one

@@ -1,0 +1,115 @@
+"""Streamed data (dlray.streaming) on the session's local Ray: sharding, sources, bad data.
+
+Ray Train runs of streamed data are in test_train (the resume and in-memory comparisons).
+"""
+
+import json
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from dlray.config import DataConfig
+from dlray.data.sources import list_files, streams
+from dlray.streaming import build_streamed_data, padded, streamed_batches
+
+
+def epoch_of_every_rank(ds, world: int, batch_size: int, seed: int) -> list[list[tuple[list[int], list[float]]]]:
+    """Each rank's batches (row ids, weights) of one epoch, the ranks consuming at once as Ray Train's workers do."""
+    ds.context.execution_options = ray.data.ExecutionOptions(preserve_order=True)  # as dlray.train's DataConfig asks
+    shards = ds.streaming_split(world, equal=True)
+    out = [[] for _ in range(world)]
+
+    def consume(rank):
+        for (ids,), weight, _ in streamed_batches(shards[rank], ("id",), batch_size, seed, 8):
+            out[rank].append((ids.tolist(), weight.tolist()))
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_row_is_seen_exactly_once_per_epoch_in_the_same_order_on_every_run(ray_cluster, world):
+    rows, batch_size = 23, 4  # neither divides: padding and a last partial batch
+    ds = ray.data.range(rows, override_num_blocks=5).map_batches(
+        lambda b: {"id": b["id"], "weight": np.ones(len(b["id"]), np.float32), "skipped": np.zeros(len(b["id"]), np.int64)})
+    ds = padded(ds, rows, world)
+    epoch = epoch_of_every_rank(ds, world, batch_size, seed=0)
+    seen = [i for rank in epoch for ids, weights in rank for i, w in zip(ids, weights) if w > 0]
+    assert sorted(seen) == list(range(rows))
+    assert len({len(rank) for rank in epoch}) == 1, "ranks took different numbers of steps"
+    padding = [w for rank in epoch for _, weights in rank for w in weights if w == 0]
+    assert len(padding) == -rows % world
+    assert epoch_of_every_rank(ds, world, batch_size, seed=0) == epoch  # a resumed run replays the epoch
+    assert epoch_of_every_rank(ds, world, batch_size, seed=1) != epoch  # the next epoch is another shuffle
+
+
+def write_image_folder(root, per_class=12, size=10):
+    rng = np.random.default_rng(0)
+    for name in ("circle", "square"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+
+
+def test_image_folder_streams_every_split_and_names_a_corrupt_file(ray_cluster, tmp_path):
+    write_image_folder(tmp_path / "images")
+    (tmp_path / "images/square/broken.png").write_bytes(b"not a png")
+    cfg = DataConfig(name="image_folder", path=str(tmp_path / "images"), image_size=8, channels=3, val_fraction=0.2, test_fraction=0.2, streaming=True)
+    data = build_streamed_data(cfg.model_copy(update={"bad_rows": "skip"}), seed=0, num_workers=2)
+    assert data.info["class_names"] == ["circle", "square"] and data.info["image_shape"] == (3, 8, 8)
+    assert sum(data.rows.values()) == 25 and all(data.rows.values())
+    batches = [data.datasets[split].take_batch(100) for split in ("train", "val", "test")]
+    assert sum(int(b["skipped"].sum()) for b in batches) == 1  # the broken file: a weight-0 row, counted
+    assert all(b["image"].shape[1:] == (3, 8, 8) and 0 <= b["image"].min() and b["image"].max() <= 1 for b in batches)
+    with pytest.raises(Exception, match="broken.png: not a readable image"):
+        for split in ("train", "val", "test"):
+            build_streamed_data(cfg, seed=0, num_workers=2).datasets[split].materialize()
+
+
+def test_parquet_shards_stream_as_packed_token_windows(ray_cluster, tmp_path):
+    from dlray.data.text import bundled_documents
+
+    documents = bundled_documents()
+    (tmp_path / "shards").mkdir()
+    for shard in range(3):
+        pq.write_table(pa.table({"body": documents[shard::3]}), tmp_path / f"shards/part-{shard}.parquet")
+    cfg = DataConfig(name="text", path=str(tmp_path / "shards/*.parquet"), text_field="body", max_seq_len=32, vocab_size=512, streaming=True)
+    data = build_streamed_data(cfg, seed=0, num_workers=3)
+    assert data.columns == ("input_ids", "labels") and data.info["vocab_size"] == 512
+    train = data.datasets["train"].take_batch(8)
+    assert train["input_ids"].shape == (8, 32)
+    assert (train["input_ids"][:, 1:] == train["labels"][:, :-1]).all()  # labels are the inputs shifted by one
+    assert data.tokenizer.decode(train["input_ids"][0]).strip()
+    # The rows padding each split to a multiple of 3 workers are the only weight-0 rows.
+    for split, ds in data.datasets.items():
+        assert ds.count() == data.rows[split] + (-data.rows[split] % 3)
+        assert ds.sum("weight") == data.rows[split]
+
+
+def test_a_malformed_jsonl_line_is_named_before_training(ray_cluster, tmp_path):
+    good = [json.dumps({"text": f"row {i}", "label": i % 2}) for i in range(8)]
+    (tmp_path / "texts.jsonl").write_text("\n".join(good[:5] + ['{"text": "cut off', *good[5:]]))
+    cfg = DataConfig(name="text_classification", path=str(tmp_path / "texts.jsonl"), streaming=True, vocab_size=300)
+    with pytest.raises(Exception, match=r"texts.jsonl, line 6: not valid JSON"):
+        build_streamed_data(cfg, seed=0, num_workers=2)
+
+
+def test_the_rule_streams_uris_and_large_paths_and_loads_the_rest(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    assert not streams(None, None, {".jsonl"})  # bundled data loads in memory
+    assert not streams(str(tmp_path), None, {".jsonl"})  # a small local folder too
+    assert streams(f"file://{tmp_path}", None, {".jsonl"})  # a URI always streams
+    assert streams(str(tmp_path), True, {".jsonl"}) and not streams(f"file://{tmp_path}", False, {".jsonl"})
+    filesystem, files = list_files(f"file://{tmp_path}/*.jsonl", {".jsonl"})
+    assert [f.base_name for f in files] == ["a.jsonl"]
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        list_files(str(tmp_path / "*.parquet"), {".parquet"})
