@@ -113,7 +113,7 @@ def serve(
     print_config: bool = typer.Option(False, "--print-config", help="print a Serve config YAML for `serve deploy` instead of serving"),
 ):
     """Serve an exported artifact with Ray Serve until interrupted."""
-    from dlray.serve.app import run, serve_config
+    from dlray.serve.app import ServeAddressError, run, serve_config
 
     settings = {}
     for item in overrides or []:
@@ -131,7 +131,11 @@ def serve(
     typer.echo(f"serving {artifact}; Ctrl-C to stop")
     # `kill`, systemd and container runtimes stop a server with SIGTERM: shut Serve down as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    run(str(artifact), settings, blocking=True)
+    try:
+        run(str(artifact), settings, blocking=True)
+    except ServeAddressError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

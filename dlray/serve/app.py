@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import ray
 from ray import serve
 from ray.serve import Application
 
@@ -58,10 +59,33 @@ def serve_settings(artifact_config: dict, overrides: dict) -> ServeSection:
     return ServeSection.model_validate({**artifact_config.get("serve", {}), **overrides})
 
 
+class ServeAddressError(RuntimeError):
+    """Serve already listens on another host/port of this Ray cluster than the one asked for."""
+
+
+def check_serve_address(host: str, port: int) -> None:
+    """Refuse an address a running Serve is not on: Serve's HTTP options are fixed when it first
+    starts on a cluster, and a later serve.start(http_options=...) only logs a warning and keeps them."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE  # Ray has no public getter for a running Serve's HTTP options
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:  # Serve is not running: serve.start starts it where asked
+        return
+    running = ray.get(controller.get_http_config.remote())
+    if (running.host, running.port) != (host, port):
+        choice = f"port={running.port}" + (f" host={running.host}" if running.host != host else "")
+        raise ServeAddressError(
+            f"Serve already listens on {running.host}:{running.port} on this Ray cluster, not on {host}:{port} as asked. "
+            f"Serve where it listens with {choice}, or stop Serve first (`serve shutdown`, which deletes its applications) to start it on {host}:{port}"
+        )
+
+
 def run(artifact: str, overrides: dict | None = None, blocking: bool = False):
     """Start Serve's HTTP proxy on the configured host/port and deploy the artifact's endpoint."""
     overrides = overrides or {}
     settings = serve_settings(read_artifact_config(artifact), overrides)
+    check_serve_address(settings.host, settings.port)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     return serve.run(build_app({"artifact": artifact, **overrides}), name="dlray", route_prefix="/", blocking=blocking)
 
