@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -112,8 +113,8 @@ def serve(
     overrides: Optional[list[str]] = typer.Argument(None, help="serve settings, e.g. max_batch_size=16 num_replicas=2 port=8001"),
     print_config: bool = typer.Option(False, "--print-config", help="print a Serve config YAML for `serve deploy` instead of serving"),
 ):
-    """Serve an exported artifact with Ray Serve until interrupted."""
-    from dlray.serve.app import run, serve_config
+    """Serve an exported artifact with Ray Serve until interrupted; print its routes and an example request."""
+    from dlray.serve.app import ServeAddressError, describe, run, serve_config
 
     settings = {}
     for item in overrides or []:
@@ -128,10 +129,16 @@ def serve(
     from dlray.train import init_ray
 
     init_ray()
-    typer.echo(f"serving {artifact}; Ctrl-C to stop")
+    typer.echo(f"starting {artifact}")
     # `kill`, systemd and container runtimes stop a server with SIGTERM: shut Serve down as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    run(str(artifact), settings, blocking=True)
+    try:
+        run(str(artifact), settings)
+    except ServeAddressError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"serving {artifact}; Ctrl-C to stop\n{describe(str(artifact), settings)}")
+    threading.Event().wait()  # until Ctrl-C or SIGTERM raise KeyboardInterrupt
 
 
 @app.command()

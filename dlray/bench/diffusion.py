@@ -56,6 +56,7 @@ def bench_image_serve() -> dict:
     info = _data_info(cfg)
     artifact = write_artifact(untrained(cfg, info), {"task": "images", "model": cfg.model.model_dump(), "data_info": info, "serve": {}},
                               tempfile.mkdtemp(prefix="dlray-bench-artifact-"))
+    serve.shutdown()  # Serve keeps the HTTP port it first started on; this deployment picks its own
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/images/generations"
     body = json.dumps({"num_inference_steps": IMAGE_STEPS, "scheduler": "ddim", "seed": 0}).encode()

@@ -32,6 +32,7 @@ def bench_serve() -> dict:
     artifact = write_artifact(FAMILIES["cnn"].build(model_cfg, info), {"task": "classify", "model": model_cfg, "data_info": info, "serve": {}},
                               tempfile.mkdtemp(prefix="dlray-bench-artifact-"))
     payload = png_bytes(torch.rand(3, 32, 32) * 2 - 1)  # a random image; png_bytes takes [-1, 1]
+    serve.shutdown()  # Serve keeps the HTTP port it first started on; this deployment picks its own
     port = free_port()
     results = {"model": "cnn/resnet18, 3x32x32 PNG requests", "concurrent_clients": SERVE_CLIENTS, "requests": SERVE_REQUESTS}
     for label, batch in (("unbatched", 1), ("batched", 32)):

@@ -8,18 +8,28 @@ and KubeRay's RayService.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import shlex
 
+import ray
+import torch
 from ray import serve
 from ray.serve import Application
 
 from dlray.config import ServeSection
 from dlray.export import read_artifact_config
 from dlray.serve.classify import Classifier
-from dlray.serve.generate import TextGenerator, check_chat_template
+from dlray.serve.classify import api as classify_api
+from dlray.serve.generate import TextGenerator, check_chat_template, model_name
+from dlray.serve.generate import api as generate_api
 from dlray.serve.images import ImageGenerator
+from dlray.serve.images import api as images_api
+from dlray.tracking import png_bytes
 
 ENDPOINTS = {"classify": Classifier, "images": ImageGenerator, "generate": TextGenerator}
+APIS = {"classify": classify_api, "images": images_api, "generate": generate_api}  # each endpoint's FastAPI app: its routes
 # The `serve:` keys each endpoint takes besides the batching ones every endpoint takes.
 ENDPOINT_SETTINGS = {
     "classify": (),
@@ -58,12 +68,64 @@ def serve_settings(artifact_config: dict, overrides: dict) -> ServeSection:
     return ServeSection.model_validate({**artifact_config.get("serve", {}), **overrides})
 
 
-def run(artifact: str, overrides: dict | None = None, blocking: bool = False):
-    """Start Serve's HTTP proxy on the configured host/port and deploy the artifact's endpoint."""
+class ServeAddressError(RuntimeError):
+    """Serve already listens on another host/port of this Ray cluster than the one asked for."""
+
+
+def check_serve_address(host: str, port: int) -> None:
+    """Refuse an address a running Serve is not on: Serve's HTTP options are fixed when it first
+    starts on a cluster, and a later serve.start(http_options=...) only logs a warning and keeps them."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE  # Ray has no public getter for a running Serve's HTTP options
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:  # Serve is not running: serve.start starts it where asked
+        return
+    running = ray.get(controller.get_http_config.remote())
+    if (running.host, running.port) != (host, port):
+        choice = f"port={running.port}" + (f" host={running.host}" if running.host != host else "")
+        raise ServeAddressError(
+            f"Serve already listens on {running.host}:{running.port} on this Ray cluster, not on {host}:{port} as asked. "
+            f"Serve where it listens with {choice}, or stop Serve first (`serve shutdown`, which deletes its applications) to start it on {host}:{port}"
+        )
+
+
+def run(artifact: str, overrides: dict | None = None):
+    """Start Serve's HTTP proxy on the configured host/port and deploy the artifact's endpoint; return once it is up."""
     overrides = overrides or {}
     settings = serve_settings(read_artifact_config(artifact), overrides)
+    check_serve_address(settings.host, settings.port)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    return serve.run(build_app({"artifact": artifact, **overrides}), name="dlray", route_prefix="/", blocking=blocking)
+    return serve.run(build_app({"artifact": artifact, **overrides}), name="dlray", route_prefix="/")
+
+
+def describe(artifact: str, overrides: dict | None = None) -> str:
+    """What `dlray serve` prints once the app is up: the URL of every route, and a curl command that
+    calls the main one with a request this artifact's model accepts."""
+    config = read_artifact_config(artifact)
+    settings = serve_settings(config, overrides or {})
+    base = f"http://{settings.host}:{settings.port}"
+    api = APIS[config["task"]]
+    routes = [(method.upper(), path) for path, operations in api.openapi()["paths"].items() for method in operations]
+    routes += [("GET", path) for path in (api.docs_url, api.openapi_url) if path]
+    path, body, options = example_request(os.path.abspath(artifact), config, settings)
+    curl = shlex.join(["curl", "-s", base + path, "-H", "content-type: application/json", "-d", json.dumps(body)])
+    return "\n".join([*(f"  {method:<4} {base}{route}" for method, route in routes), "example:", f"  {curl}{options}"])
+
+
+def example_request(artifact: str, config: dict, settings: ServeSection) -> tuple[str, dict, str]:
+    """(path, JSON body, further curl options as shell text) of a request to the artifact's main route."""
+    if config["task"] == "classify":
+        shape = config["data_info"].get("image_shape")
+        if shape:  # a mid-grey PNG of the trained size: a short body whatever the size
+            return "/v1/classify", {"image_b64": base64.b64encode(png_bytes(torch.zeros(shape))).decode()}, ""
+        return "/v1/classify", {"text": "an example sentence to classify"}, ""
+    if config["task"] == "images":  # a class-conditional model needs a class: its first one, by name
+        prompt = {"prompt": config["data_info"]["class_names"][0]} if config["model"].get("class_conditional") else {}
+        return "/v1/images/generations", {**prompt, "seed": 0}, " -H 'accept: image/png' -o image.png"
+    body = {"model": model_name(artifact, settings.served_model_name), "prompt": "Once upon a time", "max_tokens": min(16, settings.max_tokens_limit)}
+    key = f' -H "authorization: Bearer ${settings.api_key_env}"' if settings.api_key_env else ""  # the shell fills in the key
+    return "/v1/completions", body, key
 
 
 def serve_config(artifact: str, overrides: dict | None = None) -> dict:

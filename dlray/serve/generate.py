@@ -212,6 +212,11 @@ def read_api_key(api_key_env: Optional[str]) -> Optional[str]:
     return key
 
 
+def model_name(artifact: str, served_model_name: Optional[str]) -> str:
+    """The name clients give as `model`: serve.served_model_name, else the artifact directory's name."""
+    return served_model_name or Path(artifact).name
+
+
 class OpenAITextAPI:
     """OpenAI requests in, engine sequences out; no Ray, so it is tested on its own."""
 
@@ -330,7 +335,7 @@ class TextGenerator:
         self.engine = Engine(model, AutoTokenizer.from_pretrained(artifact))
         self.engine.load_adapters(adapters or {})
         self.api_key, self.chat, self.max_body_bytes = read_api_key(api_key_env), chat, max_body_bytes
-        self.openai = OpenAITextAPI(self.engine, served_model_name or Path(artifact).name, max_tokens_limit, max_completions_per_request)
+        self.openai = OpenAITextAPI(self.engine, model_name(artifact, served_model_name), max_tokens_limit, max_completions_per_request)
         self.decode.set_max_batch_size(max_batch_size)
         self.decode.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
