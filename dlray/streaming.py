@@ -33,7 +33,7 @@ import torch
 from dlray.config import DataConfig
 from dlray.data.image_folder import IMAGE_SUFFIXES, decode_image
 from dlray.data.images import random_affine, resize_images, split_indices
-from dlray.data.sources import SPLITS, list_files, parse_rows, split_of
+from dlray.data.sources import FORMATS, SPLITS, list_files, parse_rows, split_of
 
 MEAN_STD_SAMPLE = 1024  # training images the per-channel mean and std are estimated from
 TOKENIZER_SAMPLE = 20_000  # training texts a tokenizer is trained on when data.tokenizer is not given
@@ -101,7 +101,7 @@ def image_pipeline(cfg: DataConfig, seed: int) -> StreamedData:
         # The in-memory path's stratified split, so that both paths train on the same images.
         splits = split_indices(labels, cfg.val_fraction, cfg.test_fraction, seed)
         items = {name: [{"pixels": images[i].numpy(), "label": int(labels[i])} for i in idx] for name, idx in zip(SPLITS, splits)}
-        filesystem = None
+        filesystem, train_images = None, resize_images(images[splits[0]], cfg.image_size or 8, cfg.channels)
     else:
         filesystem, files = list_files(cfg.path, IMAGE_SUFFIXES)
         class_names = sorted({PurePosixPath(f.path).parent.name for f in files})
@@ -112,6 +112,7 @@ def image_pipeline(cfg: DataConfig, seed: int) -> StreamedData:
         for f in files:
             name = PurePosixPath(f.path).parent.name
             items[SPLITS[split_of(f"{name}/{PurePosixPath(f.path).name}", cfg.val_fraction, cfg.test_fraction, seed)]].append({"path": f.path, "label": index[name]})
+        train_images = None
     size = cfg.image_size or (8 if cfg.name == "digits" else 32)
     datasets = {
         split: items_dataset(rows).map_batches(
@@ -119,9 +120,10 @@ def image_pipeline(cfg: DataConfig, seed: int) -> StreamedData:
                               bad_rows=cfg.bad_rows), batch_size=64, **preprocess_options(cfg))
         for split, rows in items.items()
     }
-    sample = datasets["train"].take_batch(MEAN_STD_SAMPLE, batch_format="numpy")["image"]
+    # The per-channel statistics the model normalises with: the in-memory path's for the digits, a sample's for files.
+    sample = train_images.numpy() if train_images is not None else datasets["train"].take_batch(MEAN_STD_SAMPLE, batch_format="numpy")["image"]
     info = {"image_shape": (cfg.channels, size, size), "class_names": class_names,
-            "mean": sample.mean(axis=(0, 2, 3)).tolist(), "std": sample.std(axis=(0, 2, 3)).clip(1e-3).tolist()}
+            "mean": sample.mean(axis=(0, 2, 3)).tolist(), "std": sample.std(axis=(0, 2, 3), ddof=1).clip(1e-3).tolist()}
     return StreamedData(datasets, {split: len(rows) for split, rows in items.items()}, ("image", "label"), info)
 
 
@@ -170,7 +172,6 @@ def source_rows(cfg: DataConfig, fields: tuple[str, ...], described: str, suffix
 def text_pipeline(cfg: DataConfig, seed: int) -> StreamedData:
     """Completion text (tokenized and packed into windows) or conversations (chat template, prompt masked)."""
     from dlray.data import chat, text
-    from dlray.data.text import FORMATS
 
     if cfg.type == "chat_template":
         rows = source_rows(cfg, chat.ROW_FIELDS, "`messages` (or `prompt` and `response`)", FORMATS,

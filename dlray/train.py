@@ -17,7 +17,7 @@ from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, Scalin
 from ray.train.torch import TorchTrainer
 
 from dlray.config import JobConfig
-from dlray.data.sources import streams
+from dlray.data.sources import FORMATS, streams
 from dlray.loop import train_loop_per_worker
 from dlray.tracking import MetricsLogger
 
@@ -70,10 +70,9 @@ def fit(cfg: JobConfig, callbacks: list | None = None) -> Result:
 
 def stream(cfg: JobConfig) -> StreamedData | None:
     """The Ray Data pipelines of a streamed source (data.streaming, or the rule in dlray.data.sources); None: the workers load it."""
-    if cfg.data.name == "image_folder":
-        from dlray.data.image_folder import IMAGE_SUFFIXES as suffixes
-    else:
-        from dlray.data.text import FORMATS as suffixes  # transformers: imported for text jobs only
+    from dlray.data.image_folder import IMAGE_SUFFIXES
+
+    suffixes = IMAGE_SUFFIXES if cfg.data.name == "image_folder" else FORMATS
     if not streams(cfg.data.path, cfg.data.streaming, suffixes):
         return None
     from dlray.streaming import build_streamed_data

@@ -3,7 +3,7 @@
 Run by test_multinode.py in a subprocess, since a Cluster cannot share a process with the test
 session's local Ray. Prints one JSON line of results.
 
-    python tests/multinode_scenarios.py placement|node-loss|cpu-node <storage-dir>
+    python tests/multinode_scenarios.py placement|node-loss <storage-dir>
 """
 
 import json
@@ -35,8 +35,8 @@ def epochs(cfg):
 
 def placement(cluster, storage):
     """Single node (PACK onto one 2-CPU node) vs SPREAD over two 1-CPU nodes: same seed, same numbers."""
-    single = job(storage, "single", "train.num_epochs=3", "scaling.placement_strategy=STRICT_PACK")
-    spread = job(storage, "spread", "train.num_epochs=3", "scaling.placement_strategy=STRICT_SPREAD")
+    single = job(storage, "single", "train.num_epochs=2", "scaling.placement_strategy=STRICT_PACK")
+    spread = job(storage, "spread", "train.num_epochs=2", "scaling.placement_strategy=STRICT_SPREAD")
     check_shared_storage(str(storage))  # passes: every raylet here shares this host's disk
     fit(single)
     fit(spread)
@@ -48,13 +48,19 @@ def placement(cluster, storage):
 
 
 def node_loss(cluster, storage, spare_args):
-    """Remove a worker node after the second committed checkpoint; once Ray has marked it dead, add
-    one back; the run resumes from that checkpoint and finishes."""
-    cfg = job(storage, "node-loss", "train.num_epochs=6", "run.max_failures=2", "scaling.placement_strategy=STRICT_SPREAD")
+    """Streamed digits trained on two training nodes (1 CPU and the `trainer` resource each: the
+    stand-in for GPU nodes) beside a CPU-only node. Remove a training node after the second committed
+    checkpoint; once Ray has marked it dead, add one back; the run resumes from that checkpoint and
+    finishes. Also where Ray's own records say the training workers and the preprocessing tasks ran."""
+    from ray.util.state import list_actors, list_tasks
+
+    cfg = job(storage, "node-loss", "train.num_epochs=4", "run.max_failures=2", "scaling.placement_strategy=STRICT_SPREAD",
+              "data.streaming=true", "scaling.resources_per_worker={CPU: 1, trainer: 1}")
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
     thread.start()
     wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
+    kinds = node_kinds()
     victim = cluster.list_all_nodes()[-1]
     cluster.remove_node(victim, allow_graceful=False)
     removed_at = time.monotonic()
@@ -62,42 +68,38 @@ def node_loss(cluster, storage, spare_args):
         time.sleep(0.2)
     cluster.add_node(**spare_args)
     thread.join(timeout=600)
-    return {"error": repr(outcome["result"].error) if outcome["result"].error else None, "epochs": epochs(cfg), "downtime_s": time.monotonic() - removed_at}
-
-
-def cpu_node(cluster, storage):
-    """Streamed digits on two training nodes (1 CPU and the `trainer` resource each: the stand-in
-    for GPU nodes) and a CPU-only node: where Ray's own task records say each task ran."""
-    from ray.util.state import list_actors, list_tasks
-
-    cfg = job(storage, "cpu-node", "train.num_epochs=1", "data.streaming=true", "scaling.resources_per_worker={CPU: 1, trainer: 1}")
-    result = fit(cfg)
-    nodes = {n["NodeID"]: "trainer" if n["Resources"].get("trainer") else "cpu-only" if n["Resources"].get("CPU") else "head" for n in ray.nodes()}
+    kinds |= node_kinds()
     # This cluster by address: the test session's own Ray runs beside it on this host.
     tasks = list_tasks(address=cluster.address, filters=[("type", "=", "NORMAL_TASK")], limit=10_000, detail=True, raise_on_missing_output=False)
     workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], limit=100, raise_on_missing_output=False)
     # Once training runs (before it, the driver's statistics pass may use the idle training nodes).
     training_from_ms = 1000 * epochs(cfg)[0]["first_step_unix_time"]
     return {
-        "error": repr(result.error) if result.error else None,
-        "preprocessing": sorted({nodes[t.node_id] for t in tasks if "preprocess_images" in t.name and t.node_id and (t.start_time_ms or 0) >= training_from_ms}),
-        "training": sorted({nodes[a.node_id] for a in workers if a.node_id}),
+        "error": repr(outcome["result"].error) if outcome["result"].error else None,
+        "epochs": epochs(cfg),
+        "downtime_s": time.monotonic() - removed_at,
+        "preprocessing": sorted({kinds[t.node_id] for t in tasks if "preprocess_images" in t.name and t.node_id and (t.start_time_ms or 0) >= training_from_ms}),
+        "training": sorted({kinds[a.node_id] for a in workers if a.node_id}),
     }
+
+
+def node_kinds() -> dict[str, str]:
+    """The live nodes' kinds by node id (a dead node's resources are gone from Ray's records)."""
+    return {n["NodeID"]: "trainer" if n["Resources"].get("trainer") else "cpu-only" if n["Resources"].get("CPU") else "head" for n in ray.nodes() if n["Alive"]}
 
 
 SCENARIOS = {  # the nodes each scenario starts beside a head with no CPUs, and what it runs
     "placement": ([{"num_cpus": 2}, {"num_cpus": 1}, {"num_cpus": 1}], lambda cluster, storage, nodes: placement(cluster, storage)),
-    "node-loss": ([{"num_cpus": 1}] * 2, lambda cluster, storage, nodes: node_loss(cluster, storage, nodes[-1])),
-    "cpu-node": ([{"num_cpus": 1, "resources": {"trainer": 1}}] * 2 + [{"num_cpus": 2}], lambda cluster, storage, nodes: cpu_node(cluster, storage)),
+    "node-loss": ([{"num_cpus": 2}] + [{"num_cpus": 1, "resources": {"trainer": 1}}] * 2, lambda cluster, storage, nodes: node_loss(cluster, storage, nodes[-1])),
 }
 
 
 def main(scenario: str, storage: str):
     storage = Path(storage)
     nodes, run = SCENARIOS[scenario]
-    # The dashboard serves Ray's state API (list_tasks), which cpu-node reads; on a port of its own
+    # The dashboard serves Ray's state API (list_tasks), which node-loss reads; on a port of its own
     # (the test session's Ray has 8265).
-    dashboard = {"include_dashboard": True, "dashboard_port": free_port()} if scenario == "cpu-node" else {"include_dashboard": False}
+    dashboard = {"include_dashboard": True, "dashboard_port": free_port()} if scenario == "node-loss" else {"include_dashboard": False}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **dashboard})
     for args in nodes:
         cluster.add_node(**args)

@@ -113,3 +113,24 @@ def test_the_rule_streams_uris_and_large_paths_and_loads_the_rest(tmp_path):
     assert [f.base_name for f in files] == ["a.jsonl"]
     with pytest.raises(FileNotFoundError, match="holds no"):
         list_files(str(tmp_path / "*.parquet"), {".parquet"})
+
+
+def test_conversations_and_labelled_texts_stream_in_the_families_batch_layout(ray_cluster, tmp_path):
+    chats = [{"prompt": f"What is {i} + {i}?", "response": f"It is {2 * i}."} for i in range(40)]
+    (tmp_path / "chats.jsonl").write_text("\n".join(map(json.dumps, chats)))
+    cfg = DataConfig(name="text", type="chat_template", chat_template="zephyr", path=str(tmp_path / "chats.jsonl"), max_seq_len=48,
+                     sample_packing=True, vocab_size=300, streaming=True)
+    data = build_streamed_data(cfg, seed=0, num_workers=2)
+    assert data.columns == ("input_ids", "position_ids", "labels")
+    batch = data.datasets["train"].take_batch(4)
+    trained = batch["labels"] != -100
+    assert trained.any() and not trained.all()  # the assistant's tokens only
+    assert (batch["position_ids"][:, 0] == 0).all()
+
+    (tmp_path / "labelled.csv").write_text("text,label\n" + "\n".join(f"sample text number {i},{'ab'[i % 2]}" for i in range(60)))
+    cfg = DataConfig(name="text_classification", path=str(tmp_path / "labelled.csv"), max_seq_len=16, vocab_size=300, streaming=True)
+    data = build_streamed_data(cfg, seed=0, num_workers=2)
+    assert data.columns == ("input_ids", "attention_mask", "label") and data.info["class_names"] == ["a", "b"]
+    batch = data.datasets["train"].take_batch(8)
+    assert batch["input_ids"].shape == (8, 16) and set(batch["label"]) <= {0, 1}
+    assert sum(data.rows.values()) == 60

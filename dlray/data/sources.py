@@ -18,6 +18,7 @@ import pyarrow.fs
 # memory, where splits are exact and stratified. A URI always streams.
 STREAM_ABOVE_BYTES = 1 << 30
 SPLITS = ("train", "val", "test")
+FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # text files: suffix -> `datasets` builder
 
 
 def is_uri(path: str) -> bool:

@@ -118,7 +118,7 @@ def example_request(artifact: str, config: dict, settings: ServeSection) -> tupl
     if config["task"] == "classify":
         shape = config["data_info"].get("image_shape")
         if shape:  # a mid-grey PNG of the trained size: a short body whatever the size
-            return "/v1/classify", {"image_b64": base64.b64encode(png_bytes(torch.zeros(shape))).decode()}, ""
+            return "/v1/classify", {"image_b64": base64.b64encode(png_bytes(torch.full(shape, 0.5))).decode()}, ""
         return "/v1/classify", {"text": "an example sentence to classify"}, ""
     if config["task"] == "images":  # a class-conditional model needs a class: its first one, by name
         prompt = {"prompt": config["data_info"]["class_names"][0]} if config["model"].get("class_conditional") else {}
