@@ -61,7 +61,7 @@ def node_loss(cluster, storage, spare_args):
     thread.start()
     wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
     kinds = node_kinds()
-    victim = cluster.list_all_nodes()[-1]
+    victim = next(node for node in cluster.list_all_nodes() if kinds.get(node.node_id) == "trainer")  # the Cluster keeps its nodes in a set
     cluster.remove_node(victim, allow_graceful=False)
     removed_at = time.monotonic()
     while any(n["NodeID"] == victim.node_id and n["Alive"] for n in ray.nodes()):  # until Ray knows it is gone
