@@ -197,8 +197,7 @@ def text_pipeline(cfg: DataConfig, seed: int) -> StreamedData:
     datasets = {split: ds.map_batches(to_samples, batch_size=TEXTS_PER_TASK, batch_format="pandas", **preprocess_options(cfg))
                 for split, ds in splits.items()}
     columns = ("input_ids", "position_ids", "labels") if cfg.type == "chat_template" and cfg.sample_packing else ("input_ids", "labels")
-    info = {"vocab_size": len(tokenizer), "max_seq_len": cfg.max_seq_len, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    info = text.language_model_info(tokenizer, cfg.max_seq_len)
     return StreamedData(datasets, {split: ds.count() for split, ds in datasets.items()}, columns, info, tokenizer)
 
 
@@ -243,7 +242,7 @@ def classification_pipeline(cfg: DataConfig, seed: int) -> StreamedData:
         return with_weights({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "label": np.asarray(batch["label"])})
 
     datasets = {split: ds.map_batches(encode, batch_format="pandas", **preprocess_options(cfg)) for split, ds in splits.items()}
-    info = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "max_seq_len": cfg.max_seq_len, "class_names": class_names}
+    info = tc.classifier_info(tokenizer, class_names, cfg.max_seq_len)
     return StreamedData(datasets, {split: ds.count() for split, ds in datasets.items()}, ("input_ids", "attention_mask", "label"), info, tokenizer)
 
 

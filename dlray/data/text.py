@@ -44,10 +44,13 @@ class TextData:
 
     @property
     def info(self) -> dict:
-        """What the gpt family's build needs."""
-        tokenizer = self.tokenizer
-        return {"vocab_size": len(tokenizer), "max_seq_len": self.max_seq_len,
-                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        return language_model_info(self.tokenizer, self.max_seq_len)
+
+
+def language_model_info(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> dict:
+    """What the gpt family's build needs (for data in memory or streamed)."""
+    return {"vocab_size": len(tokenizer), "max_seq_len": max_seq_len,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
 
 
 class TokenWindows(Dataset):

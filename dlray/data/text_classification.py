@@ -50,9 +50,12 @@ class TextClassificationData:
 
     @property
     def info(self) -> dict:
-        """What the bert family's build and the classify endpoint need."""
-        return {"vocab_size": len(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id, "max_seq_len": self.max_seq_len,
-                "class_names": self.class_names}
+        return classifier_info(self.tokenizer, self.class_names, self.max_seq_len)
+
+
+def classifier_info(tokenizer: PreTrainedTokenizerBase, class_names: list[str], max_seq_len: int) -> dict:
+    """What the bert family's build and the classify endpoint need (for data in memory or streamed)."""
+    return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "max_seq_len": max_seq_len, "class_names": class_names}
 
 
 def build_text_classification_data(cfg, seed: int) -> TextClassificationData:
