@@ -23,6 +23,7 @@ from dlray.config import ConfigError, JobConfig, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. strategy.name=deepspeed strategy.zero_stage=3")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="keep Ray's own INFO lines (per-report, per-checkpoint, per-request) in the output")
 
 
 def _load(job: Optional[Path], overrides: Optional[list[str]]) -> JobConfig:
@@ -42,23 +43,19 @@ def validate(job: Path, overrides: Optional[list[str]] = OVERRIDES):
 
 
 @app.command()
-def train(job: Path, overrides: Optional[list[str]] = OVERRIDES):
+def train(job: Path, overrides: Optional[list[str]] = OVERRIDES, verbose: bool = VERBOSE):
     """Train on Ray Train: the cluster in RAY_ADDRESS, or a local Ray on 127.0.0.1."""
     cfg = _load(job, overrides)
-    from dlray.tracking import read_history
-    from dlray.train import fit, run_dir
+    from dlray.console import Console
+    from dlray.train import fit, init_ray, run_dir
 
-    result = fit(cfg)
-    directory = run_dir(cfg)
-    history = read_history(directory)
-    typer.echo(f"\nrun directory: {directory}  (metrics.csv, curves.png, tensorboard/)")
-    best = result.get_best_checkpoint(cfg.train.metric, cfg.train.mode) if result.best_checkpoints else None
-    if best is not None:
-        typer.echo(f"best checkpoint: {best.path}")
-    if history and any(k.startswith("test_") for k in history[-1]):
-        typer.echo("final: " + "  ".join(f"{k}={v:.4f}" for k, v in history[-1].items() if isinstance(v, float)))
+    init_ray(verbose)
+    with Console(cfg, verbose) as console:
+        console.print(f"[dlray] training {job} as run {cfg.run.name}: {cfg.model.family}/{cfg.model.flavor}, "
+                      f"{cfg.scaling.num_workers} workers{' with GPUs' if cfg.scaling.use_gpu else ''}, strategy {cfg.strategy.name}; run directory {run_dir(cfg)}")
+        result = fit(cfg, console=console)
+    console.summary(result, run_dir(cfg))
     if result.error:
-        typer.echo(f"training failed: {result.error}", err=True)
         raise typer.Exit(1)
 
 
@@ -67,6 +64,7 @@ def tune(
     job: Path,
     overrides: Optional[list[str]] = OVERRIDES,
     resume: bool = typer.Option(False, "--resume", help="continue this job file's newest sweep (or the one named by run.name)"),
+    verbose: bool = VERBOSE,
 ):
     """Hyperparameter sweep with Ray Tune: each trial a full training run of the job."""
     cfg = _load(job, overrides)
@@ -85,7 +83,7 @@ def tune(
         typer.echo(f"resuming sweep {sweep}")
         cfg = load_sweep(sweep)
     try:
-        grid = run_sweep(cfg, resume=resume)
+        grid = run_sweep(cfg, resume=resume, verbose=verbose)
     except (FileExistsError, FileNotFoundError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -112,6 +110,7 @@ def serve(
     artifact: Path,
     overrides: Optional[list[str]] = typer.Argument(None, help="serve settings, e.g. max_batch_size=16 num_replicas=2 port=8001"),
     print_config: bool = typer.Option(False, "--print-config", help="print a Serve config YAML for `serve deploy` instead of serving"),
+    verbose: bool = VERBOSE,
 ):
     """Serve an exported artifact with Ray Serve until interrupted; print its routes and an example request."""
     from dlray.serve.app import ServeAddressError, describe, run, serve_config
@@ -128,12 +127,12 @@ def serve(
         return
     from dlray.train import init_ray
 
-    init_ray()
+    init_ray(verbose)
     typer.echo(f"starting {artifact}")
     # `kill`, systemd and container runtimes stop a server with SIGTERM: shut Serve down as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        run(str(artifact), settings)
+        run(str(artifact), settings, verbose=verbose)
     except ServeAddressError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -1,22 +1,23 @@
 """The main job end to end on a laptop: train -> export -> serve -> query over HTTP.
 
-    make demo          (or: python -m dlray.demo)
+    make demo          (or: python -m dlray.demo [--verbose] [key=value ...])
 
 Starts a local Ray on 127.0.0.1, trains the CNN of jobs/cnn_digits.yaml on the bundled digits
 with 2 workers, exports the best checkpoint, serves it with Ray Serve, sends every test image
-over HTTP and prints the served model's accuracy next to the in-memory model's.
+over HTTP and prints the served model's accuracy next to the in-memory model's. Ray's own INFO
+lines (per report, per checkpoint, per request) show with --verbose.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-import time
 
 import httpx
 import torch
 
 from dlray.config import load_config
+from dlray.console import Console
 from dlray.data import build_data
 from dlray.export import export, load_artifact
 from dlray.serve.app import run as serve_run
@@ -24,18 +25,18 @@ from dlray.train import fit, init_ray, run_dir
 
 
 def main(argv: list[str]) -> int:
-    cfg = load_config("jobs/cnn_digits.yaml", ["run.storage_path=runs", *argv])
-    init_ray()
-    start = time.perf_counter()
-    result = fit(cfg)
+    verbose = "--verbose" in argv
+    cfg = load_config("jobs/cnn_digits.yaml", ["run.storage_path=runs", *(a for a in argv if a != "--verbose")])
+    init_ray(verbose)
+    with Console(cfg, verbose) as console:
+        result = fit(cfg, console=console)
+    console.summary(result, run_dir(cfg))
     if result.error:
-        print(f"training failed: {result.error}")
         return 1
-    print(f"\n== trained in {time.perf_counter() - start:.0f} s; run directory {run_dir(cfg)}")
 
     artifact = export(run_dir(cfg), "out/cnn")
-    print(f"== exported the best checkpoint to {artifact}")
-    serve_run(str(artifact))
+    print(f"\n== exported the best checkpoint to {artifact}")
+    serve_run(str(artifact), verbose=verbose)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1/classify"
     print(f"== serving at {url}")
 

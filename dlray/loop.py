@@ -1,8 +1,11 @@
 """The training loop, run by every Ray Train worker. Read it top to bottom.
 
-    worker: cfg = JobConfig(**dict) -> data -> model -> strategy.prepare -> epochs of
-            (micro-batches -> backward -> step [-> EMA]) -> validate [-> sample grid]
+    worker: cfg = JobConfig(**dict) -> data -> model -> strategy.prepare -> report "start" -> epochs of
+            (micro-batches -> backward -> step [-> EMA] [-> report "step"]) -> validate [-> sample grid]
             -> report + checkpoint -> restore the best checkpoint -> test
+
+Every report goes to the Ray Train controller, where dlray's callbacks write the run's files and
+relay progress to the driver's console (dlray.console): workers print nothing themselves.
 
 A family with several optimizers (a GAN) runs one backward and step per optimizer on each batch.
 
@@ -11,11 +14,13 @@ Strategy differences (DDP / FSDP2 / DeepSpeed, precision) live behind the strate
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
 
 import ray.train
+import ray.train.collective
 import ray.train.torch
 import torch
 import torch.distributed as dist
@@ -32,15 +37,19 @@ from dlray.strategies import STRATEGIES
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """config: {"job": the JobConfig as a dict, "streamed": dlray.streaming's worker spec, or None for data loaded here}."""
+    """config: {"job": the JobConfig as a dict, "streamed": dlray.streaming's worker spec, or None for data loaded here,
+    "log_level": for this process's Python loggers}."""
+    # Root, not "ray.train": Ray Train's per-report INFO line comes from a logger named after its file
+    # path, which RunConfig's LoggingConfig does not reach.
+    logging.getLogger().setLevel(config["log_level"])
     cfg = JobConfig.model_validate(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     family = FAMILIES[cfg.model.family]
-    num_nodes = count_nodes(rank, world)
+    num_nodes, node = count_nodes(world)
     hardware = precision.detect(device)
-    cfg.precision = choose_precision(cfg, hardware, rank)
+    cfg.precision, precision_why = precision.choose(cfg.precision, hardware, cfg.strategy.name)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if config["streamed"]:
@@ -80,8 +89,13 @@ def train_loop_per_worker(config: dict) -> None:
             apply_hyperparameters(optimizer, scheduler, cfg.optim, state.base_lr or cfg.optim.lr)
         state.base_lr = cfg.optim.lr
         resumed_from_step = state.global_step
-        if rank == 0:
-            print(f"[dlray] resumed from epoch {state.epoch}, step {state.global_step} of {checkpoint.path}")
+    progress = ProgressCadence(cfg.train.log_every_n_steps, rank)
+    ray.train.report({
+        "phase": "start", "node": node, "num_nodes": num_nodes, "device": str(device), "precision": cfg.precision,
+        "precision_why": precision_why, "precision_warning": precision.slowdown_warning(cfg.precision, hardware) or "",
+        "epoch": state.epoch, "global_step": state.global_step, "steps_per_epoch": steps_per_epoch,
+        "resumed_from": checkpoint.path if checkpoint else "",
+    })
 
     started = {}  # when this run took its first optimizer step, reported with the epoch it falls in
     for epoch in range(state.epoch, cfg.train.num_epochs):
@@ -90,6 +104,8 @@ def train_loop_per_worker(config: dict) -> None:
         totals = torch.zeros(len(family.optimizers) + 2, dtype=torch.float64, device=device)
         grad_norms = torch.zeros(len(family.optimizers), dtype=torch.float64, device=device)  # summed over the epoch's steps
         start = time.perf_counter()
+        window = Window(start)
+        step_in_epoch = 0
         for i, (batch, weight, skipped) in enumerate(batches.train(epoch)):
             batch, rows, scale = real_rows(batch, weight)
             batch = to_device(batch, device)
@@ -112,6 +128,12 @@ def train_loop_per_worker(config: dict) -> None:
                     ema.update(strategy.full_state())
                 if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
                     started["first_step_unix_time"] = time.time()
+                step_in_epoch += 1
+                if progress.due() and step_in_epoch < steps_per_epoch:  # the epoch's own report follows its last step
+                    record = {"phase": "step", "epoch": epoch, "global_step": state.global_step, "step_in_epoch": step_in_epoch,
+                              "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
+                    ray.train.report(record | family.derived_metrics(record, data_info))
+                    progress.reported()
         elapsed = time.perf_counter() - start
         dist.all_reduce(totals)
 
@@ -145,16 +167,15 @@ def train_loop_per_worker(config: dict) -> None:
                 raise FloatingPointError(f"{key} is {metrics[key]} at epoch {epoch}: training diverged (check optim.lr)")
         state.update(metrics[cfg.train.metric], cfg.train.mode)
         report_with_checkpoint(metrics, strategy, schedulers, state, meta, ema, samples_png, tokenizer)
+        progress.restart()  # the next step report counts from this one
         if cfg.train.early_stopping_patience and state.bad_epochs >= cfg.train.early_stopping_patience:
-            if rank == 0:
-                print(f"[dlray] early stop at epoch {epoch}: {cfg.train.metric} has not improved for {state.bad_epochs} epochs")
             break
 
     # Finish on the best weights, as early stopping promises, and score them once on the test split.
     best = best_checkpoint(cfg.train.metric, cfg.train.mode)
     if best is not None:
         restore(best, strategy, schedulers, restore_train_state=False)
-    final = {"epoch": state.epoch - 1, "global_step": state.global_step, "best_" + cfg.train.metric: state.best}
+    final = {"epoch": state.epoch - 1, "global_step": state.global_step, "best_" + cfg.train.metric: state.best, "bad_epochs": state.bad_epochs}
     if batches.rows["test"]:
         final |= evaluate(model, batches.eval("test"), family, strategy, device, prefix="test")
     ray.train.report(final | family.derived_metrics(final, data_info))
@@ -166,16 +187,6 @@ def build_model(family, cfg: JobConfig, data_info: dict) -> torch.nn.Module:
     if cfg.train.gradient_checkpointing:  # the config refuses it for families without
         family.enable_gradient_checkpointing(model)
     return finetune.apply(model, family, cfg)
-
-
-def choose_precision(cfg: JobConfig, hardware: precision.Hardware, rank: int) -> precision.Precision:
-    """The precision this worker computes in (`auto` resolved for its device); rank 0 says which and why."""
-    chosen, why = precision.choose(cfg.precision, hardware, cfg.strategy.name)
-    if rank == 0:
-        print(f"[dlray] precision {chosen}: {why}", flush=True)
-        if warning := precision.slowdown_warning(chosen, hardware):
-            print(f"[dlray] warning: {warning}", flush=True)
-    return chosen
 
 
 def make_optimizers(family, module, cfg: JobConfig, fused: bool = False) -> list[torch.optim.Optimizer]:
@@ -207,13 +218,61 @@ class Sampler:
         return png_grid(self.family.sample(self.model, generators).cpu())
 
 
-def count_nodes(rank: int, world: int) -> int:
-    """How many machines this run's ranks span; each rank also says where it runs."""
+def count_nodes(world: int) -> tuple[int, str]:
+    """How many machines this run's ranks span, and this rank's: "<node id> (<ip>)"."""
     node = ray.get_runtime_context().get_node_id()
-    print(f"[dlray] rank {rank}/{world} on node {node[:12]} ({ray.util.get_node_ip_address()})")
     nodes = [None] * world
     dist.all_gather_object(nodes, node)
-    return len(set(nodes))
+    return len(set(nodes)), f"{node[:12]} ({ray.util.get_node_ip_address()})"
+
+
+class ProgressCadence:
+    """When every rank sends a step report: every `log_every_n_steps` optimizer steps or, when that is
+    None, every so many steps that reports come about INTERVAL_S apart, as rank 0 times its first step
+    and then its reports, and broadcasts. Ray Train's controller takes one report per worker each time
+    it polls (every 2 s by default): closer reports would stall training."""
+
+    INTERVAL_S = 5.0  # 2.5 controller polls
+
+    def __init__(self, log_every_n_steps: int | None, rank: int):
+        self.fixed, self.rank = log_every_n_steps, rank
+        self.every = log_every_n_steps or 0  # 0: not chosen yet
+        self.steps, self.since = 0, time.perf_counter()
+
+    def due(self) -> bool:
+        """Call after each optimizer step: is a report due now?"""
+        self.steps += 1
+        if not self.every:  # after the first step, which over-estimates (warm-up, compilation): reports come early rather than late
+            self.choose()
+            return False
+        return self.steps >= self.every
+
+    def reported(self) -> None:
+        if not self.fixed:
+            self.choose()
+        self.restart()
+
+    def choose(self) -> None:
+        """Every rank must report at the same steps: rank 0's choice, from its clock."""
+        per_step = (time.perf_counter() - self.since) / self.steps
+        self.every = ray.train.collective.broadcast_from_rank_zero(max(1, round(self.INTERVAL_S / per_step)) if self.rank == 0 else None)
+
+    def restart(self) -> None:
+        self.steps, self.since = 0, time.perf_counter()
+
+
+class Window:
+    """This rank's training loss and throughput since its last step report, from the epoch's running totals."""
+
+    def __init__(self, start: float):
+        self.time, self.loss_sum, self.rows = start, 0.0, 0.0
+
+    def read(self, totals: torch.Tensor) -> dict[str, float]:
+        loss_sum, rows = totals[:-2].sum().item(), totals[-2].item()  # one device sync per report, not per step
+        now = time.perf_counter()
+        window = {"train_loss": (loss_sum - self.loss_sum) / max(rows - self.rows, 1), "samples_per_sec": (rows - self.rows) / (now - self.time)}
+        self.time, self.loss_sum, self.rows = now, loss_sum, rows
+        return window
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""What the user sees of a run: a progress line per epoch, metrics.csv, TensorBoard event files,
+"""What a run leaves behind: metrics.csv, TensorBoard event files,
 a loss/metrics curve PNG and, for generative families, samples/epoch_NNNN.png grids in the run directory.
 
 `MetricsLogger` is a Ray Train `UserCallback`: it runs in the Train controller, which receives
@@ -17,13 +17,17 @@ from ray.train import UserCallback
 
 
 class MetricsLogger(UserCallback):
-    def __init__(self, run_dir: str, num_epochs: int):
-        self.run_dir, self.num_epochs = run_dir, num_epochs
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
         self.history: list[dict] | None = None
         self._writer = None
 
     def after_report(self, run_context, metrics, checkpoint):
+        from dlray.console import report_kind
+
         record = metrics[0]  # rank 0's: the loop all-reduces before reporting, so ranks agree
+        if report_kind(record) in ("start", "step"):  # progress, for the console (and trackers' step metrics)
+            return
         if checkpoint is not None:
             self._copy_samples(checkpoint, record["epoch"])
         if self.history is None:  # a resumed run continues the file it left behind
@@ -36,7 +40,6 @@ class MetricsLogger(UserCallback):
         write_csv(self.history, run_dir / "metrics.csv")
         self._tensorboard(record)
         plot_curves(self.history, run_dir / "curves.png")
-        print(format_progress(record, self.num_epochs), flush=True)
 
     def _copy_samples(self, checkpoint, epoch: int):
         """The epoch's sample grid, kept in the run directory after its checkpoint is pruned."""
@@ -58,11 +61,6 @@ class MetricsLogger(UserCallback):
             if isinstance(value, (int, float)) and key not in ("epoch", "global_step"):
                 self._writer.add_scalar(key, value, record.get("global_step", 0))
         self._writer.flush()
-
-
-def format_progress(record: dict, num_epochs: int) -> str:
-    shown = [f"{k} {record[k]:.4g}" for k in sorted(record) if k not in ("epoch", "global_step", "first_step_unix_time") and isinstance(record[k], float)]
-    return f"[dlray] epoch {record.get('epoch', 0) + 1}/{num_epochs} step {record.get('global_step', 0)} | " + "  ".join(shown)
 
 
 def write_csv(history: list[dict], path: Path) -> None:

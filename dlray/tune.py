@@ -29,13 +29,16 @@ import yaml
 from ray.train import UserCallback
 
 from dlray.config import JobConfig, config_from_dict, set_dotted
+from dlray.console import format_epoch, report_kind
 
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.csv"
 
 
-def run_sweep(cfg: JobConfig, resume: bool = False):
-    """Run (or, with `resume`, continue) the sweep `cfg.tune` describes; returns Tune's ResultGrid."""
+def run_sweep(cfg: JobConfig, resume: bool = False, verbose: bool = True):
+    """Run (or, with `resume`, continue) the sweep `cfg.tune` describes; returns Tune's ResultGrid.
+    Not `verbose` (the CLI's default): Tune's status tables and each trial's epoch lines, without
+    Ray Train's per-report INFO lines."""
     import ray
     from ray import tune
 
@@ -43,14 +46,14 @@ def run_sweep(cfg: JobConfig, resume: bool = False):
 
     if cfg.tune is None:
         raise ValueError("this job has no `tune:` section; add one (see jobs/sweep_cnn_asha.yaml) or use `dlray train`")
-    init_ray()
+    init_ray(verbose)
     cfg.run.storage_path = storage_path(cfg.run.storage_path)
     sweep = Path(cfg.run.storage_path, cfg.run.name)
     job = cfg.model_dump(mode="json")
     # Train workers hold the trial's CPUs and GPUs; the driver only waits on them, and a CPU
     # of its own would leave a 2-worker trial unable to start on a 2-CPU machine. (Tune needs
     # some resource in the trial's bundle: a little memory, then.)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), {"cpu": 0, "memory": 64 * 2**20})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, verbose=verbose), {"cpu": 0, "memory": 64 * 2**20})
     if resume:
         if not tune.Tuner.can_restore(str(sweep)):
             raise FileNotFoundError(f"no sweep to resume in {sweep}")
@@ -227,7 +230,7 @@ def concurrent_trials(cfg: JobConfig, cluster: dict) -> int:
 # ------------------------------------------------------------------------------ a trial
 
 
-def run_trial(config: dict, job: dict) -> None:
+def run_trial(config: dict, job: dict, verbose: bool = True) -> None:
     """Tune's function for one trial: the job with this trial's values, trained by train.fit."""
     from ray import tune
     from ray.util.queue import Queue
@@ -249,7 +252,7 @@ def run_trial(config: dict, job: dict) -> None:
 
     def train():
         try:
-            outcome["result"] = fit(cfg, callbacks=[TrialReporter(reports, cfg.train.metric)])
+            outcome["result"] = fit(cfg, callbacks=[TrialReporter(reports, cfg.train.metric)], verbose=verbose)
         except BaseException as err:  # noqa: BLE001 - handed to the trial's thread, which raises it
             outcome["error"] = err
         finally:
@@ -259,6 +262,8 @@ def run_trial(config: dict, job: dict) -> None:
     thread.start()
     while (item := reports.get()) is not None:
         metrics, checkpoint_path = item
+        if "train_loss" in metrics:  # an epoch's: its line, under the trial's name in the driver's output
+            print(format_epoch(metrics, cfg.train.num_epochs).replace("[dlray]", f"[dlray] {trial_id}", 1), flush=True)
         checkpoint = tune.Checkpoint(checkpoint_path) if with_checkpoints and checkpoint_path else None
         tune.report(metrics, checkpoint=checkpoint)
     thread.join()
@@ -275,6 +280,8 @@ class TrialReporter(UserCallback):
         self.queue, self.metric = queue, metric
 
     def after_report(self, run_context, metrics, checkpoint):
+        if report_kind(metrics[0]) in ("start", "step"):  # Tune's schedulers decide per epoch
+            return
         record = dict(metrics[0])
         # The final report scores the run's best checkpoint: its value is the best epoch's.
         record.setdefault(self.metric, record.get("best_" + self.metric))
@@ -338,6 +345,8 @@ def write_results(rows: list[dict], cfg: JobConfig, sweep: Path) -> None:
         write_best_config(best, cfg, sweep)
     print(format_table(rows, keys))
     print(f"\nsweep directory: {sweep}  ({RESULTS_FILE}, trials.png, best_config.yaml, runs/)")
+    if best is not None:
+        print(f"next: dlray export {sweep} out/{cfg.run.name}   (the best trial's best checkpoint), or dlray train {sweep / 'best_config.yaml'}")
 
 
 def write_best_config(best: dict, cfg: JobConfig, sweep: Path) -> None:

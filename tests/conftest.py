@@ -9,6 +9,9 @@ from helpers import REPO
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# As dlray.train.init_ray does for a local Ray: the Train controller polls workers for reports every
+# 0.25 s instead of 2 s, so the tests' sub-second epochs do not each wait for the next poll.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # pytest's own process (sampling, exported-model checks) computes on one thread, as a Serve
 # replica does: on 2 cores Ray's workers run beside it, and oversubscribed threads crawl.
 torch.set_num_threads(1)

@@ -22,7 +22,7 @@ def local_cluster():
 def submit(cluster, storage, client_env):
     command = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO), "--",
                "dlray", "train", "jobs/debug/cnn_cpu.yaml", "train.num_epochs=2", f"run.storage_path={storage}", "run.name=submitted",
-               "scaling.placement_strategy=SPREAD"]
+               "scaling.placement_strategy=SPREAD", "train.log_every_n_steps=5", "run.progress_interval_s=0"]
     return subprocess.run(command, cwd=REPO, env={**cluster.env, **client_env}, capture_output=True, text=True, timeout=600)
 
 
@@ -31,6 +31,12 @@ def test_job_submit_with_token_trains_across_nodes(local_cluster, storage):
     assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
     history = read_history(storage / "submitted")
     assert history[-1]["test_accuracy"] > 0.3 and history[0]["num_nodes"] == 2
+    # The job's log is dlray's console: where the ranks run, step progress, epochs and a summary; none of
+    # Ray Train's per-report lines (they come back with --verbose: test_console.py).
+    log = done.stdout
+    assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
+    assert "[dlray] 2 workers on 2 node(s), cpu: " in log and "[dlray] epoch 1/2 step 5/20 | loss " in log
+    assert "[dlray] epoch 2/2 step 40 | train_loss " in log and "[dlray] finished in " in log and "next: dlray export " in log
 
 
 # With no token the client sends none and the cluster answers 401; a wrong one gets 403.

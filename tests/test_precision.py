@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dlray.config import ConfigError, load_config
-from dlray.loop import choose_precision
 from dlray.precision import Hardware, choose, detect, slowdown_warning
 
 from helpers import REPO
@@ -42,14 +41,6 @@ def test_an_explicit_precision_is_kept_and_emulated_bf16_warns():
     assert slowdown_warning("bf16", SAPPHIRE_RAPIDS) is None
     assert slowdown_warning("fp32", ZEN3) is None
     assert slowdown_warning("bf16", V100) is None  # GPUs without bf16 are CUDA's business, not an emulation
-
-
-def test_rank_zero_prints_the_choice_and_the_warning(capsys):
-    cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["precision=bf16"])
-    assert choose_precision(cfg, ZEN3, rank=0) == "bf16"
-    out = capsys.readouterr().out
-    assert "[dlray] precision bf16: set in the job config" in out and "[dlray] warning: precision bf16 on this CPU (AVX2)" in out
-    assert choose_precision(cfg, ZEN3, rank=1) == "bf16" and capsys.readouterr().out == ""
 
 
 CPU_KIND = """

@@ -196,6 +196,9 @@ class TrainConfig(Section):
     # torch.compile the model (each FSDP block on its own, as torchtitan does): faster steps on GPUs
     # after a compilation of seconds to minutes at the first step. ddp and fsdp.
     compile: bool = False
+    # Optimizer steps between the progress reports the console's step bar and step metrics come from
+    # (Lightning's name). None: steps about 5 s apart, as rank 0 times them (closer reports stall training).
+    log_every_n_steps: int | None = Field(None, ge=1)
 
 
 class OptimConfig(Section):
@@ -257,6 +260,9 @@ class RunSection(Section):
     # Start from this checkpoint (of any run, e.g. a PBT donor's) with this config's hyperparameters;
     # once the run has checkpoints of its own, a restart takes its own latest instead.
     resume_from_checkpoint: str | None = None
+    # When stdout is not a terminal (a log file, `ray job logs`): seconds between plain step-progress
+    # lines; the epoch lines always print. On a terminal the progress bar updates at every report.
+    progress_interval_s: float = Field(30.0, ge=0)
 
 
 class AutoscalingSection(Section):

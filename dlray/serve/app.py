@@ -90,13 +90,15 @@ def check_serve_address(host: str, port: int) -> None:
         )
 
 
-def run(artifact: str, overrides: dict | None = None):
-    """Start Serve's HTTP proxy on the configured host/port and deploy the artifact's endpoint; return once it is up."""
+def run(artifact: str, overrides: dict | None = None, verbose: bool = True):
+    """Start Serve's HTTP proxy on the configured host/port and deploy the artifact's endpoint; return once it
+    is up. Not `verbose` (the CLI's default): Serve's INFO lines and its per-request access log stay off."""
     overrides = overrides or {}
     settings = serve_settings(read_artifact_config(artifact), overrides)
     check_serve_address(settings.host, settings.port)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    return serve.run(build_app({"artifact": artifact, **overrides}), name="dlray", route_prefix="/")
+    quiet = {} if verbose else {"logging_config": {"log_level": "WARNING", "enable_access_log": False}}
+    serve.start(http_options={"host": settings.host, "port": settings.port}, **quiet)  # the controller and proxies
+    return serve.run(build_app({"artifact": artifact, **overrides}), name="dlray", route_prefix="/", **quiet)  # the replicas
 
 
 def describe(artifact: str, overrides: dict | None = None) -> str:

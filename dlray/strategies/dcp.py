@@ -8,6 +8,8 @@ and loaded: the frozen rest comes from model.name_or_path (and may be packed 4-b
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -42,5 +44,7 @@ def load_weights_offline(directory: str, model: torch.nn.Module, trainable_only:
     """Full (unsharded) model weights, or those that trained, from a DCP checkpoint, in one process, no process group."""
     keep = trainable_names(model) if trainable_only else model.state_dict().keys()
     state = {"model": {k: v.clone() for k, v in model.state_dict().items() if k in keep}}
-    dcp.load(state, checkpoint_id=directory, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... assuming ... a single process": as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=directory, no_dist=True)
     return state["model"]

@@ -1,0 +1,231 @@
+"""What a user watches while dlray trains: what starts where, a live progress bar within each epoch,
+a line per epoch and a closing summary, rendered in one place, the driver.
+
+    console = Console(cfg)                      # dlray train does this; --verbose keeps Ray's own INFO lines
+    with console:
+        result = fit(cfg, console=console)
+    console.summary(result)
+
+The workers report their progress through Ray Train (`ray.train.report`; dlray.loop), the Train
+controller's `ConsoleRelay` callback puts every report on a Ray queue, and a thread here renders
+it: a `rich` progress bar when stdout is a terminal, plain lines every `run.progress_interval_s`
+seconds when it is not (a log file, `ray job logs`), so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+import ray
+from ray.train import UserCallback
+
+from dlray.config import JobConfig
+
+# Keys of an epoch report the epoch line leaves to metrics.csv and TensorBoard.
+NOT_SHOWN = {"epoch", "global_step", "first_step_unix_time", "resumed_from_step", "num_nodes", "peak_rss_mib", "skipped_rows", "bad_epochs"}
+RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve")
+
+
+def report_kind(record: dict) -> str:
+    """"start" (a worker group began: where each rank runs, the precision), "step" (progress within an
+    epoch), "epoch" (an epoch's metrics, with its checkpoint) or "final" (the best checkpoint's test scores)."""
+    if "phase" in record:
+        return record["phase"]
+    return "epoch" if "train_loss" in record else "final"
+
+
+def quiet_ray_logging() -> dict:
+    """Ray's INFO lines off in this process (its WARNING and ERROR lines still show); returns what
+    ray.init needs to do the same in every worker and actor of this job."""
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return {"logging_level": logging.WARNING}
+
+
+class ConsoleRelay(UserCallback):
+    """In the Train controller: every report, from every rank, and every worker failure, to the driver."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(("report", metrics))
+
+    def after_exception(self, run_context, worker_exceptions):
+        self.queue.put(("failure", {rank: one_line(error) for rank, error in worker_exceptions.items()}))
+
+
+class Console:
+    def __init__(self, cfg: JobConfig, verbose: bool = False, stream=None):
+        self.cfg, self.verbose = cfg, verbose
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.epochs: dict[int, dict] = {}  # each epoch's report, a replayed epoch's replacing the lost original
+        self.final: dict = {}
+        self.starts = 0
+        self.started_at = time.time()
+        self._last_line = 0.0
+        self._queue = self._thread = self._progress = self._task = None
+        self._bar_epoch, self._steps_per_epoch = -1, 0
+        self._epoch_began = time.monotonic()  # for the plain lines' ETA; the bar keeps its own
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Console:
+        from ray.util.queue import Queue
+
+        self._queue = Queue(actor_options={"num_cpus": 0})
+        self.open()
+        self._thread = threading.Thread(target=self._render, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.close()
+        ray.kill(self._queue.actor)
+
+    def open(self) -> None:
+        """Start the live display (a terminal only)."""
+        if self.tty:
+            from rich.console import Console as RichConsole
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=RichConsole(file=self.stream),
+                                      redirect_stdout=True, redirect_stderr=True, transient=True)
+            self._progress.start()
+
+    def close(self) -> None:
+        if self._progress:
+            self._progress.stop()
+
+    def callbacks(self) -> list[UserCallback]:
+        return [ConsoleRelay(self._queue)]
+
+    def print(self, line: str) -> None:
+        if self._progress:
+            self._progress.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=self.stream, flush=True)
+        self._last_line = time.monotonic()
+
+    # ------------------------------------------------------------------ rendering
+
+    def _render(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self.handle(*item)
+
+    def handle(self, kind: str, payload) -> None:
+        """One message from ConsoleRelay: ("report", one record per rank) or ("failure", {rank: error})."""
+        if kind == "failure":
+            for rank, error in payload.items():
+                self.print(f"[dlray] rank {rank} failed: {error}")
+            return
+        record = payload[0]  # rank 0's; the loop reduces epoch metrics over ranks before reporting
+        {"start": self._start, "step": self._step, "epoch": self._epoch, "final": self._final}[report_kind(record)](payload)
+
+    def _start(self, ranks: list[dict]) -> None:
+        first = ranks[0]
+        self.starts += 1
+        if self.starts > 1 or first["resumed_from"]:
+            self.print(f"[dlray] {'restarted' if self.starts > 1 else 'resuming'}: epoch {first['epoch'] + 1}, step {first['global_step']}"
+                       + (f" of {first['resumed_from']}" if first["resumed_from"] else " (no checkpoint yet: from the start)"))
+        where: dict[str, list[int]] = {}
+        for rank, record in enumerate(ranks):
+            where.setdefault(record["node"], []).append(rank)
+        placement = "; ".join(f"ranks {','.join(map(str, r))} on {node}" for node, r in where.items())
+        self.print(f"[dlray] {len(ranks)} workers on {first['num_nodes']} node(s), {first['device'].split(':')[0]}: {placement}")
+        self.print(f"[dlray] precision {first['precision']}: {first['precision_why']}")
+        if first["precision_warning"]:
+            self.print(f"[dlray] warning: {first['precision_warning']}")
+        self._steps_per_epoch = first["steps_per_epoch"]
+        self._epoch_began = time.monotonic()
+        self._bar(first["epoch"], restart=True)
+
+    def _step(self, ranks: list[dict]) -> None:
+        record = ranks[0]
+        loss = sum(r["train_loss"] for r in ranks) / len(ranks)
+        speed = throughput({k: sum(r.get(k, 0.0) for r in ranks) for k in ("samples_per_sec", "tokens_per_sec")})
+        stats = f"loss {loss:.4g}  lr {record['lr']:.3g}  {speed}"
+        if self._progress:
+            self._bar(record["epoch"])
+            self._progress.update(self._task, completed=record["step_in_epoch"], stats=stats)
+        elif time.monotonic() - self._last_line >= self.cfg.run.progress_interval_s:
+            step, steps = record["step_in_epoch"], record["steps_per_epoch"]
+            eta = (time.monotonic() - self._epoch_began) / step * (steps - step)
+            self.print(f"[dlray] epoch {record['epoch'] + 1}/{self.cfg.train.num_epochs} step {step}/{steps} | {stats}  eta {eta:.0f} s")
+
+    def _epoch(self, ranks: list[dict]) -> None:
+        record = ranks[0]
+        self.epochs[record["epoch"]] = record
+        self.print(format_epoch(record, self.cfg.train.num_epochs))
+        self._epoch_began = time.monotonic()
+        if record["epoch"] + 1 < self.cfg.train.num_epochs:
+            self._bar(record["epoch"] + 1)
+
+    def _final(self, ranks: list[dict]) -> None:
+        self.final = ranks[0]
+        self._bar(None)
+
+    def _bar(self, epoch: int | None, restart: bool = False) -> None:
+        """Show `epoch`'s progress bar (None: none), a fresh one when the epoch changes or the workers restart."""
+        if not self._progress or (epoch == self._bar_epoch and not restart):
+            return
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+            self._task = None
+        if epoch is not None:
+            self._task = self._progress.add_task(f"epoch {epoch + 1}/{self.cfg.train.num_epochs}", total=self._steps_per_epoch, stats="")
+        self._bar_epoch = epoch if epoch is not None else -1
+
+    # ------------------------------------------------------------------ the end
+
+    def summary(self, result, run_dir: str) -> str:
+        """The closing lines: the best epoch, the test scores, where the files are, what to run next."""
+        metric, mode = self.cfg.train.metric, self.cfg.train.mode
+        scored = [r for r in self.epochs.values() if metric in r]
+        lines = [f"[dlray] {'failed' if result.error else 'finished'} in {time.time() - self.started_at:.0f} s"]
+        if scored:
+            best = (min if mode == "min" else max)(scored, key=lambda r: r[metric])
+            lines[0] += f": best {metric} {best[metric]:.4g} at epoch {best['epoch'] + 1} of {len(self.epochs)} run"
+        patience = self.cfg.train.early_stopping_patience
+        if patience and self.final.get("bad_epochs", 0) >= patience:
+            lines[0] += f" (stopped early: no better {metric} for {patience} epochs)"
+        tests = {k: v for k, v in self.final.items() if k.startswith("test_")}
+        if tests:
+            lines.append("        test " + "  ".join(f"{k.removeprefix('test_')} {v:.4g}" for k, v in sorted(tests.items())))
+        lines.append(f"        run directory {run_dir}: metrics.csv, curves.png, tensorboard/ (tensorboard --logdir {run_dir}/tensorboard)")
+        best_checkpoint = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
+        if best_checkpoint is not None:
+            lines.append(f"        best checkpoint {best_checkpoint.path}")
+            lines.append(f"        next: dlray export {run_dir} out/{self.cfg.run.name}")
+        if result.error:
+            lines.append(f"        error: {one_line(result.error)}")
+        text = "\n".join(lines)
+        self.print(text)
+        return text
+
+
+def format_epoch(record: dict, num_epochs: int) -> str:
+    """`[dlray] epoch 4/15 step 80 | train_loss 0.26  val_loss 0.16  val_accuracy 0.94  lr 0.0089  2407 samples/s`"""
+    metrics = {k: v for k, v in record.items() if isinstance(v, float) and k not in NOT_SHOWN and not k.endswith("_per_sec")}
+    order = sorted(metrics, key=lambda k: (not k.startswith("train"), not k.startswith("val"), k))
+    shown = [f"{k} {metrics[k]:.4g}" for k in order]
+    return f"[dlray] epoch {record['epoch'] + 1}/{num_epochs} step {record['global_step']} | " + "  ".join(shown + [throughput(record)])
+
+
+def throughput(record: dict) -> str:
+    """Tokens per second for language models (samples are windows of tokens), samples per second otherwise."""
+    if record.get("tokens_per_sec"):
+        return f"{record['tokens_per_sec']:,.0f} tokens/s"
+    return f"{record.get('samples_per_sec', 0):,.0f} samples/s"
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"
