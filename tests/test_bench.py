@@ -53,9 +53,8 @@ def test_a_completion_stream_gives_its_first_choice_time_and_usage():
     seq.token_ids = [7, 8, 9]  # what the engine sampled in the steps below
 
     async def steps():
-        yield [Delta("", None, 1)]  # held back: no chunk, so not yet a first token
-        yield [Delta("Hello", None, 2)]
-        yield [Delta(" world", "length", 3)]
+        yield [[Delta("", None, 1)]]  # held back: no chunk, so not yet a first token
+        yield [[Delta("Hello", None, 2)], [Delta(" world", "length", 3)]]  # two steps done while the stream waited
 
     async def read(include_usage: bool):
         return await _read_events(lines(Reply(chat=False, model="m", sequences=[seq], tokenizer=None).events(steps(), include_usage)))

@@ -158,8 +158,9 @@ def test_eos_finishes_with_stop_and_counts(artifact, engine):
 
 
 async def replay(steps):
+    """Engine steps as the scheduler hands them out: one step at a time, in a list."""
     for deltas in steps:
-        yield deltas
+        yield [deltas]
 
 
 def test_whole_reply_has_openai_shape_and_exact_usage(engine, openai_api):
@@ -400,8 +401,8 @@ def test_sequences_joining_and_leaving_a_running_batch_decode_as_they_would_alon
     for step in range(40):
         outputs = engine.step(admit=schedule.get(step, ()), abort=[dropped] if step == 5 else ())
         assert all(seq.finish_reason is None for seq in engine.running)  # finished rows left at once
-        if step == 3:  # the first token of the one admitted in this step, with the running ones' next
-            assert {seq for seq, _ in outputs} == {long, seeded, dropped, wide}
+        if step == 3:  # a prefill step: the first token of the one admitted, the running ones wait
+            assert [seq for seq, _ in outputs] == [wide]
         if wide.finish_reason and wide in dict(outputs):  # the widest row left: the cache shrinks to what the rest hold
             assert engine.attention_mask.shape[1] == max(len(seq.prompt_ids) + len(seq.token_ids) - 1 for seq in engine.running)
     assert not engine.running and engine.cache is None
@@ -459,7 +460,8 @@ def test_max_tokens_0_computes_the_prompt_alone(engine):
 
 
 async def drain(steps) -> list:
-    return [deltas async for deltas in steps]
+    """Every step's deltas of a scheduler's stream."""
+    return [deltas async for ready in steps for deltas in ready]
 
 
 def test_scheduler_admits_within_max_num_seqs_and_refuses_beyond_the_queue(engine):

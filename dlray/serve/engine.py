@@ -9,9 +9,10 @@ and leaving the batch between steps (continuous batching): plain PyTorch and tra
     engine.step(admit=[seq])                     # what a server's decode loop calls (dlray.serve.scheduler):
                                                  # [(sequence, Delta)] of every running sequence
 
-Each step decodes one token for every running sequence, then prefills the sequences admitted in it
-(their prompt in one forward pass, which also samples their first token) and merges their KV cache
-into the running batch. Rows are left-padded, with an attention mask and position ids counted from
+A step either prefills the sequences admitted in it (their prompts in one forward pass, which also
+samples their first token) and merges their KV cache into the running batch, or, when none are
+admitted, decodes one token for every running sequence: prefill first, as vLLM's scheduler did
+before chunked prefill, so a new request's first token waits for one step, not two. Rows are left-padded, with an attention mask and position ids counted from
 each prompt's first real token, so a row computes what it would alone; finished (or aborted) rows
 leave the batch at once, and cache columns no running row still needs are cut off.
 
@@ -139,15 +140,15 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, admit: Iterable[Sequence] = (), abort: Iterable[Sequence] = ()) -> list[tuple[Sequence, Delta]]:
-        """Drop the `abort`ed sequences, decode one token for each running one, prefill the `admit`ted
-        ones (sampling their first token) into the batch; what each sequence added in this step.
+        """Drop the `abort`ed sequences; prefill the `admit`ted ones (sampling their first token) into
+        the batch, or, with none admitted, decode one token for each running one; what each sequence
+        added in this step.
         The caller keeps within its limits: every sequence's prompt + max_tokens fits `max_context`."""
         aborted = set(abort)
         if aborted:
             self._keep([seq not in aborted for seq in self.running])
-        outputs = self._decode() if self.running else []
-        if admit := list(admit):
-            outputs += self._prefill(admit)
+        admit = list(admit)
+        outputs = self._prefill(admit) if admit else self._decode() if self.running else []
         self._keep([seq.finish_reason is None for seq in self.running])
         return outputs
 

@@ -316,7 +316,7 @@ class OpenAITextAPI:
 
 class Reply:
     """One response to a completion or chat completion request, whole or as server-sent events,
-    from the per-step Deltas of its choices' `sequences`. `echo`: per choice, the prompt text that
+    from the per-step Deltas of its choices' `sequences` (the steps come in lists, Scheduler.submit's). `echo`: per choice, the prompt text that
     goes before its completion (completions' echo), its tokens' logprobs too where they were asked."""
 
     def __init__(self, chat: bool, model: str, sequences: list[Sequence], tokenizer: PreTrainedTokenizerBase, echo: Optional[list[str]] = None):
@@ -325,7 +325,7 @@ class Reply:
         self.offsets = [0] * len(sequences)  # per choice: characters of the tokens given out so far (text_offset)
         self.header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}", "created": int(time.time()), "model": model}
 
-    async def whole(self, steps: AsyncIterator[list[Optional[Delta]]]) -> dict:
+    async def whole(self, steps: AsyncIterator[list[list[Optional[Delta]]]]) -> dict:
         async for _ in steps:  # the sequences hold the outcome once the steps are done
             pass
         choices = []
@@ -334,7 +334,8 @@ class Reply:
             choices.append(self.choice(index, prefix + seq.text, seq.finish_reason, scored + list(zip(seq.token_ids, seq.logprobs))))
         return {**self.header, "object": "chat.completion" if self.chat else "text_completion", "choices": choices, "usage": self.usage()}
 
-    async def events(self, steps: AsyncIterator[list[Optional[Delta]]], include_usage: bool) -> AsyncIterator[str]:
+    async def events(self, steps: AsyncIterator[list[list[Optional[Delta]]]], include_usage: bool) -> AsyncIterator[str]:
+        """The server-sent events of the steps, those of steps that came together in one string."""
         def event(choices: list[dict], **extra) -> str:
             chunk = {**self.header, "object": "chat.completion.chunk" if self.chat else "text_completion", "choices": choices, **extra}
             return f"data: {json.dumps(chunk)}\n\n"
@@ -343,17 +344,21 @@ class Reply:
             for index in range(len(self.sequences)):
                 yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
         started = [False] * len(self.sequences)
-        async for deltas in steps:
-            for index, delta in enumerate(deltas):
-                if delta is None:
-                    continue
-                text, scored = ("", []) if started[index] else self.echoed(index)  # the echo goes before the first text
-                started[index] = True
-                text += delta.text
-                if delta.logprob is not None:
-                    scored.append((delta.logprob.token_id, delta.logprob))
-                if text or delta.finish_reason or scored:
-                    yield event([self.choice(index, text, delta.finish_reason, scored, streaming=True)])
+        async for ready in steps:
+            events = ""
+            for deltas in ready:
+                for index, delta in enumerate(deltas):
+                    if delta is None:
+                        continue
+                    text, scored = ("", []) if started[index] else self.echoed(index)  # the echo goes before the first text
+                    started[index] = True
+                    text += delta.text
+                    if delta.logprob is not None:
+                        scored.append((delta.logprob.token_id, delta.logprob))
+                    if text or delta.finish_reason or scored:
+                        events += event([self.choice(index, text, delta.finish_reason, scored, streaming=True)])
+            if events:
+                yield events
         if include_usage:
             yield event([], usage=self.usage())
         yield "data: [DONE]\n\n"

@@ -2,8 +2,8 @@
 
     scheduler = Scheduler(engine, max_num_seqs=32, max_batch_total_tokens=None, max_queue_len=64)
     steps = scheduler.submit(sequences)   # a request's choices; QueueFull at once if the queue is full
-    async for deltas in steps:            # deltas[i]: what choice i added in a step, None if nothing
-        ...
+    async for ready in steps:             # the steps done since the last iteration (one, unless the consumer fell behind)
+        for deltas in ready: ...          # deltas[i]: what choice i added in a step, None if nothing
 
 Requests wait in a bounded FIFO queue. Before each engine step the loop admits waiting requests
 (all of a request's choices together) while the running sequences stay within `max_num_seqs` and
@@ -79,7 +79,7 @@ class Scheduler:
             return "max_tokens", f"prompt + max_tokens of its choices come to {tokens} tokens, above serve.max_batch_total_tokens ({self.max_batch_total_tokens})"
         return None
 
-    def submit(self, sequences: list[Sequence]) -> AsyncIterator[list[Delta | None]]:
+    def submit(self, sequences: list[Sequence]) -> AsyncIterator[list[list[Delta | None]]]:
         """Queue one request's sequences (they must pass `check`); its per-step deltas, in their order.
         Raises QueueFull, before anything is queued, when max_queue_len requests wait already."""
         if len(self.waiting) >= self.max_queue_len:
@@ -91,15 +91,22 @@ class Scheduler:
             self.loop_task = asyncio.get_running_loop().create_task(self._loop())
         return self._stream(request)
 
-    async def _stream(self, request: Request) -> AsyncIterator[list[Delta | None]]:
+    async def _stream(self, request: Request) -> AsyncIterator[list[list[Delta | None]]]:
         done = False
         try:
             while not done:
-                item = await request.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                deltas, done = item
-                yield deltas
+                # Every step already done, together: a stream that fell behind catches up in one
+                # write, rather than one per step (each costs the replica and Serve's proxy CPU).
+                items = [await request.queue.get()]
+                while not request.queue.empty():
+                    items.append(request.queue.get_nowait())
+                ready = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    deltas, done = item
+                    ready.append(deltas)
+                yield ready
         finally:
             if not done:  # the consumer stopped early: free the request's place in the queue or the batch
                 self._abort(request)
