@@ -9,8 +9,8 @@ import torch
 
 from dlray.bench import _read_events, bench_gpt_mfu, bench_qlora_memory, machine, render_markdown
 from dlray.models import gpt
-from dlray.serve.engine import Delta
-from dlray.serve.generate import Reply
+from dlray.serve.engine import Delta, SamplingParams, Sequence
+from dlray.serve.openai_text import Reply
 
 
 def test_flops_per_token_are_palm_model_flops():
@@ -49,13 +49,15 @@ def lines(events):
 
 
 def test_a_completion_stream_gives_its_first_choice_time_and_usage():
+    seq = Sequence([0] * 5, SamplingParams(max_tokens=3))
+    seq.token_ids = [7, 8, 9]  # what the engine sampled in the steps below
+
     async def steps():
-        yield [Delta("", None, 1)]  # held back: no chunk, so not yet a first token
-        yield [Delta("Hello", None, 2)]
-        yield [Delta(" world", "length", 3)]
+        yield [[Delta("", None, 1)]]  # held back: no chunk, so not yet a first token
+        yield [[Delta("Hello", None, 2)], [Delta(" world", "length", 3)]]  # two steps done while the stream waited
 
     async def read(include_usage: bool):
-        return await _read_events(lines(Reply(chat=False, model="m", prompt_tokens=5, n=1).events(steps(), include_usage)))
+        return await _read_events(lines(Reply(chat=False, model="m", sequences=[seq], tokenizer=None).events(steps(), include_usage)))
 
     before = time.perf_counter()
     first, usage = asyncio.run(read(include_usage=True))

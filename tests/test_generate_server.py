@@ -1,5 +1,6 @@
-"""The generate endpoint over real HTTP on 127.0.0.1 (Ray Serve, streaming @serve.batch), through
-the official `openai` client and, for the error cases, raw httpx.
+"""The generate endpoint over real HTTP on 127.0.0.1 (Ray Serve, continuous batching), through
+the official `openai` client, lm-evaluation-harness's local-completions model and, for the error
+cases and timings, raw httpx.
 
 The artifact is built here (test_generation_engine.write_llm_artifact: a tiny random Llama, a
 byte-level BPE tokenizer trained in the test with a chat template, and a dlray.json naming the
@@ -7,7 +8,10 @@ task) because the export of trained LMs is not final yet; once `dlray export` wr
 an exported debug LM can take its place.
 """
 
+import json
 import os
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -46,7 +50,7 @@ def server(ray_cluster, artifact, adapter):
     serve.shutdown()  # Serve keeps the port it first started on; this module picks its own
     port = free_port()
     run(str(artifact), {"port": port, "api_key_env": API_KEY_ENV, "max_tokens_limit": 64, "max_completions_per_request": 3,
-                        "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "adapters": {"sql": adapter}})
+                        "max_num_seqs": 8, "adapters": {"sql": adapter}})
     yield f"http://127.0.0.1:{port}"
     serve.delete("dlray")
 
@@ -128,17 +132,21 @@ def test_the_event_stream_on_the_wire(server):
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
 
 
-def test_seeded_choices_are_the_same_batched_or_alone(client):
+def test_seeded_choices_are_the_same_alone_and_under_16_concurrent_streams(client):
     def complete(seed: int, n: int = 1):
-        return client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=16, temperature=1.0, top_p=0.95, seed=seed, n=n)
+        return client.completions.create(model=MODEL, prompt=PROMPTS[seed % 3], max_tokens=16, temperature=1.0, top_p=0.95, seed=seed, n=n)
 
-    alone = {seed: complete(seed).choices[0].text for seed in (10, 11, 12)}
-    with ThreadPoolExecutor(6) as pool:  # concurrent: decoded together in one batch
-        together = list(pool.map(complete, [12, 20, 21, 22, 23, 24]))
-    assert together[0].choices[0].text == alone[12]
+    def streamed(seed: int) -> str:
+        chunks = client.completions.create(model=MODEL, prompt=PROMPTS[seed % 3], max_tokens=16, temperature=1.0, top_p=0.95, seed=seed, stream=True)
+        return "".join(chunk.choices[0].text for chunk in chunks)
+
+    seeds = range(10, 26)
+    alone = {seed: complete(seed).choices[0].text for seed in seeds}  # one at a time
+    with ThreadPoolExecutor(16) as pool:  # 16 streams at once: 8 decode (serve.max_num_seqs), 8 wait and join as rows free
+        together = dict(zip(seeds, pool.map(streamed, seeds)))
+    assert together == alone and len(set(alone.values())) == 16
     two = complete(10, n=2)  # choice i samples from seed + i
     assert [c.text for c in two.choices] == [alone[10], alone[11]] and two.usage.completion_tokens == 32
-    assert len(set(alone.values())) == 3
 
 
 def test_stop_strings(client):
@@ -197,20 +205,176 @@ def test_the_openai_client_raises_its_own_errors(server, client):
     assert err.value.param == "temperature"
 
 
-def test_without_a_chat_template_chat_fails_at_start_up_or_is_switched_off(server, tmp_path):
-    """Two more apps beside the module's server, over an artifact whose tokenizer has no template."""
+@pytest.fixture(scope="module")
+def plain(server, tmp_path_factory):
+    """A second app beside the module's server (its URL), over an artifact whose tokenizer has no chat
+    template, with room for one decoding sequence and one waiting request."""
     from ray import serve
 
     from dlray.serve.app import build_app
 
-    plain = write_llm_artifact(tmp_path / "plain", chat_template=None)
+    artifact = write_llm_artifact(tmp_path_factory.mktemp("plain") / "plain", chat_template=None)
     with pytest.raises(ValueError, match="no chat template.*serve.chat=false"):
-        build_app({"artifact": str(plain)})  # before any replica starts
-    serve.run(build_app({"artifact": str(plain), "chat": False}), name="plain", route_prefix="/plain")
-    try:
-        chat = httpx.post(f"{server}/plain/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, timeout=60)
-        assert chat.status_code == 404 and chat.json()["error"]["code"] == "chat_disabled", chat.text
-        completion = httpx.post(f"{server}/plain/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60)  # no key here
-        assert completion.status_code == 200 and completion.json()["model"] == "plain"
-    finally:
-        serve.delete("plain")
+        build_app({"artifact": str(artifact)})  # before any replica starts
+    serve.run(build_app({"artifact": str(artifact), "chat": False, "max_num_seqs": 1, "max_queue_len": 1, "max_tokens_limit": 120}),
+              name="plain", route_prefix="/plain")
+    yield f"{server}/plain"
+    serve.delete("plain")
+
+
+def test_without_a_chat_template_chat_is_switched_off(plain):
+    chat = httpx.post(f"{plain}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, timeout=60)
+    assert chat.status_code == 404 and chat.json()["error"]["code"] == "chat_disabled", chat.text
+    completion = httpx.post(f"{plain}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60)  # no key here
+    assert completion.status_code == 200 and completion.json()["model"] == "plain"
+
+
+def test_a_full_queue_answers_429_and_the_replica_keeps_serving(plain):
+    def complete(_):
+        return httpx.post(f"{plain}/v1/completions", json={"prompt": "Hi", "max_tokens": 120, "temperature": 0}, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:  # one decodes, one waits, the others find the queue full
+        answers = list(pool.map(complete, range(4)))
+    refused = [a for a in answers if a.status_code == 429]
+    assert refused and all(a.status_code == 200 and a.json()["usage"]["completion_tokens"] >= 1 for a in answers if a not in refused)
+    for answer in refused:
+        assert answer.headers["retry-after"] == "1"
+        error = answer.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == ("rate_limit_error", "queue_full", None) and "serve.max_queue_len" in error["message"]
+    assert complete(0).status_code == 200  # the replica serves on
+
+
+def timed_chunks(server: str, body: dict) -> list[tuple[float, dict]]:
+    """(time.perf_counter() on arrival, chunk) of each chunk of a streamed completion that has a choice."""
+    chunks = []
+    with httpx.stream("POST", f"{server}/v1/completions", json={**body, "stream": True}, headers=AUTH, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append((time.perf_counter(), json.loads(line.removeprefix("data: "))))
+    return chunks
+
+
+def test_a_request_sent_during_a_long_generation_gets_its_first_token_before_that_one_ends(server, engine):
+    """With a batch run to its end, the second request would wait for the whole first generation."""
+    long_body, short_body = {"prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0}, {"prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0}
+    long_times, long_text = [], ""
+    with ThreadPoolExecutor(1) as pool, httpx.stream("POST", f"{server}/v1/completions", json={**long_body, "stream": True}, headers=AUTH, timeout=60) as response:
+        short = None
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                long_times.append(time.perf_counter())
+                long_text += json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+                short = short or pool.submit(timed_chunks, server, short_body)  # sent once the long one streams
+        short_chunks = short.result()
+    assert short_chunks[0][0] < long_times[-1], "the short request's first token came only after the long generation ended"
+    print(f"the long generation streamed {sum(t > short_chunks[0][0] for t in long_times)} of its {len(long_times)} chunks after the short one's first token")
+    for body, text in ((long_body, long_text), (short_body, "".join(chunk["choices"][0]["text"] for _, chunk in short_chunks))):
+        expected = local_greedy(engine, engine.tokenizer.encode(body["prompt"]), body["max_tokens"])
+        assert text == expected.text and expected.finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def model(artifact):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(artifact).eval()
+
+
+def transformers_logprobs(model, token_ids: list[int]) -> list[float]:
+    """Plain transformers: the logprob of each token after the first, given the ones before it."""
+    import torch
+
+    with torch.no_grad():
+        logprobs = model(torch.tensor([token_ids])).logits[0].float().log_softmax(-1)
+    return [float(logprobs[i - 1, token]) for i, token in enumerate(token_ids) if i]
+
+
+TOLERANCE = 1e-4  # float32: the replica computes in a padded batch, the reference alone
+
+
+def test_the_openai_client_reads_logprobs_from_both_routes(client, engine, model):
+    completion = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=0, logprobs=2)
+    prompt_ids = engine.tokenizer.encode(PROMPTS[1])
+    completion_ids = local_greedy(engine, prompt_ids, 6).token_ids
+    expected = transformers_logprobs(model, prompt_ids + completion_ids)[len(prompt_ids) - 1 :]
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == [engine.tokenizer.decode([token]) for token in completion_ids]
+    assert logprobs.token_logprobs == pytest.approx(expected, abs=TOLERANCE)
+    # greedy: each token is the most likely, so the top two hold it; the top dict also names the token itself
+    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(lp) for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(6)]
+
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    chat_ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    answer_ids = local_greedy(engine, chat_ids, 5).token_ids
+    content = chat.choices[0].logprobs.content
+    assert [entry.token for entry in content] == [engine.tokenizer.decode([token]) for token in answer_ids]
+    assert [entry.logprob for entry in content] == pytest.approx(transformers_logprobs(model, chat_ids + answer_ids)[len(chat_ids) - 1 :], abs=TOLERANCE)
+    assert all(len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob) for entry in content)
+    assert content[0].bytes == list(content[0].token.encode())
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True, stream=True))
+    assert [entry.token for chunk in chunks if chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content] == [e.token for e in content]
+
+
+def test_echo_with_max_tokens_0_returns_the_prompts_logprobs(client, engine, model):
+    prompt_ids = engine.tokenizer.encode(PROMPTS[2])
+    scored = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=0, echo=True, logprobs=1)
+    [choice] = scored.choices
+    assert (choice.text, choice.finish_reason, scored.usage.completion_tokens, scored.usage.prompt_tokens) == (PROMPTS[2], "length", 0, len(prompt_ids))
+    assert choice.logprobs.tokens == [engine.tokenizer.decode([token]) for token in prompt_ids]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None  # nothing predicts the first token
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(transformers_logprobs(model, prompt_ids), abs=TOLERANCE)
+    # token ids in, as evaluation harnesses send them, several prompts in one request
+    by_ids = client.completions.create(model=MODEL, prompt=[prompt_ids, prompt_ids[:5]], max_tokens=0, echo=True, logprobs=0)
+    assert [c.index for c in by_ids.choices] == [0, 1] and by_ids.choices[0].logprobs.token_logprobs == choice.logprobs.token_logprobs
+    assert by_ids.choices[1].logprobs.token_logprobs == pytest.approx(choice.logprobs.token_logprobs[:5], abs=TOLERANCE)
+
+
+def test_lm_evaluation_harness_scores_a_loglikelihood_against_the_server(server, artifact, engine, model, monkeypatch):
+    """lm-eval's own `local-completions` client (what `lm_eval --model local-completions` runs): it
+    tokenizes with the artifact's tokenizer and sends token ids with echo, max_tokens 1 and logprobs 1."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # the key lm-eval sends
+    lm = LocalCompletionsAPI(base_url=f"{server}/v1/completions", model=MODEL, tokenizer_backend="huggingface", tokenizer=str(artifact),
+                             max_length=MAX_CONTEXT, max_retries=1)
+    context, continuation = "The quick brown fox", " jumps over the lazy dog"
+    [(loglikelihood, is_greedy)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)], disable_tqdm=True)
+    ids, context_ids = engine.tokenizer.encode(context + continuation), engine.tokenizer.encode(context)
+    assert ids[: len(context_ids)] == context_ids
+    expected = transformers_logprobs(model, ids)[len(context_ids) - 1 :]
+    assert loglikelihood == pytest.approx(sum(expected), abs=TOLERANCE * len(expected)) and loglikelihood < 0
+    assert is_greedy is False  # a random model does not predict this sentence
+
+
+def test_the_replicas_metrics_reach_rays_prometheus_endpoint(ray_cluster, client):
+    """Ray Serve's metrics of the replica (earlier tests in this module sent it requests), scraped
+    from the node's metrics export port as Prometheus would; the export runs every few seconds."""
+    client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3)
+    [node] = [node for node in ray_cluster.nodes() if node["Alive"]]
+    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+    wanted = ["ray_dlray_num_requests_running", "ray_dlray_num_requests_waiting", "ray_dlray_time_to_first_token_seconds_count",
+              "ray_dlray_inter_token_latency_seconds_count", "ray_dlray_prompt_tokens_total", "ray_dlray_generation_tokens_total"]
+
+    def values() -> dict:
+        text = httpx.get(url, timeout=10).text
+        found = {}
+        for name in wanted:  # summed over the series of every replica and application
+            samples = [float(value) for value in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.MULTILINE)]
+            if samples:
+                found[name] = sum(samples)
+        return found
+
+    def settled(found: dict) -> bool:  # every metric exported, and the gauges back to 0 now that all requests are answered
+        return found.keys() == set(wanted) and found["ray_dlray_num_requests_running"] == found["ray_dlray_num_requests_waiting"] == 0
+
+    deadline = time.monotonic() + 90
+    while not settled(found := values()):
+        assert time.monotonic() < deadline, f"after 90 s the metrics endpoint shows {found}"
+        time.sleep(1)
+    assert found["ray_dlray_time_to_first_token_seconds_count"] >= 1 and found["ray_dlray_inter_token_latency_seconds_count"] >= 2
+    assert found["ray_dlray_prompt_tokens_total"] >= 1 and found["ray_dlray_generation_tokens_total"] >= 3

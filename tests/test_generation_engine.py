@@ -16,9 +16,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dlray.serve.app import build_app
-from dlray.serve.engine import Engine, SamplingParams, Sequence, sample
+from dlray.serve.engine import Delta, Engine, SamplingParams, Sequence, sample
 from dlray.serve.errors import RequestError, parse_json
-from dlray.serve.generate import ChatCompletionRequest, CompletionRequest, OpenAITextAPI, Reply, check_chat_template, read_api_key
+from dlray.serve.openai_text import ChatCompletionRequest, CompletionRequest, OpenAITextAPI, Reply, check_chat_template, read_api_key
+from dlray.serve.scheduler import QueueFull, Scheduler
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -101,7 +102,7 @@ def test_seeded_sampling_is_the_same_alone_and_batched(engine):
 def test_temperature_or_top_p_below_float32s_range_samples_the_most_likely_token(temperature, top_p):
     """Both are valid above 0; schemathesis found top_p=5e-324 a 500 (float32 rounded it to 0, dropping every token)."""
     logits = torch.randn(384, generator=torch.Generator().manual_seed(0))
-    assert sample(logits, Sequence([1], SamplingParams(temperature=temperature, top_p=top_p, seed=0))) == int(logits.argmax())
+    assert int(sample(logits[None], [Sequence([1], SamplingParams(temperature=temperature, top_p=top_p, seed=0))])[0]) == int(logits.argmax())
 
 
 def test_deltas_join_to_the_text_and_end_with_the_finish_reason(engine):
@@ -157,15 +158,16 @@ def test_eos_finishes_with_stop_and_counts(artifact, engine):
 
 
 async def replay(steps):
+    """Engine steps as the scheduler hands them out: one step at a time, in a list."""
     for deltas in steps:
-        yield deltas
+        yield [deltas]
 
 
 def test_whole_reply_has_openai_shape_and_exact_usage(engine, openai_api):
     params = CompletionRequest(prompt=PROMPTS[1], max_tokens=6, n=2, seed=1)
-    prompt_ids = openai_api.completion_prompt(params)
-    sequences = openai_api.sequences(params, prompt_ids)
-    reply = Reply(False, "tiny", len(prompt_ids), params.n)
+    [prompt_ids] = openai_api.completion_prompts(params)
+    sequences = openai_api.sequences(params, [prompt_ids])
+    reply = Reply(False, "tiny", sequences, engine.tokenizer)
     body = asyncio.run(reply.whole(replay(engine.generate(sequences))))
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == "tiny" and isinstance(body["created"], int)
     assert body["choices"] == [{"index": i, "text": seq.text, "logprobs": None, "finish_reason": "length"} for i, seq in enumerate(sequences)]
@@ -183,10 +185,10 @@ def test_chat_stream_chunks(engine, openai_api):
     params = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0,
                                    stream=True, stream_options={"include_usage": True})
     prompt_ids = openai_api.chat_prompt(params)
-    [seq] = openai_api.sequences(params, prompt_ids)
+    [seq] = openai_api.sequences(params, [prompt_ids])
 
     async def collect():
-        return [e async for e in Reply(True, "tiny", len(prompt_ids), 1).events(replay(engine.generate([seq])), include_usage=True)]
+        return [e async for e in Reply(True, "tiny", [seq], engine.tokenizer).events(replay(engine.generate([seq])), include_usage=True)]
 
     chunks = parse_events(asyncio.run(collect()))
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
@@ -198,10 +200,10 @@ def test_chat_stream_chunks(engine, openai_api):
 
 def test_completion_stream_without_usage(engine, openai_api):
     params = CompletionRequest(prompt=PROMPTS[0], max_tokens=5, temperature=0, stream=True)
-    [seq] = openai_api.sequences(params, openai_api.completion_prompt(params))
+    [seq] = openai_api.sequences(params, openai_api.completion_prompts(params))
 
     async def collect():
-        return [e async for e in Reply(False, "tiny", len(seq.prompt_ids), 1).events(replay(engine.generate([seq])), include_usage=False)]
+        return [e async for e in Reply(False, "tiny", [seq], engine.tokenizer).events(replay(engine.generate([seq])), include_usage=False)]
 
     chunks = parse_events(asyncio.run(collect()))
     assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
@@ -212,34 +214,35 @@ def test_prompt_and_max_tokens_must_fit_the_context(engine, openai_api):
     prompt_ids = engine.tokenizer.encode(PROMPTS[2])
     assert len(prompt_ids) < MAX_CONTEXT
     with pytest.raises(RequestError) as err:
-        openai_api.sequences(CompletionRequest(prompt="x", max_tokens=MAX_CONTEXT - len(prompt_ids) + 1), prompt_ids)
+        openai_api.sequences(CompletionRequest(prompt="x", max_tokens=MAX_CONTEXT - len(prompt_ids) + 1), [prompt_ids])
     assert err.value.status == 400 and err.value.code == "context_length_exceeded" and err.value.param == "prompt"
     assert f"maximum context length is {MAX_CONTEXT} tokens, but {MAX_CONTEXT + 1} were requested ({len(prompt_ids)} in the prompt" in err.value.message
-    openai_api.sequences(CompletionRequest(prompt="x", max_tokens=MAX_CONTEXT - len(prompt_ids)), prompt_ids)  # exactly full: fine
+    openai_api.sequences(CompletionRequest(prompt="x", max_tokens=MAX_CONTEXT - len(prompt_ids)), [prompt_ids])  # exactly full: fine
     # chat without max_tokens takes what the context leaves (here below serve.max_tokens_limit)
-    [seq] = openai_api.sequences(ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]), prompt_ids)
+    [seq] = openai_api.sequences(ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]), [prompt_ids])
     assert seq.params.max_tokens == MAX_CONTEXT - len(prompt_ids)
 
 
 @pytest.mark.parametrize("body, param, status", [
     (CompletionRequest(prompt="x", max_tokens=101), "max_tokens", 400),  # above max_tokens_limit 100
     (CompletionRequest(prompt="x", n=4), "n", 400),  # above max_completions_per_request 3
+    (CompletionRequest(prompt="x", max_tokens=0), "max_tokens", 400),  # no completion, no echo: nothing to answer
     (ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_completion_tokens=101), "max_tokens", 400),
 ])
 def test_limits(openai_api, body, param, status):
     with pytest.raises(RequestError) as err:
-        openai_api.sequences(body, [1, 2, 3])
+        openai_api.sequences(body, [[1, 2, 3]])
     assert (err.value.status, err.value.param) == (status, param)
 
 
 def test_unknown_model_is_404_and_empty_prompt_400(openai_api):
     with pytest.raises(RequestError) as err:
-        openai_api.completion_prompt(CompletionRequest(prompt="x", model="gpt-4"))
+        openai_api.completion_prompts(CompletionRequest(prompt="x", model="gpt-4"))
     assert (err.value.status, err.value.code, err.value.param) == (404, "model_not_found", "model") and "tiny" in err.value.message
     with pytest.raises(RequestError) as err:
-        openai_api.completion_prompt(CompletionRequest(prompt=""))
+        openai_api.completion_prompts(CompletionRequest(prompt=""))
     assert (err.value.status, err.value.param) == (400, "prompt")
-    assert openai_api.completion_prompt(CompletionRequest(prompt="x", model="tiny"))
+    assert openai_api.completion_prompts(CompletionRequest(prompt="x", model="tiny"))
     assert openai_api.models()["data"][0]["id"] == "tiny"
 
 
@@ -248,7 +251,7 @@ def test_unknown_model_is_404_and_empty_prompt_400(openai_api):
     (CompletionRequest, {"prompt": "x", "temperature": -0.1}, "temperature"),
     (CompletionRequest, {"prompt": "x", "top_p": 0}, "top_p"),
     (CompletionRequest, {"prompt": "x", "top_p": 1.5}, "top_p"),
-    (CompletionRequest, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    (CompletionRequest, {"prompt": "x", "max_tokens": -1}, "max_tokens"),
     (CompletionRequest, {"prompt": "x", "n": 0}, "n"),
     (CompletionRequest, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     (CompletionRequest, {"prompt": "x", "stop": [""]}, "stop.0"),
@@ -256,7 +259,10 @@ def test_unknown_model_is_404_and_empty_prompt_400(openai_api):
     (CompletionRequest, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     (CompletionRequest, {"prompt": "x", "stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
     (CompletionRequest, {"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
-    (CompletionRequest, {"prompt": ["x", "y"]}, "prompt"),
+    (CompletionRequest, {"prompt": [["x"]]}, "prompt"),
+    (CompletionRequest, {"prompt": [1, -2]}, "prompt"),
+    (CompletionRequest, {"prompt": "x", "logprobs": 21}, "logprobs"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     (CompletionRequest, {}, "prompt"),
     (CompletionRequest, {"prompt": None}, "prompt"),
     (CompletionRequest, "{not json", "body"),
@@ -356,8 +362,135 @@ def test_one_batch_mixes_lora_adapters_and_the_base(artifact, tmp_path):
 
     api = OpenAITextAPI(engine, "tiny", max_tokens_limit=100, max_completions_per_request=3)
     assert [m["id"] for m in api.models()["data"]] == ["tiny", "tiny:poem", "tiny:sql"]
-    [seq] = api.sequences(CompletionRequest(model="tiny:sql", prompt="x"), prompt_ids)
+    [seq] = api.sequences(CompletionRequest(model="tiny:sql", prompt="x"), [prompt_ids])
     assert seq.adapter == "sql"
     with pytest.raises(RequestError) as err:
         api.check_model(CompletionRequest(model="tiny:nope", prompt="x"))
     assert err.value.status == 404 and "tiny:sql" in err.value.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous batching: sequences join a running batch and leave it between steps
+
+
+def gpt2_engine(tokenizer) -> Engine:
+    """A GPT-2: learned absolute positions, so a row decodes as it would alone only if its
+    positions count from its own first token, wherever it joined the batch."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=MAX_CONTEXT, eos_token_id=tokenizer.eos_token_id)
+    return Engine(GPT2LMHeadModel(config), tokenizer)
+
+
+def alone(engine: Engine, seq: Sequence) -> Sequence:
+    fresh = Sequence(seq.prompt_ids, seq.params, adapter=seq.adapter)
+    run(engine, [fresh])
+    return fresh
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sequences_joining_and_leaving_a_running_batch_decode_as_they_would_alone(engine, family):
+    engine = engine if family == "llama" else gpt2_engine(engine.tokenizer)
+    tokenize = engine.tokenizer.encode
+    long = Sequence(tokenize(PROMPTS[0]), SamplingParams(max_tokens=30, temperature=0))
+    seeded = Sequence(tokenize(PROMPTS[1]), SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, seed=5))
+    wide = Sequence(tokenize(PROMPTS[2]), SamplingParams(max_tokens=12, temperature=1.0, seed=6))  # a longer prompt than the batch is wide
+    late = Sequence(tokenize(PROMPTS[1]), SamplingParams(max_tokens=8, temperature=0))
+    dropped = Sequence(tokenize(PROMPTS[0]), SamplingParams(max_tokens=30, temperature=0))
+    assert len(wide.prompt_ids) > len(long.prompt_ids) + 4
+    schedule = {0: [long, seeded, dropped], 3: [wide], 9: [late]}  # step -> sequences admitted then
+    for step in range(40):
+        outputs = engine.step(admit=schedule.get(step, ()), abort=[dropped] if step == 5 else ())
+        assert all(seq.finish_reason is None for seq in engine.running)  # finished rows left at once
+        if step == 3:  # a prefill step: the first token of the one admitted, the running ones wait
+            assert [seq for seq, _ in outputs] == [wide]
+        if wide.finish_reason and wide in dict(outputs):  # the widest row left: the cache shrinks to what the rest hold
+            assert engine.attention_mask.shape[1] == max(len(seq.prompt_ids) + len(seq.token_ids) - 1 for seq in engine.running)
+    assert not engine.running and engine.cache is None
+    for seq in (long, seeded, wide, late):
+        expected = alone(engine, seq)
+        assert seq.token_ids == expected.token_ids and seq.text == expected.text and seq.finish_reason == expected.finish_reason
+    assert 0 < len(dropped.token_ids) < 30 and dropped.finish_reason is None and wide.finish_reason == "length"
+
+
+def test_sixteen_seeded_sequences_joining_two_a_step_sample_as_they_would_alone(engine):
+    """Sixteen sequences admitted two a step, each seeded: every one samples what it samples alone."""
+    sequences = [Sequence(engine.tokenizer.encode(PROMPTS[i % 3]), SamplingParams(max_tokens=10, temperature=1.0, seed=i)) for i in range(16)]
+    step = 0
+    while step < 8 or engine.running:
+        engine.step(admit=sequences[2 * step : 2 * step + 2])
+        step += 1
+    assert [seq.token_ids for seq in sequences] == [alone(engine, seq).token_ids for seq in sequences]
+
+
+def reference_logprobs(model, token_ids: list[int]) -> torch.Tensor:
+    """Plain transformers: log_softmax of the model's logits at every position of `token_ids`, alone."""
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].float().log_softmax(-1)
+
+
+def test_logprobs_and_prompt_logprobs_are_transformers_log_softmax(artifact, engine):
+    model = AutoModelForCausalLM.from_pretrained(artifact).eval()
+    prompt = engine.tokenizer.encode(PROMPTS[1])
+    scored = Sequence(prompt, SamplingParams(max_tokens=6, temperature=0.8, seed=1, logprobs=3, prompt_logprobs=2))
+    other = greedy(engine, PROMPTS[2])  # batched with a longer prompt: `scored` is left-padded
+    run(engine, [scored, other])
+    reference = reference_logprobs(model, prompt + scored.token_ids)
+    assert len(scored.logprobs) == 6 and len(scored.prompt_logprobs) == len(prompt) and scored.prompt_logprobs[0] is None
+    for position, logprob in enumerate(scored.prompt_logprobs[1:] + scored.logprobs, start=1):
+        expected = reference[position - 1]  # the logits before a token predict it
+        token = (prompt + scored.token_ids)[position]
+        assert logprob.token_id == token
+        assert logprob.logprob == pytest.approx(float(expected[token]), abs=1e-4)  # float32 rounding, batched vs alone
+        top = expected.topk(len(logprob.top))
+        assert [t for t, _ in logprob.top] == top.indices.tolist() and len(logprob.top) == (2 if position < len(prompt) else 3)
+        assert [v for _, v in logprob.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert other.logprobs == [] and other.prompt_logprobs == []  # not asked: not computed
+
+
+def test_max_tokens_0_computes_the_prompt_alone(engine):
+    prompt = engine.tokenizer.encode(PROMPTS[2])
+    seq = Sequence(prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    [deltas] = run(engine, [seq])
+    assert deltas == [Delta("", "length", 0)] and seq.token_ids == [] and not engine.running
+    assert len(seq.prompt_logprobs) == len(prompt) and all(lp.top == () for lp in seq.prompt_logprobs[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler: a bounded queue in front of the engine's batch
+
+
+async def drain(steps) -> list:
+    """Every step's deltas of a scheduler's stream."""
+    return [deltas async for ready in steps for deltas in ready]
+
+
+def test_scheduler_admits_within_max_num_seqs_and_refuses_beyond_the_queue(engine):
+    async def scenario():
+        scheduler = Scheduler(engine, max_num_seqs=2, max_batch_total_tokens=None, max_queue_len=2)
+        requests = [[greedy(engine, PROMPTS[i % 3], max_tokens=8)] for i in range(4)]
+        streams = [scheduler.submit(request) for request in requests[:2]]  # both wait until the loop runs
+        with pytest.raises(QueueFull):
+            scheduler.submit(requests[2])
+        outputs = await asyncio.gather(*(drain(stream) for stream in streams))
+        assert [len(steps) for steps in outputs] == [8, 8]
+        assert [seq.token_ids for [seq] in requests[:2]] == [alone(engine, seq).token_ids for [seq] in requests[:2]]
+        assert scheduler.check([greedy(engine, "x")] * 3)[0] == "n"  # more choices than max_num_seqs: never admitted
+        await drain(scheduler.submit(requests[3]))  # the queue has room again
+        assert requests[3][0].finish_reason == "length"
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_consumer_leaves_is_dropped_from_the_batch(engine):
+    async def scenario():
+        scheduler = Scheduler(engine, max_num_seqs=4, max_batch_total_tokens=None, max_queue_len=4)
+        [leaving], [staying] = request = [greedy(engine, PROMPTS[0], max_tokens=60)], [greedy(engine, PROMPTS[1], max_tokens=20)]
+        steps = scheduler.submit(request[0])
+        kept = asyncio.ensure_future(drain(scheduler.submit(request[1])))
+        await anext(steps)
+        await steps.aclose()  # as Starlette does when the client disconnects
+        await kept
+        assert leaving.finish_reason is None and len(leaving.token_ids) < 60 and staying.finish_reason == "length"
+        assert not engine.running and scheduler.loop_task is None
+
+    asyncio.run(scenario())

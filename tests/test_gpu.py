@@ -275,24 +275,47 @@ def test_images_replica_on_the_gpu_draws_the_exported_models_images(trained):
 
 
 def test_generate_replica_on_the_gpu_decodes_greedily_as_transformers_does_on_cpu(trained):
+    """Continuous batching with the KV cache, logits and sampling on the replica's GPU: greedy text and
+    logprobs as plain transformers gives them on this process's CPU, and seeded samples the same
+    alone and among 8 concurrent streams (each sequence's generator lives on the GPU)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, artifact = trained("gpt")
     prompt = "The with statement"
     with served_on_gpu(artifact, chat=False) as base:  # a tokenizer trained from scratch has no chat template
-        body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
-        first, second = [httpx.post(f"{base}/v1/completions", json=body, timeout=120) for _ in range(2)]
-    assert first.status_code == 200, first.text
-    assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"], "greedy decoding is deterministic"
+        def complete(body: dict) -> dict:
+            response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        greedy = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 2}
+        seeded = [{"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "top_p": 0.9, "seed": seed} for seed in range(8)]
+        first, second = complete(greedy), complete(greedy)
+        alone = [complete(body)["choices"][0]["text"] for body in seeded]
+        with ThreadPoolExecutor(8) as pool:
+            together = [reply["choices"][0]["text"] for reply in pool.map(complete, seeded)]
+        scored = complete({"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert first["choices"][0]["text"] == second["choices"][0]["text"], "greedy decoding is deterministic"
+    assert together == alone and len(set(alone)) > 1
 
     # Plain transformers on this process's CPU, in fp32: no dlray in the reference.
     tokenizer = AutoTokenizer.from_pretrained(artifact)
+    model = AutoModelForCausalLM.from_pretrained(artifact).eval()
     inputs = tokenizer(prompt, return_tensors="pt")
-    output = AutoModelForCausalLM.from_pretrained(artifact).eval().generate(**inputs, max_new_tokens=8, do_sample=False)
+    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
-    reply = first.json()
-    assert reply["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1]
-    assert reply["choices"][0]["text"] == tokenizer.decode(new_tokens, skip_special_tokens=True)
+    assert first["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1]
+    assert first["choices"][0]["text"] == tokenizer.decode(new_tokens, skip_special_tokens=True)
+    with torch.no_grad():
+        logprobs = model(output).logits[0].log_softmax(-1)
+    ids = output[0].tolist()
+    expected = [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+    prompt_length = inputs["input_ids"].shape[1]
+    # fp32 on both devices, summed in different orders: agreement to about 1e-3
+    assert first["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(expected[prompt_length - 1:], abs=2e-3)
+    assert scored["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(expected[: prompt_length - 1], abs=2e-3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`dlray bench llm`: jobs/gpt_pretrain.yaml's gpt/debug and gpt/small: dlray (1 worker) tokens/s / a
 plain PyTorch + transformers loop on the same Llama, data, batch and precision; QLoRA (NF4, double
 quantisation) bytes of the quantised linears / bf16, quantisation state included; generation tokens/s,
-the engine alone with 16 sequences batched / one at a time, and the generate endpoint's at 1 and 16
-streaming clients with the time to first token; on a GPU, the MFU of gpt/1b training.
+the engine alone with 16 sequences batched / one at a time, and the generate endpoint's tokens/s and
+time to first token at 16 / 1 streaming clients (continuous batching), on the CPU and on a GPU where
+there is one; on a GPU, the MFU of gpt/1b training.
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ def _decode(engine, prompts: list[str]) -> int:
 
 def bench_generate_serve() -> dict:
     """Tokens/s of the generate endpoint, streaming /v1/completions over HTTP, at each of GEN_STREAMS
-    concurrent clients (GEN_ROUNDS requests each), and the time to first token; one replica with
-    the default serve settings, so @serve.batch decodes up to 32 streams together."""
+    concurrent clients (GEN_ROUNDS requests each), and the time to first token; one replica with the
+    default serve settings (continuous batching, up to 32 sequences decoding), on the CPU and, where
+    there is one, on a GPU (serve.num_gpus_per_replica 1)."""
     from ray import serve
 
     from dlray.serve.app import run
@@ -136,17 +138,20 @@ def bench_generate_serve() -> dict:
 
     init_ray()
     artifact, model = _gpt_artifact()
-    serve.shutdown()  # Serve keeps the HTTP port it first started on; this deployment picks its own
-    port = free_port()
-    run(artifact, {"port": port, "chat": False})  # the trained tokenizer has no chat template
-    url, prompts = f"http://127.0.0.1:{port}/v1/completions", _prompts(GEN_STREAMS[-1])
-    results = {"model": model, "requests_per_client": GEN_ROUNDS, "streams": {}}
-    for streams in GEN_STREAMS:
-        asyncio.run(_stream_load(url, prompts, streams, streams))  # warm-up
-        results["streams"][str(streams)] = asyncio.run(_stream_load(url, prompts, streams, GEN_ROUNDS * streams))
-    serve.delete("dlray")
-    rates = [results["streams"][str(n)]["tokens_per_sec"] for n in (GEN_STREAMS[-1], GEN_STREAMS[0])]
-    results["most_vs_fewest_streams_tokens_per_sec"] = rates[0] / rates[1]
+    url_prompts = _prompts(GEN_STREAMS[-1])
+    results: dict = {"model": model, "requests_per_client": GEN_ROUNDS, "devices": {}}
+    for device in ["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"]:
+        serve.shutdown()  # Serve keeps the HTTP port it first started on; this deployment picks its own
+        port = free_port()
+        run(artifact, {"port": port, "chat": False, "num_gpus_per_replica": 1 if device == "gpu" else 0})  # the trained tokenizer has no chat template
+        url, streams = f"http://127.0.0.1:{port}/v1/completions", {}
+        for clients in GEN_STREAMS:
+            asyncio.run(_stream_load(url, url_prompts, clients, clients))  # warm-up
+            streams[str(clients)] = asyncio.run(_stream_load(url, url_prompts, clients, GEN_ROUNDS * clients))
+        serve.delete("dlray")
+        most, fewest = streams[str(GEN_STREAMS[-1])], streams[str(GEN_STREAMS[0])]
+        results["devices"][device] = {"streams": streams, "most_vs_fewest_streams_tokens_per_sec": most["tokens_per_sec"] / fewest["tokens_per_sec"],
+                                      "most_vs_fewest_streams_ttft_p50": most["ttft_p50_ms"] / fewest["ttft_p50_ms"]}
     return results
 
 

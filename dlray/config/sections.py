@@ -274,7 +274,7 @@ class AutoscalingSection(Section):
 class ServeSection(Section):
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingSection | None = None  # overrides num_replicas when set
-    max_batch_size: int = Field(32, ge=1)  # @serve.batch: requests folded into one forward pass
+    max_batch_size: int = Field(32, ge=1)  # classify, images (@serve.batch): requests folded into one forward pass
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_ongoing_requests: int = Field(128, ge=1)
     max_body_bytes: int = Field(2_000_000, ge=1024)
@@ -289,6 +289,13 @@ class ServeSection(Section):
     scheduler: Literal["ddpm", "ddim"] = "ddim"  # when a request names none
     # generate endpoint (causal LMs; OpenAI completions and chat): names as vLLM's where it has them
     max_tokens_limit: int = Field(1024, ge=1)  # a request's max_tokens above this gets a 400
+    # Continuous batching, per replica: sequences (a request's choices) in the decoding batch at once;
+    max_num_seqs: int = Field(32, ge=1)
+    # their prompt + max_tokens summed (TGI's name: the KV-cache entries they can come to hold); None: no cap
+    max_batch_total_tokens: int | None = Field(None, ge=1)
+    # requests waiting to join the batch; one more gets a 429 with Retry-After. Keep max_ongoing_requests
+    # above max_num_seqs + max_queue_len, or Serve queues requests before they reach this queue.
+    max_queue_len: int = Field(64, ge=1)
     max_completions_per_request: int = Field(4, ge=1)  # OpenAI's `n`
     chat: bool = True  # false: /v1/completions only (for a tokenizer without a chat template)
     api_key_env: str | None = None  # the environment variable holding the API key; unset: no key needed

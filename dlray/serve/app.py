@@ -22,19 +22,21 @@ from dlray.config import ServeSection
 from dlray.export import read_artifact_config
 from dlray.serve.classify import Classifier
 from dlray.serve.classify import api as classify_api
-from dlray.serve.generate import TextGenerator, check_chat_template, model_name
+from dlray.serve.generate import TextGenerator
 from dlray.serve.generate import api as generate_api
 from dlray.serve.images import ImageGenerator
 from dlray.serve.images import api as images_api
+from dlray.serve.openai_text import check_chat_template, model_name
 from dlray.tracking import png_bytes
 
 ENDPOINTS = {"classify": Classifier, "images": ImageGenerator, "generate": TextGenerator}
 APIS = {"classify": classify_api, "images": images_api, "generate": generate_api}  # each endpoint's FastAPI app: its routes
-# The `serve:` keys each endpoint takes besides the batching ones every endpoint takes.
+# The `serve:` keys each endpoint takes besides max_body_bytes, which every endpoint takes.
 ENDPOINT_SETTINGS = {
-    "classify": (),
-    "images": ("max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler"),
-    "generate": ("max_tokens_limit", "max_completions_per_request", "chat", "api_key_env", "served_model_name", "adapters"),
+    "classify": ("max_batch_size", "batch_wait_timeout_s"),
+    "images": ("max_batch_size", "batch_wait_timeout_s", "max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler"),
+    "generate": ("max_num_seqs", "max_batch_total_tokens", "max_queue_len", "max_tokens_limit", "max_completions_per_request", "chat",
+                 "api_key_env", "served_model_name", "adapters"),  # continuous batching: no @serve.batch settings
 }
 IMPORT_PATH = "dlray.serve.app:build_app"
 
@@ -59,7 +61,7 @@ def build_app(args: dict) -> Application:
         options["autoscaling_config"] = settings.autoscaling.model_dump()
     else:
         options["num_replicas"] = settings.num_replicas
-    keys = ("max_batch_size", "batch_wait_timeout_s", "max_body_bytes", *ENDPOINT_SETTINGS[config["task"]])
+    keys = ("max_body_bytes", *ENDPOINT_SETTINGS[config["task"]])
     return ENDPOINTS[config["task"]].options(**options).bind(artifact, **{key: getattr(settings, key) for key in keys})
 
 

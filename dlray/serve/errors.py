@@ -18,7 +18,7 @@ Model = TypeVar("Model", bound=BaseModel)
 
 class ErrorDetail(BaseModel):
     message: str
-    type: Literal["invalid_request_error", "server_error"]
+    type: Literal["invalid_request_error", "rate_limit_error", "server_error"]
     param: Optional[str]  # the request field at fault, "messages.0.role" for a nested one
     code: Optional[str]  # a stable name for errors clients act on: "model_not_found", "context_length_exceeded", ...
 
@@ -28,20 +28,21 @@ class ErrorResponse(BaseModel):
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(status_code=status, content=ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump())
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    kind = "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    content = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code)).model_dump()
+    return JSONResponse(status_code=status, content=content, headers=headers)
 
 
 def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

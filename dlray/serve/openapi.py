@@ -21,6 +21,7 @@ ERRORS = {
     404: "`model` names no model served here (code `model_not_found`), or chat is switched off (serve.chat false; code `chat_disabled`)",
     413: "Body larger than serve.max_body_bytes",
     415: "Unsupported Content-Type",
+    429: "The replica's queue is full (serve.max_queue_len requests wait already; code `queue_full`): retry after the `Retry-After` header's seconds",
 }
 # Ray Serve's proxy answers it before the request reaches a replica, in plain text.
 UNAVAILABLE = {"description": "No replica is ready (starting up, or all failed): retry later", "content": {"text/plain": {"schema": {"type": "string"}}}}
