@@ -45,10 +45,15 @@ def validate(job: Path, overrides: Optional[list[str]] = OVERRIDES):
 def train(job: Path, overrides: Optional[list[str]] = OVERRIDES):
     """Train on Ray Train: the cluster in RAY_ADDRESS, or a local Ray on 127.0.0.1."""
     cfg = _load(job, overrides)
+    from dlray.trackers import TrackingError
     from dlray.tracking import read_history
     from dlray.train import fit, run_dir
 
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except TrackingError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     directory = run_dir(cfg)
     history = read_history(directory)
     typer.echo(f"\nrun directory: {directory}  (metrics.csv, curves.png, tensorboard/)")
@@ -84,9 +89,11 @@ def tune(
             raise typer.Exit(2)
         typer.echo(f"resuming sweep {sweep}")
         cfg = load_sweep(sweep)
+    from dlray.trackers import TrackingError
+
     try:
         grid = run_sweep(cfg, resume=resume)
-    except (FileExistsError, FileNotFoundError) as err:
+    except (FileExistsError, FileNotFoundError, TrackingError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     if grid.num_terminated == 0:

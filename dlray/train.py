@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 
 import ray
 import ray.train
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from dlray import trackers
 from dlray.config import JobConfig
 from dlray.data.sources import FORMATS, streams
 from dlray.loop import train_loop_per_worker
@@ -31,9 +33,10 @@ def fit(cfg: JobConfig, callbacks: list | None = None) -> Result:
     Re-running with the same `run.name` and `run.storage_path` resumes that run from its last
     checkpoint; a worker lost mid-run restarts from it, up to `run.max_failures` times.
     """
-    init_ray()
     if cfg.run.name is None:
         raise ValueError("run.name must be set (load_config names runs after their job file)")
+    trackers.check(cfg)
+    init_ray()
     # Resolved once, here: `ray job submit --working-dir` runs us in a temporary copy of the
     # working dir, and a relative path would put checkpoints there.
     cfg.run.storage_path = storage = storage_path(cfg.run.storage_path)
@@ -61,7 +64,7 @@ def fit(cfg: JobConfig, callbacks: list | None = None) -> Result:
                 checkpoint_score_attribute=cfg.train.metric,
                 checkpoint_score_order=cfg.train.mode,
             ),
-            callbacks=[MetricsLogger(run_dir(cfg), cfg.train.num_epochs), *(callbacks or [])],
+            callbacks=[MetricsLogger(run_dir(cfg), cfg.train.num_epochs), *(callbacks or []), *trackers.callbacks(cfg, run_dir(cfg))],
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
@@ -81,15 +84,21 @@ def stream(cfg: JobConfig) -> StreamedData | None:
 
 
 def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local one bound to 127.0.0.1."""
+    """Join the cluster named by RAY_ADDRESS, or start a local one bound to 127.0.0.1.
+
+    The tracking credentials of this environment (MLFLOW_*, WANDB_*) go to every process of the job in
+    its runtime env: the Train controller logs to MLflow / W&B. A job from `ray job submit` has them
+    from its own runtime env (--runtime-env-json), and Ray refuses the same variable set twice.
+    """
     if ray.is_initialized():
         return
+    runtime_env = None if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ else {"env_vars": trackers.tracking_env()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(runtime_env=runtime_env)
     else:
         # One logical CPU more than the cores: streamed data's preprocessing tasks need a CPU
         # while the training workers hold one each, and a laptop has no CPU node to run them on.
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", runtime_env=runtime_env)
 
 
 def run_dir(cfg: JobConfig) -> str:
