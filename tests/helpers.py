@@ -53,5 +53,6 @@ def wandb_offline_runs(run_dir) -> dict[str, list[dict]]:
                     start["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
                 elif which == "artifact":
                     start["artifacts"].append(record.artifact.name)
-        runs.setdefault(start["run"].run_id, []).append(start)
+        if start["run"] is not None:  # None: the process was killed before W&B first flushed the log (every 15 s)
+            runs.setdefault(start["run"].run_id, []).append(start)
     return runs
