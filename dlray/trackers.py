@@ -128,7 +128,7 @@ class Tracker(ControllerCallback, ReportCallback):
     """One run in a tracking service for one Ray Train run; subclasses say how to open, log and close it."""
 
     def __init__(self, cfg: JobConfig, run_dir: str):
-        self.job, self.run_dir = cfg.model_dump(mode="json"), run_dir
+        self.cfg, self.run_dir = cfg.model_copy(deep=True), run_dir
 
     def after_controller_start(self, train_run_context):
         self.start()
@@ -163,8 +163,8 @@ class Tracker(ControllerCallback, ReportCallback):
 
 class MLflowTracker(Tracker):
     def start(self):
-        cfg = JobConfig.model_validate(self.job)
-        self.client, self.run_id = mlflow_run(cfg, self.run_dir, flatten(self.job))
+        cfg = self.cfg
+        self.client, self.run_id = mlflow_run(cfg, self.run_dir, flatten(cfg.model_dump(mode="json")))
         self.client.update_run(self.run_id, status="RUNNING")  # a resumed run ran before
         print(f"[dlray] MLflow run {self.run_id} in experiment {cfg.tracking.mlflow.experiment_name!r} at {redacted(mlflow_uri(cfg))}", flush=True)
 
@@ -183,7 +183,7 @@ class MLflowTracker(Tracker):
 
 class WandbTracker(Tracker):
     def start(self):
-        cfg = JobConfig.model_validate(self.job)
+        cfg = self.cfg
         self.run = wandb_run(cfg, self.run_dir)
         # One x axis for epoch and step metrics: step reports replayed after a restart go back in
         # global_step, which W&B's own step counter would refuse.
@@ -313,13 +313,17 @@ def start_sweep(cfg: JobConfig, sweep_dir: str) -> dict[str, object]:
 
 
 def end_sweep(cfg: JobConfig, sweep_dir: str, files: list[Path]) -> None:
-    """Attach the sweep's results to its MLflow run and mark it finished."""
+    """Attach the sweep's results to its MLflow run and mark it finished, and the trials' runs a scheduler
+    stopped early killed (Tune ends such a trial's process, and its Train controller with it, mid-run)."""
     if not cfg.tracking.mlflow:
         return
     client, parent = mlflow_run(cfg, sweep_dir)
     for path in files:
         if path.exists():
             client.log_artifact(parent, str(path))
+    experiment = client.get_run(parent).info.experiment_id
+    for trial in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(trial.info.run_id, "KILLED")
     client.set_terminated(parent, "FINISHED")
 
 

@@ -226,6 +226,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_clus
     assert "results.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     trials = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in trials) == sorted(p.name for p in runs.iterdir())
+    assert {r.info.status for r in trials} == {"FINISHED"}  # the interrupted trial's too, once resumed
     assert len(client.search_runs([experiment])) == 4
     for trial in runs.iterdir():
         starts = wandb_offline_runs(trial)
