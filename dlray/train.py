@@ -92,7 +92,8 @@ def init_ray() -> None:
     """
     if ray.is_initialized():
         return
-    runtime_env = None if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ else {"env_vars": trackers.tracking_env()}
+    env_vars = {} if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ else trackers.tracking_env()
+    runtime_env = {"env_vars": env_vars} if env_vars else None  # none at all otherwise: Ray's default workers, as before
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env)
     else:
