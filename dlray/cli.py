@@ -46,9 +46,15 @@ def validate(job: Path, overrides: Optional[list[str]] = OVERRIDES):
 def train(job: Path, overrides: Optional[list[str]] = OVERRIDES, verbose: bool = VERBOSE):
     """Train on Ray Train: the cluster in RAY_ADDRESS, or a local Ray on 127.0.0.1."""
     cfg = _load(job, overrides)
+    from dlray import trackers
     from dlray.console import Console
     from dlray.train import fit, init_ray, run_dir
 
+    try:
+        trackers.check(cfg)  # before any cluster starts
+    except trackers.TrackingError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     init_ray(verbose)
     with Console(cfg, verbose) as console:
         console.print(f"[dlray] training {job} as run {cfg.run.name}: {cfg.model.family}/{cfg.model.flavor}, "
@@ -82,9 +88,11 @@ def tune(
             raise typer.Exit(2)
         typer.echo(f"resuming sweep {sweep}")
         cfg = load_sweep(sweep)
+    from dlray.trackers import TrackingError
+
     try:
         grid = run_sweep(cfg, resume=resume, verbose=verbose)
-    except (FileExistsError, FileNotFoundError) as err:
+    except (FileExistsError, FileNotFoundError, TrackingError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     if grid.num_terminated == 0:

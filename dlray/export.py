@@ -77,6 +77,9 @@ def export(source: str | Path, out_dir: str | Path, merge_lora: bool = False) ->
     out = write_artifact(model, artifact_config, out_dir)
     if (checkpoint_dir / TOKENIZER_DIR).is_dir():  # text models: the tokenizer beside the weights, as transformers keeps it
         shutil.copytree(checkpoint_dir / TOKENIZER_DIR, out, dirs_exist_ok=True)
+    from dlray import trackers  # here: Serve replicas import this module for load_artifact
+
+    trackers.log_export(cfg, out)  # to the run's MLflow / W&B run, where its job tracked one
     return out
 
 

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 
 import ray
 import ray.train
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from dlray import trackers
 from dlray.config import JobConfig
 from dlray.data.sources import FORMATS, streams
 from dlray.loop import train_loop_per_worker
@@ -34,9 +36,10 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
     `console` (dlray.console), progress shows there. Not `verbose` (default: the console's, else
     verbose), Ray Train's own INFO lines stay off.
     """
-    init_ray()
     if cfg.run.name is None:
         raise ValueError("run.name must be set (load_config names runs after their job file)")
+    trackers.check(cfg)
+    init_ray()
     # Resolved once, here: `ray job submit --working-dir` runs us in a temporary copy of the
     # working dir, and a relative path would put checkpoints there.
     cfg.run.storage_path = storage = storage_path(cfg.run.storage_path)
@@ -66,7 +69,7 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
                 checkpoint_score_attribute=cfg.train.metric,
                 checkpoint_score_order=cfg.train.mode,
             ),
-            callbacks=[MetricsLogger(run_dir(cfg)), *(console.callbacks() if console else []), *(callbacks or [])],
+            callbacks=[MetricsLogger(run_dir(cfg)), *(console.callbacks() if console else []), *(callbacks or []), *trackers.callbacks(cfg, run_dir(cfg))],
             worker_runtime_env={"env_vars": worker_env(cfg)},
             logging_config=ray.train.LoggingConfig(log_level=log_level),
         ),
@@ -88,14 +91,21 @@ def stream(cfg: JobConfig) -> StreamedData | None:
 
 def init_ray(verbose: bool = True) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local one bound to 127.0.0.1 (and say so).
-    Not `verbose` (the CLI's default): Ray's INFO lines stay off in every process of this job."""
+    Not `verbose` (the CLI's default): Ray's INFO lines stay off in every process of this job.
+
+    The tracking credentials of this environment (MLFLOW_*, WANDB_*) go to every process of the job in
+    its runtime env: the Train controller logs to MLflow / W&B. A job from `ray job submit` has them
+    from its own runtime env (--runtime-env-json), and Ray refuses the same variable set twice.
+    """
     if ray.is_initialized():
         return
     from dlray.console import quiet_ray_logging
 
     quiet = {} if verbose else quiet_ray_logging()
+    env_vars = {} if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ else trackers.tracking_env()
+    runtime_env = {"env_vars": env_vars} if env_vars else None  # none at all otherwise: Ray's default workers, as before
     if os.environ.get("RAY_ADDRESS"):
-        context = ray.init(**quiet)
+        context = ray.init(runtime_env=runtime_env, **quiet)
     else:
         # Ray Train's controller takes one report per worker each time it polls them (every 2 s by
         # default), and a worker reporting again sooner waits: short epochs on a laptop lost up to
@@ -104,7 +114,7 @@ def init_ray(verbose: bool = True) -> None:
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         # One logical CPU more than the cores: streamed data's preprocessing tasks need a CPU
         # while the training workers hold one each, and a laptop has no CPU node to run them on.
-        context = ray.init(num_cpus=(os.cpu_count() or 1) + 1, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **quiet)
+        context = ray.init(num_cpus=(os.cpu_count() or 1) + 1, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", runtime_env=runtime_env, **quiet)
     if not verbose:
         resources = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n["Alive"])

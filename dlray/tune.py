@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 from ray.train import UserCallback
 
+from dlray import trackers
 from dlray.config import JobConfig, config_from_dict, set_dotted
 from dlray.console import format_epoch, report_kind
 
@@ -46,21 +47,25 @@ def run_sweep(cfg: JobConfig, resume: bool = False, verbose: bool = True):
 
     if cfg.tune is None:
         raise ValueError("this job has no `tune:` section; add one (see jobs/sweep_cnn_asha.yaml) or use `dlray train`")
+    trackers.check(cfg)
     init_ray(verbose)
     cfg.run.storage_path = storage_path(cfg.run.storage_path)
     sweep = Path(cfg.run.storage_path, cfg.run.name)
     job = cfg.model_dump(mode="json")
+    if resume and not tune.Tuner.can_restore(str(sweep)):
+        raise FileNotFoundError(f"no sweep to resume in {sweep}")
+    if not resume and sweep.exists():
+        raise FileExistsError(f"{sweep} exists: resume it with --resume, or pick another run.name")
+    trials_job = copy.deepcopy(job)  # each trial's run joins the sweep's tracking: its MLflow parent run, its W&B group
+    for path, value in trackers.start_sweep(cfg, str(sweep)).items():
+        set_dotted(trials_job, path, value)
     # Train workers hold the trial's CPUs and GPUs; the driver only waits on them, and a CPU
     # of its own would leave a 2-worker trial unable to start on a 2-CPU machine. (Tune needs
     # some resource in the trial's bundle: a little memory, then.)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, verbose=verbose), {"cpu": 0, "memory": 64 * 2**20})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=trials_job, verbose=verbose), {"cpu": 0, "memory": 64 * 2**20})
     if resume:
-        if not tune.Tuner.can_restore(str(sweep)):
-            raise FileNotFoundError(f"no sweep to resume in {sweep}")
         tuner = tune.Tuner.restore(str(sweep), trainable, resume_unfinished=True, resume_errored=False)
     else:
-        if sweep.exists():
-            raise FileExistsError(f"{sweep} exists: resume it with --resume, or pick another run.name")
         sweep.mkdir(parents=True)
         (sweep / SWEEP_FILE).write_text(yaml.safe_dump(job, sort_keys=False))
         max_concurrent = cfg.tune.max_concurrent_trials or concurrent_trials(cfg, ray.cluster_resources())
@@ -95,6 +100,7 @@ def run_sweep(cfg: JobConfig, resume: bool = False, verbose: bool = True):
               f"`dlray tune <job> --resume` (the newest sweep of that job file, or name it with run.name={cfg.run.name})")
     else:
         write_results(rows, cfg, sweep)
+        trackers.end_sweep(cfg, str(sweep), [sweep / RESULTS_FILE, sweep / "trials.png", sweep / "best_config.yaml"])
     return grid
 
 

@@ -17,3 +17,42 @@ def wait_for_committed_checkpoint(run_dir, epoch: int, timeout_s: float = 300) -
             return
         time.sleep(0.1)
     raise TimeoutError(f"{name} was not committed within {timeout_s} s")
+
+
+def wandb_offline_runs(run_dir) -> dict[str, list[dict]]:
+    """What W&B wrote offline under a run directory (<run_dir>/wandb/offline-run-*/run-<id>.wandb), by
+    run id: each start of the run's records, as {"run": RunRecord, "history": [{key: value}], "artifacts": [names]}.
+
+    A .wandb file is W&B's transaction log (what `wandb sync` uploads): a 7-byte header (":W&B", magic,
+    version), then protobuf `Record`s in LevelDB's log format (32 KiB blocks of chunks, each a 7-byte
+    header: CRC32, little-endian length, type 1 full / 2 first / 3 middle / 4 last). wandb 0.31 ships no
+    Python reader of it."""
+    import json
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    runs: dict[str, list[dict]] = {}
+    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, pending = path.read_bytes(), 7, b""
+        start = {"run": None, "history": [], "artifacts": []}
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+            pending += data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):
+                record = Record()
+                record.ParseFromString(pending)
+                pending = b""
+                which = record.WhichOneof("record_type")
+                if which == "run":
+                    start["run"] = record.run
+                elif which == "history":
+                    start["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+                elif which == "artifact":
+                    start["artifacts"].append(record.artifact.name)
+        if start["run"] is not None:  # None: the process was killed before W&B first flushed the log (every 15 s)
+            runs.setdefault(start["run"].run_id, []).append(start)
+    return runs

@@ -14,7 +14,7 @@ from dlray.export import export, load_artifact
 from dlray.tracking import read_history
 from dlray.train import fit, run_dir
 
-from helpers import REPO, wait_for_committed_checkpoint
+from helpers import REPO, wait_for_committed_checkpoint, wandb_offline_runs
 
 pytestmark = pytest.mark.slow
 
@@ -120,13 +120,26 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(ra
 
 
 def test_rerun_with_same_name_continues_the_run(ray_cluster, storage):
-    first = debug_job(storage, "continued", "train.num_epochs=1", "scheduler.name=constant")
+    """The run, and its MLflow and W&B runs (tests/test_tracking.py tracks a run through a worker kill)."""
+    tracked = ["scheduler.name=constant", "tracking.mlflow={}", "tracking.wandb.mode=offline"]
+    first = debug_job(storage, "continued", "train.num_epochs=1", *tracked)
     assert fit(first).error is None
-    second = debug_job(storage, "continued", "train.num_epochs=2", "scheduler.name=constant")
+    second = debug_job(storage, "continued", "train.num_epochs=2", *tracked)
     assert fit(second).error is None
     history = epochs(read_history(run_dir(second)))
     assert [r["epoch"] for r in history] == [0, 1]
     assert history[1]["resumed_from_step"] == history[0]["global_step"]
+
+    from mlflow import MlflowClient
+
+    from dlray.trackers import mlflow_uri, wandb_run_id
+
+    client = MlflowClient(mlflow_uri(second))
+    runs = client.search_runs([client.get_experiment_by_name("dlray").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")) == [r["global_step"] for r in history]
+    wandb_runs = wandb_offline_runs(run_dir(second))
+    assert list(wandb_runs) == [wandb_run_id(run_dir(second))] and len(wandb_runs[wandb_run_id(run_dir(second))]) == 2  # one id, started twice
 
 
 def test_early_stopping_stops_and_finishes_on_the_best_checkpoint(ray_cluster, storage):

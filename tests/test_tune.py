@@ -21,7 +21,7 @@ from dlray.export import read_artifact_config
 from dlray.local_cluster import free_port
 from dlray.tracking import read_history
 
-from helpers import REPO
+from helpers import REPO, wandb_offline_runs
 
 SWEEP_JOB = REPO / "jobs/sweep_cnn_asha.yaml"
 
@@ -189,6 +189,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_clus
             "search_space": {"optim.lr": {"grid": [0.03, 0.02, 0.01]}}}
     job = sweep_config(storage, "resumable", tune, "train.num_epochs=2").model_dump(mode="json")
     job["run"]["name"] = None  # named per invocation, as users' job files are: --resume finds the newest
+    job["tracking"] = {"mlflow": {}, "wandb": {"mode": "offline"}}  # each trial a run of the sweep's, once, across the resume
     job_file = storage / "resumable.yaml"
     job_file.write_text(yaml.safe_dump(job))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
@@ -211,6 +212,26 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_clus
     assert sorted(r["status"] for r in results(sweep)) == ["completed"] * 3
     assert len(list(runs.iterdir())) == 3  # no trial ran twice under a new name
     assert {p: (runs / p / "metrics.csv").stat().st_mtime_ns for p in finished} == finished  # the finished trial was left alone
+
+    # Tracked: one MLflow run for the sweep with the 3 trials' runs under it (the interrupted one continued,
+    # not doubled), and the trials in one W&B group.
+    from mlflow import MlflowClient
+
+    from dlray.trackers import RUN_DIR_TAG, wandb_run_id
+
+    client = MlflowClient(f"sqlite:///{storage}/mlflow.db")
+    experiment = client.get_experiment_by_name("dlray").experiment_id
+    parent, = client.search_runs([experiment], filter_string=f"tags.`{RUN_DIR_TAG}` = '{sweep}'")
+    assert parent.info.run_name == sweep.name and parent.info.status == "FINISHED"
+    assert "results.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    trials = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in trials) == sorted(p.name for p in runs.iterdir())
+    assert {r.info.status for r in trials} == {"FINISHED"}  # the interrupted trial's too, once resumed
+    assert len(client.search_runs([experiment])) == 4
+    for trial in runs.iterdir():
+        starts = wandb_offline_runs(trial)
+        assert list(starts) == [wandb_run_id(str(trial))]
+        assert {s["run"].run_group for s in starts[wandb_run_id(str(trial))]} == {sweep.name}
 
 
 def test_optuna_samples_conditional_entries_only_when_active_and_repeats_with_its_seed():

@@ -25,6 +25,7 @@ from dlray.config.sections import (
     families_where,
 )
 from dlray.config.sweep import TuneSection
+from dlray.config.tracking import TrackingSection
 from dlray.models import FAMILIES
 
 
@@ -42,6 +43,7 @@ class JobConfig(Section):
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     serve: ServeSection = ServeSection()
+    tracking: TrackingSection = TrackingSection()  # MLflow / W&B runs (dlray.trackers); off unless set
     tune: TuneSection | None = None  # a sweep (`dlray tune`); `dlray train` ignores it
 
     @model_validator(mode="after")
