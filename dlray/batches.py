@@ -9,6 +9,7 @@ streamed from its Ray Data shard (dlray.streaming). The loop sees the same thing
 from __future__ import annotations
 
 import math
+import threading
 
 import ray.train
 import torch
@@ -46,13 +47,20 @@ class StreamedBatches:
         self.spec, self.cfg, self.pin_memory = spec, cfg, device.type == "cuda"
         self.rows = spec["rows"]
         self.micro_batches = math.ceil(math.ceil(self.rows["train"] / world) / cfg.train.micro_batch_size)
+        self.ahead: dict[int, FirstBatchAhead] = {}
 
     def train(self, epoch: int):
+        yield from self.ahead.pop(epoch, None) or self._epoch(epoch)
+        # Ray Data starts each epoch's execution when it is first iterated: start the next one now, while
+        # this epoch validates and checkpoints, instead of at the next epoch's first step.
+        if epoch + 1 < self.cfg.train.num_epochs:
+            self.ahead[epoch + 1] = FirstBatchAhead(self._epoch(epoch + 1))
+
+    def _epoch(self, epoch: int):
         from dlray.streaming import streamed_batches
 
-        data = self.cfg.data
-        yield from streamed_batches(ray.train.get_dataset_shard("train"), self.spec["columns"], self.cfg.train.micro_batch_size,
-                                    self.cfg.train.seed + epoch, data.local_shuffle_buffer_size, self.pin_memory)
+        return streamed_batches(ray.train.get_dataset_shard("train"), self.spec["columns"], self.cfg.train.micro_batch_size,
+                                self.cfg.train.seed + epoch, self.cfg.data.local_shuffle_buffer_size, self.pin_memory)
 
     def eval(self, split: str):
         from dlray.streaming import streamed_batches
@@ -60,6 +68,30 @@ class StreamedBatches:
         for fields, weight, _ in streamed_batches(ray.train.get_dataset_shard(split), self.spec["columns"], self.cfg.train.micro_batch_size,
                                                   None, 0, self.pin_memory):
             yield fields, weight
+
+
+class FirstBatchAhead:
+    """An iterator whose first item a background thread fetches from the start."""
+
+    def __init__(self, iterator):
+        self.iterator, self.first, self.error = iterator, [], None
+        self.thread = threading.Thread(target=self._fetch_first, daemon=True)
+        self.thread.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self.first = [next(self.iterator)]
+        except StopIteration:
+            pass
+        except BaseException as err:  # noqa: BLE001 - raised in the consumer's thread
+            self.error = err
+
+    def __iter__(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        yield from self.first
+        yield from self.iterator
 
 
 def train_sampler(dataset: Dataset, seed: int, rank: int, world: int) -> DistributedSampler:

@@ -267,7 +267,7 @@ def serve_config_v2(cfg: JobConfig, artifact: str) -> dict:
     from dlray.serve.app import ENDPOINT_SETTINGS, IMPORT_PATH
 
     task = FAMILIES[cfg.model.family].task  # the endpoint's own settings only: a classifier takes no image limits
-    other_endpoints = {key for name, keys in ENDPOINT_SETTINGS.items() if name != task for key in keys}
+    other_endpoints = {key for name, keys in ENDPOINT_SETTINGS.items() if name != task for key in keys} - set(ENDPOINT_SETTINGS[task])  # keys endpoints share stay
     settings = cfg.serve.model_dump(mode="json", exclude={"host", "port", *other_endpoints}, exclude_none=True)
     return {
         "proxy_location": "EveryNode",

@@ -327,6 +327,8 @@ def end_sweep(cfg: JobConfig, sweep_dir: str, files: list[Path]) -> None:
 
 def log_export(cfg: JobConfig, artifact: Path) -> None:
     """Log an exported artifact to the tracked run it was exported from (`cfg`: the run's, from its checkpoint)."""
+    if cfg.run.name is None:  # a checkpoint saved outside train.fit: no run, nothing tracked
+        return
     run_dir = os.path.join(cfg.run.storage_path, cfg.run.name)  # absolute: train.fit resolved it before the checkpoint kept it
     if cfg.tracking.mlflow:
         client, run_id = mlflow_run(cfg, run_dir)

@@ -112,6 +112,9 @@ def init_ray(verbose: bool = True) -> None:
         # 2 s each (a 6-epoch debug run: 45 s, polled every 0.25 s: 27 s). The local raylet passes
         # the setting on to the controller it starts.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        # Ray Train's preemption watcher acts on nodes a cluster drains (spot reclaims); a local Ray has
+        # none to drain, and the watcher's start only logs a core_worker error about its arguments.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # One logical CPU more than the cores: streamed data's preprocessing tasks need a CPU
         # while the training workers hold one each, and a laptop has no CPU node to run them on.
         context = ray.init(num_cpus=(os.cpu_count() or 1) + 1, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", runtime_env=runtime_env, **quiet)

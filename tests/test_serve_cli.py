@@ -58,8 +58,8 @@ def test_serve_prints_its_routes_and_a_curl_command_that_works(digits_run, port,
         printed = out.read_text().splitlines()
         assert printed[-2] == "example:", out.read_text() + (tmp_path / "stderr").read_text()[-4000:]
         base = f"http://127.0.0.1:{port}"
-        assert printed[1] == f"serving {artifact}; Ctrl-C to stop"
-        routes = printed[2:-2]
+        assert printed[0].startswith("[dlray] Ray at ") and printed[1] == f"starting {artifact}" and printed[2] == f"serving {artifact}; Ctrl-C to stop"
+        routes = printed[3:-2]
         assert routes == [f"  GET  {base}/healthz", f"  POST {base}/v1/classify", f"  GET  {base}/docs", f"  GET  {base}/openapi.json"]
         for line in routes:
             method, url = line.split()
