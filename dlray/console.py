@@ -192,7 +192,7 @@ class Console:
         lines = [f"[dlray] {'failed' if result.error else 'finished'} in {time.time() - self.started_at:.0f} s"]
         if scored:
             best = (min if mode == "min" else max)(scored, key=lambda r: r[metric])
-            lines[0] += f": best {metric} {best[metric]:.4g} at epoch {best['epoch'] + 1} of {len(self.epochs)} run"
+            lines[0] += f": best {metric} {best[metric]:.4g} at epoch {best['epoch'] + 1} ({len(self.epochs)} epochs run)"
         patience = self.cfg.train.early_stopping_patience
         if patience and self.final.get("bad_epochs", 0) >= patience:
             lines[0] += f" (stopped early: no better {metric} for {patience} epochs)"

@@ -62,7 +62,7 @@ def test_plain_lines_show_where_it_runs_the_steps_the_epochs_and_a_summary():
     assert lines[1] == "[dlray] precision fp32: precision auto: this CPU (AVX2) emulates bf16"
     assert lines[2].startswith("[dlray] epoch 1/3 step 5/20 | loss 1.5  lr 0.01  400 samples/s  eta ")
     assert lines[3] == "[dlray] epoch 1/3 step 20 | train_loss 1  val_accuracy 0.6  val_loss 0.5  lr 0.01  200 samples/s"  # no peak_rss_mib: metrics.csv has it
-    assert lines[6].startswith("[dlray] finished in ") and lines[6].endswith(": best val_accuracy 0.9 at epoch 2 of 3 run")
+    assert lines[6].startswith("[dlray] finished in ") and lines[6].endswith(": best val_accuracy 0.9 at epoch 2 (3 epochs run)")
     assert lines[7].split() == ["test", "accuracy", "0.88", "loss", "0.3"]
     assert "tensorboard --logdir /runs/r/tensorboard" in lines[8] and lines[9] == "        best checkpoint /runs/r/checkpoint_epoch0001"
     assert lines[10] == f"        next: dlray export /runs/r out/{view.cfg.run.name}"
@@ -94,7 +94,7 @@ def test_early_stopping_is_named_in_the_summary():
     for index, accuracy in enumerate([0.9, 0.8, 0.7]):
         view.handle("report", [epoch(index, accuracy)])
     view.handle("report", [{"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_epochs": 2}])
-    assert view.summary(finished(), "/runs/r").splitlines()[0].endswith("best val_accuracy 0.9 at epoch 1 of 3 run (stopped early: no better val_accuracy for 2 epochs)")
+    assert view.summary(finished(), "/runs/r").splitlines()[0].endswith("best val_accuracy 0.9 at epoch 1 (3 epochs run) (stopped early: no better val_accuracy for 2 epochs)")
 
 
 def test_a_terminal_gets_a_progress_bar():
