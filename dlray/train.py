@@ -44,8 +44,13 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
     # working dir, and a relative path would put checkpoints there.
     cfg.run.storage_path = storage = storage_path(cfg.run.storage_path)
     check_shared_storage(storage)
-    streamed = stream(cfg)
     verbose = verbose if verbose is not None else (console.verbose if console else True)
+    if not verbose:
+        # Each split's coordinator draws a bar per operator per epoch through Ray's tqdm; without it, off a
+        # terminal, Ray Data logs progress at INFO, which RAY_DATA_LOG_LEVEL (init_ray) keeps out. (With bars
+        # disabled outright it warns once per process that they are.) Datasets keep the context they were made in.
+        ray.data.DataContext.get_current().use_ray_tqdm = False
+    streamed = stream(cfg)
     log_level = "INFO" if verbose else "WARNING"
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -86,7 +91,20 @@ def stream(cfg: JobConfig) -> StreamedData | None:
         return None
     from dlray.streaming import build_streamed_data
 
+    if warning := preprocessing_cpus_warning(cfg, ray.cluster_resources().get("CPU", 0)):
+        print(f"[dlray] warning: {warning}", flush=True)
     return build_streamed_data(cfg.data, cfg.train.seed, cfg.scaling.num_workers)
+
+
+def preprocessing_cpus_warning(cfg: JobConfig, cluster_cpus: float) -> str | None:
+    """Streamed data's preprocessing runs as Ray Data tasks beside the training workers: on a cluster whose
+    CPUs the workers hold every one of, they wait for ever (an autoscaling cluster may add a CPU node)."""
+    held = cfg.scaling.num_workers * (cfg.scaling.resources_per_worker or {}).get("CPU", 1)
+    if cluster_cpus - held >= cfg.data.preprocess_num_cpus:
+        return None
+    return (f"streamed data is preprocessed by Ray Data tasks of data.preprocess_num_cpus={cfg.data.preprocess_num_cpus:g} CPU, but the "
+            f"{cfg.scaling.num_workers} training workers hold {held:g} of this cluster's {cluster_cpus:g} CPUs: unless it autoscales, "
+            "the first epoch will wait for ever; add a CPU node, or lower scaling.resources_per_worker.CPU or data.preprocess_num_cpus")
 
 
 def init_ray(verbose: bool = True) -> None:
@@ -103,6 +121,8 @@ def init_ray(verbose: bool = True) -> None:
 
     quiet = {} if verbose else quiet_ray_logging()
     env_vars = {} if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ else trackers.tracking_env()
+    if not verbose and "RAY_DATA_LOG_LEVEL" not in os.environ:  # Ray Data's INFO lines at each execution's start and end
+        env_vars["RAY_DATA_LOG_LEVEL"] = "WARNING"
     runtime_env = {"env_vars": env_vars} if env_vars else None  # none at all otherwise: Ray's default workers, as before
     if os.environ.get("RAY_ADDRESS"):
         context = ray.init(runtime_env=runtime_env, **quiet)

@@ -134,3 +134,17 @@ def test_conversations_and_labelled_texts_stream_in_the_families_batch_layout(ra
     batch = data.datasets["train"].take_batch(8)
     assert batch["input_ids"].shape == (8, 16) and set(batch["label"]) <= {0, 1}
     assert sum(data.rows.values()) == 60
+
+
+def test_a_cluster_with_no_cpu_left_for_preprocessing_is_warned_of():
+    from dlray.config import load_config
+    from dlray.train import preprocessing_cpus_warning
+
+    from helpers import REPO
+
+    cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["data.streaming=true"])  # 2 workers of 1 CPU
+    assert preprocessing_cpus_warning(cfg, cluster_cpus=3) is None
+    warning = preprocessing_cpus_warning(cfg, cluster_cpus=2)
+    assert "the 2 training workers hold 2 of this cluster's 2 CPUs" in warning and "wait for ever" in warning
+    cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["data.streaming=true", "scaling.resources_per_worker={CPU: 0.5}"])
+    assert preprocessing_cpus_warning(cfg, cluster_cpus=2) is None

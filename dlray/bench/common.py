@@ -58,17 +58,19 @@ async def http_load(url: str, payload: bytes, clients: int, total: int, content_
     }
 
 
-async def drive_clients(clients: int, total: int, request) -> float:
-    """Seconds `clients` concurrent HTTP clients take to make `total` calls of `request(session, index)` between them."""
+async def drive_clients(clients: int, total: int, request, stagger_s: float = 0.0) -> float:
+    """Seconds `clients` concurrent HTTP clients take to make `total` calls of `request(session, index)` between them;
+    with `stagger_s`, client k starts k/clients of it late (arrivals spread out, not one burst)."""
     import httpx
 
     remaining = iter(range(total))
 
-    async def client(session):
+    async def client(session, k: int):
+        await asyncio.sleep(k * stagger_s / clients)
         for index in remaining:
             await request(session, index)
 
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as session:
         start = time.perf_counter()
-        await asyncio.gather(*(client(session) for _ in range(clients)))
+        await asyncio.gather(*(client(session, k) for k in range(clients)))
         return time.perf_counter() - start

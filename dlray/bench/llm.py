@@ -146,8 +146,12 @@ def bench_generate_serve() -> dict:
         run(artifact, {"port": port, "chat": False, "num_gpus_per_replica": 1 if device == "gpu" else 0})  # the trained tokenizer has no chat template
         url, streams = f"http://127.0.0.1:{port}/v1/completions", {}
         for clients in GEN_STREAMS:
-            asyncio.run(_stream_load(url, url_prompts, clients, clients))  # warm-up
-            streams[str(clients)] = asyncio.run(_stream_load(url, url_prompts, clients, GEN_ROUNDS * clients))
+            request_s = asyncio.run(_stream_load(url, url_prompts, clients, clients))["elapsed_s"]  # warm-up: how long a request takes
+            burst = asyncio.run(_stream_load(url, url_prompts, clients, GEN_ROUNDS * clients))
+            # Arrivals spread over one request's duration, as a served system sees them: each new
+            # request joins a running batch. (All at once, its first token waits for every prompt's prefill.)
+            spread = asyncio.run(_stream_load(url, url_prompts, clients, GEN_ROUNDS * clients, stagger_s=request_s))
+            streams[str(clients)] = {"tokens_per_sec": burst["tokens_per_sec"], "ttft_p50_ms": spread["ttft_p50_ms"], "burst_ttft_p50_ms": burst["ttft_p50_ms"]}
         serve.delete("dlray")
         most, fewest = streams[str(GEN_STREAMS[-1])], streams[str(GEN_STREAMS[0])]
         results["devices"][device] = {"streams": streams, "most_vs_fewest_streams_tokens_per_sec": most["tokens_per_sec"] / fewest["tokens_per_sec"],
@@ -155,7 +159,7 @@ def bench_generate_serve() -> dict:
     return results
 
 
-async def _stream_load(url: str, prompts: list[str], clients: int, total: int) -> dict:
+async def _stream_load(url: str, prompts: list[str], clients: int, total: int, stagger_s: float = 0.0) -> dict:
     ttfts, tokens = [], []
 
     async def request(session, index: int):
@@ -168,8 +172,8 @@ async def _stream_load(url: str, prompts: list[str], clients: int, total: int) -
         ttfts.append(first - start)
         tokens.append(usage["completion_tokens"])
 
-    elapsed = await drive_clients(clients, total, request)
-    return {"tokens_per_sec": sum(tokens) / elapsed, "ttft_p50_ms": 1000 * statistics.median(ttfts), "completion_tokens": sum(tokens)}
+    elapsed = await drive_clients(clients, total, request, stagger_s)
+    return {"tokens_per_sec": sum(tokens) / elapsed, "ttft_p50_ms": 1000 * statistics.median(ttfts), "completion_tokens": sum(tokens), "elapsed_s": elapsed}
 
 
 async def _read_events(lines) -> tuple[float, dict]:
