@@ -268,7 +268,7 @@ class Window:
         self.time, self.loss_sum, self.rows = start, 0.0, 0.0
 
     def read(self, totals: torch.Tensor) -> dict[str, float]:
-        loss_sum, rows = totals[:-2].sum().item(), totals[-2].item()  # one device sync per report, not per step
+        loss_sum, rows = torch.stack([totals[:-2].sum(), totals[-2]]).tolist()  # one device sync per report, not per step
         now = time.perf_counter()
         window = {"train_loss": (loss_sum - self.loss_sum) / max(rows - self.rows, 1), "samples_per_sec": (rows - self.rows) / (now - self.time)}
         self.time, self.loss_sum, self.rows = now, loss_sum, rows
