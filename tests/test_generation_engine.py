@@ -311,10 +311,12 @@ def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
 
 def test_the_app_builder_takes_the_generate_settings(artifact):
     """dlray.serve.app reads the task from dlray.json and checks the endpoint's `serve:` keys (nothing starts)."""
-    app = build_app({"artifact": str(artifact), "chat": False, "max_tokens_limit": 64, "api_key_env": "DLRAY_API_KEY"})
+    app = build_app({"artifact": str(artifact), "chat": False, "max_tokens_limit": 64, "api_key_env": "DLRAY_API_KEY", "stream_interval": 4})
     assert isinstance(app, Application)
     with pytest.raises(ValueError, match="max_completions_per_request"):
         build_app({"artifact": str(artifact), "max_completions_per_request": 0})
+    with pytest.raises(ValueError, match="stream_interval"):
+        build_app({"artifact": str(artifact), "stream_interval": 0})
 
 
 def test_positions_count_from_each_prompts_first_token(engine):
@@ -479,6 +481,20 @@ def test_scheduler_admits_within_max_num_seqs_and_refuses_beyond_the_queue(engin
         assert requests[3][0].finish_reason == "length"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("interval, sizes", [(1, [1] * 10), (4, [1, 4, 4, 1])])
+def test_a_stream_gets_its_first_step_at_once_then_stream_interval_steps_a_write(engine, interval, sizes):
+    """serve.stream_interval: the first token as soon as it is sampled (time to first token unchanged),
+    then that many steps per write, the last write whatever is left. A consumer that keeps up (this
+    one) sees exactly these groups; one that falls behind gets bigger ones."""
+    async def scenario():
+        scheduler = Scheduler(engine, max_num_seqs=1, max_batch_total_tokens=None, max_queue_len=1, stream_interval=interval)
+        return [len(ready) async for ready in scheduler.submit(request)]
+
+    [seq] = request = [greedy(engine, PROMPTS[1], max_tokens=10)]
+    assert asyncio.run(scenario()) == sizes
+    assert seq.finish_reason == "length" and seq.token_ids == alone(engine, greedy(engine, PROMPTS[1], max_tokens=10)).token_ids
 
 
 def test_a_request_whose_consumer_leaves_is_dropped_from_the_batch(engine):

@@ -32,6 +32,8 @@ GPT_JOB = "jobs/gpt_pretrain.yaml"
 GPT_TRAIN_FLAVORS = {"debug": None, "small": 48_000}
 QLORA_FLAVOR, QLORA_VOCAB = "base", 32000  # 110M parameters, GPT-2 small's body with a Llama-sized vocabulary
 GEN_STREAMS, GEN_ROUNDS, GEN_MAX_TOKENS = (1, 16), 4, 64
+GEN_MIN_REQUESTS = 16  # one stream's 4 requests last half a second: too few to time
+GEN_STREAM_INTERVALS = (1, 4, 16)  # serve.stream_interval: 1 (the default) writes each token as its step ends
 MFU_FLAVOR, MFU_BATCH, MFU_SEQ_LEN, MFU_VOCAB, MFU_STEPS = "1b", 4, 2048, 32000, 10
 
 
@@ -128,9 +130,10 @@ def _decode(engine, prompts: list[str]) -> int:
 
 def bench_generate_serve() -> dict:
     """Tokens/s of the generate endpoint, streaming /v1/completions over HTTP, at each of GEN_STREAMS
-    concurrent clients (GEN_ROUNDS requests each), and the time to first token; one replica with the
-    default serve settings (continuous batching, up to 32 sequences decoding), on the CPU and, where
-    there is one, on a GPU (serve.num_gpus_per_replica 1)."""
+    concurrent clients (GEN_ROUNDS requests each, GEN_MIN_REQUESTS at least), and the time to first
+    token; one replica with the default serve settings (continuous batching, up to 32 sequences
+    decoding) but for serve.stream_interval, each of GEN_STREAM_INTERVALS; on the CPU and, where there
+    is one, on a GPU (serve.num_gpus_per_replica 1)."""
     from ray import serve
 
     from dlray.serve.app import run
@@ -139,23 +142,28 @@ def bench_generate_serve() -> dict:
     init_ray()
     artifact, model = _gpt_artifact()
     url_prompts = _prompts(GEN_STREAMS[-1])
-    results: dict = {"model": model, "requests_per_client": GEN_ROUNDS, "devices": {}}
+    results: dict = {"model": model, "requests_per_client": GEN_ROUNDS, "min_requests": GEN_MIN_REQUESTS, "devices": {}}
     for device in ["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"]:
-        serve.shutdown()  # Serve keeps the HTTP port it first started on; this deployment picks its own
-        port = free_port()
-        run(artifact, {"port": port, "chat": False, "num_gpus_per_replica": 1 if device == "gpu" else 0})  # the trained tokenizer has no chat template
-        url, streams = f"http://127.0.0.1:{port}/v1/completions", {}
-        for clients in GEN_STREAMS:
-            request_s = asyncio.run(_stream_load(url, url_prompts, clients, clients))["elapsed_s"]  # warm-up: how long a request takes
-            burst = asyncio.run(_stream_load(url, url_prompts, clients, GEN_ROUNDS * clients))
-            # Arrivals spread over one request's duration, as a served system sees them: each new
-            # request joins a running batch. (All at once, its first token waits for every prompt's prefill.)
-            spread = asyncio.run(_stream_load(url, url_prompts, clients, GEN_ROUNDS * clients, stagger_s=request_s))
-            streams[str(clients)] = {"tokens_per_sec": burst["tokens_per_sec"], "ttft_p50_ms": spread["ttft_p50_ms"], "burst_ttft_p50_ms": burst["ttft_p50_ms"]}
-        serve.delete("dlray")
-        most, fewest = streams[str(GEN_STREAMS[-1])], streams[str(GEN_STREAMS[0])]
-        results["devices"][device] = {"streams": streams, "most_vs_fewest_streams_tokens_per_sec": most["tokens_per_sec"] / fewest["tokens_per_sec"],
-                                      "most_vs_fewest_streams_ttft_p50": most["ttft_p50_ms"] / fewest["ttft_p50_ms"]}
+        results["devices"][device] = {}
+        for interval in GEN_STREAM_INTERVALS:
+            serve.shutdown()  # Serve keeps the HTTP port it first started on; this deployment picks its own
+            port = free_port()
+            run(artifact, {"port": port, "chat": False, "num_gpus_per_replica": 1 if device == "gpu" else 0, "stream_interval": interval},
+                verbose=False)  # the trained tokenizer has no chat template; quiet, as `dlray serve` runs
+            url, streams = f"http://127.0.0.1:{port}/v1/completions", {}
+            for clients in GEN_STREAMS:
+                total = max(GEN_MIN_REQUESTS, GEN_ROUNDS * clients)
+                request_s = asyncio.run(_stream_load(url, url_prompts, clients, clients))["elapsed_s"]  # warm-up: how long a request takes
+                burst = asyncio.run(_stream_load(url, url_prompts, clients, total))
+                # Arrivals spread over one request's duration, as a served system sees them: each new
+                # request joins a running batch. (All at once, its first token waits for every prompt's prefill.)
+                spread = asyncio.run(_stream_load(url, url_prompts, clients, total, stagger_s=request_s))
+                streams[str(clients)] = {"tokens_per_sec": burst["tokens_per_sec"], "ttft_p50_ms": spread["ttft_p50_ms"], "burst_ttft_p50_ms": burst["ttft_p50_ms"]}
+            serve.delete("dlray")
+            most, fewest = streams[str(GEN_STREAMS[-1])], streams[str(GEN_STREAMS[0])]
+            results["devices"][device][str(interval)] = {
+                "streams": streams, "most_vs_fewest_streams_tokens_per_sec": most["tokens_per_sec"] / fewest["tokens_per_sec"],
+                "most_vs_fewest_streams_ttft_p50": most["ttft_p50_ms"] / fewest["ttft_p50_ms"]}
     return results
 
 
@@ -179,7 +187,8 @@ async def _stream_load(url: str, prompts: list[str], clients: int, total: int, s
 async def _read_events(lines) -> tuple[float, dict]:
     """When (time.perf_counter) the first chunk with a choice arrived, and the usage, of an OpenAI
     completion stream of server-sent events. The server sends a choice once it has text, so that
-    first chunk is the first token as a client sees it."""
+    first chunk is the first token as a client sees it. Chunks between are not parsed: on a small
+    machine the load generator's CPU is the server's too."""
     first = usage = None
     async for line in lines:
         if not line.startswith("data:"):
@@ -187,10 +196,11 @@ async def _read_events(lines) -> tuple[float, dict]:
         data = line.removeprefix("data:").strip()
         if data == "[DONE]":
             break
-        chunk = json.loads(data)
-        if first is None and chunk["choices"]:
-            first = time.perf_counter()
-        usage = chunk.get("usage") or usage
+        if first is None or '"usage"' in data:
+            chunk = json.loads(data)
+            if first is None and chunk["choices"]:
+                first = time.perf_counter()
+            usage = chunk.get("usage") or usage
     if first is None or usage is None:
         raise RuntimeError(f"the stream ended without {'a choice' if first is None else 'usage (stream_options.include_usage)'}")
     return first, usage

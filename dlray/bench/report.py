@@ -115,16 +115,20 @@ def _llm_rows(results: dict) -> list[str]:
         lines.append(_row(f"generation engine alone, {engine['sequences']} sequences batched / one at a time ({engine['model']}, 1 thread)",
                           f"{engine['batched_vs_one_at_a_time']:.2f} ({rates['batched']:.0f} vs {rates['one_at_a_time']:.0f} tokens/s)", "> 1"))
     if serve := results.get("llm_serve"):
-        for device, measured in serve["devices"].items():
-            (few, low), (most, high) = list(measured["streams"].items())[0], list(measured["streams"].items())[-1]
-            where = f"{serve['model']}, replica on the {device.upper()}, continuous batching"
-            lines.append(_row(f"generate endpoint throughput, {most} / {few} streaming clients ({where})",
-                              f"{measured['most_vs_fewest_streams_tokens_per_sec']:.2f} ({high['tokens_per_sec']:.0f} vs {low['tokens_per_sec']:.0f} tokens/s)", ">= 4"))
-            lines.append(_row(f"generate endpoint time to first token p50, {most} / {few} streams, arrivals spread over a request's duration ({device.upper()})",
-                              f"{measured['most_vs_fewest_streams_ttft_p50']:.2f} ({high['ttft_p50_ms']:.0f} vs {low['ttft_p50_ms']:.0f} ms)", "<= 3"))
-            if "burst_ttft_p50_ms" in high:
-                lines.append(_row(f"generate endpoint time to first token p50, {most} requests arriving at once ({device.upper()}: every prompt prefilled first)",
-                                  f"{high['burst_ttft_p50_ms']:.0f} ms", "(informative)"))
+        for device, intervals in serve["devices"].items():
+            for interval, measured in intervals.items():
+                (few, low), (most, high) = list(measured["streams"].items())[0], list(measured["streams"].items())[-1]
+                where = f"{serve['model']}, replica on the {device.upper()}, continuous batching"
+                writes = "each token a write (serve.stream_interval 1, the default)" if interval == "1" else \
+                    f"serve.stream_interval {interval}: the first token, then {interval} a write"
+                lines.append(_row(f"generate endpoint throughput, {most} / {few} streaming clients ({where}; {writes})",
+                                  f"{measured['most_vs_fewest_streams_tokens_per_sec']:.2f} ({high['tokens_per_sec']:.0f} vs {low['tokens_per_sec']:.0f} tokens/s)", ">= 4"))
+                spread = f"arrivals spread over a request's duration ({device.upper()}, stream_interval {interval})"
+                lines.append(_row(f"generate endpoint time to first token p50, {most} / {few} streams, {spread}",
+                                  f"{measured['most_vs_fewest_streams_ttft_p50']:.2f} ({high['ttft_p50_ms']:.0f} vs {low['ttft_p50_ms']:.0f} ms)", "<= 3"))
+                if interval == "1":
+                    lines.append(_row(f"generate endpoint time to first token p50, {most} requests arriving at once ({device.upper()}: every prompt prefilled first)",
+                                      f"{high['burst_ttft_p50_ms']:.0f} ms", "(informative)"))
     if mfu := results.get("llm_mfu"):
         title = f"MFU of gpt/{MFU_FLAVOR} bf16 training, FLOPs/token = 6N + 12·L·H·T"
         if "skipped" in mfu:

@@ -296,6 +296,9 @@ class ServeSection(Section):
     # requests waiting to join the batch; one more gets a 429 with Retry-After. Keep max_ongoing_requests
     # above max_num_seqs + max_queue_len, or Serve queues requests before they reach this queue.
     max_queue_len: int = Field(64, ge=1)
+    # a stream's tokens per chunk after its first (vLLM's and SGLang's name): 1 sends each as its step ends;
+    # more cost the replica, Serve's proxy and the client one write per that many tokens instead of per token
+    stream_interval: int = Field(1, ge=1)
     max_completions_per_request: int = Field(4, ge=1)  # OpenAI's `n`
     chat: bool = True  # false: /v1/completions only (for a tokenizer without a chat template)
     api_key_env: str | None = None  # the environment variable holding the API key; unset: no key needed

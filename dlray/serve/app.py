@@ -35,7 +35,7 @@ APIS = {"classify": classify_api, "images": images_api, "generate": generate_api
 ENDPOINT_SETTINGS = {
     "classify": ("max_batch_size", "batch_wait_timeout_s"),
     "images": ("max_batch_size", "batch_wait_timeout_s", "max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler"),
-    "generate": ("max_num_seqs", "max_batch_total_tokens", "max_queue_len", "max_tokens_limit", "max_completions_per_request", "chat",
+    "generate": ("max_num_seqs", "max_batch_total_tokens", "max_queue_len", "stream_interval", "max_tokens_limit", "max_completions_per_request", "chat",
                  "api_key_env", "served_model_name", "adapters"),  # continuous batching: no @serve.batch settings
 }
 IMPORT_PATH = "dlray.serve.app:build_app"

@@ -65,6 +65,7 @@ install_error_handlers(api)
 @serve.ingress(api)
 class TextGenerator:
     def __init__(self, artifact: str, max_num_seqs: int = 32, max_batch_total_tokens: Optional[int] = None, max_queue_len: int = 64,
+                 stream_interval: int = 1,
                  max_body_bytes: int = 2_000_000, max_tokens_limit: int = 1024, max_completions_per_request: int = 4, chat: bool = True,
                  api_key_env: Optional[str] = None, served_model_name: Optional[str] = None, adapters: Optional[dict[str, str]] = None):
         model = load_artifact(artifact)[0].to(replica_device())  # an adapter: with its base
@@ -72,7 +73,7 @@ class TextGenerator:
         self.engine.load_adapters(adapters or {})
         self.api_key, self.chat, self.max_body_bytes = read_api_key(api_key_env), chat, max_body_bytes
         self.openai = OpenAITextAPI(self.engine, model_name(artifact, served_model_name), max_tokens_limit, max_completions_per_request)
-        self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_total_tokens, max_queue_len, ServeMetrics())
+        self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_total_tokens, max_queue_len, ServeMetrics(), stream_interval)
 
     @api.get("/healthz")
     def healthz(self) -> dict:

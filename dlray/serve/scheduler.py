@@ -1,8 +1,9 @@
 """Continuous batching: one decode loop per replica over a dlray.serve.engine.Engine, driven by asyncio.
 
-    scheduler = Scheduler(engine, max_num_seqs=32, max_batch_total_tokens=None, max_queue_len=64)
+    scheduler = Scheduler(engine, max_num_seqs=32, max_batch_total_tokens=None, max_queue_len=64, stream_interval=1)
     steps = scheduler.submit(sequences)   # a request's choices; QueueFull at once if the queue is full
-    async for ready in steps:             # the steps done since the last iteration (one, unless the consumer fell behind)
+    async for ready in steps:             # the steps done since the last iteration: its first step alone, then
+                                          # stream_interval steps (more if the consumer fell behind), then the rest
         for deltas in ready: ...          # deltas[i]: what choice i added in a step, None if nothing
 
 Requests wait in a bounded FIFO queue. Before each engine step the loop admits waiting requests
@@ -11,7 +12,10 @@ their prompt + max_tokens within `max_batch_total_tokens` (TGI's name: the KV-ca
 come to hold); the engine prefills them into the running batch, so a new request waits for one step,
 not for the others to finish. Each step runs in a worker thread, the event loop meanwhile streaming
 what the last one produced and queueing new requests. A request whose consumer stops (its client
-disconnected, its handler was cancelled) leaves the batch at the next step.
+disconnected, its handler was cancelled) leaves the batch at the next step. A stream gets its first
+step as soon as it is done, then `stream_interval` steps at a time (vLLM's and SGLang's
+--stream-interval), and every step done while it was not looking at once: each write it makes costs
+the replica, Serve's proxy and the client CPU, which on a small CPU model outweighs a decoding step.
 """
 
 from __future__ import annotations
@@ -56,13 +60,14 @@ class Request:
     sequences: list[Sequence]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # per step: (deltas, done), or the step's exception
     arrival: float = field(default_factory=time.perf_counter)
+    streamed: int = 0  # steps handed to the consumer
     last_step: float | None = None  # when its last step's deltas were handed out
 
 
 class Scheduler:
     def __init__(self, engine: Engine, max_num_seqs: int, max_batch_total_tokens: int | None, max_queue_len: int,
-                 metrics: ServeMetrics | None = None):
-        self.engine, self.metrics = engine, metrics
+                 metrics: ServeMetrics | None = None, stream_interval: int = 1):
+        self.engine, self.metrics, self.stream_interval = engine, metrics, stream_interval
         self.max_num_seqs, self.max_batch_total_tokens, self.max_queue_len = max_num_seqs, max_batch_total_tokens, max_queue_len
         self.waiting: deque[Request] = deque()
         self.owners: dict[Sequence, Request] = {}  # every admitted, unfinished sequence's request
@@ -92,21 +97,21 @@ class Scheduler:
         return self._stream(request)
 
     async def _stream(self, request: Request) -> AsyncIterator[list[list[Delta | None]]]:
-        done = False
+        done, ready = False, []
         try:
             while not done:
-                # Every step already done, together: a stream that fell behind catches up in one
-                # write, rather than one per step (each costs the replica and Serve's proxy CPU).
-                items = [await request.queue.get()]
-                while not request.queue.empty():
-                    items.append(request.queue.get_nowait())
-                ready = []
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    deltas, done = item
-                    ready.append(deltas)
-                yield ready
+                item = await request.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                deltas, done = item
+                ready.append(deltas)
+                # Steps go out together when the stream fell behind (one write, rather than one per
+                # step: each costs the replica and Serve's proxy CPU), or to make up stream_interval
+                # steps; the first step, as soon as it is done.
+                if done or (request.queue.empty() and (len(ready) >= self.stream_interval or request.streamed == 0)):
+                    request.streamed += len(ready)
+                    yield ready
+                    ready = []
         finally:
             if not done:  # the consumer stopped early: free the request's place in the queue or the batch
                 self._abort(request)
