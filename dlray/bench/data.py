@@ -3,7 +3,9 @@
 - peak resident memory of a training worker streaming a generated image folder of ~200 MB and one
   of ~2 GB (memory must not grow with the data);
 - training throughput, streamed / in memory, on the bundled digits (cnn) and help texts (gpt);
-- decode + resize + augment throughput of the streaming pipeline alone, on 1 and on 2 CPUs.
+- decode + resize + augment throughput of the streaming pipeline alone, on 1 and on 2 CPUs, workers warm;
+- (bench_text_memory) peak resident memory of a training worker streaming a generated text corpus of
+  ~200 MB and one of ~2 GB (parquet shards), tokenized and packed by Ray Data.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dlray.config import DataConfig, load_config
 
 IMAGE_SIZE = 224  # pixels a side, as ImageNet is trained: ~150 KB per noise PNG
 SMALL_MB, LARGE_MB = 200, 2000
-EPOCHS = 3  # the first is warm-up and is not counted
+EPOCHS = 6  # the first is warm-up and is not counted; a digits epoch lasts a second: five to average
 
 
 def bench_data() -> dict:
@@ -31,7 +33,6 @@ def bench_data() -> dict:
     memory = {str(size): streamed_worker_peak_rss(folder, root) for size, folder in folders.items()}  # str keys: as the results' JSON has them
     throughput = {name: {mode: samples_per_sec(job, root, mode) for mode in ("false", "true")} for name, job in
                   (("digits", "jobs/cnn_digits.yaml"), ("help_texts", "jobs/debug/gpt_cpu.yaml"))}
-    pipeline_images_per_sec(folders[LARGE_MB], 1)  # warm-up: the tasks' workers import torch once
     decode = {str(cpus): pipeline_images_per_sec(folders[LARGE_MB], cpus) for cpus in (1, 2)}
     return {
         "image_folder_mb": {str(size): folder_mb(folder) for size, folder in folders.items()},
@@ -87,12 +88,88 @@ def samples_per_sec(job: str, root: Path, streaming: str) -> float:
 
 
 def pipeline_images_per_sec(folder: Path, cpus: int) -> float:
-    """Images/s out of the streaming pipeline alone (read, decode, resize to 64, augment), `cpus` tasks at once."""
+    """Images/s out of the streaming pipeline alone (read, decode, resize to 64, augment), `cpus` tasks
+    at once, over its second pass: the first starts the tasks' workers (~2 s each to import torch),
+    which a training run then keeps from epoch to epoch."""
     from dlray.streaming import build_streamed_data
 
     cfg = DataConfig(name="image_folder", path=str(folder), image_size=64, channels=3, streaming=True, preprocess_concurrency=cpus)
     train = build_streamed_data(cfg, seed=0, num_workers=1).datasets["train"]
+    for _ in train.iter_internal_ref_bundles():
+        pass
     start = time.perf_counter()
-    # Counted inside the tasks: pulling every image into this process would measure this process instead.
-    rows = train.map_batches(lambda batch: {"rows": [len(batch["label"])]}).sum("rows")
+    # Counted from the blocks' metadata: pulling every image into this process, or counting them in
+    # tasks of another operator, would measure this process or that operator's CPUs instead.
+    rows = sum(bundle.num_rows() for bundle in train.iter_internal_ref_bundles())
     return rows / (time.perf_counter() - start)
+
+
+TEXT_SHARD_MB = 100  # parquet shards of a generated corpus, as pretraining corpora come
+DOCUMENT_CHARS = 2000
+
+
+def bench_text_memory() -> dict:
+    """The text half of the memory benchmark. Training gpt/debug on every window of 2 GB of text would
+    take this CPU a day (~0.5 B tokens at ~15k tokens/s), so the worker here runs dlray's streaming
+    data path alone: a Ray Train worker reading its shard through dlray.streaming.streamed_batches
+    (as the loop does, micro_batch_size windows at a time, shuffle buffer and all) with no model step."""
+    from dlray.train import init_ray
+
+    init_ray()
+    root = Path(tempfile.mkdtemp(prefix="dlray-bench-text-"))
+    corpora = {size: write_text_corpus(root / f"{size}mb", size) for size in (SMALL_MB, LARGE_MB)}
+    measured = {str(size): streamed_text_worker(corpus, root) for size, corpus in corpora.items()}
+    rss = {size: m["peak_rss_mib"] for size, m in measured.items()}
+    return {"text_corpus_mb": {str(size): sum(f.stat().st_size for f in corpus.glob("*.parquet")) / 2**20 for size, corpus in corpora.items()},
+            "worker": measured, "worker_peak_rss_mib": rss, "large_vs_small_rss": rss[str(LARGE_MB)] / rss[str(SMALL_MB)]}
+
+
+def write_text_corpus(folder: Path, megabytes: int) -> Path:
+    """Parquet shards of DOCUMENT_CHARS-character documents cut at random from the bundled help texts
+    (so the tokenizer dlray trains on a sample of them is one fit for the rest), ~`megabytes` MB of text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dlray.data.text import bundled_documents
+
+    source = "\n\n".join(bundled_documents())
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    per_shard = TEXT_SHARD_MB * 2**20 // DOCUMENT_CHARS
+    for shard in range(-(-megabytes // TEXT_SHARD_MB)):
+        starts = rng.integers(0, len(source) - DOCUMENT_CHARS, per_shard)
+        pq.write_table(pa.table({"text": [source[s:s + DOCUMENT_CHARS] for s in starts]}), folder / f"shard-{shard:03d}.parquet")
+    return folder
+
+
+def streamed_text_worker(corpus: Path, root: Path) -> dict:
+    """One Ray Train worker streaming jobs/debug/gpt_cpu.yaml's training split of `corpus` (the
+    tokenizer trained on a sample, the windows packed by Ray Data tasks): its peak resident memory,
+    windows read and seconds taken."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dlray.streaming import build_streamed_data
+
+    cfg = load_config("jobs/debug/gpt_cpu.yaml", [f"data.path={corpus}", "data.streaming=true", "data.val_fraction=0.01", "data.test_fraction=0.0"])
+    streamed = build_streamed_data(cfg.data, seed=cfg.train.seed, num_workers=1)
+    trainer = TorchTrainer(
+        _stream_text_shard, train_loop_config={"columns": streamed.columns, "batch_size": cfg.train.micro_batch_size, "buffer": cfg.data.local_shuffle_buffer_size},
+        datasets={"train": streamed.datasets["train"]},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False),
+        scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(name=f"text-{corpus.name}", storage_path=str(root / "runs")))
+    metrics = trainer.fit().metrics
+    return {"peak_rss_mib": metrics["peak_rss_mib"], "windows": metrics["windows"], "seconds": metrics["seconds"], "training_windows": streamed.rows["train"]}
+
+
+def _stream_text_shard(config: dict) -> None:
+    import ray.train
+
+    from dlray.loop import peak_rss_mib
+    from dlray.streaming import streamed_batches
+
+    start, windows = time.perf_counter(), 0
+    for _, weight, _ in streamed_batches(ray.train.get_dataset_shard("train"), tuple(config["columns"]), config["batch_size"], 0, config["buffer"]):
+        windows += int(weight.sum())
+    ray.train.report({"peak_rss_mib": peak_rss_mib(), "windows": windows, "seconds": time.perf_counter() - start})

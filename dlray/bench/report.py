@@ -65,6 +65,12 @@ def render_markdown(results: dict) -> str:
             _row(f"streamed decode + resize + augment throughput, 2 / 1 CPUs (the {mb[large]:.0f} MB folder's training split to 64 px)",
                  f"{data['decode_2_vs_1_cpus']:.2f} ({data['decode_images_per_sec']['2']:.0f} vs {data['decode_images_per_sec']['1']:.0f} images/s)", "> 1 (2 cores)"),
         ]
+    if text := results.get("data_text_memory"):
+        rss, mb, worker = text["worker_peak_rss_mib"], text["text_corpus_mb"], text["worker"]
+        small, large = sorted(rss, key=float)
+        lines.append(_row(f"training worker peak memory, streaming a {mb[large]:.0f} MB / a {mb[small]:.0f} MB text corpus (parquet shards, tokenized and packed into "
+                          f"{worker[large]['windows']:,} / {worker[small]['windows']:,} gpt/debug windows by Ray Data; the worker reads its shard as the loop does, no model step)",
+                          f"{text['large_vs_small_rss']:.2f} ({rss[large]:.0f} vs {rss[small]:.0f} MiB)", "<= 1.3"))
     if serve := results.get("serve"):
 
         lines += [
