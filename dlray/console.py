@@ -25,7 +25,7 @@ from ray.train import UserCallback
 from dlray.config import JobConfig
 
 # Keys of an epoch report the epoch line leaves to metrics.csv and TensorBoard.
-NOT_SHOWN = {"epoch", "global_step", "first_step_unix_time", "resumed_from_step", "num_nodes", "peak_rss_mib", "skipped_rows", "bad_epochs"}
+NOT_SHOWN = {"epoch", "global_step", "first_step_unix_time", "resumed_from_step", "num_nodes", "peak_rss_mib", "peak_private_mib", "skipped_rows", "bad_epochs"}
 RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve")
 
 

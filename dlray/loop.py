@@ -19,6 +19,7 @@ import math
 import resource
 import time
 
+import psutil
 import ray.train
 import ray.train.collective
 import ray.train.torch
@@ -105,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
         grad_norms = torch.zeros(len(family.optimizers), dtype=torch.float64, device=device)  # summed over the epoch's steps
         start = time.perf_counter()
         window = Window(start)
-        step_in_epoch = 0
+        step_in_epoch, peak_private = 0, private_mib()
         for i, (batch, weight, skipped) in enumerate(batches.train(epoch)):
             batch, rows, scale = real_rows(batch, weight)
             batch = to_device(batch, device)
@@ -129,6 +130,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
                     started["first_step_unix_time"] = time.time()
                 step_in_epoch += 1
+                peak_private = max(peak_private, private_mib())
                 if progress.due() and step_in_epoch < steps_per_epoch:  # the epoch's own report follows its last step
                     record = {"phase": "step", "epoch": epoch, "global_step": state.global_step, "step_in_epoch": step_in_epoch,
                               "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
@@ -149,7 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "samples_per_sec": totals[-2].item() / elapsed}
         if config["streamed"]:
             metrics["skipped_rows"] = int(totals[-1].item())
-        metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes, "peak_rss_mib": peak_rss_mib()} | started
+        metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes, "peak_rss_mib": peak_rss_mib(),
+                    "peak_private_mib": peak_private} | started
         started = {}
         metrics |= family.derived_metrics(metrics, data_info)
         if hardware.peak_flops and flops_per_sample:  # model FLOPs utilisation, of the GPUs' dense bf16 peak
@@ -308,8 +311,17 @@ def real_rows(batch: list[torch.Tensor], weight: torch.Tensor | None) -> tuple[l
 
 
 def peak_rss_mib() -> float:
-    """This worker's peak resident memory so far: flat when data streams, the data's size when it loads here."""
+    """This worker's peak resident memory so far, the object store's pages it has read blocks from included."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def private_mib() -> float:
+    """This worker's own resident memory now: resident less shared pages, as Ray's memory monitor and
+    dashboard count a worker's. The shared pages are mostly Ray's object store, mapped into each
+    process that reads a block: streamed data touches more of it the more there is (up to
+    object_store_memory, which Ray bounds and evicts), while the worker's own memory stays flat."""
+    info = psutil.Process().memory_info()
+    return (info.rss - getattr(info, "shared", 0)) / 2**20  # no `shared` off Linux: all of it
 
 
 def to_device(batch, device):

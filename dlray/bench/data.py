@@ -5,11 +5,12 @@
 - training throughput, streamed / in memory, on the bundled digits (cnn) and help texts (gpt);
 - decode + resize + augment throughput of the streaming pipeline alone, on 1 and on 2 CPUs, workers warm;
 - (bench_text_memory) peak resident memory of a training worker streaming a generated text corpus of
-  ~200 MB and one of ~2 GB (parquet shards), tokenized and packed by Ray Data.
+  ~100 MB and one of ~1 GB (parquet shards), tokenized and packed by Ray Data.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -30,14 +31,16 @@ def bench_data() -> dict:
     init_ray()
     root = Path(tempfile.mkdtemp(prefix="dlray-bench-data-"))
     folders = {size: write_image_folder(root / f"{size}mb", size) for size in (SMALL_MB, LARGE_MB)}
-    memory = {str(size): streamed_worker_peak_rss(folder, root) for size, folder in folders.items()}  # str keys: as the results' JSON has them
+    measured = {str(size): streamed_worker_peak_rss(folder, root) for size, folder in folders.items()}  # str keys: as the results' JSON has them
+    memory = {size: m["peak_private_mib"] for size, m in measured.items()}
     throughput = {name: {mode: samples_per_sec(job, root, mode) for mode in ("false", "true")} for name, job in
                   (("digits", "jobs/cnn_digits.yaml"), ("help_texts", "jobs/debug/gpt_cpu.yaml"))}
     decode = {str(cpus): pipeline_images_per_sec(folders[LARGE_MB], cpus) for cpus in (1, 2)}
     return {
         "image_folder_mb": {str(size): folder_mb(folder) for size, folder in folders.items()},
-        "worker_peak_rss_mib": memory,
-        "large_vs_small_rss": memory[str(LARGE_MB)] / memory[str(SMALL_MB)],
+        "worker_peak_private_mib": memory,
+        "worker_peak_rss_mib": {size: m["peak_rss_mib"] for size, m in measured.items()},
+        "large_vs_small_private": memory[str(LARGE_MB)] / memory[str(SMALL_MB)],
         "samples_per_sec": throughput,
         "streamed_vs_in_memory": {name: rates["true"] / rates["false"] for name, rates in throughput.items()},
         "decode_images_per_sec": decode,
@@ -65,8 +68,9 @@ def folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*.png")) / 2**20
 
 
-def streamed_worker_peak_rss(folder: Path, root: Path) -> float:
-    """Rank 0's peak resident memory (the loop's `peak_rss_mib`) over one epoch of the cnn on the folder, streamed."""
+def streamed_worker_peak_rss(folder: Path, root: Path) -> dict:
+    """Rank 0's peak memory over one epoch of the cnn on the folder, streamed: its own (the loop's
+    `peak_private_mib`), and resident with the object store's pages it read (`peak_rss_mib`)."""
     from dlray.tracking import read_history
     from dlray.train import fit, run_dir
 
@@ -74,7 +78,8 @@ def streamed_worker_peak_rss(folder: Path, root: Path) -> float:
                                                   "data.name=image_folder", f"data.path={folder}", "data.streaming=true", "data.image_size=16",
                                                   "data.channels=3", "train.micro_batch_size=64"])
     fit(cfg)
-    return max(r["peak_rss_mib"] for r in read_history(run_dir(cfg)) if "peak_rss_mib" in r)
+    epochs = [r for r in read_history(run_dir(cfg)) if "peak_private_mib" in r]
+    return {key: max(r[key] for r in epochs) for key in ("peak_private_mib", "peak_rss_mib")}
 
 
 def samples_per_sec(job: str, root: Path, streaming: str) -> float:
@@ -104,24 +109,31 @@ def pipeline_images_per_sec(folder: Path, cpus: int) -> float:
     return rows / (time.perf_counter() - start)
 
 
+# Ten times the data, as for the images, but half their sizes: Ray Data tasks tokenize ~3 MB of text a
+# second per CPU here, and dlray reads a corpus twice (counting windows, then training), so 2 GB would
+# take this 2-core machine most of an hour. Not less: a worker's memory settles after ~100 MB of text
+# (~2,400 batches), so a smaller corpus would end while it still grows.
+TEXT_SMALL_MB, TEXT_LARGE_MB = 100, 1000
 TEXT_SHARD_MB = 100  # parquet shards of a generated corpus, as pretraining corpora come
 DOCUMENT_CHARS = 2000
+TEXT_BATCH = 256
 
 
 def bench_text_memory() -> dict:
-    """The text half of the memory benchmark. Training gpt/debug on every window of 2 GB of text would
-    take this CPU a day (~0.5 B tokens at ~15k tokens/s), so the worker here runs dlray's streaming
+    """The text half of the memory benchmark. Training gpt/debug on every window of 1 GB of text would
+    take this CPU most of a day (~350 M tokens at ~15k tokens/s), so the worker here runs dlray's streaming
     data path alone: a Ray Train worker reading its shard through dlray.streaming.streamed_batches
-    (as the loop does, micro_batch_size windows at a time, shuffle buffer and all) with no model step."""
+    (as the loop does, shuffle buffer and all) with no model step, TEXT_BATCH windows at a time (the
+    loop's 16 would measure iteration's per-batch cost for an hour)."""
     from dlray.train import init_ray
 
     init_ray()
     root = Path(tempfile.mkdtemp(prefix="dlray-bench-text-"))
-    corpora = {size: write_text_corpus(root / f"{size}mb", size) for size in (SMALL_MB, LARGE_MB)}
+    corpora = {size: write_text_corpus(root / f"{size}mb", size) for size in (TEXT_SMALL_MB, TEXT_LARGE_MB)}
     measured = {str(size): streamed_text_worker(corpus, root) for size, corpus in corpora.items()}
-    rss = {size: m["peak_rss_mib"] for size, m in measured.items()}
-    return {"text_corpus_mb": {str(size): sum(f.stat().st_size for f in corpus.glob("*.parquet")) / 2**20 for size, corpus in corpora.items()},
-            "worker": measured, "worker_peak_rss_mib": rss, "large_vs_small_rss": rss[str(LARGE_MB)] / rss[str(SMALL_MB)]}
+    private = {size: m["peak_private_mib"] for size, m in measured.items()}
+    return {"text_mb": {str(size): size for size in corpora}, "parquet_mb": {str(size): sum(f.stat().st_size for f in c.glob("*.parquet")) / 2**20 for size, c in corpora.items()},
+            "worker": measured, "worker_peak_private_mib": private, "large_vs_small_private": private[str(TEXT_LARGE_MB)] / private[str(TEXT_SMALL_MB)]}
 
 
 def write_text_corpus(folder: Path, megabytes: int) -> Path:
@@ -135,17 +147,17 @@ def write_text_corpus(folder: Path, megabytes: int) -> Path:
     source = "\n\n".join(bundled_documents())
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
-    per_shard = TEXT_SHARD_MB * 2**20 // DOCUMENT_CHARS
-    for shard in range(-(-megabytes // TEXT_SHARD_MB)):
-        starts = rng.integers(0, len(source) - DOCUMENT_CHARS, per_shard)
+    for shard, first_mb in enumerate(range(0, megabytes, TEXT_SHARD_MB)):
+        starts = rng.integers(0, len(source) - DOCUMENT_CHARS, min(TEXT_SHARD_MB, megabytes - first_mb) * 2**20 // DOCUMENT_CHARS)
         pq.write_table(pa.table({"text": [source[s:s + DOCUMENT_CHARS] for s in starts]}), folder / f"shard-{shard:03d}.parquet")
     return folder
 
 
 def streamed_text_worker(corpus: Path, root: Path) -> dict:
     """One Ray Train worker streaming jobs/debug/gpt_cpu.yaml's training split of `corpus` (the
-    tokenizer trained on a sample, the windows packed by Ray Data tasks): its peak resident memory,
-    windows read and seconds taken."""
+    tokenizer trained on a sample, the windows packed by Ray Data tasks): its peak own and resident
+    memory (dlray.loop.private_mib, peak_rss_mib), windows read and seconds taken, which it writes to a file (Ray Train's Result keeps only reports
+    with a checkpoint)."""
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -154,22 +166,26 @@ def streamed_text_worker(corpus: Path, root: Path) -> dict:
 
     cfg = load_config("jobs/debug/gpt_cpu.yaml", [f"data.path={corpus}", "data.streaming=true", "data.val_fraction=0.01", "data.test_fraction=0.0"])
     streamed = build_streamed_data(cfg.data, seed=cfg.train.seed, num_workers=1)
+    out = root / f"text-{corpus.name}.json"
     trainer = TorchTrainer(
-        _stream_text_shard, train_loop_config={"columns": streamed.columns, "batch_size": cfg.train.micro_batch_size, "buffer": cfg.data.local_shuffle_buffer_size},
+        _stream_text_shard, train_loop_config={"columns": streamed.columns, "buffer": cfg.data.local_shuffle_buffer_size, "out": str(out)},
         datasets={"train": streamed.datasets["train"]},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False),
         scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(name=f"text-{corpus.name}", storage_path=str(root / "runs")))
-    metrics = trainer.fit().metrics
-    return {"peak_rss_mib": metrics["peak_rss_mib"], "windows": metrics["windows"], "seconds": metrics["seconds"], "training_windows": streamed.rows["train"]}
+    if error := trainer.fit().error:
+        raise RuntimeError(f"streaming {corpus} failed: {error}")
+    return json.loads(out.read_text()) | {"training_windows": streamed.rows["train"]}
 
 
 def _stream_text_shard(config: dict) -> None:
     import ray.train
 
-    from dlray.loop import peak_rss_mib
+    from dlray.loop import peak_rss_mib, private_mib
     from dlray.streaming import streamed_batches
 
-    start, windows = time.perf_counter(), 0
-    for _, weight, _ in streamed_batches(ray.train.get_dataset_shard("train"), tuple(config["columns"]), config["batch_size"], 0, config["buffer"]):
+    start, windows, peak_private = time.perf_counter(), 0, private_mib()
+    for _, weight, _ in streamed_batches(ray.train.get_dataset_shard("train"), tuple(config["columns"]), TEXT_BATCH, 0, config["buffer"]):
         windows += int(weight.sum())
-    ray.train.report({"peak_rss_mib": peak_rss_mib(), "windows": windows, "seconds": time.perf_counter() - start})
+        peak_private = max(peak_private, private_mib())  # as the loop samples it, once a step
+    Path(config["out"]).write_text(json.dumps({"peak_private_mib": peak_private, "peak_rss_mib": peak_rss_mib(), "windows": windows,
+                                               "seconds": time.perf_counter() - start}))
