@@ -166,7 +166,9 @@ def test_pbt_continues_a_trial_from_another_trials_checkpoint(ray_cluster, stora
         "scheduler": {"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
         "search_space": {"optim.lr": {"choice": [0.03, 1.0e-5]}},
     }
-    cfg = sweep_config(storage, "pbt", tune, "train.num_epochs=3", "tune.search_alg.seed=3")
+    # Five epochs: five reports at which the worse trial can exploit the better one. With three, one run
+    # in two here ended without an exploit (the two trials' reports interleave as their start-ups allow).
+    cfg = sweep_config(storage, "pbt", tune, "train.num_epochs=5", "tune.search_alg.seed=3")
     run_sweep(cfg)
     exploited = []
     for run in (storage / "pbt" / "runs").iterdir():
