@@ -77,7 +77,7 @@ def streamed_worker_peak_rss(folder: Path, root: Path) -> dict:
     cfg = load_config("jobs/debug/cnn_cpu.yaml", [f"run.storage_path={root / 'runs'}", f"run.name=rss-{folder.name}", "train.num_epochs=1",
                                                   "data.name=image_folder", f"data.path={folder}", "data.streaming=true", "data.image_size=16",
                                                   "data.channels=3", "train.micro_batch_size=64"])
-    fit(cfg, verbose=False)  # as `dlray train` runs: Ray Data's progress bars would take CPU from the training workers
+    fit(cfg)
     epochs = [r for r in read_history(run_dir(cfg)) if "peak_private_mib" in r]
     return {key: max(r[key] for r in epochs) for key in ("peak_private_mib", "peak_rss_mib")}
 
@@ -88,7 +88,7 @@ def samples_per_sec(job: str, root: Path, streaming: str) -> float:
 
     cfg = load_config(job, [f"run.storage_path={root / 'runs'}", f"run.name={Path(job).stem}-streaming-{streaming}", f"train.num_epochs={EPOCHS}",
                             "train.early_stopping_patience=null", f"data.streaming={streaming}"])
-    fit(cfg, verbose=False)  # as `dlray train` runs: Ray Data's progress bars would take CPU from the training workers
+    fit(cfg)
     return statistics.mean(r["samples_per_sec"] for r in read_history(run_dir(cfg)) if "train_loss" in r and r["epoch"] > 0)
 
 
