@@ -28,6 +28,7 @@ from pathlib import PurePosixPath
 import numpy as np
 import ray
 import ray.data
+import ray.train
 import torch
 
 from dlray.config import DataConfig
@@ -71,6 +72,12 @@ def build_streamed_data(cfg: DataConfig, seed: int, num_workers: int) -> Streame
     if cfg.shuffle == "full":
         data.datasets["train"] = data.datasets["train"].random_shuffle(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return data
+
+
+def train_data_config() -> ray.train.DataConfig:
+    """How Ray Train splits the streamed datasets: ordered, and without locality hints (where blocks
+    land varies from run to run), so that the equal split gives each worker the same rows in every run."""
+    return ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True), enable_shard_locality=False)
 
 
 def padded(ds: ray.data.Dataset, rows: int, num_workers: int) -> ray.data.Dataset:

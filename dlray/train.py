@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import ray
 import ray.train
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -21,6 +20,7 @@ from dlray import trackers
 from dlray.config import JobConfig
 from dlray.data.sources import FORMATS, streams
 from dlray.loop import train_loop_per_worker
+from dlray.streaming import train_data_config
 from dlray.tracking import MetricsLogger
 
 if TYPE_CHECKING:
@@ -56,9 +56,7 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
         train_loop_per_worker,
         train_loop_config={"job": cfg.model_dump(mode="json"), "streamed": streamed and streamed.worker_spec(), "log_level": log_level},
         datasets=streamed and streamed.datasets,
-        # Ordered, and without locality hints (where blocks land varies from run to run): the equal
-        # split then gives each worker the same rows in every run (see dlray.streaming).
-        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False),
+        dataset_config=train_data_config(),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

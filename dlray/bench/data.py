@@ -4,7 +4,7 @@
   of ~2 GB (memory must not grow with the data);
 - training throughput, streamed / in memory, on the bundled digits (cnn) and help texts (gpt);
 - decode + resize + augment throughput of the streaming pipeline alone, on 1 and on 2 CPUs, workers warm;
-- (bench_text_memory) peak resident memory of a training worker streaming a generated text corpus of
+- (bench_text_memory) a training worker's own peak memory streaming a generated text corpus of
   ~100 MB and one of ~1 GB (parquet shards), tokenized and packed by Ray Data.
 """
 
@@ -156,13 +156,12 @@ def write_text_corpus(folder: Path, megabytes: int) -> Path:
 def streamed_text_worker(corpus: Path, root: Path) -> dict:
     """One Ray Train worker streaming jobs/debug/gpt_cpu.yaml's training split of `corpus` (the
     tokenizer trained on a sample, the windows packed by Ray Data tasks): its peak own and resident
-    memory (dlray.loop.private_mib, peak_rss_mib), windows read and seconds taken, which it writes to a file (Ray Train's Result keeps only reports
-    with a checkpoint)."""
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig, RunConfig, ScalingConfig
+    memory (dlray.loop.private_mib, peak_rss_mib), windows read and seconds taken, which it writes to
+    a file (Ray Train's Result keeps only reports with a checkpoint)."""
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from dlray.streaming import build_streamed_data
+    from dlray.streaming import build_streamed_data, train_data_config
 
     cfg = load_config("jobs/debug/gpt_cpu.yaml", [f"data.path={corpus}", "data.streaming=true", "data.val_fraction=0.01", "data.test_fraction=0.0"])
     streamed = build_streamed_data(cfg.data, seed=cfg.train.seed, num_workers=1)
@@ -170,7 +169,7 @@ def streamed_text_worker(corpus: Path, root: Path) -> dict:
     trainer = TorchTrainer(
         _stream_text_shard, train_loop_config={"columns": streamed.columns, "buffer": cfg.data.local_shuffle_buffer_size, "out": str(out)},
         datasets={"train": streamed.datasets["train"]},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False),
+        dataset_config=train_data_config(),
         scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(name=f"text-{corpus.name}", storage_path=str(root / "runs")))
     if error := trainer.fit().error:
         raise RuntimeError(f"streaming {corpus} failed: {error}")
