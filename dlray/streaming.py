@@ -34,7 +34,7 @@ import torch
 from dlray.config import DataConfig
 from dlray.data.image_folder import IMAGE_SUFFIXES, decode_image
 from dlray.data.images import random_affine, resize_images, split_indices
-from dlray.data.sources import FORMATS, SPLITS, list_files, parse_rows, split_of
+from dlray.data.sources import FORMATS, SPLITS, list_files, read_rows, split_of
 
 MEAN_STD_SAMPLE = 1024  # training images the per-channel mean and std are estimated from
 TOKENIZER_SAMPLE = 20_000  # training texts a tokenizer is trained on when data.tokenizer is not given
@@ -167,16 +167,13 @@ def read_image(filesystem, path: str, size: int, channels: int, bad_rows: str) -
 
 
 def source_rows(cfg: DataConfig, fields: tuple[str, ...], described: str, suffixes, bundled) -> ray.data.Dataset:
-    """The source's rows: parsed from its files by tasks (one file each), or the bundled rows."""
+    """The source's rows: read from its files by tasks (one file each, streamed through the task: Ray
+    Data cuts what it yields into blocks as they fill), or the bundled rows."""
     if not cfg.path:
         return items_dataset(bundled())
     filesystem, files = list_files(cfg.path, suffixes)
-
-    def parse(file: dict) -> list[dict]:
-        with filesystem.open_input_stream(file["path"]) as stream:
-            return parse_rows(file["path"], stream.read(), fields, described)
-
-    return items_dataset([{"path": f.path} for f in files], rows_per_block=1).flat_map(parse, num_cpus=cfg.preprocess_num_cpus)
+    return items_dataset([{"path": f.path} for f in files], rows_per_block=1).flat_map(
+        lambda file: read_rows(filesystem, file["path"], fields, described), num_cpus=cfg.preprocess_num_cpus)
 
 
 def text_pipeline(cfg: DataConfig, seed: int) -> StreamedData:

@@ -14,7 +14,7 @@ import ray
 from PIL import Image
 
 from dlray.config import DataConfig
-from dlray.data.sources import list_files, streams
+from dlray.data.sources import list_files, read_rows, streams
 from dlray.streaming import build_streamed_data, padded, streamed_batches
 
 
@@ -101,6 +101,27 @@ def test_a_malformed_jsonl_line_is_named_before_training(ray_cluster, tmp_path):
     cfg = DataConfig(name="text_classification", path=str(tmp_path / "texts.jsonl"), streaming=True, vocab_size=300)
     with pytest.raises(Exception, match=r"texts.jsonl, line 6: not valid JSON"):
         build_streamed_data(cfg, seed=0, num_workers=2)
+
+
+def test_a_file_is_read_as_its_rows_are_taken_not_whole(tmp_path):
+    """A task streams one file however large: the first rows come out before the rest is read (a
+    broken last line is not reached), a table a record batch at a time; a missing column named before any row."""
+    import pyarrow.fs
+
+    local = pyarrow.fs.LocalFileSystem()
+    (tmp_path / "big.jsonl").write_text("\n".join([json.dumps({"text": f"row {i}"}) for i in range(3)] + ["{broken"]))
+    rows = read_rows(local, str(tmp_path / "big.jsonl"), ("text",), "data.text_field 'text'")
+    assert [next(rows)["text"], next(rows)["text"]] == ["row 0", "row 1"]
+    next(rows)
+    with pytest.raises(ValueError, match="big.jsonl, line 4: not valid JSON"):
+        next(rows)
+
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(3000)]}), tmp_path / "big.parquet", row_group_size=1000)
+    rows = read_rows(local, str(tmp_path / "big.parquet"), ("text",), "data.text_field 'text'")
+    assert [row["text"] for row in rows] == [f"t{i}" for i in range(3000)]  # across record batches, in order
+    (tmp_path / "other.csv").write_text("body,label\nx,1\n")
+    with pytest.raises(ValueError, match="other.csv: data.text_field 'text' is not a column; it has \\['body', 'label'\\]"):
+        next(read_rows(local, str(tmp_path / "other.csv"), ("text",), "data.text_field 'text'"))
 
 
 def test_the_rule_streams_uris_and_large_paths_and_loads_the_rest(tmp_path):

@@ -10,6 +10,7 @@ import fnmatch
 import io
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs
@@ -18,6 +19,7 @@ import pyarrow.fs
 # memory, where splits are exact and stratified. A URI always streams.
 STREAM_ABOVE_BYTES = 1 << 30
 SPLITS = ("train", "val", "test")
+TABLE_BATCH_ROWS = 1024  # rows of a .parquet or .csv file read at once
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # text files: suffix -> `datasets` builder
 
 
@@ -68,33 +70,51 @@ def split_of(key: str, val_fraction: float, test_fraction: float, seed: int) -> 
     return 2 if u < test_fraction else 1 if u < test_fraction + val_fraction else 0
 
 
-def parse_rows(path: str, data: bytes, fields: tuple[str, ...], described: str) -> list[dict]:
-    """The rows of one file: .jsonl (a JSON object per line), .json (a list of objects), .csv,
-    .parquet, or .txt (one row: its whole text under every field). Each row must hold one of `fields`."""
+def read_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, ...], described: str) -> Iterator[dict]:
+    """The rows of one file, read as they are yielded: .jsonl (a JSON object per line) a line at a
+    time, .csv and .parquet a record batch at a time, so that a file larger than a task's memory
+    streams through it; .json (a list of objects) and .txt (one row: its whole text under every
+    field) whole. Each row must hold one of `fields` (`described` says which in errors)."""
     suffix = PurePosixPath(path).suffix.lower()
-    if suffix == ".txt":
-        return [dict.fromkeys(fields, data.decode("utf-8", errors="replace"))]
-    if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if line.strip():
-                rows.append(json_row(line, f"{path}, line {number}"))
-    elif suffix == ".json":
+    if suffix in (".txt", ".json"):
+        with filesystem.open_input_stream(path) as stream:
+            data = stream.read()
+        if suffix == ".txt":
+            yield dict.fromkeys(fields, data.decode("utf-8", errors="replace"))
+            return
         rows = json.loads(data)
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             raise ValueError(f"{path}: a .json file must hold a list of objects")
-    elif suffix == ".csv":
-        import pyarrow.csv
-
-        rows = pyarrow.csv.read_csv(io.BytesIO(data)).to_pylist()
+        for number, row in enumerate(rows, 1):
+            yield checked(row, fields, described, f"{path}, row {number}")
+    elif suffix == ".jsonl":
+        with filesystem.open_input_stream(path) as stream:
+            for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
+                if line.strip():
+                    yield checked(json_row(line, f"{path}, line {number}"), fields, described, f"{path}, line {number}")
     else:
-        import pyarrow.parquet
+        yield from table_rows(filesystem, path, fields, described)
 
-        rows = pyarrow.parquet.read_table(io.BytesIO(data)).to_pylist()
-    for number, row in enumerate(rows, 1):
-        if not set(fields) & row.keys():
-            raise ValueError(f"{path}, row {number}: {described} is not a column; it has {sorted(row)}")
-    return rows
+
+def table_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, ...], described: str) -> Iterator[dict]:
+    """A .csv or .parquet file's rows, TABLE_BATCH_ROWS at a time; its columns checked once, before any row."""
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    csv = path.lower().endswith(".csv")
+    with filesystem.open_input_stream(path) if csv else filesystem.open_input_file(path) as source:
+        reader = pyarrow.csv.open_csv(source) if csv else pyarrow.parquet.ParquetFile(source)
+        names = reader.schema.names if csv else reader.schema_arrow.names
+        if not set(fields) & set(names):
+            raise ValueError(f"{path}: {described} is not a column; it has {sorted(names)}")
+        for batch in reader if csv else reader.iter_batches(batch_size=TABLE_BATCH_ROWS):
+            yield from batch.to_pylist()
+
+
+def checked(row: dict, fields: tuple[str, ...], described: str, where: str) -> dict:
+    if not set(fields) & row.keys():
+        raise ValueError(f"{where}: {described} is not a column; it has {sorted(row)}")
+    return row
 
 
 def json_row(line: str, where: str) -> dict:
