@@ -133,6 +133,11 @@ def init_ray(verbose: bool = True) -> None:
         # Ray Train's preemption watcher acts on nodes a cluster drains (spot reclaims); a local Ray has
         # none to drain, and the watcher's start only logs a core_worker error about its arguments.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray ends a task worker idle for 1 s while a node runs more workers than it has CPUs, which a
+        # laptop always does (the Train controller, the workers, the splits' coordinators). Streamed
+        # data's tasks then got a new worker each epoch, whose first task imports torch: a ~2 s stall
+        # mid-epoch (a 0.6 s digits epoch took 2.7). A minute keeps them from one epoch to the next.
+        os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
         # One logical CPU more than the cores: streamed data's preprocessing tasks need a CPU
         # while the training workers hold one each, and a laptop has no CPU node to run them on.
         context = ray.init(num_cpus=(os.cpu_count() or 1) + 1, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", runtime_env=runtime_env, **quiet)
