@@ -93,7 +93,7 @@ def epoch_samples_per_sec(job: str, root: Path, streaming: str) -> list[float]:
 
     cfg = load_config(job, [f"run.storage_path={root / 'runs'}", f"run.name={Path(job).stem}-streaming-{streaming}", f"train.num_epochs={EPOCHS}",
                             "train.early_stopping_patience=null", f"data.streaming={streaming}"])
-    fit(cfg)
+    fit(cfg, verbose=False)  # as `dlray train` runs
     return [r["samples_per_sec"] for r in read_history(run_dir(cfg)) if "train_loss" in r and r["epoch"] > 0]
 
 
