@@ -116,6 +116,10 @@ def test_a_file_is_read_as_its_rows_are_taken_not_whole(tmp_path):
     with pytest.raises(ValueError, match="big.jsonl, line 4: not valid JSON"):
         next(rows)
 
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="latin1.jsonl, after line 0: not UTF-8 text"):
+        list(read_rows(local, str(tmp_path / "latin1.jsonl"), ("text",), "data.text_field 'text'"))
+
     pq.write_table(pa.table({"text": [f"t{i}" for i in range(3000)]}), tmp_path / "big.parquet", row_group_size=1000)
     rows = read_rows(local, str(tmp_path / "big.parquet"), ("text",), "data.text_field 'text'")
     assert [row["text"] for row in rows] == [f"t{i}" for i in range(3000)]  # across record batches, in order

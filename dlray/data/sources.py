@@ -88,10 +88,14 @@ def read_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, .
         for number, row in enumerate(rows, 1):
             yield checked(row, fields, described, f"{path}, row {number}")
     elif suffix == ".jsonl":
+        number = 0
         with filesystem.open_input_stream(path) as stream:
-            for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
-                if line.strip():
-                    yield checked(json_row(line, f"{path}, line {number}"), fields, described, f"{path}, line {number}")
+            try:
+                for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
+                    if line.strip():
+                        yield checked(json_row(line, f"{path}, line {number}"), fields, described, f"{path}, line {number}")
+            except UnicodeDecodeError as err:  # decoded a chunk ahead of the lines taken: the byte is past line `number`
+                raise ValueError(f"{path}, after line {number}: not UTF-8 text ({err.reason})") from None
     else:
         yield from table_rows(filesystem, path, fields, described)
 
