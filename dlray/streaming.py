@@ -141,16 +141,14 @@ def preprocess_images(batch: dict, filesystem, size: int, channels: int, augment
     """A Ray Data operator: file paths (or arrays) -> float images in [0, 1], (C, H, W) at `size`,
     the model's input convention. A file that does not decode is an error naming it, or with
     `data.bad_rows: skip` a weight-0 row counted in the epoch's `skipped_rows`."""
-    images, weights = [], []
-    for i in range(len(batch["label"])):
-        if "pixels" in batch:
-            image, weight = resize_images(torch.tensor(batch["pixels"][i][None]), size, channels)[0], 1.0
-        else:
-            image, weight = read_image(filesystem, batch["path"][i], size, channels, bad_rows)
-        images.append(random_affine(image) if augment and weight else image)
-        weights.append(weight)
-    weight = np.array(weights, dtype=np.float32)
-    return {"image": torch.stack(images).numpy(), "label": batch["label"], "weight": weight, "skipped": (weight == 0).astype(np.int64)}
+    if "pixels" in batch:
+        images, weight = resize_images(torch.from_numpy(np.stack(batch["pixels"])), size, channels), np.ones(len(batch["label"]), dtype=np.float32)
+    else:
+        decoded = [read_image(filesystem, path, size, channels, bad_rows) for path in batch["path"]]
+        images, weight = torch.stack([image for image, _ in decoded]), np.array([w for _, w in decoded], dtype=np.float32)
+    if augment:
+        images = random_affine(images)  # a skipped row's zeros stay zeros
+    return {"image": images.numpy(), "label": batch["label"], "weight": weight, "skipped": (weight == 0).astype(np.int64)}
 
 
 def read_image(filesystem, path: str, size: int, channels: int, bad_rows: str) -> tuple[torch.Tensor, float]:

@@ -8,6 +8,7 @@ from PIL import Image
 from dlray.batches import EvalShard, train_sampler
 from dlray.config import DataConfig
 from dlray.data import build_data
+from dlray.data.images import random_affine
 
 
 def test_digits_splits_are_disjoint_stratified_and_complete():
@@ -59,6 +60,17 @@ def test_augmentation_changes_images_but_keeps_labels():
     image, label = data.train[0]
     assert label == data.train.labels[0]
     assert not torch.equal(image, data.train.images[0]) and image.shape == (1, 8, 8)
+
+
+def test_a_batch_is_augmented_image_by_image():
+    """Streamed preprocessing augments a batch in one call: each image still gets its own transform."""
+    digit = build_data(DataConfig(), seed=0).train.images[0]
+    torch.manual_seed(0)
+    out = random_affine(torch.stack([digit] * 8 + [torch.zeros_like(digit)]))
+    assert out.shape == (9, 1, 8, 8)
+    assert len({tuple(image.flatten().tolist()) for image in out[:8]}) == 8, "eight draws, not one broadcast"
+    assert torch.equal(out[8], torch.zeros_like(digit)), "a skipped row's zeros stay zeros"
+    assert all(0.5 < image.sum() / digit.sum() < 1.5 for image in out[:8]), "shifted and turned, not lost"
 
 
 def test_image_folder_loads_class_subfolders(tmp_path):
