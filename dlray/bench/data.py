@@ -5,7 +5,7 @@
 - training throughput, streamed / in memory, on the bundled digits (cnn) and help texts (gpt);
 - decode + resize + augment throughput of the streaming pipeline alone, on 1 and on 2 CPUs, workers warm;
 - (bench_text_memory) a training worker's own peak memory streaming a generated text corpus of
-  ~100 MB and one of ~1 GB (parquet shards), tokenized and packed by Ray Data.
+  ~200 MB and one of ~2 GB (parquet shards), tokenized and packed by Ray Data.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ from dlray.config import DataConfig, load_config
 
 IMAGE_SIZE = 224  # pixels a side, as ImageNet is trained: ~150 KB per noise PNG
 SMALL_MB, LARGE_MB = 200, 2000
-# The first is warm-up and is not counted. Of the rest, the median: one epoch of a short run carries the
-# one-off start of a second preprocessing worker (~2 s importing torch, in a 1-7 s epoch here), which a
+# The first is warm-up and is not counted. Of the rest, the median: one or two epochs of a short run carry
+# the one-off start of another preprocessing worker (~2 s importing torch, in a 0.5-7 s epoch here), which a
 # run of real length spreads over all its epochs.
 EPOCHS = 8
+# Runs of each kind, taken in turn (in memory, streamed, in memory, ...): on this 2-core VM a whole run's
+# speed drifts by up to a fifth from one run to the next (help texts in memory: 351 to 403 samples/s), more
+# than the epochs within a run differ, so one run of each compared the drift as much as the paths.
+RUNS = 2
 
 
 def bench_data() -> dict:
@@ -36,8 +40,12 @@ def bench_data() -> dict:
     folders = {size: write_image_folder(root / f"{size}mb", size) for size in (SMALL_MB, LARGE_MB)}
     measured = {str(size): streamed_worker_peak_rss(folder, root) for size, folder in folders.items()}  # str keys: as the results' JSON has them
     memory = {size: m["peak_private_mib"] for size, m in measured.items()}
-    epochs = {name: {mode: epoch_samples_per_sec(job, root, mode) for mode in ("false", "true")} for name, job in
-              (("digits", "jobs/cnn_digits.yaml"), ("help_texts", "jobs/debug/gpt_cpu.yaml"))}
+    epochs: dict = {}
+    for name, job in (("digits", "jobs/cnn_digits.yaml"), ("help_texts", "jobs/debug/gpt_cpu.yaml")):
+        epochs[name] = {"false": [], "true": []}
+        for run in range(RUNS):
+            for mode in ("false", "true"):
+                epochs[name][mode] += epoch_samples_per_sec(job, root, mode, run)
     throughput = {name: {mode: statistics.median(rates) for mode, rates in modes.items()} for name, modes in epochs.items()}
     decode = {str(cpus): pipeline_images_per_sec(folders[LARGE_MB], cpus) for cpus in (1, 2)}
     return {
@@ -47,6 +55,7 @@ def bench_data() -> dict:
         "large_vs_small_private": memory[str(LARGE_MB)] / memory[str(SMALL_MB)],
         "samples_per_sec": throughput,
         "epoch_samples_per_sec": epochs,
+        "throughput_runs": RUNS,
         "streamed_vs_in_memory": {name: rates["true"] / rates["false"] for name, rates in throughput.items()},
         "decode_images_per_sec": decode,
         "decode_2_vs_1_cpus": decode["2"] / decode["1"],
@@ -87,11 +96,11 @@ def streamed_worker_peak_rss(folder: Path, root: Path) -> dict:
     return {key: max(r[key] for r in epochs) for key in ("peak_private_mib", "peak_rss_mib")}
 
 
-def epoch_samples_per_sec(job: str, root: Path, streaming: str) -> list[float]:
+def epoch_samples_per_sec(job: str, root: Path, streaming: str, run: int) -> list[float]:
     from dlray.tracking import read_history
     from dlray.train import fit, run_dir
 
-    cfg = load_config(job, [f"run.storage_path={root / 'runs'}", f"run.name={Path(job).stem}-streaming-{streaming}", f"train.num_epochs={EPOCHS}",
+    cfg = load_config(job, [f"run.storage_path={root / 'runs'}", f"run.name={Path(job).stem}-streaming-{streaming}-{run}", f"train.num_epochs={EPOCHS}",
                             "train.early_stopping_patience=null", f"data.streaming={streaming}"])
     fit(cfg, verbose=False)  # as `dlray train` runs
     return [r["samples_per_sec"] for r in read_history(run_dir(cfg)) if "train_loss" in r and r["epoch"] > 0]
@@ -114,19 +123,18 @@ def pipeline_images_per_sec(folder: Path, cpus: int) -> float:
     return rows / (time.perf_counter() - start)
 
 
-# Ten times the data, as for the images, but half their sizes: Ray Data tasks tokenize ~3 MB of text a
-# second per CPU here, and dlray reads a corpus twice (counting windows, then training), so 2 GB would
-# take this 2-core machine most of an hour. Not less: a worker's memory settles after ~100 MB of text
-# (~2,400 batches), so a smaller corpus would end while it still grows.
-TEXT_SMALL_MB, TEXT_LARGE_MB = 100, 1000
+# The images' sizes. Ray Data tasks tokenize ~3 MB of text a second here, and dlray reads a corpus twice
+# (counting windows, then training): ~25 minutes on this 2-core machine. Not less: a worker's memory
+# settles after ~100 MB of text (~2,400 batches), so a smaller corpus would end while it still grows.
+TEXT_SMALL_MB, TEXT_LARGE_MB = 200, 2000
 TEXT_SHARD_MB = 100  # parquet shards of a generated corpus, as pretraining corpora come
 DOCUMENT_CHARS = 2000
 TEXT_BATCH = 256
 
 
 def bench_text_memory() -> dict:
-    """The text half of the memory benchmark. Training gpt/debug on every window of 1 GB of text would
-    take this CPU most of a day (~350 M tokens at ~15k tokens/s), so the worker here runs dlray's streaming
+    """The text half of the memory benchmark. Training gpt/debug on every window of 2 GB of text would
+    take this CPU most of two days (~700 M tokens at ~15k tokens/s), so the worker here runs dlray's streaming
     data path alone: a Ray Train worker reading its shard through dlray.streaming.streamed_batches
     (as the loop does, shuffle buffer and all) with no model step, TEXT_BATCH windows at a time (the
     loop's 16 would measure iteration's per-batch cost for an hour)."""
