@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import tempfile
@@ -36,7 +37,11 @@ def bench_data() -> dict:
     from dlray.train import init_ray
 
     init_ray()
-    root = Path(tempfile.mkdtemp(prefix="dlray-bench-data-"))
+    with scratch_dir("dlray-bench-data-") as root:
+        return measure_data(root)
+
+
+def measure_data(root: Path) -> dict:
     folders = {size: write_image_folder(root / f"{size}mb", size) for size in (SMALL_MB, LARGE_MB)}
     measured = {str(size): streamed_worker_peak_rss(folder, root) for size, folder in folders.items()}  # str keys: as the results' JSON has them
     memory = {size: m["peak_private_mib"] for size, m in measured.items()}
@@ -60,6 +65,13 @@ def bench_data() -> dict:
         "decode_images_per_sec": decode,
         "decode_2_vs_1_cpus": decode["2"] / decode["1"],
     }
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str):
+    """A temporary folder for gigabytes of generated files, gone when the benchmark ends."""
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as scratch:
+        yield Path(scratch)
 
 
 def write_image_folder(folder: Path, megabytes: int) -> Path:
@@ -141,7 +153,11 @@ def bench_text_memory() -> dict:
     from dlray.train import init_ray
 
     init_ray()
-    root = Path(tempfile.mkdtemp(prefix="dlray-bench-text-"))
+    with scratch_dir("dlray-bench-text-") as root:
+        return measure_text_memory(root)
+
+
+def measure_text_memory(root: Path) -> dict:
     corpora = {size: write_text_corpus(root / f"{size}mb", size) for size in (TEXT_SMALL_MB, TEXT_LARGE_MB)}
     measured = {str(size): streamed_text_worker(corpus, root) for size, corpus in corpora.items()}
     private = {size: m["peak_private_mib"] for size, m in measured.items()}
