@@ -35,8 +35,11 @@ def epochs(cfg):
 
 def placement(cluster, storage):
     """Single node (PACK onto one 2-CPU node) vs SPREAD over two 1-CPU nodes: same seed, same numbers."""
-    single = job(storage, "single", "train.num_epochs=2", "scaling.placement_strategy=STRICT_PACK")
-    spread = job(storage, "spread", "train.num_epochs=2", "scaling.placement_strategy=STRICT_SPREAD")
+    # Without augmentation: after 2 epochs of the debug CNN its draws alone moved val_accuracy from 0.23
+    # to 0.68 (seeds 42 and 1), and this test is about placement, not luck (0.90 without).
+    common = ("train.num_epochs=2", "data.augment=false")
+    single = job(storage, "single", *common, "scaling.placement_strategy=STRICT_PACK")
+    spread = job(storage, "spread", *common, "scaling.placement_strategy=STRICT_SPREAD")
     check_shared_storage(str(storage))  # passes: every raylet here shares this host's disk
     fit(single)
     fit(spread)
