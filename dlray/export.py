@@ -124,14 +124,6 @@ def read_artifact_config(directory: str | Path) -> dict:
     return config
 
 
-def reported(checkpoint: Path, meta: dict) -> bool:
-    """Whether the run's history (metrics.csv beside its checkpoints) lists the checkpoint's step. A
-    trial that ASHA stops after a report can write one more checkpoint before the stop reaches its
-    workers: Tune and results.csv never saw it, so a sweep's export must not pick it."""
-    history = read_history(checkpoint.parent)
-    return not history or any(r.get("global_step") == meta["progress"]["global_step"] and "train_loss" in r for r in history)
-
-
 def resolve_checkpoint(source: Path) -> Path:
     """A checkpoint directory as given, or the best checkpoint by the run's own metric in a run
     directory, or in a sweep directory (every trial's run)."""
@@ -141,7 +133,11 @@ def resolve_checkpoint(source: Path) -> Path:
     if not candidates:
         raise FileNotFoundError(f"no dlray checkpoint in {source} (expected {META_FILE} in it or in its sub-directories)")
     metas = {c: read_meta(c) for c in candidates}
-    metas = {c: meta for c, meta in metas.items() if reported(c, meta)} or metas
+    # Only checkpoints their run's history (metrics.csv beside them) lists: a trial that ASHA stops after a
+    # report can write one more checkpoint before the stop reaches its workers, which Tune and results.csv
+    # never saw. A run with no history keeps them all.
+    reported = {run: {r["global_step"] for r in read_history(run) if "train_loss" in r} for run in {c.parent for c in metas}}
+    metas = {c: meta for c, meta in metas.items() if not reported[c.parent] or meta["progress"]["global_step"] in reported[c.parent]} or metas
     train_cfg = next(iter(metas.values()))["config"]["train"]
     metric, sign = train_cfg["metric"], (1 if train_cfg["mode"] == "max" else -1)
     return max(metas, key=lambda c: (sign * metas[c]["metrics"][metric], metas[c]["progress"]["global_step"]))

@@ -159,6 +159,6 @@ def _row(benchmark: str, measured: str, goal: str = "") -> str:
 
 
 def epoch_count(data: dict, name: str) -> str:
-    """'2 runs x 7 epochs' (results before bench data took runs in turn: one run, '7 epochs')."""
-    epochs, runs = len(data["epoch_samples_per_sec"][name]["true"]), data.get("throughput_runs", 1)
-    return f"{runs} runs x {epochs // runs} epochs" if runs > 1 else f"{epochs} epochs"
+    """'2 runs x 7 epochs'."""
+    runs = data["throughput_runs"]
+    return f"{runs} runs x {len(data['epoch_samples_per_sec'][name]['true']) // runs} epochs"
