@@ -2,8 +2,8 @@
 
     .venv/bin/pytest tests/test_k8s.py -q
 
-KubeRay kinds validate against the v1.7.0 CRDs in ../shared/k8s-schemas/kuberay/, made strict as
-that folder's README describes (unknown fields rejected, nulls dropped, defaults filled); core
+KubeRay kinds validate against the v1.7.0 CRDs in tests/data/kuberay/ (source and licence in its
+README), made strict (unknown fields rejected, nulls dropped, defaults filled); core
 kinds validate with kubernetes-validate. No cluster, no network.
 """
 
@@ -27,7 +27,7 @@ from dlray.cli import app
 from dlray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+SCHEMAS = Path(__file__).parent / "data"  # kuberay/: the KubeRay v1.7.0 CRDs, shipped with the tests
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 K8S_VERSION = "1.35"  # a version kubernetes-validate carries; the manifests use only long-stable core fields
 MANIFESTS = sorted((REPO / "k8s").glob("*.yaml"))
@@ -85,7 +85,7 @@ def fill_defaults(value, schema):
 def crd_schema(kind: str) -> dict:
     path = SCHEMAS / "kuberay" / CRD_FILES[kind]
     if not path.is_file():
-        pytest.fail(f"KubeRay CRD schema {path} is missing: these tests need the repository's sibling folder shared/k8s-schemas/ (see its README)")
+        pytest.fail(f"KubeRay CRD schema {path} is missing from the repository (see tests/data/kuberay/README.md)")
     with open(path) as f:
         crd = yaml.load(f, Loader=Loader)
     return strict(next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"])
