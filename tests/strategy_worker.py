@@ -131,14 +131,23 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         dist.all_reduce(value)
         return value.item() / world
 
+    def fitted_loss(strategy, model):
+        """The loss on the 4 training batches as evaluation measures it (eval mode, fixed noise),
+        averaged over ranks: the same number before training and after, unless training changed the model."""
+        value = sum(eval_losses(strategy, model, family, batch).mean() for batch in batches)
+        dist.all_reduce(value)
+        return value.item() / world
+
     strategy, model = fresh()
     initial = {k: v.clone() for k, v in strategy.full_state().items()}
+    fitted_before = fitted_loss(strategy, model)
     checkpoint = out / case["id"]
     losses = []
     for step in range(STEPS):
         if step == SAVE_AT:
             strategy.save(str(checkpoint))
         losses.append(train_step(strategy, model, step))
+    fitted_after = fitted_loss(strategy, model)
     # The top-level sub-modules whose weights training changed (a GAN must train both players),
     # and any weight that changed though it was frozen (an adapter fine-tune must leave the base alone).
     final = strategy.full_state()
@@ -163,7 +172,7 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
                 "metrics": {}, "progress": {"global_step": SAVE_AT}}
         (checkpoint / "meta.json").write_text(json.dumps(meta))
         save_file({k: v.float().contiguous() for k, v in full_state.items()}, out / f"{case['id']}-full_state.safetensors")
-    return {"losses": losses, "replayed": replayed, "saved_eval": saved.tolist(), "changed": changed, "changed_frozen": changed_frozen,
+    return {"losses": losses, "fitted": [fitted_before, fitted_after], "replayed": replayed, "saved_eval": saved.tolist(), "changed": changed, "changed_frozen": changed_frozen,
             "linear4bit": linear4bit, "compiled": compiled}
 
 

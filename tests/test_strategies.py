@@ -129,6 +129,13 @@ def results(request, tmp_path_factory, toy_family_registered):
     return out, json.loads((out / "results.json").read_text())
 
 
+# The most the loss on the training batches may keep of its value after the 12 steps, by kind of
+# fine-tune, each about half the fall measured (fp32, AVX2): a model that does not learn keeps exactly
+# its value. Full training: 0.78 (gpt) to 0.93 (cnn); freeze 0.01; LoRA 0.95 (llm) and ~0 (bert);
+# QLoRA 0.92 (llm); prompt tuning 0.988 (its 20 virtual tokens barely move the small base in 12 steps).
+FALLS = {"full": 0.97, "freeze": 0.5, "lora": 0.98, "qlora": 0.97, "prompt_tuning": 0.995}
+
+
 def kind_of(case: dict) -> str:
     return case.get("finetune", {}).get("finetuning_type", "full")
 
@@ -150,9 +157,10 @@ def test_loss_falls(results, case):
         assert all(map(math.isfinite, losses)), losses
         assert {"discriminator", "generator"} <= set(result["changed"]), result["changed"]
         return
-    # Adapters on the small base move its loss less in 12 steps: LoRA and QLoRA 3-7%, prompt tuning ~1%.
-    factor = {"lora": 0.96, "qlora": 0.98, "prompt_tuning": 0.995}.get(kind_of(case), 0.93)
-    assert sum(losses[-4:]) < factor * sum(losses[:4]), f"loss did not go down: {losses}"
+    # Measured the same way before and after (eval mode, fixed noise) on the batches trained: the batches'
+    # own spread, which the training losses cycle through, cancels out.
+    before, after = result["fitted"]
+    assert after < FALLS[kind_of(case)] * before, f"loss on the training batches {before:.4f} -> {after:.4f} ({after / before:.4f}): {losses}"
 
 
 @every_case
