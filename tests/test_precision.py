@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dlray.config import ConfigError, load_config
-from dlray.precision import Hardware, choose, detect, slowdown_warning
+from dlray.precision import Hardware, choose, cpu_hardware, detect, slowdown_warning
 
 from helpers import REPO
 
@@ -33,6 +33,20 @@ def test_auto_picks_what_the_hardware_computes_natively(hardware, strategy, expe
     chosen, why = choose("auto", hardware, strategy)
     assert chosen == expected
     assert why.startswith("precision auto: ") and hardware.name in why
+
+
+@pytest.mark.parametrize("capability, bf16_instructions, native, auto", [
+    ("AVX512", True, True, "bf16"),  # Sapphire Rapids and later (AMX), Zen 4 and later (AVX512-BF16)
+    ("AVX512", False, False, "fp32"),  # Skylake-SP to Ice Lake Xeons: AVX512 without bf16
+    ("AVX2", False, False, "fp32"),  # Zen 2 / Zen 3, older Xeons
+    ("AVX2", True, False, "fp32"),  # a bf16 CPU that ATen dispatches at AVX2 (ATEN_CPU_CAPABILITY=avx2)
+])
+def test_each_cpu_kind_gets_its_precision(capability, bf16_instructions, native, auto):
+    """Every CPU kind's branch, whichever kind this machine is."""
+    hardware = cpu_hardware(capability, bf16_instructions)
+    assert hardware.native_bf16 is native
+    assert choose("auto", hardware, "deepspeed")[0] == choose("auto", hardware, "ddp")[0] == auto
+    assert (slowdown_warning("bf16", hardware) is None) is native
 
 
 def test_an_explicit_precision_is_kept_and_emulated_bf16_warns():
