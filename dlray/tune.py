@@ -216,10 +216,12 @@ def trial_scheduler(cfg: JobConfig):
     if s.name == "median":
         return MedianStoppingRule(grace_period=s.grace_period, min_samples_required=s.min_samples_required)
     return PopulationBasedTraining(
+        time_attr="training_iteration",  # epochs, as perturbation_interval counts them (Ray's default is seconds)
         perturbation_interval=s.perturbation_interval,
         hyperparam_mutations={path: domain(p) for path, p in cfg.tune.search_space.items()},
         quantile_fraction=s.quantile_fraction,
         resample_probability=s.resample_probability,
+        synch=s.synch,
     )
 
 

@@ -178,17 +178,19 @@ def test_export_of_the_sweep_serves_the_best_trials_best_checkpoint(asha_sweep, 
 
 @pytest.mark.slow
 def test_pbt_continues_a_trial_from_another_trials_checkpoint(ray_cluster, storage):
+    """Synchronous PBT makes the exploit certain: at epoch 3 each trial waits (paused) until both have
+    reported, and then, with two trials and quantile 0.5, the lower one always copies the upper one and
+    trains epoch 4 from its checkpoint. One perturbation only (the next would be at Tune iteration 6, past
+    the final report at 5): each costs a pause and a restart of a Train run."""
     from dlray.tune import run_sweep
 
     tune = {
         "num_samples": 2,
         "max_concurrent_trials": 2,
-        "scheduler": {"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
+        "scheduler": {"name": "pbt", "perturbation_interval": 3, "quantile_fraction": 0.5, "synch": True},
         "search_space": {"optim.lr": {"choice": [0.03, 1.0e-5]}},
     }
-    # Five epochs: five reports at which the worse trial can exploit the better one. With three, one run
-    # in two here ended without an exploit (the two trials' reports interleave as their start-ups allow).
-    cfg = sweep_config(storage, "pbt", tune, "train.num_epochs=5", "tune.search_alg.seed=3")
+    cfg = sweep_config(storage, "pbt", tune, "train.num_epochs=4", "tune.search_alg.seed=3")
     run_sweep(cfg)
     exploited = []
     for run in (storage / "pbt" / "runs").iterdir():
@@ -286,7 +288,11 @@ def test_each_scheduler_name_builds_rays_scheduler(name, ray_class):
     job["tune"]["scheduler"] = {"name": name}
     if name == "pbt":
         job["tune"]["search_space"] = {"optim.lr": {"loguniform": [1e-4, 1e-1]}}
-    assert type(trial_scheduler(config_from_dict(job))).__name__ == ray_class
+        job["tune"]["scheduler"]["synch"] = True
+    scheduler = trial_scheduler(config_from_dict(job))
+    assert type(scheduler).__name__ == ray_class
+    if name == "pbt":  # perturbation_interval counts epochs (Tune iterations), not Ray's default of seconds
+        assert (scheduler._time_attr, scheduler._synch) == ("training_iteration", True)
 
 
 def test_a_restored_optimizer_takes_the_new_configs_hyperparameters_and_keeps_its_schedule():

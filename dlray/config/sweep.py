@@ -64,6 +64,9 @@ class SweepSchedulerConfig(Section):
     perturbation_interval: int = Field(1, ge=1)  # pbt: epochs between exploit/explore steps
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # pbt: bottom fraction that copies the top
     resample_probability: float = Field(0.25, ge=0, le=1)  # pbt: explore by resampling, else by x0.8/x1.2
+    # pbt: wait at each perturbation interval until every trial reaches it (pausing those ahead), then
+    # exploit over all their scores; asynchronous PBT compares only the trials that happen to have reported.
+    synch: bool = False
 
 
 class SearchAlgConfig(Section):
