@@ -7,8 +7,10 @@ import time
 import pytest
 import torch
 
+from dlray import finetune
 from dlray.bench import _read_events, bench_gpt_mfu, bench_qlora_memory, machine, render_markdown
-from dlray.models import gpt
+from dlray.config import config_from_dict
+from dlray.models import FAMILIES, gpt
 from dlray.serve.engine import Delta, SamplingParams, Sequence
 from dlray.serve.openai_text import Reply
 
@@ -21,6 +23,17 @@ def test_flops_per_token_are_palm_model_flops():
     matmul_params = model.num_parameters() - 32000 * 2048
     assert 1.0e9 < matmul_params < 1.1e9
     assert gpt.flops_per_token(model, 2048) == 6 * matmul_params + 12 * 22 * 2048 * 2048
+
+
+def test_a_lora_run_counts_no_weight_gradients_for_its_frozen_weights():
+    """6 FLOPs per trained weight, 4 per frozen one (forward, and the gradient of its input: not of itself)."""
+    cfg = config_from_dict({"model": {"family": "gpt", "name_or_path": "/models/llm"}, "data": {"name": "text"}, "finetune": {"finetuning_type": "lora"}})
+    info = {"vocab_size": 512, "max_seq_len": 64, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    model = finetune.apply(gpt.build({"flavor": "debug", "dropout": 0.0}, info), FAMILIES["gpt"], cfg)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # the adapters
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # the base; debug's output layer is its (tied) embedding
+    assert 0 < trained < frozen
+    assert gpt.flops_per_token(model, 64) == 6 * trained + 4 * frozen + 12 * 2 * 128 * 64
 
 
 def test_qlora_bytes_count_the_packed_weights_and_their_quantisation_state():
