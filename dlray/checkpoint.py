@@ -3,7 +3,8 @@
 A checkpoint directory holds the strategy's own files (DCP shards or a DeepSpeed tag), one
 `train_state_rank<N>.pt` per rank (schedulers, RNG, counters; tensors and plain types only, loaded
 with weights_only=True), `meta.json` from rank 0, which tells `dlray export` how to read it, and
-from rank 0 `ema.safetensors` (with `train.ema_decay`), `samples.png` (generative families) and
+from rank 0 `ema.safetensors` (with `train.ema_decay`: the complete average, gathered from the ranks'
+parts; read back under any world size), `samples.png` (generative families) and
 `tokenizer/` (text data: the tokenizer travels with the weights, so `dlray export` needs nothing else).
 Saving for a report and loading on resume share this one path.
 """
@@ -48,14 +49,14 @@ def report_with_checkpoint(metrics: dict, strategy, schedulers: list, state: Tra
     rank = dist.get_rank()
     with tempfile.TemporaryDirectory(prefix="dlray-ckpt-") as directory:
         strategy.save(directory)
+        if ema is not None:  # every rank: gathering its parts is a collective
+            ema.save(Path(directory, EMA_FILE))
         torch.save(
             {"progress": asdict(state), "schedulers": [s.state_dict() for s in schedulers], "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng()},
             Path(directory, f"train_state_rank{rank}.pt"),
         )
         if rank == 0:
             Path(directory, META_FILE).write_text(json.dumps({**meta, "progress": asdict(state), "metrics": metrics}, indent=2))
-            if ema is not None:
-                Path(directory, EMA_FILE).write_bytes(ema.to_bytes())
             if samples_png is not None:
                 Path(directory, SAMPLES_FILE).write_bytes(samples_png)
             if tokenizer is not None:
@@ -73,9 +74,9 @@ def restore(checkpoint: ray.train.Checkpoint, strategy, schedulers: list, ema=No
             state_file = Path(directory, "train_state_rank0.pt")
         state = torch.load(state_file, weights_only=True)
         if ema is not None and Path(directory, EMA_FILE).exists():
-            ema.load_bytes(Path(directory, EMA_FILE).read_bytes())
+            ema.load(Path(directory, EMA_FILE))
         elif ema is not None:  # a checkpoint saved without EMA: average from its weights on
-            ema.reset(strategy.full_state())
+            ema.reset()
     if restore_train_state:
         for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)

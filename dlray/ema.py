@@ -1,44 +1,77 @@
 """Exponential moving average of the weights (`train.ema_decay`), as diffusers' EMAModel keeps it.
 
-The average is fp32 and complete on every rank: each step it folds in the strategy's full
-weights (gathered from the shards under FSDP and ZeRO-3), so sampling and export never need
-a collective. Decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so early
-averages are not dominated by the random initial weights.
+The average is sharded as the weights are: each rank keeps an fp32 average of its own part of
+them (`strategy.local_state()`: the whole model under DDP and ZeRO-1/2, its FSDP shards, its ZeRO-3
+fp32 partitions), folded in on the device each step without a collective. The complete average
+exists only when gathered to rank 0, to save it (a checkpoint's ema.safetensors, what `dlray
+export` serves) or to draw samples. Decay warms up as min(decay, (1 + n) / (10 + n)) after n
+updates, so early averages are not dominated by the random initial weights.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from safetensors.torch import load, save
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 STEP_KEY = "__ema_updates__"
 
 
 class EMA:
-    def __init__(self, state: dict[str, torch.Tensor], decay: float):
-        self.decay = decay
-        self.reset(state)
-
-    def reset(self, state: dict[str, torch.Tensor]) -> None:
-        self.updates = 0
-        self.shadow = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone() for k, v in state.items()}
+    def __init__(self, strategy, decay: float):
+        self.strategy, self.decay = strategy, decay
+        self.reset()
 
     @torch.no_grad()
-    def update(self, state: dict[str, torch.Tensor]) -> None:
+    def reset(self) -> None:
+        """Start the average over from the current weights."""
+        self.updates = 0
+        self.shadow: dict[str, torch.Tensor] = {}  # by state-dict key, this rank's part
+        self.averaged: dict[torch.device, list[str]] = {}  # floating keys, by device (one foreach call each)
+        self.copied: list[str] = []  # counters such as BatchNorm's num_batches_tracked
+        first_key: dict[tuple, str] = {}
+        for key, value in self.strategy.local_state().items():
+            # Tied weights (an output layer that is the input embedding) share one average, updated once.
+            storage = (value.data_ptr(), value.shape, value.stride(), value.dtype) if value.numel() else (key,)
+            if storage in first_key:
+                self.shadow[key] = self.shadow[first_key[storage]]
+                continue
+            first_key[storage] = key
+            if value.is_floating_point():
+                self.shadow[key] = value.detach().float().clone()
+                self.averaged.setdefault(value.device, []).append(key)
+            else:
+                self.shadow[key] = value.detach().clone()
+                self.copied.append(key)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold in the weights as they are now (after an optimizer step); every rank, no collective."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for key, value in state.items():
-            average = self.shadow[key]
-            if average.is_floating_point():
-                average.lerp_(value.to(average.device, torch.float32), 1 - decay)
-            else:  # counters such as BatchNorm's num_batches_tracked
-                average.copy_(value)
+        local = self.strategy.local_state()
+        for keys in self.averaged.values():
+            torch._foreach_lerp_([self.shadow[k] for k in keys], [local[k].float() for k in keys], 1 - decay)
+        for key in self.copied:
+            self.shadow[key].copy_(local[key])
 
-    def to_bytes(self) -> bytes:
-        return save({**{k: v.cpu().contiguous() for k, v in self.shadow.items()}, STEP_KEY: torch.tensor(self.updates)})
+    def gather(self) -> dict[str, torch.Tensor]:
+        """The complete average, on rank 0 on the CPU (an empty dict elsewhere): every rank calls it."""
+        return self.strategy.gather(self.shadow)
 
-    def load_bytes(self, data: bytes) -> None:
-        state = load(data)
-        self.updates = int(state.pop(STEP_KEY))
-        for key, value in state.items():
-            self.shadow[key].copy_(value)
+    def save(self, path: str | Path) -> None:
+        """The complete average and its update count to a safetensors file, written by rank 0: every rank calls it."""
+        full = self.gather()
+        if dist.get_rank() == 0:
+            save_file({**full, STEP_KEY: torch.tensor(self.updates)}, str(path))
+
+    @torch.no_grad()
+    def load(self, path: str | Path) -> None:
+        """What `save` wrote (under any world size): each rank reads its own part, one tensor at a time."""
+        with safe_open(str(path), framework="pt") as saved:
+            self.updates = int(saved.get_tensor(STEP_KEY))
+            for key, average in self.shadow.items():
+                average.copy_(self.strategy.local_part(key, saved.get_tensor(key)))

@@ -48,7 +48,10 @@ def export(source: str | Path, out_dir: str | Path, merge_lora: bool = False) ->
     family = FAMILIES[cfg.model.family]
     model = finetune.rebuild(family, cfg, meta["data_info"])
     trainable_only = cfg.finetune.trainable_only
-    if meta["format"] == "deepspeed":
+    ema_file = checkpoint_dir / EMA_FILE
+    if ema_file.exists():  # every weight, complete (train.ema_decay trains them all): the strategy's (sharded) files are not read
+        weights = {k: v for k, v in load_file(ema_file).items() if k != STEP_KEY}
+    elif meta["format"] == "deepspeed":
         from dlray.strategies.deepspeed import load_weights_offline
 
         weights = load_weights_offline(str(checkpoint_dir), trainable_only)  # parameters and buffers, fp32
@@ -56,9 +59,6 @@ def export(source: str | Path, out_dir: str | Path, merge_lora: bool = False) ->
         from dlray.strategies.dcp import load_weights_offline
 
         weights = load_weights_offline(str(checkpoint_dir), model, trainable_only)
-    ema_file = checkpoint_dir / EMA_FILE
-    if ema_file.exists():
-        weights = {k: v for k, v in load_file(ema_file).items() if k != STEP_KEY}
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, strict=not trainable_only)
     if merge_lora:
         model = finetune.merge(model, cfg.finetune)

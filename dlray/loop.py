@@ -64,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
     flops_per_sample = model_flops_per_sample(family, model, data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.shard_classes())
     model, optimizers = strategy.prepare(model, lambda module: make_optimizers(family, module, cfg, fused=device.type == "cuda"))
-    ema = EMA(strategy.full_state(), cfg.train.ema_decay) if cfg.train.ema_decay else None
+    ema = EMA(strategy, cfg.train.ema_decay) if cfg.train.ema_decay else None
     sampler = Sampler(family, cfg, data_info, device) if family.sample and rank == 0 else None
     torch.manual_seed(cfg.train.seed + 1 + rank)  # but different dropout / augmentation draws
 
@@ -126,7 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
             if boundary:
                 state.global_step += 1
                 if ema:
-                    ema.update(strategy.full_state())
+                    ema.update()
                 if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
                     started["first_step_unix_time"] = time.time()
                 step_in_epoch += 1
@@ -162,7 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
                 scheduler.step(metrics[cfg.train.metric])
         samples_png = None
         if family.sample:  # every rank takes part: gathering sharded weights is a collective
-            weights = ema.shadow if ema else strategy.full_state()
+            weights = ema.gather() if ema else strategy.gather(strategy.local_state())
             samples_png = sampler.grid_png(weights) if sampler else None
 
         for key in dict.fromkeys(["train_loss", cfg.train.metric]):  # accuracy can look finite while the loss is NaN

@@ -12,6 +12,7 @@ A leaf module: strategies, finetune and the loop import it, it imports none of t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,9 +22,11 @@ Precision = Literal["fp32", "bf16", "fp16"]
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A 3x3 conv step on a Zen 3 core: 28 ms in fp32, 659 ms under emulated bf16 autocast.
 EMULATED_BF16_SLOWDOWN = "~20x"
-# Dense bf16 tensor-core peaks (no sparsity), by a part of the name torch.cuda.get_device_name() gives; the first match counts.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H20": 148e12, "B200": 2250e12, "A100": 312e12,
-                   "A10G": 70e12, "L40S": 362e12, "L4": 121e12}
+# Dense bf16 tensor-core peaks (no sparsity, NVIDIA's datasheets), by the model name in torch.cuda.get_device_name()
+# ("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL", "NVIDIA L40S"): the longest entry found there as whole words (an L40
+# is not an L4, an H200 not an H20), so "H100 NVL" wins over "H100".
+PEAK_BF16_FLOPS = {"H100": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12,
+                   "H20": 148e12, "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,7 @@ class Hardware:
 def detect(device: torch.device) -> Hardware:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = next((flops for part, flops in PEAK_BF16_FLOPS.items() if part in name), None)
-        return Hardware("cuda", name, torch.cuda.is_bf16_supported(including_emulation=False), peak)
+        return Hardware("cuda", name, torch.cuda.is_bf16_supported(including_emulation=False), peak_bf16_flops(name))
     # The capability ATen dispatches to (ATEN_CPU_CAPABILITY can lower it), and the instructions the CPU has.
     return cpu_hardware(torch.backends.cpu.get_cpu_capability(), torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
@@ -48,6 +50,12 @@ def cpu_hardware(capability: str, bf16_instructions: bool) -> Hardware:
     AVX512-BF16 or AMX: bf16 is native only with both (ATen's bf16 kernels need its AVX512 paths). The
     three kinds CI machines come as (native bf16, AVX512 without bf16, AVX2 only) are tested through this."""
     return Hardware("cpu", f"this CPU ({capability})", capability.startswith("AVX512") and bf16_instructions)
+
+
+def peak_bf16_flops(gpu_name: str) -> float | None:
+    """The dense bf16 peak of the GPU named so, if PEAK_BF16_FLOPS knows it."""
+    matches = [part for part in PEAK_BF16_FLOPS if re.search(rf"(?<!\w){re.escape(part)}(?!\w)", gpu_name)]  # "A100-SXM4-80GB" is an A100
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
 def choose(requested: Literal["auto"] | Precision, hardware: Hardware, strategy: str) -> tuple[Precision, str]:

@@ -4,7 +4,10 @@ For every (family, strategy, precision) case: train the family's debug model on 
 checkpoint, keep training, then rebuild from the checkpoint and replay the same steps. Rank 0
 writes the losses (summed over the phases of a family with several optimizers), the replayed
 losses, which sub-modules training changed, the restored model's per-sample evaluation losses and
-its `strategy.full_state()` (gathered from the shards); the test compares them and exports the checkpoint.
+its weights as `strategy.gather(strategy.local_state())` puts them together from the ranks' parts;
+the test compares them and exports the checkpoint. A case whose debug job sets `train.ema_decay`
+keeps the loop's sharded EMA too: saved beside the checkpoint (in `<id>-ema/`, which exports the
+EMA), restored with it, and each rank's bytes of it recorded.
 """
 
 import functools
@@ -21,9 +24,11 @@ from safetensors.torch import save_file
 from torch.utils.data import Subset, default_collate
 
 from dlray import precision
+from dlray.checkpoint import EMA_FILE
 from dlray.config import DataConfig, config_from_dict
 from dlray.config.sections import DATA_KINDS
 from dlray.data import build_data
+from dlray.ema import EMA
 from dlray.finetune import trainable_names
 from dlray.loop import build_model, make_optimizers
 from dlray.models import FAMILIES
@@ -45,10 +50,11 @@ LLM_JOB = {"model": {"family": "gpt", "name_or_path": str(LLM_BASE)}, "optim": {
 
 
 def debug_job(family: str) -> dict:
-    """A family's debug job as the matrix trains it: its model, data and optimizer sections, without
-    dropout or augmentation (the replay must repeat the computation exactly)."""
+    """A family's debug job as the matrix trains it: its model, data and optimizer sections and its
+    EMA, without dropout or augmentation (the replay must repeat the computation exactly)."""
     job = TOY_JOB if family == TOY.name else yaml.safe_load((DEBUG_JOBS / f"{family}_cpu.yaml").read_text())
     config = {section: dict(job.get(section, {})) for section in ("model", "data", "optim")}
+    config["train"] = {key: value for key, value in job.get("train", {}).items() if key == "ema_decay"}
     config["model"]["dropout"] = 0.0
     if config["data"].get("name", "digits") in DATA_KINDS["image data"]:
         config["data"]["augment"] = False
@@ -97,8 +103,8 @@ def make_bert_base(directory: Path = BERT_BASE, steps: int = 40) -> Path:
 
 def case_config(case: dict):
     """The case's job config, its precision resolved for this CPU as a Ray worker resolves `auto`."""
-    cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "train": case.get("train", {}),
-                            "finetune": case.get("finetune", {}), **case["config"]})
+    cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "finetune": case.get("finetune", {}), **case["config"],
+                            "train": {**case["config"].get("train", {}), **case.get("train", {})}})
     cfg.precision = precision.resolve(cfg.precision, torch.device("cpu"), cfg.strategy.name)
     return cfg
 
@@ -139,18 +145,24 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         return value.item() / world
 
     strategy, model = fresh()
-    initial = {k: v.clone() for k, v in strategy.full_state().items()}
+    ema = EMA(strategy, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    initial = strategy.gather(strategy.local_state())  # on rank 0, whose results the test reads; empty elsewhere
     fitted_before = fitted_loss(strategy, model)
-    checkpoint = out / case["id"]
+    checkpoint, ema_checkpoint = out / case["id"], out / f"{case['id']}-ema"
     losses = []
     for step in range(STEPS):
         if step == SAVE_AT:
             strategy.save(str(checkpoint))
+            if ema:
+                ema_checkpoint.mkdir(exist_ok=True)
+                ema.save(ema_checkpoint / EMA_FILE)
         losses.append(train_step(strategy, model, step))
+        if ema:
+            ema.update()
     fitted_after = fitted_loss(strategy, model)
     # The top-level sub-modules whose weights training changed (a GAN must train both players),
     # and any weight that changed though it was frozen (an adapter fine-tune must leave the base alone).
-    final = strategy.full_state()
+    final = strategy.gather(strategy.local_state())
     changed_keys = {k for k, v in final.items() if not torch.equal(v, initial[k])}
     changed = sorted({k.split(".")[0] for k in changed_keys})
     # Within bf16 rounding: bitsandbytes casts a 4-bit layer's bias to the compute dtype in place on
@@ -165,15 +177,30 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
     strategy, model = fresh()
     strategy.load(str(checkpoint))
     saved = eval_losses(strategy, model, family, first_samples(data.val, 64))
-    full_state = {k: v.clone() for k, v in strategy.full_state().items()}  # every rank: a collective under FSDP and ZeRO-3
-    replayed = [train_step(strategy, model, step) for step in range(SAVE_AT, STEPS)]
+    gathered = strategy.gather(strategy.local_state())  # every rank: a collective under FSDP and ZeRO-3
+    result = {}
+    if ema:  # as the loop resumes: an EMA of the new weights, then the saved average
+        uninterrupted, ema = ema.gather(), EMA(strategy, cfg.train.ema_decay)
+        ema.load(ema_checkpoint / EMA_FILE)
+        result["ema_bytes"] = [0] * world  # this rank's average: its own part of each tensor, once
+        dist.all_gather_object(result["ema_bytes"], sum(t.nbytes for t in {id(t): t for t in ema.shadow.values()}.values()))
+    replayed = []
+    for step in range(SAVE_AT, STEPS):
+        replayed.append(train_step(strategy, model, step))
+        if ema:
+            ema.update()
+    if ema:
+        resumed = ema.gather()
+        result |= {"model_bytes": sum(t.nbytes for t in uninterrupted.values()),
+                   "ema_resume_max_diff": max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) if rank == 0 else None}
     if rank == 0:
         meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": data.info,
                 "metrics": {}, "progress": {"global_step": SAVE_AT}}
-        (checkpoint / "meta.json").write_text(json.dumps(meta))
-        save_file({k: v.float().contiguous() for k, v in full_state.items()}, out / f"{case['id']}-full_state.safetensors")
-    return {"losses": losses, "fitted": [fitted_before, fitted_after], "replayed": replayed, "saved_eval": saved.tolist(), "changed": changed, "changed_frozen": changed_frozen,
-            "linear4bit": linear4bit, "compiled": compiled}
+        for directory in (checkpoint, ema_checkpoint) if ema else (checkpoint,):
+            (directory / "meta.json").write_text(json.dumps(meta))
+        save_file({k: v.float().contiguous() for k, v in gathered.items()}, out / f"{case['id']}-full_state.safetensors")
+    return result | {"losses": losses, "fitted": [fitted_before, fitted_after], "replayed": replayed, "saved_eval": saved.tolist(),
+                     "changed": changed, "changed_frozen": changed_frozen, "linear4bit": linear4bit, "compiled": compiled}
 
 
 @functools.cache

@@ -2,13 +2,18 @@
 count on a small model, reading a streamed completion, and their rows in the results table."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 import torch
 
+from dlray import finetune
 from dlray.bench import _read_events, bench_gpt_mfu, bench_qlora_memory, machine, render_markdown
-from dlray.models import gpt
+from dlray.bench.llm import MFURun, mfu_job, plain_gpt_tokens_per_sec
+from dlray.config import config_from_dict
+from dlray.data import build_data
+from dlray.models import FAMILIES, gpt
 from dlray.serve.engine import Delta, SamplingParams, Sequence
 from dlray.serve.openai_text import Reply
 
@@ -21,6 +26,35 @@ def test_flops_per_token_are_palm_model_flops():
     matmul_params = model.num_parameters() - 32000 * 2048
     assert 1.0e9 < matmul_params < 1.1e9
     assert gpt.flops_per_token(model, 2048) == 6 * matmul_params + 12 * 22 * 2048 * 2048
+
+
+def test_a_lora_run_counts_no_weight_gradients_for_its_frozen_weights():
+    """6 FLOPs per trained weight, 4 per frozen one (forward, and the gradient of its input: not of itself)."""
+    cfg = config_from_dict({"model": {"family": "gpt", "name_or_path": "/models/llm"}, "data": {"name": "text"}, "finetune": {"finetuning_type": "lora"}})
+    info = {"vocab_size": 512, "max_seq_len": 64, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    model = finetune.apply(gpt.build({"flavor": "debug", "dropout": 0.0}, info), FAMILIES["gpt"], cfg)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # the adapters
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # the base; debug's output layer is its (tied) embedding
+    assert 0 < trained < frozen
+    assert gpt.flops_per_token(model, 64) == 6 * trained + 4 * frozen + 12 * 2 * 128 * 64
+
+
+def test_both_sides_of_the_mfu_bench_train_one_model_on_one_token_stream(tmp_path):
+    """dlray's text source reads the generated stream back as exactly its windows, over the whole 32000-token
+    vocabulary, so both sides build gpt/1b at its 1.100B parameters; the plain loop's piece runs (on the CPU,
+    shrunk to gpt/debug)."""
+    run = MFURun(seq_len=16, batch=2, timed_steps=3)
+    cfg = mfu_job(run, tmp_path)
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    assert data.info["vocab_size"] == 32000 and (len(data.train), len(data.val), len(data.test)) == (6, 2, 0)
+    stream = torch.tensor([int(word[1:]) for word in (tmp_path / "tokens.txt").read_text().split()])
+    assert len(stream) == 8 * 16 and int(stream.min()) >= 3  # no special token drawn
+    expected = stream.unfold(0, 17, 16).tolist() + [[*stream[-16:].tolist(), 2]]  # the last window ends with the document's EOS
+    assert sorted(data.train.windows.tolist() + data.val.windows.tolist()) == sorted(expected)
+    with torch.device("meta"):
+        assert round(gpt.build(cfg.model.model_dump(), data.info).num_parameters() / 1e6) == 1100
+    tiny = dataclasses.replace(run, flavor="debug", precision="fp32", compile=False, device="cpu", warmup_steps=1, timed_steps=2)
+    assert plain_gpt_tokens_per_sec(tiny, mfu_job(tiny, tmp_path / "tiny"), data, compiled=False) > 0
 
 
 def test_qlora_bytes_count_the_packed_weights_and_their_quantisation_state():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dlray.config import ConfigError, load_config
-from dlray.precision import Hardware, choose, cpu_hardware, detect, slowdown_warning
+from dlray.precision import Hardware, choose, cpu_hardware, detect, peak_bf16_flops, slowdown_warning
 
 from helpers import REPO
 
@@ -55,6 +55,22 @@ def test_an_explicit_precision_is_kept_and_emulated_bf16_warns():
     assert slowdown_warning("bf16", SAPPHIRE_RAPIDS) is None
     assert slowdown_warning("fp32", ZEN3) is None
     assert slowdown_warning("bf16", V100) is None  # GPUs without bf16 are CUDA's business, not an emulation
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H20", 148e12),
+    ("NVIDIA L40S", 362e12),
+    ("NVIDIA L40", 181e12),  # not an L4
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("Tesla V100-SXM2-16GB", None),  # no bf16 tensor cores: no mfu
+])
+def test_a_gpu_gets_the_dense_bf16_peak_of_its_own_model(name, peak):
+    assert peak_bf16_flops(name) == peak
 
 
 CPU_KIND = """

@@ -7,9 +7,12 @@ LoRA, QLoRA and prompt tuning of a pretrained causal LM on chat data), in `preci
 named (bf16 where this CPU has it natively, fp32 where bf16 would be emulated ~20x slower).
 Each case: the loss goes down (a GAN's two players both learn instead), a checkpoint restored into
 a fresh model replays the same losses (optimizer states included), `dlray export` reads the
-(sharded) checkpoint back into the same model, and `strategy.full_state()` gathers exactly those
-weights. An adapter fine-tune changes no frozen weight, QLoRA's base linears are 4-bit, and the
-exported adapter (loaded with plain peft) and the merged model (plain transformers) evaluate as the
+(sharded) checkpoint back into the same model, and `strategy.gather` puts exactly those weights
+together from the ranks' parts. A case whose debug job keeps an EMA (diffusion's) keeps it sharded
+as the weights are: each rank holds its part (all of it under DDP, half under FSDP and ZeRO-3),
+a resumed run continues the same average, and the exported averages of FSDP and ZeRO-3 are DDP's.
+An adapter fine-tune changes no frozen weight, QLoRA's base linears are 4-bit, and the exported
+adapter (loaded with plain peft) and the merged model (plain transformers) evaluate as the
 trained model did.
 """
 
@@ -105,8 +108,9 @@ def toy_family_registered():
 @pytest.fixture(scope="module")
 def results(request, tmp_path_factory, toy_family_registered):
     # Only the cases of the tests pytest selected (`-k zero3` runs the ZeRO-3 cases alone).
-    selected = {item.callspec.params["case"]["id"] for item in request.session.items
-                if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})}
+    # (and a case's reference case, which its test compares it with).
+    selected = {param["id"] for item in request.session.items if item.module is request.module
+                for name, param in getattr(getattr(item, "callspec", None), "params", {}).items() if name in ("case", "reference")}
     cases = [case for case in CASES if case["id"] in selected]
     out = tmp_path_factory.mktemp("strategies")
     if any(case.get("family") == "llm" for case in cases):
@@ -170,6 +174,8 @@ def test_resume_replays_the_uninterrupted_run(results, case):
     # abs: a fine-tune's loss can be ~1e-3 by then, where fp32 4-bit (QLoRA) kernels differ in the 4th digit.
     assert result["replayed"] == pytest.approx(result["losses"][8:], rel=2e-2 if mixed(case) else 1e-4, abs=1e-6), "resumed training diverges"
     assert result["compiled"] == case.get("train", {}).get("compile", False)
+    if "ema_resume_max_diff" in result:  # the EMA continues from its checkpoint as the weights do
+        assert result["ema_resume_max_diff"] <= (1e-2 if mixed(case) else 1e-6), result["ema_resume_max_diff"]
     if case["precision"] == "fp16":  # the loss scale reached travels with the checkpoint
         assert json.loads((out / case["id"] / "grad_scaler.json").read_text())["scale"] > 0
 
@@ -210,13 +216,44 @@ def test_export_reproduces_the_checkpoint(results, case, tmp_path):
             plain = AutoModelForSequenceClassification if config["model"]["family"] == "bert" else AutoModelForCausalLM
             merged = plain.from_pretrained(export(out / case["id"], tmp_path / "merged", merge_lora=True))
             assert torch.allclose(evaluate(merged), saved, **tolerance)
-        return  # full_state() of an adapter model holds the base too, under PEFT's names
+        return  # the gathered state of an adapter model holds the base too, under PEFT's names
 
-    # What strategy.full_state() gathered from the shards is exactly the exported weights.
+    # What strategy.gather put together from the ranks' parts is exactly the exported weights: fp32
+    # master weights in every precision (ZeRO-3's partitions, not the bf16 its own gathers communicate).
     gathered = load_file(out / f"{case['id']}-full_state.safetensors")
     exported_state = model.state_dict()
     assert gathered.keys() == exported_state.keys()
-    assert all(torch.allclose(gathered[k], exported_state[k].float(), atol=1e-2 if mixed(case) else 1e-6) for k in gathered)
+    assert all(torch.allclose(gathered[k], exported_state[k].float(), atol=1e-6) for k in gathered)
+
+
+EMA_CASES = [c for c in CASES if c["config"].get("train", {}).get("ema_decay")]
+SHARDED_EMA = [(c, next(d for d in EMA_CASES if d["strategy"]["name"] == "ddp" and d["family"] == c["family"] and d["precision"] == c["precision"]))
+               for c in EMA_CASES if c["strategy"]["name"] != "ddp"]
+
+
+@pytest.mark.parametrize("case, reference", SHARDED_EMA, ids=[c["id"] for c, _ in SHARDED_EMA])
+def test_a_sharded_ema_exports_what_ddp_averages(results, case, reference, tmp_path):
+    """The same seed and batches under FSDP or ZeRO-3 and under DDP: the same averaged weights, from
+    fp32 averages of each rank's shards, put together only to save (the step-8 EMA, as exported)."""
+    out, _ = results
+    sharded, config = load_artifact(export(out / f"{case['id']}-ema", tmp_path / "sharded"))
+    plain, _ = load_artifact(export(out / f"{reference['id']}-ema", tmp_path / "ddp"))
+    assert config["weights"] == "ema"
+    sharded_state, plain_state = sharded.state_dict(), plain.state_dict()
+    assert sharded_state.keys() == plain_state.keys()
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if mixed(case) else {"rtol": 1e-4, "atol": 1e-5}
+    differences = {k: (sharded_state[k].float() - plain_state[k].float()).abs().max().item() for k in plain_state}
+    assert all(torch.allclose(sharded_state[k].float(), plain_state[k].float(), **tolerance) for k in plain_state), max(differences.items(), key=lambda kv: kv[1])
+    weights = load_file(out / f"{reference['id']}-full_state.safetensors")  # the step-8 weights the EMA trails
+    assert not all(torch.allclose(weights[k], plain_state[k].float(), **tolerance) for k in weights)
+
+
+@pytest.mark.parametrize("case", EMA_CASES, ids=[c["id"] for c in EMA_CASES])
+def test_each_rank_keeps_only_its_part_of_the_ema(results, case):
+    result = results[1][case["id"]]
+    share = 1.0 if case["strategy"]["name"] == "ddp" else 1 / len(result["ema_bytes"])  # sharded as the weights are
+    # Within 2%: FSDP splits odd-sized tensors unevenly, ZeRO-3 pads them to a multiple of the world size.
+    assert result["ema_bytes"] == [pytest.approx(share * result["model_bytes"], rel=0.02)] * len(result["ema_bytes"]), result
 
 
 def test_a_new_family_is_one_file_one_registry_line_and_a_debug_job(tmp_path):

@@ -13,6 +13,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,10 +21,11 @@ import torch
 from dlray import precision
 from dlray.bench.common import drive_clients, one_thread, unique_bytes, untrained
 from dlray.bench.train import bench_train
-from dlray.config import load_config
+from dlray.config import JobConfig, load_config
 from dlray.data import build_data
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
+from dlray.precision import PRECISION_DTYPES
 
 GPT_JOB = "jobs/gpt_pretrain.yaml"
 # flavor -> characters of the bundled help texts it trains on (None: all ~0.5 MB). `small` takes
@@ -34,7 +36,7 @@ QLORA_FLAVOR, QLORA_VOCAB = "base", 32000  # 110M parameters, GPT-2 small's body
 GEN_STREAMS, GEN_ROUNDS, GEN_MAX_TOKENS = (1, 16), 4, 64
 GEN_MIN_REQUESTS = 16  # one stream's 4 requests last half a second: too few to time
 GEN_STREAM_INTERVALS = (1, 4, 16)  # serve.stream_interval: 1 (the default) writes each token as its step ends
-MFU_FLAVOR, MFU_BATCH, MFU_SEQ_LEN, MFU_VOCAB, MFU_STEPS = "1b", 4, 2048, 32000, 10
+MFU_FLAVOR, MFU_BATCH, MFU_SEQ_LEN, MFU_VOCAB = "1b", 4, 2048, 32000
 
 
 def bench_gpt_train() -> dict:
@@ -230,76 +232,148 @@ def _prompts(count: int) -> list[str]:
 
 def bench_gpt_mfu() -> dict:
     """MFU of gpt/1b (TinyLlama-1.1B's shape) bf16 training on one GPU, side by side: the plain loop a
-    PyTorch user writes (eager, then torch.compile), on random tokens in one process, and `dlray train`
-    (Ray, FSDP2, train.compile, sdpa attention) on the bundled help texts, its last epoch's `mfu`."""
+    PyTorch user writes (eager, then torch.compile) in one process, and `dlray train` (Ray, FSDP2,
+    train.compile, sdpa attention), one model on one token stream (MFURun)."""
     if not torch.cuda.is_available():
         return {"skipped": "no GPU"}
-    hardware = precision.detect(torch.device("cuda"))
-    plain = {}
-    for mode in ("eager", "compiled"):
-        plain[f"plain_{mode}"] = plain_gpt_tokens_per_sec(compiled=mode == "compiled")
-        torch.cuda.empty_cache()  # the model and optimizer state of this run, for the next
-    dlray = dlray_gpt_mfu()  # in a Ray worker of its own
-    results = {"model": f"gpt/{MFU_FLAVOR}, bf16, AdamW (fused), batch {MFU_BATCH} x {MFU_SEQ_LEN} tokens", "gpu": hardware.name,
-               "peak_flops": hardware.peak_flops, **{f"{k}_tokens_per_sec": v for k, v in plain.items()}, **dlray}
-    if hardware.peak_flops:
-        flops = plain_gpt_flops_per_token()
-        results |= {f"{k}_mfu": v * flops / hardware.peak_flops for k, v in plain.items()}
-        results["mfu"] = dlray["dlray_mfu"]
-        results["dlray_vs_compiled_plain"] = dlray["dlray_mfu"] / results["plain_compiled_mfu"]
+    return compare_gpt_training(MFURun())
+
+
+@dataclass(frozen=True)
+class MFURun:
+    """What bench_gpt_mfu trains, on each side. Both sides build their model from the data's info, so
+    from one tokenizer: a generated one over the whole `vocab` (32000: the 1b flavor's 1.100B parameters).
+    The bundled help texts would train a tokenizer of ~9.2k tokens (a 1.007B model) and pack into ~50
+    windows, a dozen steps an epoch. A CPU dry run shrinks it: compare_gpt_training(MFURun(flavor="debug",
+    seq_len=64, timed_steps=6, precision="fp32", compile=False, device="cpu"))."""
+
+    flavor: str = MFU_FLAVOR
+    vocab: int = MFU_VOCAB
+    seq_len: int = MFU_SEQ_LEN
+    batch: int = MFU_BATCH
+    warmup_steps: int = 5  # compilation, kernel selection, the optimizer's state
+    timed_steps: int = 50  # after warm-up; dlray times its second epoch of this many steps (the first is its warm-up)
+    precision: str = "bf16"
+    compile: bool = True  # the compiled plain loop and train.compile (False: eager only, for a CPU dry run)
+    device: str = "cuda"
+
+
+def compare_gpt_training(run: MFURun) -> dict:
+    """Tokens/s and MFU (tokens/s x the model's FLOPs per token / the GPU's peak, as dlray's loop computes its
+    `mfu`) of each side on `run.device`, and dlray's tokens/s over the compiled (else eager) plain loop's."""
+    device = torch.device(run.device)
+    hardware = precision.detect(device)
+    with tempfile.TemporaryDirectory(prefix="dlray-bench-mfu-") as directory:
+        cfg = mfu_job(run, Path(directory))
+        data = build_data(cfg.data, seed=cfg.train.seed)  # the windows dlray trains on, through its own text source
+        flops = _flops_per_token(cfg, data.info)
+        sides = {}
+        for mode in ("eager", "compiled") if run.compile else ("eager",):
+            sides[f"plain_{mode}"] = {"tokens_per_sec": plain_gpt_tokens_per_sec(run, cfg, data, compiled=mode == "compiled"), "timed_steps": run.timed_steps}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the model and optimizer state of this run, for the next
+        sides["dlray"] = dlray_gpt_tokens_per_sec(cfg)  # in a Ray worker of its own
+    params = sum(p.numel() for p in _meta_model(cfg, data.info).parameters())
+    results = {"model": f"gpt/{run.flavor}, {params / 1e9:.3f}B parameters, {data.info['vocab_size']}-token vocabulary; {run.precision}, "
+                        f"AdamW{' (fused)' if device.type == 'cuda' else ''}, batch {run.batch} x {run.seq_len} tokens; random tokens over the whole vocabulary",
+               "gpu": hardware.name, "peak_flops": hardware.peak_flops, "flops_per_token": flops, "warmup_steps": run.warmup_steps}
+    for side, measured in sides.items():
+        results |= {f"{side}_{key}": value for key, value in measured.items()}
+        if hardware.peak_flops:
+            results[f"{side}_mfu"] = measured["tokens_per_sec"] * flops / hardware.peak_flops
+    plain = "plain_compiled" if run.compile else "plain_eager"
+    results["dlray_vs_compiled_plain" if run.compile else "dlray_vs_eager_plain"] = sides["dlray"]["tokens_per_sec"] / sides[plain]["tokens_per_sec"]
     return results
 
 
-def _mfu_model():
-    info = {"vocab_size": MFU_VOCAB, "max_seq_len": MFU_SEQ_LEN, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-    return FAMILIES["gpt"].build({"flavor": MFU_FLAVOR, "dropout": 0.0}, info)
+def mfu_job(run: MFURun, directory: Path) -> JobConfig:
+    """dlray's job for `run`, on a generated token stream under `directory`: `run.timed_steps` training
+    batches an epoch and one validation batch."""
+    train_windows, val_windows = run.timed_steps * run.batch, run.batch
+    corpus, tokenizer = write_token_stream(directory, run.vocab, train_windows + val_windows, run.seq_len)
+    return load_config(None, [
+        "model.family=gpt", f"model.flavor={run.flavor}", "model.dropout=0.0", "data.name=text", f"data.path={corpus}",
+        f"data.tokenizer={tokenizer}", f"data.max_seq_len={run.seq_len}", f"data.val_fraction={val_windows / (train_windows + val_windows)}",
+        "data.test_fraction=0.0", "strategy.name=fsdp", f"precision={run.precision}", f"train.compile={str(run.compile).lower()}",
+        "train.num_epochs=2", f"train.micro_batch_size={run.batch}", "scaling.num_workers=1", f"scaling.use_gpu={str(run.device == 'cuda').lower()}",
+        f"run.storage_path={directory / 'runs'}", "run.name=mfu", "run.checkpoint_num_to_keep=1"])
 
 
-def plain_gpt_flops_per_token() -> float:
-    with torch.device("meta"):
-        return FAMILIES["gpt"].flops_per_token(_mfu_model(), MFU_SEQ_LEN)
+def write_token_stream(directory: Path, vocab_size: int, windows: int, seq_len: int, seed: int = 0) -> tuple[Path, Path]:
+    """Random tokens over a whole vocabulary as files dlray's `text` source reads: a word-level tokenizer
+    whose words are the token ids (`t<id>`, after the special tokens' ids 0-2, as in a trained tokenizer),
+    and one document of windows x seq_len such words, which tokenises back to exactly those ids (then
+    EOS) and so packs into exactly `windows` windows. (corpus, tokenizer directory)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dlray.data.text import SPECIAL_TOKENS
+
+    specials = list(SPECIAL_TOKENS.values())
+    vocab = {token: i for i, token in enumerate(specials)} | {f"t{i}": i for i in range(len(specials), vocab_size)}
+    words = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["pad_token"]))  # every word is in the vocabulary
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=words, **SPECIAL_TOKENS).save_pretrained(directory / "tokenizer")
+    ids = torch.randint(len(specials), vocab_size, (windows * seq_len,), generator=torch.Generator().manual_seed(seed))
+    (directory / "tokens.txt").write_text(" ".join(f"t{i}" for i in ids.tolist()))
+    return directory / "tokens.txt", directory / "tokenizer"
 
 
-def plain_gpt_tokens_per_sec(compiled: bool) -> float:
-    gpt = FAMILIES["gpt"]
-    torch.manual_seed(0)
-    model = _mfu_model().cuda().train()
+def _meta_model(cfg: JobConfig, info: dict):
+    with torch.device("meta"):  # the shapes without allocating
+        return FAMILIES["gpt"].build(cfg.model.model_dump(), info)
+
+
+def _flops_per_token(cfg: JobConfig, info: dict) -> float:
+    return FAMILIES["gpt"].flops_per_token(_meta_model(cfg, info), info["max_seq_len"])
+
+
+def plain_gpt_tokens_per_sec(run: MFURun, cfg: JobConfig, data, compiled: bool) -> float:
+    """The plain loop: dlray's model (the family's build), AdamW (fused on CUDA) and autocast, on the
+    training windows of `data` in order, each batch copied to the device as it is taken."""
+    gpt, device = FAMILIES["gpt"], torch.device(run.device)
+    model = untrained(cfg, data.info).to(device).train()
     if compiled:
         model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    windows = torch.randint(MFU_VOCAB, (MFU_BATCH, MFU_SEQ_LEN + 1), device="cuda")
-    batch = (windows[:, :-1], windows[:, 1:])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=device.type == "cuda")
+    windows = data.train.windows
+    if device.type == "cuda":
+        windows = windows.pin_memory()  # so that each batch's copy runs asynchronously, as a DataLoader's pinned batches do
+    batches = windows[: len(windows) // run.batch * run.batch].split(run.batch)  # whole batches: no new shape to compile for
+    dtype = PRECISION_DTYPES[run.precision]
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = gpt.compute_loss(model, batch)["loss"].mean()
+    def step(window):
+        window = window.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = gpt.compute_loss(model, (window[:, :-1], window[:, 1:]))["loss"].mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # compilation, kernel selection, the optimizer's state
-        step()
-    torch.cuda.synchronize()
+    for i in range(run.warmup_steps):
+        step(batches[i % len(batches)])
+    _synchronize(device)
     start = time.perf_counter()
-    for _ in range(MFU_STEPS):
-        step()
-    torch.cuda.synchronize()
-    return MFU_STEPS * MFU_BATCH * MFU_SEQ_LEN / (time.perf_counter() - start)
+    for i in range(run.warmup_steps, run.warmup_steps + run.timed_steps):
+        step(batches[i % len(batches)])
+    _synchronize(device)
+    return run.timed_steps * run.batch * run.seq_len / (time.perf_counter() - start)
 
 
-def dlray_gpt_mfu() -> dict:
-    """`dlray train` of the same model on one GPU worker; the first epoch includes compilation, so the last one counts."""
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dlray_gpt_tokens_per_sec(cfg: JobConfig) -> dict:
+    """`dlray train` of `cfg` (one worker): its last epoch's tokens/s, and the steps that epoch took. The
+    first epoch (compilation included) is the warm-up."""
     from dlray.tracking import read_history
     from dlray.train import fit, init_ray, run_dir
 
     init_ray()
-    cfg = load_config(None, ["model.family=gpt", f"model.flavor={MFU_FLAVOR}", "model.dropout=0.0", "data.name=text", f"data.max_seq_len={MFU_SEQ_LEN}",
-                             f"data.vocab_size={MFU_VOCAB}", "data.val_fraction=0.05", "data.test_fraction=0.0", "strategy.name=fsdp", "precision=bf16",
-                             "train.compile=true", "train.num_epochs=3", f"train.micro_batch_size={MFU_BATCH}", "scaling.num_workers=1",
-                             "scaling.use_gpu=true", f"run.storage_path={tempfile.mkdtemp(prefix='dlray-bench-mfu-')}", "run.name=mfu",
-                             "run.checkpoint_num_to_keep=1"])
     result = fit(cfg)
     if result.error:
-        raise RuntimeError(f"dlray train of gpt/{MFU_FLAVOR} failed: {result.error}")
-    last = [r for r in read_history(run_dir(cfg)) if "train_loss" in r][-1]
-    return {"dlray_tokens_per_sec": last["tokens_per_sec"], "dlray_mfu": last.get("mfu")}
+        raise RuntimeError(f"dlray train of gpt/{cfg.model.flavor} failed: {result.error}")
+    epochs = [r for r in read_history(run_dir(cfg)) if "train_loss" in r]
+    return {"tokens_per_sec": epochs[-1]["tokens_per_sec"], "timed_steps": epochs[-1]["global_step"] - epochs[-2]["global_step"]}

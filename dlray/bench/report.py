@@ -139,17 +139,20 @@ def _llm_rows(results: dict) -> list[str]:
                     lines.append(_row(f"generate endpoint time to first token p50, {most} requests arriving at once ({device.upper()}: every prompt prefilled first)",
                                       f"{high['burst_ttft_p50_ms']:.0f} ms", "(informative)"))
     if mfu := results.get("llm_mfu"):
-        title = f"MFU of gpt/{MFU_FLAVOR} bf16 training, FLOPs/token = 6N + 12·L·H·T"
+        formula = "FLOPs/token = 6N + 12·L·H·T"
         if "skipped" in mfu:
-            lines.append(_row(title, f"skipped: {mfu['skipped']}", ">= 45% through dlray train (H100-class GPU)"))
+            lines.append(_row(f"MFU of gpt/{MFU_FLAVOR} bf16 training, {formula}", f"skipped: {mfu['skipped']}", ">= 45% through dlray train (H100-class GPU)"))
         else:
+            title = f"MFU of training {mfu['model']}, {formula}"
             for key, name in (("plain_eager", "plain loop, eager"), ("plain_compiled", "plain loop, torch.compile"), ("dlray", "dlray train (FSDP2, compile)")):
-                rate = f"{mfu[f'{key}_tokens_per_sec']:.0f} tokens/s on {mfu['gpu']}"
+                if f"{key}_tokens_per_sec" not in mfu:  # a dry run without compilation
+                    continue
+                rate = f"{mfu[f'{key}_tokens_per_sec']:.0f} tokens/s over {mfu[f'{key}_timed_steps']} steps on {mfu['gpu']}"
                 share = mfu.get(f"{key}_mfu")
                 measured = f"{100 * share:.1f}% ({rate})" if share is not None else f"{rate} (peak FLOPs unknown)"
                 goal = ">= 45%, >= 0.95 of the compiled plain loop" if key == "dlray" else ""
                 if key == "dlray" and "dlray_vs_compiled_plain" in mfu:
-                    measured += f", {mfu['dlray_vs_compiled_plain']:.2f} of the compiled plain loop"
+                    measured += f"; {mfu['dlray_vs_compiled_plain']:.2f} of the compiled plain loop's tokens/s"
                 lines.append(_row(f"{title}: {name}", measured, goal))
     return lines
 

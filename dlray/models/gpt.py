@@ -96,11 +96,16 @@ def derived_metrics(metrics: dict[str, float], data_info) -> dict[str, float]:
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6N for the forward and backward
     matmuls of N weights, plus 12·L·H·T for attention's scores and weighted sums over T positions in L layers
-    of width H. Recomputed activations do not count: that is hardware, not model, FLOPs."""
+    of width H. A frozen weight (LoRA's base) counts 4: its forward and the gradient of its input, not of
+    itself. Recomputed activations do not count: that is hardware, not model, FLOPs."""
     config = model.config
-    # The input embedding is a lookup, not a matmul, unless tied to the output layer (then counted once).
-    n_params = model.num_parameters() - (0 if config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
-    return 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    # transformers' counts (a 4-bit weight's packed halves included), also through a PEFT model.
+    total, trainable = model.num_parameters(), model.num_parameters(only_trainable=True)
+    embedding = model.get_input_embeddings().weight
+    if not config.tie_word_embeddings:  # the input embedding is a lookup, not a matmul, unless tied to the output layer (then counted once)
+        total -= embedding.numel()
+        trainable -= embedding.numel() if embedding.requires_grad else 0
+    return 6 * trainable + 4 * (total - trainable) + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 def enable_gradient_checkpointing(model: LlamaForCausalLM) -> None:

@@ -5,7 +5,8 @@
     with strategy.autocast(): losses = compute_loss(model, batch)
     strategy.backward(loss, sync=is_last_micro_batch)             # loss already / gradient_accumulation_steps
     grad_norm = strategy.step(index)                              # clip, step optimizers[index], zero grads; the norm before clipping
-    strategy.full_state()                                         # complete weights on every rank (EMA, samples)
+    strategy.local_state()                                        # this rank's part of the weights, no collective (EMA)
+    strategy.gather(parts) / strategy.local_part(key, full)       # parts -> complete tensors on rank 0, and back
     strategy.save(directory) / strategy.load(directory)           # model + optimizers (+ loss scaler), all ranks
     strategy.CHECKPOINT_FORMAT                                   # how `dlray export` reads the weights back
 
@@ -54,8 +55,19 @@ class Strategy(Protocol):
         `backward`), zero the gradients; the gradient norm before clipping."""
         ...
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Complete weights on every rank (a collective under FSDP and ZeRO-3)."""
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's part of every weight and buffer, by state-dict key, without a collective: the whole
+        tensor under DDP and ZeRO-1/2, the rank's shard under FSDP, its fp32 partition under ZeRO-3. The
+        live tensors, not copies."""
+        ...
+
+    def gather(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Complete tensors from parts laid out as `local_state()`'s (the weights, or an average of them),
+        as CPU copies on rank 0 and an empty dict elsewhere: a collective under FSDP and ZeRO-3."""
+        ...
+
+    def local_part(self, key: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of `full`, the complete tensor of state-dict `key`, as `local_state()` lays it out."""
         ...
 
     def save(self, directory: str) -> None: ...

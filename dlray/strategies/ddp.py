@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from contextlib import nullcontext
 
 import torch
@@ -52,8 +53,14 @@ class DDPStrategy:
         self.model.zero_grad(set_to_none=True)  # all of it: a GAN's generator loss also reached the discriminator
         return norm  # a tensor: reading it here would wait for the GPU every step
 
-    def full_state(self) -> dict[str, torch.Tensor]:
+    def local_state(self) -> dict[str, torch.Tensor]:
         return getattr(self.model, "module", self.model).state_dict()
+
+    def gather(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return rank0_copies(parts.items())
+
+    def local_part(self, key: str, full: torch.Tensor) -> torch.Tensor:
+        return full
 
     def save(self, directory: str):
         dcp.save(directory, self.model, self.optimizers, self.scaler, self.trainable_only)
@@ -64,3 +71,10 @@ class DDPStrategy:
 
 def optimizer_params(optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def rank0_copies(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """CPU copies of `tensors` on rank 0, an empty dict elsewhere. Every rank runs through all of them:
+    under FSDP and ZeRO-3 each one is a collective."""
+    keep = torch.distributed.get_rank() == 0
+    return {key: tensor.detach().to("cpu", copy=True) for key, tensor in tensors if keep}

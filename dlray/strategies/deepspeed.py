@@ -14,8 +14,10 @@ CPU), so fp32 inputs met bf16 weights there: the same code failed on a GPU and p
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from dlray.precision import PRECISION_DTYPES
+from dlray.strategies.ddp import rank0_copies
 from dlray.strategies.scaler import load_scaler, save_scaler
 
 CHECKPOINT_TAG = "deepspeed"  # fixed: one checkpoint per Ray checkpoint directory
@@ -34,6 +36,9 @@ class DeepSpeedStrategy:
 
         (optimizer,) = make_optimizers(model)  # the engine drives one optimizer (the config refuses more)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False)
+        # ZeRO-3's parameters by state-dict key (a tied one under each of its keys): each holds its
+        # rank's slice of the flattened fp32 weight (padded to world size x ds_tensor's size) in ds_tensor.
+        self.partitioned = {k: v for k, v in self.engine.module.state_dict(keep_vars=True).items() if hasattr(v, "ds_tensor")}
         return self.engine, [optimizer]
 
     def autocast(self):
@@ -50,13 +55,36 @@ class DeepSpeedStrategy:
         norm = self.engine.get_global_grad_norm()
         return norm if norm is not None else float("nan")
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Complete weights; under ZeRO-3 gathered from the partitions (a collective: every rank calls it)."""
-        import deepspeed
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """Under ZeRO-3 each parameter's fp32 partition (ds_tensor, which the optimizer steps: under
+        torch_autocast the module keeps fp32 weights), not the bf16-rounded weights a gather would give;
+        otherwise (and buffers) the module's whole tensors."""
+        return {k: self.partitioned[k].ds_tensor if k in self.partitioned else v for k, v in self.engine.module.state_dict().items()}
 
-        module = self.engine.module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    def gather(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """All-gathers one partition at a time, in the parts' own dtype (fp32: no rounding to the
+        communication dtype, as DeepSpeed's own gathers under torch_autocast do)."""
+        return rank0_copies((k, self.full_tensor(k, v)) for k, v in parts.items())
+
+    def full_tensor(self, key: str, part: torch.Tensor) -> torch.Tensor:
+        param = self.partitioned.get(key)
+        if param is None:
+            return part
+        group = param.ds_process_group
+        flat = torch.empty(part.numel() * dist.get_world_size(group), dtype=part.dtype, device=self.device)
+        dist.all_gather_single(flat, part.to(self.device), group=group)  # on the device: with offload_param a partition is in CPU memory
+        return flat[:param.ds_numel].view(param.ds_shape)
+
+    def local_part(self, key: str, full: torch.Tensor) -> torch.Tensor:
+        param = self.partitioned.get(key)
+        if param is None:
+            return full
+        size = param.ds_tensor.ds_numel
+        start = size * dist.get_rank(param.ds_process_group)
+        part = full.new_zeros(size)  # the last ranks' padding: zeros
+        own = full.flatten()[start:start + size]
+        part[:len(own)] = own
+        return part
 
     def save(self, directory: str):
         self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=self.trainable_only)

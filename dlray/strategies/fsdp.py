@@ -13,11 +13,11 @@ from contextlib import nullcontext
 
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dlray.precision import PRECISION_DTYPES
 from dlray.strategies import dcp
-from dlray.strategies.ddp import optimizer_params
+from dlray.strategies.ddp import optimizer_params, rank0_copies
 
 
 class FSDPStrategy:
@@ -43,6 +43,8 @@ class FSDPStrategy:
         if self.compile and not blocks:
             model.compile()
         self.model = fully_shard(model, **options)
+        # Each sharded tensor's layout, to put local parts (an EMA's) back together and take them apart.
+        self.layouts = {k: (v.device_mesh, v.placements, v.shape, v.stride()) for k, v in self.model.state_dict().items() if isinstance(v, DTensor)}
         # Built after sharding so that the optimizers hold (and shard their state by) the DTensors.
         self.optimizers = make_optimizers(self.model)
         return self.model, self.optimizers
@@ -62,9 +64,25 @@ class FSDPStrategy:
         self.model.zero_grad(set_to_none=True)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Unsharded weights; a collective: every rank must call it."""
-        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.model.state_dict().items()}
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """The DTensors' local shards (dim 0, torch.chunk's split); buffers whole."""
+        return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in self.model.state_dict().items()}
+
+    def gather(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """All-gathers one tensor at a time, so that no rank holds more than one of them complete on the device."""
+        return rank0_copies((k, self.full_tensor(k, v)) for k, v in parts.items())
+
+    def full_tensor(self, key: str, part: torch.Tensor) -> torch.Tensor:
+        if key not in self.layouts:
+            return part
+        mesh, placements, shape, stride = self.layouts[key]
+        return DTensor.from_local(part, mesh, placements, run_check=False, shape=shape, stride=stride).full_tensor()
+
+    def local_part(self, key: str, full: torch.Tensor) -> torch.Tensor:
+        if key not in self.layouts:
+            return full
+        mesh, placements, _, _ = self.layouts[key]
+        return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()  # None: this rank's own slice, no scatter
 
     def save(self, directory: str):
         dcp.save(directory, self.model, self.optimizers, trainable_only=self.trainable_only)
