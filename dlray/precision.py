@@ -1,7 +1,8 @@
 """Which precision a run computes in. `precision: auto` (the default) picks what the hardware does natively:
 
     GPU with bf16 (Ampere and later)         bf16
-    GPU without bf16 (V100, T4)              fp16 with loss scaling (fp32 under FSDP, which has no loss scaler here)
+    GPU without bf16 (V100, T4)              fp16 with loss scaling (DDP: a GradScaler; DeepSpeed: ZeRO unscales by
+                                             the strategy's scale before clipping); fp32 under FSDP, which has no loss scaler here
     CPU with AVX512-BF16 or AMX              bf16
     any other CPU (AVX2 only, e.g. Zen 3)    fp32: bf16 there is emulated, ~20x slower than fp32
 

@@ -22,7 +22,7 @@ ZEN3 = Hardware("cpu", "this CPU (AVX2)", native_bf16=False)
 
 @pytest.mark.parametrize("hardware, strategy, expected", [
     (H100, "fsdp", "bf16"),
-    (V100, "ddp", "fp16"),  # with GradScaler (DeepSpeed: its torch_autocast scaler)
+    (V100, "ddp", "fp16"),  # with GradScaler (DeepSpeed: ZeRO with the strategy's loss scale, tests/test_deepspeed_fp16.py)
     (V100, "deepspeed", "fp16"),
     (V100, "fsdp", "fp32"),  # FSDP here has no loss scaler, so fp16 is refused
     (SAPPHIRE_RAPIDS, "ddp", "bf16"),
