@@ -72,12 +72,12 @@ def overflow_then_clean_step(stage: int, checkpoint: Path) -> dict:
     """A forced overflow, then a clean step on the same batch, checked by hand; then a resume."""
     strategy = fp16_strategy(stage, momentum=0.0)
     x, y = batches()[0]
-    before = strategy.full_state()
+    before = strategy.gather(strategy.local_state())
     _, overflow_norm = train_step(strategy, x, y, overflow=True)
-    after_overflow = strategy.full_state()
+    after_overflow = strategy.gather(strategy.local_state())
     scale = strategy.loss_scale.scale
     _, norm = train_step(strategy, x, y)
-    after = strategy.full_state()
+    after = strategy.gather(strategy.local_state())
 
     # By hand, without DeepSpeed: the same fp16 autocast forward and backward of the loss scaled by the
     # clean step's scale, the gradients unscaled, their norm, the clipped SGD step.
