@@ -1,6 +1,7 @@
 """`precision: auto` picks what the hardware computes natively, and says why; explicit bf16 on a CPU
 that can only emulate it still runs, with a warning. The speed switches' config checks."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -79,7 +80,28 @@ def test_speed_switches_are_checked_before_anything_starts(overrides, message):
 def test_flash_attention_needs_gpu_workers():
     with pytest.raises(ConfigError, match="'flash_attention_2' runs on CUDA only"):
         load_config(REPO / "jobs/debug/gpt_cpu.yaml", ["model.attn_implementation=flash_attention_2"])
-    assert load_config(REPO / "jobs/debug/gpt_cpu.yaml", ["model.attn_implementation=flash_attention_2", "scaling.use_gpu=true"])
+
+
+FLASH_ON_GPUS = ["model.attn_implementation=flash_attention_2", "scaling.use_gpu=true"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_without_flash_attn_is_refused_by_dlray_validate_with_how_to_get_it():
+    from typer.testing import CliRunner
+
+    from dlray.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(REPO / "jobs/debug/gpt_cpu.yaml"), *FLASH_ON_GPUS])
+    assert result.exit_code == 2, result.output
+    assert "model.attn_implementation 'flash_attention_2' needs the flash-attn package, which is not installed here" in result.output
+    assert "pip install flash-attn --no-build-isolation" in result.output
+
+
+def test_flash_attention_is_accepted_where_flash_attn_is_installed(tmp_path, monkeypatch):
+    (tmp_path / "flash_attn").mkdir()  # an importable package of that name: what the check looks for
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(tmp_path)
+    assert load_config(REPO / "jobs/debug/gpt_cpu.yaml", FLASH_ON_GPUS).model.attn_implementation == "flash_attention_2"
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
