@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from dlray.config import ConfigError, load_config
-from dlray.precision import Hardware, choose, detect, slowdown_warning
+from dlray.precision import Hardware, choose, choose_tf32, detect, serve_dtype, slowdown_warning
 
 from helpers import REPO
 
-H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", native_bf16=True, peak_flops=989e12)
+H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", native_bf16=True, peak_flops=989e12, tf32=True)
 V100 = Hardware("cuda", "Tesla V100-SXM2-16GB", native_bf16=False)
 SAPPHIRE_RAPIDS = Hardware("cpu", "this CPU (AVX512)", native_bf16=True)  # AMX
 ZEN3 = Hardware("cpu", "this CPU (AVX2)", native_bf16=False)
@@ -42,6 +42,46 @@ def test_an_explicit_precision_is_kept_and_emulated_bf16_warns():
     assert slowdown_warning("bf16", SAPPHIRE_RAPIDS) is None
     assert slowdown_warning("fp32", ZEN3) is None
     assert slowdown_warning("bf16", V100) is None  # GPUs without bf16 are CUDA's business, not an emulation
+
+
+@pytest.mark.parametrize("hardware, precision, enabled, on, says", [
+    (H100, "fp32", True, True, "TF32 matmuls and convolutions on (train.tf32 false for full fp32)"),
+    (H100, "fp32", False, False, "TF32 off (train.tf32 false): full fp32 matmuls"),
+    (H100, "bf16", True, True, ""),  # autocast computes matmuls in bf16; what it leaves in fp32 uses TF32: nothing to say
+    (H100, "bf16", False, False, ""),
+    (V100, "fp32", True, False, "Tesla V100-SXM2-16GB has no TF32: full fp32 matmuls"),
+    (V100, "fp16", True, False, ""),
+    (ZEN3, "fp32", True, False, ""),  # CPUs: torch's flags are left alone
+    (SAPPHIRE_RAPIDS, "fp32", True, False, ""),
+])
+def test_tf32_on_gpus_that_have_it_unless_the_job_turns_it_off(hardware, precision, enabled, on, says):
+    assert choose_tf32(hardware, precision, enabled) == (on, says)
+
+
+def test_train_tf32_is_a_checked_key_on_by_default():
+    assert load_config(REPO / "jobs/debug/cnn_cpu.yaml").train.tf32 is True
+    assert load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["train.tf32=false"]).train.tf32 is False
+    with pytest.raises(ConfigError, match="train.tf32"):
+        load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["train.tf32=fast"])
+
+
+@pytest.mark.parametrize("requested, hardware, expected", [
+    ("auto", H100, "bf16"),
+    ("auto", V100, "fp16"),
+    ("auto", ZEN3, "fp32"),
+    ("auto", SAPPHIRE_RAPIDS, "fp32"),  # a CPU replica stays in the export's fp32, even where bf16 is native
+    ("fp32", H100, "fp32"),
+    ("bf16", ZEN3, "bf16"),
+    ("fp16", H100, "fp16"),
+])
+def test_serve_dtype_is_low_precision_on_gpus_and_fp32_on_cpus_unless_set(requested, hardware, expected):
+    assert serve_dtype(requested, hardware) == expected
+
+
+def test_serve_dtype_is_a_checked_key():
+    assert load_config(REPO / "jobs/debug/cnn_cpu.yaml").serve.dtype == "auto"
+    with pytest.raises(ConfigError, match="serve.dtype"):
+        load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["serve.dtype=fp8"])
 
 
 CPU_KIND = """
