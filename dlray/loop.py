@@ -51,6 +51,10 @@ def train_loop_per_worker(config: dict) -> None:
     num_nodes, node = count_nodes(world)
     hardware = precision.detect(device)
     cfg.precision, precision_why = precision.choose(cfg.precision, hardware, cfg.strategy.name)
+    tf32, tf32_why = precision.choose_tf32(hardware, cfg.precision, cfg.train.tf32)
+    if device.type == "cuda":
+        precision.set_tf32(tf32)
+    precision_why = "; ".join(filter(None, (precision_why, tf32_why)))
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if config["streamed"]:

@@ -8,6 +8,8 @@
 
 Each training worker decides for its own device (the driver may have no GPU) and rank 0 prints the
 choice and the reason. `detect` also knows the dense bf16 peak of common GPUs, for the loop's `mfu`.
+On GPUs with TF32 (Ampere and newer) a CUDA run's fp32 matmuls and convolutions use it (`train.tf32`,
+`choose_tf32`). Serve replicas hold their model in `serve.dtype` (`serve_dtype`): bf16 or fp16 on GPUs.
 A leaf module: strategies, finetune and the loop import it, it imports none of them.
 """
 
@@ -36,12 +38,14 @@ class Hardware:
     name: str  # the GPU's name, or the CPU's vector capability
     native_bf16: bool  # bf16 arithmetic in hardware, not emulated
     peak_flops: float | None = None  # dense bf16 FLOP/s, where known (GPUs in PEAK_BF16_FLOPS)
+    tf32: bool = False  # TensorFloat-32 tensor cores for fp32 matmuls and convolutions (CUDA GPUs from Ampere, compute capability 8.0)
 
 
 def detect(device: torch.device) -> Hardware:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return Hardware("cuda", name, torch.cuda.is_bf16_supported(including_emulation=False), peak_bf16_flops(name))
+        return Hardware("cuda", name, torch.cuda.is_bf16_supported(including_emulation=False), peak_bf16_flops(name),
+                        tf32=torch.cuda.get_device_capability(device) >= (8, 0))
     # The capability ATen dispatches to (ATEN_CPU_CAPABILITY can lower it), and the instructions the CPU has.
     return cpu_hardware(torch.backends.cpu.get_cpu_capability(), torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
@@ -75,6 +79,38 @@ def choose(requested: Literal["auto"] | Precision, hardware: Hardware, strategy:
 def resolve(requested: Literal["auto"] | Precision, device: torch.device, strategy: str) -> Precision:
     """`requested`, or what `auto` picks on `device`, without the reason."""
     return choose(requested, detect(device), strategy)[0]
+
+
+def choose_tf32(hardware: Hardware, precision: Precision, enabled: bool) -> tuple[bool, str]:
+    """(on, what the precision line adds) for a training worker: TF32 for fp32 matmuls and convolutions
+    on a GPU that has it, unless the job turns it off (`enabled`: train.tf32). Under bf16 / fp16 autocast
+    it is on too (harmless: the matmuls autocast leaves in fp32 use it), but the line is about fp32 runs."""
+    if hardware.device_type != "cuda":
+        return False, ""
+    on = enabled and hardware.tf32
+    if precision != "fp32":
+        return on, ""
+    if on:
+        return True, "TF32 matmuls and convolutions on (train.tf32 false for full fp32)"
+    return False, "TF32 off (train.tf32 false): full fp32 matmuls" if hardware.tf32 else f"{hardware.name} has no TF32: full fp32 matmuls"
+
+
+def set_tf32(on: bool) -> None:
+    """This process's fp32 matmuls (cuBLAS) and cuDNN convolutions: TF32 (fp32's range, a 10-bit mantissa) or full
+    fp32. Both switches: torch's defaults are full fp32 for matmuls but TF32 for cuDNN convolutions."""
+    torch.set_float32_matmul_precision("high" if on else "highest")
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def serve_dtype(requested: Literal["auto"] | Precision, hardware: Hardware) -> Precision:
+    """The dtype a Serve replica holds its model in (`serve.dtype`): `requested` unless it is `auto`, which is
+    bf16 on a GPU that computes it natively, fp16 on an older GPU, and fp32 on a CPU (the export's own dtype:
+    a CPU replica computes on one thread, and most CPUs would only emulate bf16)."""
+    if requested != "auto":
+        return requested
+    if hardware.device_type == "cuda":
+        return "bf16" if hardware.native_bf16 else "fp16"
+    return "fp32"
 
 
 def slowdown_warning(precision: str, hardware: Hardware) -> str | None:

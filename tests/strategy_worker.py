@@ -170,7 +170,8 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
     changed_frozen = sorted(k for k in changed_keys - trainable_names(model)
                             if not torch.allclose(final[k].float(), initial[k].float(), rtol=2**-8, atol=0)) if cfg.finetune.trainable_only else []
     linear4bit = sum(isinstance(m, Linear4bit) for m in model.modules())  # bitsandbytes' own (PEFT's LoRA layer around it is another)
-    compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())  # nn.Module.compile() ran
+    # The modules nn.Module.compile() compiled in place, by class: the DDP wrapper itself, or FSDP's blocks.
+    compiled = sorted({type(m).__name__ for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None})
 
     # Restored from the step-8 checkpoint: its evaluation is what `dlray export` must reproduce,
     # and training on from it must replay the uninterrupted run's losses.

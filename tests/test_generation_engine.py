@@ -449,6 +449,23 @@ def test_logprobs_and_prompt_logprobs_are_transformers_log_softmax(artifact, eng
     assert other.logprobs == [] and other.prompt_logprobs == []  # not asked: not computed
 
 
+def test_a_bf16_model_decodes_with_float32_logprobs(artifact):
+    """A replica's model in bf16 (serve.dtype auto on a GPU): its bf16 KV cache grows as the batch
+    decodes, and logprobs are computed in float32 from its logits, near the fp32 model's."""
+    model = AutoModelForCausalLM.from_pretrained(artifact).eval()
+    engine = Engine(AutoModelForCausalLM.from_pretrained(artifact).to(torch.bfloat16), AutoTokenizer.from_pretrained(artifact))
+    prompt = engine.tokenizer.encode(PROMPTS[1])
+    scored = Sequence(prompt, SamplingParams(max_tokens=6, temperature=0, logprobs=1, prompt_logprobs=1))
+    run(engine, [scored, greedy(engine, PROMPTS[2], max_tokens=6)])  # batched with a longer prompt: left padding, a cache that widens
+    assert len(scored.token_ids) == 6
+    reference = reference_logprobs(model, prompt + scored.token_ids)
+    logprobs = [lp.logprob for lp in scored.prompt_logprobs[1:] + scored.logprobs]
+    expected = [float(reference[position - 1, token]) for position, token in enumerate(prompt + scored.token_ids) if position > 0]
+    assert all(type(value) is float for value in logprobs)
+    assert logprobs == pytest.approx(expected, abs=0.05)  # bf16's 8-bit mantissa on logits of a few units
+    assert logprobs != pytest.approx(expected, abs=1e-5), "the engine computed in fp32"
+
+
 def test_max_tokens_0_computes_the_prompt_alone(engine):
     prompt = engine.tokenizer.encode(PROMPTS[2])
     seq = Sequence(prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))

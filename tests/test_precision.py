@@ -1,6 +1,7 @@
 """`precision: auto` picks what the hardware computes natively, and says why; explicit bf16 on a CPU
 that can only emulate it still runs, with a warning. The speed switches' config checks."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -10,11 +11,11 @@ import pytest
 import torch
 
 from dlray.config import ConfigError, load_config
-from dlray.precision import Hardware, choose, cpu_hardware, detect, peak_bf16_flops, slowdown_warning
+from dlray.precision import Hardware, choose, choose_tf32, cpu_hardware, detect, peak_bf16_flops, serve_dtype, slowdown_warning
 
 from helpers import REPO
 
-H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", native_bf16=True, peak_flops=989e12)
+H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", native_bf16=True, peak_flops=989e12, tf32=True)
 V100 = Hardware("cuda", "Tesla V100-SXM2-16GB", native_bf16=False)
 SAPPHIRE_RAPIDS = Hardware("cpu", "this CPU (AVX512)", native_bf16=True)  # AMX
 ZEN3 = Hardware("cpu", "this CPU (AVX2)", native_bf16=False)
@@ -73,6 +74,46 @@ def test_a_gpu_gets_the_dense_bf16_peak_of_its_own_model(name, peak):
     assert peak_bf16_flops(name) == peak
 
 
+@pytest.mark.parametrize("hardware, precision, enabled, on, says", [
+    (H100, "fp32", True, True, "TF32 matmuls and convolutions on (train.tf32 false for full fp32)"),
+    (H100, "fp32", False, False, "TF32 off (train.tf32 false): full fp32 matmuls"),
+    (H100, "bf16", True, True, ""),  # autocast computes matmuls in bf16; what it leaves in fp32 uses TF32: nothing to say
+    (H100, "bf16", False, False, ""),
+    (V100, "fp32", True, False, "Tesla V100-SXM2-16GB has no TF32: full fp32 matmuls"),
+    (V100, "fp16", True, False, ""),
+    (ZEN3, "fp32", True, False, ""),  # CPUs: torch's flags are left alone
+    (SAPPHIRE_RAPIDS, "fp32", True, False, ""),
+])
+def test_tf32_on_gpus_that_have_it_unless_the_job_turns_it_off(hardware, precision, enabled, on, says):
+    assert choose_tf32(hardware, precision, enabled) == (on, says)
+
+
+def test_train_tf32_is_a_checked_key_on_by_default():
+    assert load_config(REPO / "jobs/debug/cnn_cpu.yaml").train.tf32 is True
+    assert load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["train.tf32=false"]).train.tf32 is False
+    with pytest.raises(ConfigError, match="train.tf32"):
+        load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["train.tf32=fast"])
+
+
+@pytest.mark.parametrize("requested, hardware, expected", [
+    ("auto", H100, "bf16"),
+    ("auto", V100, "fp16"),
+    ("auto", ZEN3, "fp32"),
+    ("auto", SAPPHIRE_RAPIDS, "fp32"),  # a CPU replica stays in the export's fp32, even where bf16 is native
+    ("fp32", H100, "fp32"),
+    ("bf16", ZEN3, "bf16"),
+    ("fp16", H100, "fp16"),
+])
+def test_serve_dtype_is_low_precision_on_gpus_and_fp32_on_cpus_unless_set(requested, hardware, expected):
+    assert serve_dtype(requested, hardware) == expected
+
+
+def test_serve_dtype_is_a_checked_key():
+    assert load_config(REPO / "jobs/debug/cnn_cpu.yaml").serve.dtype == "auto"
+    with pytest.raises(ConfigError, match="serve.dtype"):
+        load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["serve.dtype=fp8"])
+
+
 CPU_KIND = """
 import torch
 from dlray.precision import choose, detect
@@ -109,7 +150,28 @@ def test_speed_switches_are_checked_before_anything_starts(overrides, message):
 def test_flash_attention_needs_gpu_workers():
     with pytest.raises(ConfigError, match="'flash_attention_2' runs on CUDA only"):
         load_config(REPO / "jobs/debug/gpt_cpu.yaml", ["model.attn_implementation=flash_attention_2"])
-    assert load_config(REPO / "jobs/debug/gpt_cpu.yaml", ["model.attn_implementation=flash_attention_2", "scaling.use_gpu=true"])
+
+
+FLASH_ON_GPUS = ["model.attn_implementation=flash_attention_2", "scaling.use_gpu=true"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here")
+def test_flash_attention_without_flash_attn_is_refused_by_dlray_validate_with_how_to_get_it():
+    from typer.testing import CliRunner
+
+    from dlray.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(REPO / "jobs/debug/gpt_cpu.yaml"), *FLASH_ON_GPUS])
+    assert result.exit_code == 2, result.output
+    assert "model.attn_implementation 'flash_attention_2' needs the flash-attn package, which is not installed here" in result.output
+    assert "pip install flash-attn --no-build-isolation" in result.output
+
+
+def test_flash_attention_is_accepted_where_flash_attn_is_installed(tmp_path, monkeypatch):
+    (tmp_path / "flash_attn").mkdir()  # an importable package of that name: what the check looks for
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(tmp_path)
+    assert load_config(REPO / "jobs/debug/gpt_cpu.yaml", FLASH_ON_GPUS).model.attn_implementation == "flash_attention_2"
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

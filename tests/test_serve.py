@@ -100,6 +100,38 @@ def test_healthz(server):
     base, _, _ = server
     response = httpx.get(f"{base}/healthz")
     assert response.status_code == 200 and response.json()["input_shape"] == [1, 8, 8]
+    assert response.json()["dtype"] == "fp32"  # serve.dtype auto on a CPU replica
+
+
+def test_a_bf16_replica_casts_the_pixels_and_answers_as_the_model_does(server):
+    """serve.dtype bf16 (what `auto` takes on GPUs; a CPU replica only when asked): the model and each
+    batch of pixels in bf16, the probabilities the fp32 model's within bf16 rounding."""
+    from ray import serve
+
+    from dlray.serve.app import build_app
+
+    base, artifact, test = server
+    images = torch.stack([test[i][0] for i in range(32)])
+
+    async def classify_all():
+        async with httpx.AsyncClient(timeout=60) as client:
+            responses = await asyncio.gather(*(client.post(f"{base}/bf16/v1/classify", json={"image": im.tolist()}) for im in images))
+        return [r.json() for r in responses]
+
+    serve.run(build_app({"artifact": str(artifact), "dtype": "bf16"}), name="bf16", route_prefix="/bf16")  # beside the fp32 app
+    try:
+        assert httpx.get(f"{base}/bf16/healthz").json()["dtype"] == "bf16"
+        served = asyncio.run(classify_all())
+    finally:
+        serve.delete("bf16")
+    model, _ = load_artifact(artifact)
+    with torch.no_grad():
+        expected = torch.softmax(model(images), -1)
+    served_probs = torch.tensor([[r["probabilities"][name] for name in map(str, range(10))] for r in served])
+    difference = (served_probs - expected).abs().max()
+    # In fp32 the replica agrees to 1e-5 (test_served_model_gives_the_trained_models_answers); bf16 rounding moved a
+    # debug CNN's probabilities by up to 0.007.
+    assert 1e-5 < difference < 0.03, difference
 
 
 def test_serve_config_is_a_valid_serve_deploy_file(server):

@@ -69,4 +69,4 @@ def test_bad_text_requests_get_4xx_json_and_the_replica_keeps_serving(server, kw
 
 def test_healthz_reports_the_text_input(server):
     base, data, _ = server
-    assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "classes": len(data.class_names), "max_seq_len": 32}
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "classes": len(data.class_names), "dtype": "fp32", "max_seq_len": 32}

@@ -4,6 +4,7 @@ strategy cannot run, data the model family cannot train on, a search space with 
 from __future__ import annotations
 
 import copy
+import importlib.util
 from typing import Literal
 
 from pydantic import ValidationError, model_validator
@@ -27,6 +28,11 @@ from dlray.config.sections import (
 from dlray.config.sweep import TuneSection
 from dlray.config.tracking import TrackingSection
 from dlray.models import FAMILIES
+
+
+def flash_attention_installed() -> bool:
+    """Whether the flash-attn package, which transformers' `flash_attention_2` imports in every worker, is installed here."""
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 class JobConfig(Section):
@@ -62,8 +68,13 @@ class JobConfig(Section):
         if self.train.compile and self.strategy.name == "deepspeed":
             raise ValueError("train.compile is supported with strategy.name 'ddp' or 'fsdp', got 'deepspeed' (its engine wraps the "
                              "forward in hooks that torch.compile cannot trace whole): use 'fsdp' for sharding with compile")
-        if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
-            raise ValueError("model.attn_implementation 'flash_attention_2' runs on CUDA only: set scaling.use_gpu true, or use 'sdpa'")
+        if self.model.attn_implementation == "flash_attention_2":
+            if not self.scaling.use_gpu:
+                raise ValueError("model.attn_implementation 'flash_attention_2' runs on CUDA only: set scaling.use_gpu true, or use 'sdpa'")
+            if not flash_attention_installed():
+                raise ValueError("model.attn_implementation 'flash_attention_2' needs the flash-attn package, which is not installed here. It is no "
+                                 "dlray dependency or extra: it compiles against the installed torch and CUDA. Install it where the job runs "
+                                 "(`pip install flash-attn --no-build-isolation`, on every GPU node), or use 'sdpa' (PyTorch's fused attention)")
         if self.train.gradient_checkpointing and not family.enable_gradient_checkpointing:
             able = families_where(lambda f: f.enable_gradient_checkpointing)
             raise ValueError(f"train.gradient_checkpointing is not supported by model.family {self.model.family!r} (only by {able})")

@@ -196,6 +196,10 @@ class TrainConfig(Section):
     # torch.compile the model (each FSDP block on its own, as torchtitan does): faster steps on GPUs
     # after a compilation of seconds to minutes at the first step. ddp and fsdp.
     compile: bool = False
+    # TF32 tensor cores for fp32 matmuls and convolutions on GPUs that have them (Ampere and newer), as
+    # HF TrainingArguments' and Axolotl's `tf32`: ~7x the fp32 matmul rate at a 10-bit mantissa (fp32's range).
+    # On by default in the worker of a CUDA run; false: full fp32. CPUs and older GPUs ignore it.
+    tf32: bool = True
     # Optimizer steps between the progress reports the console's step bar and step metrics come from
     # (Lightning's name). None: steps about 5 s apart, as rank 0 times them (closer reports stall training).
     log_every_n_steps: int | None = Field(None, ge=1)
@@ -282,6 +286,9 @@ class ServeSection(Section):
     port: int = Field(8000, ge=1, le=65535)
     num_cpus_per_replica: float = Field(1.0, ge=0)
     num_gpus_per_replica: float = Field(0.0, ge=0)  # Ray's ray_actor_options.num_gpus: > 0 serves on the replica's GPU
+    # The dtype a replica holds its model in (dlray.precision.serve_dtype). auto: bf16 on a GPU with bf16, fp16
+    # on an older GPU, fp32 on a CPU. fp32 on a GPU is full fp32 (no TF32): the reference to check a replica against.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # images endpoint (diffusion, vae, gan): limits beyond which a request gets a 400
     max_images_per_request: int = Field(8, ge=1)  # OpenAI's `n`
     max_inference_steps: int = Field(1000, ge=1)

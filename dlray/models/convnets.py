@@ -69,7 +69,7 @@ def image_side(model_cfg, image_shape, levels: int) -> int:
     return height
 
 
-def latents(generators: list[torch.Generator], latent_dim: int, device: torch.device) -> torch.Tensor:
-    """z ~ N(0, I), one row per generator: each image depends only on its own seed (drawn on the
-    generator's device, computed with on the model's)."""
-    return torch.stack([torch.randn(latent_dim, generator=g, device=g.device) for g in generators]).to(device)
+def latents(generators: list[torch.Generator], latent_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """z ~ N(0, I), one row per generator: each image depends only on its own seed (drawn in fp32 on the
+    generator's device, computed with on the device and in the dtype of `like`, a weight of the model)."""
+    return torch.stack([torch.randn(latent_dim, generator=g, device=g.device) for g in generators]).to(like.device, like.dtype)

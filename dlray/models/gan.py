@@ -82,7 +82,7 @@ def compute_loss(model: nn.Module, batch, phase: str | None = None) -> dict[str,
 @torch.no_grad()
 def sample(model: GAN, generators: list[torch.Generator], **options) -> torch.Tensor:
     """One image per generator, in [-1, 1]. `options` (a diffusion model's steps, scheduler) do not apply."""
-    return model.generator(latents(generators, model.latent_dim, next(model.generator.parameters()).device)).float()
+    return model.generator(latents(generators, model.latent_dim, next(model.generator.parameters()))).float()
 
 
 FAMILY = ModelFamily(name="gan", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="images",

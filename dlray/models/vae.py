@@ -70,7 +70,7 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def sample(model: VAE, generators: list[torch.Generator], **options) -> torch.Tensor:
     """One image per generator, in [-1, 1]. `options` (a diffusion model's steps, scheduler) do not apply."""
-    return model.decoder(latents(generators, model.latent_dim, next(model.decoder.parameters()).device)).float()
+    return model.decoder(latents(generators, model.latent_dim, next(model.decoder.parameters()))).float()
 
 
 FAMILY = ModelFamily(name="vae", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="images",

@@ -31,7 +31,7 @@ from dlray.tracking import png_bytes
 
 ENDPOINTS = {"classify": Classifier, "images": ImageGenerator, "generate": TextGenerator}
 APIS = {"classify": classify_api, "images": images_api, "generate": generate_api}  # each endpoint's FastAPI app: its routes
-# The `serve:` keys each endpoint takes besides max_body_bytes, which every endpoint takes.
+# The `serve:` keys each endpoint takes besides max_body_bytes and dtype, which every endpoint takes.
 ENDPOINT_SETTINGS = {
     "classify": ("max_batch_size", "batch_wait_timeout_s"),
     "images": ("max_batch_size", "batch_wait_timeout_s", "max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler"),
@@ -61,7 +61,7 @@ def build_app(args: dict) -> Application:
         options["autoscaling_config"] = settings.autoscaling.model_dump()
     else:
         options["num_replicas"] = settings.num_replicas
-    keys = ("max_body_bytes", *ENDPOINT_SETTINGS[config["task"]])
+    keys = ("max_body_bytes", "dtype", *ENDPOINT_SETTINGS[config["task"]])
     return ENDPOINTS[config["task"]].options(**options).bind(artifact, **{key: getattr(settings, key) for key in keys})
 
 

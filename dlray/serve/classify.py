@@ -27,10 +27,9 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from dlray.data.image_folder import decode_image
-from dlray.export import load_artifact
 from dlray.serve.errors import RequestError, install_error_handlers, read_body
 from dlray.serve.openapi import BINARY, json_content, request_body, responses
-from dlray.serve.replica import replica_device
+from dlray.serve.replica import load_replica_model
 
 Pixel = Annotated[float, Field(ge=0, le=1)]
 
@@ -72,7 +71,8 @@ class ImageInput:
         return {"input_shape": list(self.shape)}
 
     def logits(self, model, images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        return model(torch.stack(images).to(device))
+        weight = next(model.parameters())  # pixels in the replica's dtype (serve.dtype), as its weights
+        return model(torch.stack(images).to(device, weight.dtype))
 
     def parse(self, content_type: str, body: bytes) -> torch.Tensor:
         if content_type.startswith("application/json"):
@@ -146,10 +146,10 @@ install_error_handlers(api)
 @serve.deployment
 @serve.ingress(api)
 class Classifier:
-    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000):
-        self.device = replica_device()
-        self.model, config = load_artifact(artifact)
-        self.model.to(self.device)
+    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000,
+                 dtype: str = "auto"):
+        self.model, config, self.dtype = load_replica_model(artifact, dtype)
+        self.device = next(self.model.parameters()).device
         info = config["data_info"]
         self.class_names = info["class_names"]
         self.inputs = ImageInput(tuple(info["image_shape"])) if "image_shape" in info else TextInput.from_artifact(artifact, info["max_seq_len"])
@@ -159,7 +159,7 @@ class Classifier:
 
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "classes": len(self.class_names), **self.inputs.describe()}
+        return {"status": "ok", "classes": len(self.class_names), "dtype": self.dtype, **self.inputs.describe()}
 
     @api.post("/v1/classify", response_model=None, responses=responses(Classification, 400, 413, 415), openapi_extra=request_body(
         {**json_content(PixelsBody, Base64Body, TextBody), "image/png": BINARY, "image/jpeg": BINARY, "application/octet-stream": BINARY}))

@@ -36,7 +36,6 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from transformers import AutoTokenizer
 
-from dlray.export import load_artifact
 from dlray.serve.engine import Engine
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
 from dlray.serve.openai_text import (
@@ -54,7 +53,7 @@ from dlray.serve.openai_text import (
     read_api_key,
 )
 from dlray.serve.openapi import event_stream, json_content, request_body, responses
-from dlray.serve.replica import replica_device
+from dlray.serve.replica import load_replica_model
 from dlray.serve.scheduler import QueueFull, Scheduler, ServeMetrics
 
 api = FastAPI(title="dlray text generation")
@@ -67,8 +66,9 @@ class TextGenerator:
     def __init__(self, artifact: str, max_num_seqs: int = 32, max_batch_total_tokens: Optional[int] = None, max_queue_len: int = 64,
                  stream_interval: int = 1,
                  max_body_bytes: int = 2_000_000, max_tokens_limit: int = 1024, max_completions_per_request: int = 4, chat: bool = True,
-                 api_key_env: Optional[str] = None, served_model_name: Optional[str] = None, adapters: Optional[dict[str, str]] = None):
-        model = load_artifact(artifact)[0].to(replica_device())  # an adapter: with its base
+                 api_key_env: Optional[str] = None, served_model_name: Optional[str] = None, adapters: Optional[dict[str, str]] = None,
+                 dtype: str = "auto"):
+        model, _, self.dtype = load_replica_model(artifact, dtype)  # an adapter: with its base
         self.engine = Engine(model, AutoTokenizer.from_pretrained(artifact))
         self.engine.load_adapters(adapters or {})
         self.api_key, self.chat, self.max_body_bytes = read_api_key(api_key_env), chat, max_body_bytes
@@ -77,7 +77,7 @@ class TextGenerator:
 
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "model": self.openai.model_name, "max_context": self.engine.max_context, "chat": self.chat}
+        return {"status": "ok", "model": self.openai.model_name, "max_context": self.engine.max_context, "chat": self.chat, "dtype": self.dtype}
 
     @api.get("/v1/models", response_model=None, responses=responses(ModelList, 401))
     def models(self, request: Request) -> dict:

@@ -28,11 +28,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from dlray.export import load_artifact
 from dlray.models import FAMILIES
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
 from dlray.serve.openapi import BINARY, json_content, request_body, responses
-from dlray.serve.replica import replica_device
+from dlray.serve.replica import load_replica_model
 from dlray.tracking import png_bytes
 
 api = FastAPI(title="dlray image generation")
@@ -68,9 +67,9 @@ class ImagesResponse(BaseModel):
 @serve.ingress(api)
 class ImageGenerator:
     def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000,
-                 max_images_per_request: int = 8, max_inference_steps: int = 1000, num_inference_steps: int = 50, scheduler: str = "ddim"):
-        self.model, config = load_artifact(artifact)
-        self.model.to(replica_device())
+                 max_images_per_request: int = 8, max_inference_steps: int = 1000, num_inference_steps: int = 50, scheduler: str = "ddim",
+                 dtype: str = "auto"):
+        self.model, config, self.dtype = load_replica_model(artifact, dtype)
         self.family_name = config["model"]["family"]
         self.family = FAMILIES[self.family_name]
         self.class_names = config["data_info"]["class_names"]
@@ -83,7 +82,7 @@ class ImageGenerator:
 
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "family": self.family_name, "image_shape": list(self.shape), "class_conditional": self.conditional}
+        return {"status": "ok", "family": self.family_name, "image_shape": list(self.shape), "class_conditional": self.conditional, "dtype": self.dtype}
 
     @api.post("/v1/images/generations", response_model=None, openapi_extra=request_body(json_content(GenerationRequest)),
               responses=responses(ImagesResponse, 400, 413, content={"image/png": BINARY}))

@@ -25,8 +25,6 @@ class DDPStrategy:
 
     def prepare(self, model, make_optimizers):
         model = model.to(self.device)
-        if self.compile:  # in place: the state dict keeps its names, so checkpoints do not change
-            model.compile()
         self.optimizers = make_optimizers(model)
         # One rank has nothing to all-reduce: skip DDP's hooks, as ray.train.torch.prepare_model
         # does. Checkpoints stay interchangeable (DCP names parameters without DDP's "module.").
@@ -34,6 +32,11 @@ class DDPStrategy:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # With several optimizers (a GAN) each backward reaches only some parameters.
             model = DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=len(self.optimizers) > 1)
+        if self.compile:
+            # The wrapper, after wrapping, as torch's DDP notes ask: dynamo's DDPOptimizer then splits the graph at
+            # DDP's bucket boundaries, so each bucket's all-reduce starts while backward goes on. In place: the
+            # state dict keeps its names, so checkpoints and exports do not change.
+            model.compile()
         self.model = model
         return self.model, self.optimizers
 
