@@ -57,7 +57,7 @@ class JobConfig(Section):
         if self.precision == "fp16" and self.strategy.name == "fsdp":
             raise ValueError("precision 'fp16' is not supported with strategy.name 'fsdp' (FSDP2 has no loss scaler here); use precision 'bf16'")
         if self.precision == "fp16" and self.strategy.name == "deepspeed" and not self.scaling.use_gpu:
-            raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: DeepSpeed's CPU accelerator has no fp16; use 'bf16'")
+            raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: fp16 computes nothing faster on a CPU; use 'bf16' or 'fp32'")
         family = FAMILIES[self.model.family]
         if self.data.name not in family.data:
             if set(family.data) <= set(TEXT_DATA):
