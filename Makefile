@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo lint test test-fast test-gpu bench clean
+.PHONY: install demo lint test test-fast test-gpu test-gpu-smoke bench clean
 
 install: $(VENV)/.installed
 
@@ -31,8 +31,12 @@ test: lint           ## lint, then the whole suite (CI runs exactly this)
 test-fast: install   ## skip the end-to-end runs marked slow
 	$(BIN)/pytest -q -m "not slow"
 
-test-gpu: install    ## the GPU tier (tests/test_gpu.py): skipped without CUDA
-	$(BIN)/pytest -q -m gpu
+# The GPU tier fails (not skips) without a CUDA device; it needs no dev extras beyond pytest (README, "Tests").
+test-gpu: install    ## the whole GPU tier (tests/test_gpu.py), ~15-20 min on one H100
+	$(BIN)/pytest -q tests/test_gpu.py -m gpu
+
+test-gpu-smoke: install  ## the GPU tier's smoke share: each family, strategy and low precision once, one endpoint; ~5 min
+	$(BIN)/pytest -q -x tests/test_gpu.py -m gpu_smoke
 
 bench: install       ## writes benchmarks/results.md
 	$(BIN)/dlray bench all

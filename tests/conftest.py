@@ -19,6 +19,21 @@ os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
 torch.set_num_threads(1)
 
 
+def pytest_collection_finish(session):
+    """The GPU tier fails where it cannot run instead of skipping every test: a run that selected GPU
+    tests only (`-m gpu`, `-m gpu_smoke`, tests/test_gpu.py) on a machine where torch sees no CUDA device,
+    a CPU build of torch included (`torch==2.13.0` also matches `2.13.0+cpu`). A selection with other
+    tests (plain `pytest`, `make test`) still skips them on a CPU."""
+    items = session.items
+    if session.config.option.collectonly or not items or not all(item.get_closest_marker("gpu") for item in items):
+        return
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        pytest.exit(f"the GPU tier selected {len(items)} GPU tests, but torch {torch.__version__} ({build}) sees no CUDA device: "
+                    "they would all be skipped. Run them where `python -c 'import torch; print(torch.cuda.is_available())'` prints True",
+                    returncode=pytest.ExitCode.TESTS_FAILED)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

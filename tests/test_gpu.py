@@ -2,18 +2,24 @@
 
 Everything else in the suite runs on CPUs (gloo, autocast on the CPU, DeepSpeed's CPU accelerator);
 this module checks what only a CUDA device exercises: NCCL, CUDA autocast and fp16 loss scaling,
-DeepSpeed's CUDA engine, bitsandbytes' 4-bit kernels, torch.compile on the GPU, `precision: auto`
-and the MFU metric on real hardware, a GPU worker lost mid-run, and Serve replicas computing on a GPU.
+DeepSpeed's CUDA engine, bitsandbytes' 4-bit kernels, torch.compile on the GPU, `precision: auto`,
+TF32 and the MFU metric on real hardware, a GPU worker lost mid-run, and Serve replicas computing on a GPU.
 
-    make test-gpu                        # pytest -q -m gpu; every test here is skipped without CUDA
+    make test-gpu-smoke   # pytest tests/test_gpu.py -m gpu_smoke: sized for 5 minutes on one H100
+    make test-gpu         # pytest tests/test_gpu.py -m gpu: the whole tier, ~15-20 minutes on one H100
 
-Sized for ~8 minutes on one H100-class GPU (each fit starts a Ray Train worker group, ~5-10 s; an
-estimate: the tier has not run on a GPU yet): every family's debug job under ddp / fsdp / ZeRO-3 in
-bf16 (ZeRO-2 and fp16 for a few), two epochs each. With 2+ GPUs a few jobs also run on two of them.
+Both fail, not skip, where torch sees no CUDA device (tests/conftest.py); in a run of the whole suite
+on a CPU these tests are skipped. Times are estimates (no run on a GPU yet): each fit starts a Ray Train
+worker group and trains two epochs, ~20-30 s. The smoke tier (marker `gpu_smoke`) trains 8 debug jobs:
+every family once, each strategy once (ddp, fsdp, DeepSpeed ZeRO-3), fp16 and bf16, and serves one
+endpoint (classify, in the replica's default bf16). The whole tier adds every family under each
+strategy, ZeRO-2, QLoRA, torch.compile, a killed worker, the other endpoints, and with 2+ GPUs runs on two.
+Collecting this module needs pytest and dlray's runtime dependencies (httpx among them), no dev extras.
 """
 
 import base64
 import functools
+import io
 import math
 from contextlib import contextmanager
 
@@ -24,6 +30,7 @@ from torch.utils.data import default_collate
 
 from dlray import precision
 from dlray.config import ConfigError, DataConfig, load_config
+from dlray.console import Console
 from dlray.data import build_data
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
@@ -32,13 +39,13 @@ from dlray.tracking import png_bytes, read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO
-from strategy_worker import make_llm_base
 from test_generative import decode_png
 from test_train import epochs, fit_losing_a_worker
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.slow,  # end-to-end fits: `make test-fast` leaves them out on a GPU machine too
+    # Where the GPU tier alone was asked for, conftest fails the run instead.
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
@@ -56,6 +63,10 @@ STRATEGIES = {
 # skipped with the config's reason, not listed here.
 MATRIX = [(family, strategy, "bf16") for family in FAMILIES for strategy in ("ddp", "fsdp", "zero3")]
 MATRIX += [("cnn", "zero2", "bf16"), ("gpt", "zero2", "bf16"), ("cnn", "ddp", "fp16"), ("cnn", "zero2", "fp16")]
+# The smoke tier's share: each family but the CNN once (it trains for the served endpoint), the CNN in fp16,
+# and each strategy at least once.
+SMOKE = {("cnn", "ddp", "fp16"), ("gpt", "fsdp", "bf16"), ("vit", "zero3", "bf16"), ("bert", "ddp", "bf16"),
+         ("diffusion", "fsdp", "bf16"), ("gan", "ddp", "bf16"), ("vae", "zero3", "bf16")}
 
 
 def gpu_job(family: str, storage, name: str, *overrides: str):
@@ -111,7 +122,8 @@ def check_export(cfg, artifact) -> None:
 # Every family x strategy x precision, one GPU
 
 
-@pytest.mark.parametrize("family, strategy, dtype", MATRIX, ids=["-".join(case) for case in MATRIX])
+@pytest.mark.parametrize("family, strategy, dtype", [pytest.param(*case, marks=[pytest.mark.gpu_smoke] if case in SMOKE else [], id="-".join(case))
+                                                     for case in MATRIX])
 def test_debug_job_trains_on_one_gpu_and_exports(ray_cluster, storage, tmp_path, family, strategy, dtype):
     try:
         cfg = gpu_job(family, storage, f"{family}-{strategy}-{dtype}", *STRATEGIES[strategy], f"precision={dtype}")
@@ -172,6 +184,8 @@ def test_qlora_finetune_on_a_gpu_exports_an_adapter_peft_loads(ray_cluster, tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from strategy_worker import make_llm_base  # here: it imports bitsandbytes, seconds that collecting the tier need not wait
+
     base = make_llm_base(tmp_path / "base")
     cfg = load_config(REPO / "jobs/llm_qlora.yaml", [f"model.name_or_path={base}", f"run.storage_path={tmp_path}", "run.name=qlora",
                                                      *ON_ONE_GPU, "precision=bf16"])
@@ -202,11 +216,17 @@ def test_compiled_gpt_trains_and_exports(ray_cluster, storage, tmp_path, strateg
 def test_killed_gpu_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(ray_cluster, storage):
     """test_train's killed-worker test, with the worker on a GPU. Small batches make the epochs
     long enough (~1 s each) that the kill lands mid-run; fp32 keeps the two runs within GPU
-    non-determinism (atomics in cuDNN's backward) of each other rather than bf16 rounding's."""
+    non-determinism (atomics in cuDNN's backward) of each other rather than bf16 rounding's.
+    An fp32 run on an Ampere or newer GPU computes with TF32 (train.tf32), as its precision line says."""
     common = ["train.num_epochs=8", "train.micro_batch_size=8", "run.max_failures=1", "optim.lr=0.003",
               "scheduler.name=constant", "precision=fp32"]
     reference = gpu_job("cnn", storage, "uninterrupted", *common)
-    assert fit(reference).error is None
+    printed = io.StringIO()
+    with Console(reference, stream=printed) as console:
+        assert fit(reference, console=console).error is None
+    line = next(line for line in printed.getvalue().splitlines() if line.startswith("[dlray] precision "))
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert line == "[dlray] precision fp32: set in the job config; TF32 matmuls and convolutions on (train.tf32 false for full fp32)"
 
     history = fit_losing_a_worker(gpu_job("cnn", storage, "killed", *common))
     expected = epochs(read_history(run_dir(reference)))
@@ -221,7 +241,8 @@ def test_killed_gpu_worker_restarts_from_checkpoint_and_matches_uninterrupted_ru
 
 @contextmanager
 def served_on_gpu(artifact, **overrides):
-    """The artifact's endpoint, its replica holding one GPU (serve.num_gpus_per_replica); the base URL."""
+    """The artifact's endpoint, its replica holding one GPU (serve.num_gpus_per_replica); the base URL.
+    The replica's model is in serve.dtype: `auto` (bf16 where the GPU has it) unless `overrides` say."""
     import ray
     from ray import serve
     from ray.util.state import list_actors
@@ -236,11 +257,15 @@ def served_on_gpu(artifact, **overrides):
         alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], detail=True)
         replicas = [a for a in alive if a.class_name.startswith("ServeReplica:dlray:")]
         assert replicas and all(a.required_resources.get("GPU") == 1 for a in replicas), replicas
-        yield f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{port}"
+        expected = overrides.get("dtype", "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
+        assert httpx.get(f"{base}/healthz", timeout=30).json()["dtype"] == expected
+        yield base
     finally:
         serve.shutdown()
 
 
+@pytest.mark.gpu_smoke  # the smoke tier's served endpoint (and its CNN's training in the default precision)
 def test_classify_replica_on_the_gpu_gives_the_exported_models_probabilities(trained):
     cfg, artifact = trained("cnn")
     test = job_data(cfg).test
@@ -252,15 +277,15 @@ def test_classify_replica_on_the_gpu_gives_the_exported_models_probabilities(tra
         expected = torch.softmax(model(images), -1)
     names = config["data_info"]["class_names"]
     served_probs = torch.tensor([[r["probabilities"][name] for name in names] for r in served])
-    # cuDNN convolutions on the GPU (TF32 by default) round differently from the CPU's fp32.
-    assert torch.allclose(served_probs, expected, atol=5e-3), (served_probs - expected).abs().max()
-    clear = (expected.topk(2).values[:, 0] - expected.topk(2).values[:, 1]) > 0.01  # no near-ties, whose order rounding may flip
+    # The replica computes in bf16 (serve.dtype auto): on the CPU, bf16 moved this CNN's probabilities by up to 0.007.
+    assert torch.allclose(served_probs, expected, atol=0.03), (served_probs - expected).abs().max()
+    clear = (expected.topk(2).values[:, 0] - expected.topk(2).values[:, 1]) > 0.05  # no near-ties, whose order rounding may flip
     assert [r["label_index"] for r, keep in zip(served, clear) if keep] == expected.argmax(-1)[clear].tolist()
 
 
 def test_images_replica_on_the_gpu_draws_the_exported_models_images(trained):
-    """The VAE: one decoder pass per image, so GPU and CPU differ by rounding alone. The replica
-    draws each seed's latent with a CPU generator, so a seed means the same image on either device."""
+    """The VAE: one decoder pass per image, so GPU (in bf16) and CPU (in fp32) differ by rounding alone. The
+    replica draws each seed's latent with a CPU generator, so a seed means the same image on either device."""
     _, artifact = trained("vae")
     seeds = [3, 4, 5, 6]
     with served_on_gpu(artifact) as base:
@@ -271,20 +296,22 @@ def test_images_replica_on_the_gpu_draws_the_exported_models_images(trained):
     expected = FAMILIES["vae"].sample(model, [torch.Generator().manual_seed(s) for s in seeds])
     for image, want in zip(served, expected):
         difference = abs(image.astype(int) - decode_png(png_bytes(want)).astype(int)).max()
-        assert difference <= 2, f"pixels differ by up to {difference} of 255"
+        assert difference <= 4, f"pixels differ by up to {difference} of 255"  # bf16 against fp32 on the CPU: up to 2
 
 
 def test_generate_replica_on_the_gpu_decodes_greedily_as_transformers_does_on_cpu(trained):
     """Continuous batching with the KV cache, logits and sampling on the replica's GPU: greedy text and
     logprobs as plain transformers gives them on this process's CPU, and seeded samples the same
-    alone and among 8 concurrent streams (each sequence's generator lives on the GPU)."""
+    alone and among 8 concurrent streams (each sequence's generator lives on the GPU). In serve.dtype
+    fp32 (full fp32, no TF32), so that the two devices differ by summation order alone; the classify
+    and images tests serve in the default bf16."""
     from concurrent.futures import ThreadPoolExecutor
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, artifact = trained("gpt")
     prompt = "The with statement"
-    with served_on_gpu(artifact, chat=False) as base:  # a tokenizer trained from scratch has no chat template
+    with served_on_gpu(artifact, chat=False, dtype="fp32") as base:  # a tokenizer trained from scratch has no chat template
         def complete(body: dict) -> dict:
             response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
             assert response.status_code == 200, response.text
