@@ -1,22 +1,21 @@
 """Generative families end to end on the session's local Ray.
 
-The README's diffusion job (jobs/diffusion_digits.yaml) trains once per module: its loss falls,
-each epoch leaves a sample grid, its samples look like digits to the dlray CNN of the digits job
-far more often than noise does, its export loads with plain diffusers and gives the server's
-images, and the images endpoint answers over real HTTP. The VAE and GAN debug jobs train too.
+The README's diffusion job (jobs/diffusion_digits.yaml) trains once per module, for 3 of its 24
+epochs: its loss falls, each epoch leaves a sample grid, its export loads with plain diffusers and
+gives the server's images, and the images endpoint answers over real HTTP. The VAE and GAN debug
+jobs train too. Whether the fully trained job's samples look like digits, and how much faster DDIM
+samples than DDPM, `dlray bench diffusion` measures (benchmarks/results.md).
 """
 
 import asyncio
 import base64
 import io
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -42,7 +41,8 @@ def train_job(job: str, storage, *overrides):
 @pytest.fixture(scope="module")
 def diffusion_run(ray_cluster, tmp_path_factory):
     storage = tmp_path_factory.mktemp("diffusion")
-    cfg, directory, history = train_job("jobs/diffusion_digits.yaml", storage)
+    # 3 epochs: its loss falls from ~0.4 to ~0.08 (the shipped 24 take ~4 min on 2 cores)
+    cfg, directory, history = train_job("jobs/diffusion_digits.yaml", storage, "train.num_epochs=3")
     return cfg, directory, history, export(directory, storage / "artifact")
 
 
@@ -75,36 +75,6 @@ def test_diffusion_loss_falls_and_every_epoch_leaves_a_sample_grid(diffusion_run
     first, last = decode_png(grids[0].read_bytes()), decode_png(grids[-1].read_bytes())
     assert first.shape == last.shape and first.shape[0] > 64  # 4x4 images of 16x16, shown 4x
     assert load_artifact(artifact)[1]["weights"] == "ema"
-
-
-def test_samples_look_like_digits_to_the_dlray_digits_classifier(diffusion_run, digits_run):
-    """Judged by the CNN of the digits job (98.6% test accuracy), on 256 DDIM-50 samples and 256
-    images of uniform noise, both at 16x16 and reduced to the CNN's 8x8 the same way.
-
-    Confidence alone does not separate them: the CNN is overconfident on noise (87% of noise
-    images get >= 0.9 for one class, nearly all "8"). What does is the classifier score (the
-    Inception Score with this classifier): exp of the mean KL between each image's class
-    distribution and the average one, high when images are confidently labelled AND spread over
-    the classes. Measured when written: samples 6.2 (58% confident, all 10 classes), noise 1.1,
-    real digits 9.5.
-    """
-    model, _ = load_artifact(diffusion_run[3])
-    classifier, _ = load_artifact(digits_run[3])
-    samples = diffusion.sample(model, [torch.Generator().manual_seed(i) for i in range(256)], num_inference_steps=50, scheduler="ddim")
-    noise = torch.rand(256, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-
-    def judge(images_in_minus1_1):
-        pixels = F.interpolate((images_in_minus1_1 + 1) / 2, size=(8, 8), mode="area")  # the CNN's native 8x8 digits
-        with torch.no_grad():
-            p = torch.softmax(classifier(pixels), -1)
-        score = torch.exp((p * (p.clamp_min(1e-12).log() - p.mean(0).log())).sum(-1).mean()).item()
-        confident = p.max(-1).values >= 0.9
-        return score, p.argmax(-1)[confident]
-
-    sample_score, sample_classes = judge(samples)
-    noise_score, _ = judge(noise)
-    assert sample_score >= 4.0 and sample_score >= 3 * noise_score, (sample_score, noise_score)
-    assert len(sample_classes) >= 0.4 * len(samples) and len(sample_classes.unique()) >= 9, sample_classes.bincount()
 
 
 def test_exported_pipeline_gives_the_servers_image_for_the_same_seed(diffusion_run, server):
@@ -184,18 +154,6 @@ def test_class_conditional_model_takes_a_class_label_or_a_class_name(server, tmp
             assert response.status_code == 400 and response.json()["error"]["param"] == "class_label", response.text
     finally:
         serve.delete("conditional")
-
-
-def test_ddim_50_samples_much_faster_than_ddpm_1000(diffusion_run):
-    """Loosely (the benchmark measures it): 1000 vs 50 steps of the same UNet is ~20x the work."""
-    model, _ = load_artifact(diffusion_run[3])
-
-    def seconds(steps, scheduler):
-        start = time.perf_counter()
-        diffusion.sample(model, [torch.Generator().manual_seed(0)], num_inference_steps=steps, scheduler=scheduler)
-        return time.perf_counter() - start
-
-    assert seconds(1000, "ddpm") > 8 * seconds(50, "ddim")
 
 
 def test_vae_debug_job_improves_its_elbo_and_resumes_with_its_ema(ray_cluster, tmp_path):

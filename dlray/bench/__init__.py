@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dlray.bench.cluster import bench_cluster
 from dlray.bench.data import bench_data, bench_text_memory
-from dlray.bench.diffusion import bench_diffusion_train, bench_image_serve, bench_sampling
+from dlray.bench.diffusion import bench_diffusion_train, bench_image_serve, bench_sample_quality, bench_sampling
 from dlray.bench.llm import _read_events, bench_generate_engine, bench_generate_serve, bench_gpt_mfu, bench_gpt_train, bench_qlora_memory  # noqa: F401 (_read_events: tests)
 from dlray.bench.report import machine, render_markdown
 from dlray.bench.serve import bench_serve
@@ -47,7 +47,8 @@ BENCHMARKS = {
     "tune": {"tune": bench_tune},
     "data": {"data": bench_data, "data_text_memory": bench_text_memory},
     "serve": {"serve": bench_serve},
-    "diffusion": {"diffusion_train": bench_diffusion_train, "diffusion_sampling": bench_sampling, "diffusion_serve": bench_image_serve},
+    "diffusion": {"diffusion_train": bench_diffusion_train, "diffusion_sampling": bench_sampling, "diffusion_serve": bench_image_serve,
+                  "diffusion_quality": bench_sample_quality},
     "llm": {"llm_train": bench_gpt_train, "llm_qlora_memory": bench_qlora_memory, "llm_engine": bench_generate_engine,
             "llm_serve": bench_generate_serve, "llm_mfu": bench_gpt_mfu},
 }

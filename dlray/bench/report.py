@@ -87,6 +87,13 @@ def render_markdown(results: dict) -> str:
     if sampling := results.get("diffusion_sampling"):
         lines += [f"| sampling latency, DDPM 1000 steps / DDIM 50 steps ({sampling['model']}) | "
                   f"{sampling['ddim_50_speedup_vs_ddpm_1000']:.1f}x ({sampling['ddpm_1000_s']:.2f} vs {sampling['ddim_50_s']:.2f} s) | >= 15x |"]
+    if quality := results.get("diffusion_quality"):
+        generated, noise, real = quality["generated"], quality["noise"], quality["real"]
+        lines += [_row(f"samples' classifier score / uniform noise's, judged by the digits CNN ({quality['model']}, {quality['samples']} each; "
+                       f"real digits score {real['classifier_score']:.1f}; samples confidently labelled: {generated['confident_fraction']:.0%}, "
+                       f"over {generated['confident_classes']} classes)",
+                       f"{generated['classifier_score'] / noise['classifier_score']:.1f}x ({generated['classifier_score']:.1f} vs {noise['classifier_score']:.1f})",
+                       ">= 3x, samples >= 4")]
     if images := results.get("diffusion_serve"):
         lines += [
             f"| images endpoint throughput, batched / unbatched at {images['concurrent_clients']} clients ({images['model']}) | "
