@@ -1,9 +1,9 @@
 """Multi-node scenarios on one host with ray.cluster_utils.Cluster (several real raylets).
 
 Run by test_multinode.py in a subprocess, since a Cluster cannot share a process with the test
-session's local Ray. Prints one JSON line of results.
+session's local Ray. Runs every scenario on one cluster and prints one JSON line of their results.
 
-    python tests/multinode_scenarios.py placement|node-loss <storage-dir>
+    python tests/multinode_scenarios.py <storage-dir>
 """
 
 import json
@@ -34,7 +34,7 @@ def epochs(cfg):
 
 
 def placement(cluster, storage):
-    """Single node (PACK onto one 2-CPU node) vs SPREAD over two 1-CPU nodes: same seed, same numbers."""
+    """Single node (STRICT_PACK onto the one 2-CPU node) vs STRICT_SPREAD over two nodes: same seed, same numbers."""
     # Without augmentation: after 2 epochs of the debug CNN its draws alone moved val_accuracy from 0.23
     # to 0.68 (seeds 42 and 1), and this test is about placement, not luck (0.90 without).
     common = ("train.num_epochs=2", "data.augment=false")
@@ -59,6 +59,11 @@ def node_loss(cluster, storage, spare_args):
 
     cfg = job(storage, "node-loss", "train.num_epochs=4", "run.max_failures=2", "scaling.placement_strategy=STRICT_SPREAD",
               "data.streaming=true", "scaling.resources_per_worker={CPU: 1, trainer: 1}")
+    # This cluster by address: the test session's own Ray runs beside it on this host.
+    def train_workers():
+        return list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], limit=100, raise_on_missing_output=False)
+
+    earlier = {a.actor_id for a in train_workers()}  # an earlier scenario's, on any node
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
     thread.start()
@@ -72,9 +77,8 @@ def node_loss(cluster, storage, spare_args):
     cluster.add_node(**spare_args)
     thread.join(timeout=600)
     kinds |= node_kinds()
-    # This cluster by address: the test session's own Ray runs beside it on this host.
     tasks = list_tasks(address=cluster.address, filters=[("type", "=", "NORMAL_TASK")], limit=10_000, detail=True, raise_on_missing_output=False)
-    workers = list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], limit=100, raise_on_missing_output=False)
+    workers = [a for a in train_workers() if a.actor_id not in earlier]
     # Once training runs (before it, the driver's statistics pass may use the idle training nodes).
     training_from_ms = 1000 * epochs(cfg)[0]["first_step_unix_time"]
     return {
@@ -91,30 +95,31 @@ def node_kinds() -> dict[str, str]:
     return {n["NodeID"]: "trainer" if n["Resources"].get("trainer") else "cpu-only" if n["Resources"].get("CPU") else "head" for n in ray.nodes() if n["Alive"]}
 
 
-SCENARIOS = {  # the nodes each scenario starts beside a head with no CPUs, and what it runs
-    "placement": ([{"num_cpus": 2}, {"num_cpus": 1}, {"num_cpus": 1}], lambda cluster, storage, nodes: placement(cluster, storage)),
-    "node-loss": ([{"num_cpus": 2}] + [{"num_cpus": 1, "resources": {"trainer": 1}}] * 2, lambda cluster, storage, nodes: node_loss(cluster, storage, nodes[-1])),
+# Beside a head with no CPUs: a CPU-only node of 2 CPUs and two 1-CPU training nodes (the `trainer`
+# resource stands in for GPUs). One cluster for every scenario: its start is a good part of each.
+NODES = [{"num_cpus": 2}] + [{"num_cpus": 1, "resources": {"trainer": 1}}] * 2
+SCENARIOS = {  # in the order they run: node-loss takes a node away and puts a fresh one in its place
+    "placement": lambda cluster, storage: placement(cluster, storage),
+    "node-loss": lambda cluster, storage: node_loss(cluster, storage, NODES[-1]),
 }
 
 
-def main(scenario: str, storage: str):
+def main(storage: str):
     storage = Path(storage)
-    nodes, run = SCENARIOS[scenario]
     # The dashboard serves Ray's state API (list_tasks), which node-loss reads; on a port of its own
     # (the test session's Ray has 8265).
-    dashboard = {"include_dashboard": True, "dashboard_port": free_port()} if scenario == "node-loss" else {"include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **dashboard})
-    for args in nodes:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
+    for args in NODES:
         cluster.add_node(**args)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:
-        result = run(cluster, storage, nodes)
+        results = {name: run(cluster, storage / name) for name, run in SCENARIOS.items()}
     finally:
         ray.shutdown()
         cluster.shutdown()
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps(results))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])

@@ -63,12 +63,17 @@ def test_qlora_bytes_count_the_packed_weights_and_their_quantisation_state():
     assert memory["linear_bytes"]["bf16"] == 2 * memory["quantised_parameters"]
     # Above NF4's 4.127 bits: on layers this small, each one's own lookup tables (1 KiB) weigh too.
     assert 4.127 < memory["bits_per_param"] < 5 and memory["qlora_vs_bf16"] < 0.35
-    assert "| QLoRA weight bytes / bf16, the 14 quantised linears" in render_markdown({"machine": machine(), "llm_qlora_memory": memory})
+    here = machine()
+    table = render_markdown({"llm_qlora_memory": memory | {"machine": here}, "llm_mfu": {"skipped": "no GPU", "machine": here | {"date": "2026-01-01"}}})
+    assert "| QLoRA weight bytes / bf16, the 14 quantised linears" in table
+    # Each result names the machine and CPU kind it was measured on, one line per machine.
+    assert f"- {here['date']}: {here['cpu']} ({here['cpu_kind']}), " in table and table.count(f"{here['cpu_kind']}), ") == 2
+    assert here["cpu_kind"].endswith("native bf16")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU it trains the 1b model")
 def test_mfu_without_a_gpu_is_a_row_saying_so():
-    assert "| skipped: no GPU |" in render_markdown({"machine": machine(), "llm_mfu": bench_gpt_mfu()})
+    assert "| skipped: no GPU |" in render_markdown({"llm_mfu": bench_gpt_mfu() | {"machine": machine()}})
 
 
 def lines(events):

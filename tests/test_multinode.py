@@ -12,16 +12,19 @@ from helpers import REPO
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 
-def run_scenario(name, storage):
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    """Every scenario's results, run once on one cluster."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ""}
-    done = subprocess.run([sys.executable, str(REPO / "tests/multinode_scenarios.py"), name, str(storage)], env=env, capture_output=True, text=True, timeout=900)
+    storage = tmp_path_factory.mktemp("multinode")
+    done = subprocess.run([sys.executable, str(REPO / "tests/multinode_scenarios.py"), str(storage)], env=env, capture_output=True, text=True, timeout=1200)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def test_spread_ranks_land_on_two_nodes_and_match_the_single_node_run(storage):
-    result = run_scenario("placement", storage)
+def test_spread_ranks_land_on_two_nodes_and_match_the_single_node_run(scenarios):
+    result = scenarios["placement"]
     single, spread = result["single"], result["spread"]
     assert {r["num_nodes"] for r in single} == {1}
     assert {r["num_nodes"] for r in spread} == {2}, "SPREAD put both ranks on one node"
@@ -33,8 +36,8 @@ def test_spread_ranks_land_on_two_nodes_and_match_the_single_node_run(storage):
     assert len(result["unseen_marker_nodes"]) == 4  # head + 3 worker nodes
 
 
-def test_losing_a_training_node_resumes_from_the_last_checkpoint_and_preprocessing_stays_on_the_cpu_node(storage):
-    result = run_scenario("node-loss", storage)
+def test_losing_a_training_node_resumes_from_the_last_checkpoint_and_preprocessing_stays_on_the_cpu_node(scenarios):
+    result = scenarios["node-loss"]
     assert result["error"] is None, result["error"]
     history = result["epochs"]
     assert [r["epoch"] for r in history] == list(range(4))

@@ -15,18 +15,28 @@ from dlray.bench.llm import MFU_FLAVOR
 
 
 def machine() -> dict:
+    """What a benchmark ran on; `cpu_kind` is what `precision: auto` reads (native bf16, or not)."""
     import ray
 
+    from dlray.precision import detect
+
+    hardware = detect(torch.device("cpu"))
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_gib, 1), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+    kind = f"{torch.backends.cpu.get_cpu_capability()}, {'native bf16' if hardware.native_bf16 else 'no native bf16'}"
+    return {"cpu": cpu, "cpu_kind": kind, "cores": os.cpu_count(), "memory_gib": round(memory_gib, 1), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def render_markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = ["# dlray benchmark results", "", f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, GPU: {m['gpu']}; "
-             f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']}; measured {m['date']} with `dlray bench`.", ""]
+    lines = ["# dlray benchmark results", "", "Measured with `dlray bench` on these machines (after each, the benchmarks it ran, by key):", ""]
+    by_machine: dict[str, list[str]] = {}
+    for key, result in results.items():
+        if isinstance(result, dict) and (m := result.get("machine")):
+            where = (f"{m['date']}: {m['cpu']} ({m.get('cpu_kind', 'kind not recorded')}), {m['cores']} cores, {m['memory_gib']} GiB RAM, GPU: {m['gpu']}; "
+                     f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']}")
+            by_machine.setdefault(where, []).append(key)
+    lines += [f"- {where}: {', '.join(keys)}" for where, keys in sorted(by_machine.items())] + [""]
     lines += ["| benchmark | measured | goal |", "|---|---|---|"]
     if train := results.get("train"):
         lines += _train_rows(train, "train", "plain PyTorch", "samples/s")
@@ -116,7 +126,9 @@ def _train_rows(train: dict, label: str, baseline: str, unit: str, per_sample: i
 
 def _llm_rows(results: dict) -> list[str]:
     lines = []
-    for train in results.get("llm_train", {}).values():
+    for flavor, train in results.get("llm_train", {}).items():
+        if flavor == "machine":  # what it ran on, beside its flavours
+            continue
         corpus = f", the corpus' first {train['corpus_chars'] // 1000} KB" if train.get("corpus_chars") else ""
         lines += _train_rows(train, f"LLM train ({train['max_seq_len']}-token windows{corpus})", "plain PyTorch + transformers loop", "tokens/s", train["max_seq_len"])
     if memory := results.get("llm_qlora_memory"):
