@@ -31,7 +31,7 @@ from dlray.checkpoint import EMA_FILE, META_FILE, TOKENIZER_DIR, read_meta
 from dlray.config import FinetuneConfig, JobConfig
 from dlray.ema import STEP_KEY
 from dlray.models import FAMILIES
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_INDEX = "adapter_config.json"  # PEFT's, in an adapter artifact

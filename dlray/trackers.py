@@ -4,7 +4,7 @@
     mlflow ui --backend-store-uri sqlite:///$HOME/dlray_runs/mlflow.db      # needs the full `mlflow` package
     wandb sync ~/dlray_runs/<run>/wandb/offline-run-*
 
-A tracker is a Ray Train controller callback, as `dlray.tracking.MetricsLogger` is: it runs in the
+A tracker is a Ray Train controller callback, as `dlray.runfiles.MetricsLogger` is: it runs in the
 Train controller, which outlives the worker groups that FailureConfig restarts, so a run with a killed
 worker stays one MLflow run / W&B run, and workers do no tracking I/O. It logs the flattened job config
 as params, every epoch's metrics (and the final test report) at step global_step, workers' step-progress
@@ -19,7 +19,7 @@ so a killed worker takes the run's handle with it and workers would do tracking 
 / `WandbLoggerCallback` are Tune logger callbacks, which Ray Train V2's RunConfig refuses (ray-project/ray#49454),
 and under `dlray tune` they would see Tune's per-trial results only, without step reports, artifacts or a
 parent run. What they do that fits is done the same way here: credentials from the environment, passed to
-Ray's processes in the runtime env's env_vars (`tracking_env`, used by `dlray.train.init_ray`), W&B's run
+Ray's processes in the runtime env's env_vars (`tracking_env`, used by `dlray.local_cluster.init_ray`), W&B's run
 grouped by the sweep, the config logged as params.
 
 The controller hooks (`ControllerCallback`, `ReportCallback`) are Ray Train V2's DeveloperAPI: the public

@@ -43,7 +43,8 @@ def run_sweep(cfg: JobConfig, resume: bool = False, verbose: bool = True):
     import ray
     from ray import tune
 
-    from dlray.train import init_ray, storage_path
+    from dlray.local_cluster import init_ray
+    from dlray.train import storage_path
 
     if cfg.tune is None:
         raise ValueError("this job has no `tune:` section; add one (see jobs/sweep_cnn_asha.yaml) or use `dlray train`")

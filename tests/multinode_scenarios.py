@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 
 from dlray.config import load_config
 from dlray.local_cluster import free_port
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 from dlray.train import check_shared_storage, fit, nodes_not_seeing, run_dir
 
 from helpers import wait_for_committed_checkpoint

@@ -24,7 +24,7 @@ from dlray.config import load_config
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.models import diffusion
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dlray.config import config_from_dict, load_config
 from dlray.export import export
 from dlray.models import gpt
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO

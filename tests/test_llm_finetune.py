@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dlray.config import load_config
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
+from dlray.runfiles import read_history
 from dlray.serve.engine import Engine, SamplingParams, Sequence
-from dlray.tracking import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO

@@ -12,7 +12,7 @@ import pytest
 
 from dlray import trackers
 from dlray.config import ConfigError, load_config
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 
 from helpers import REPO, wait_for_committed_checkpoint, wandb_offline_runs
 from test_train import epochs, ray_train_worker_pids

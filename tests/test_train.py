@@ -11,7 +11,7 @@ import ray
 from dlray.config import load_config
 from dlray.data import build_data
 from dlray.export import export, load_artifact
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO, wait_for_committed_checkpoint, wandb_offline_runs

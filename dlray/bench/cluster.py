@@ -18,7 +18,7 @@ CLUSTER_EPOCHS = 6  # more than TRAIN_EPOCHS: a 2-core machine's epoch-to-epoch 
 
 
 def bench_cluster() -> dict:
-    from dlray.tracking import read_history
+    from dlray.runfiles import read_history
 
     storage = tempfile.mkdtemp(prefix="dlray-bench-")
     placements = {"1_node": ("STRICT_PACK", 1), "2_nodes": ("STRICT_SPREAD", 2)}

@@ -34,7 +34,7 @@ RUNS = 2
 
 
 def bench_data() -> dict:
-    from dlray.train import init_ray
+    from dlray.local_cluster import init_ray
 
     init_ray()
     with scratch_dir("dlray-bench-data-") as root:
@@ -97,7 +97,7 @@ def folder_mb(folder: Path) -> float:
 def streamed_worker_peak_rss(folder: Path, root: Path) -> dict:
     """Rank 0's peak memory over one epoch of the cnn on the folder, streamed: its own (the loop's
     `peak_private_mib`), and resident with the object store's pages it read (`peak_rss_mib`)."""
-    from dlray.tracking import read_history
+    from dlray.runfiles import read_history
     from dlray.train import fit, run_dir
 
     cfg = load_config("jobs/debug/cnn_cpu.yaml", [f"run.storage_path={root / 'runs'}", f"run.name=rss-{folder.name}", "train.num_epochs=1",
@@ -109,7 +109,7 @@ def streamed_worker_peak_rss(folder: Path, root: Path) -> dict:
 
 
 def epoch_samples_per_sec(job: str, root: Path, streaming: str, run: int) -> list[float]:
-    from dlray.tracking import read_history
+    from dlray.runfiles import read_history
     from dlray.train import fit, run_dir
 
     cfg = load_config(job, [f"run.storage_path={root / 'runs'}", f"run.name={Path(job).stem}-streaming-{streaming}-{run}", f"train.num_epochs={EPOCHS}",
@@ -150,7 +150,7 @@ def bench_text_memory() -> dict:
     data path alone: a Ray Train worker reading its shard through dlray.streaming.streamed_batches
     (as the loop does, shuffle buffer and all) with no model step, TEXT_BATCH windows at a time (the
     loop's 16 would measure iteration's per-batch cost for an hour)."""
-    from dlray.train import init_ray
+    from dlray.local_cluster import init_ray
 
     init_ray()
     with scratch_dir("dlray-bench-text-") as root:

@@ -31,8 +31,9 @@ TRAIN_EPOCHS = 4  # the first is warm-up and is not counted
 def bench_train(job: str = TRAIN_JOB, overrides: tuple[str, ...] = (), worker_counts: tuple[int, ...] = (1, 2)) -> dict:
     import ray
 
-    from dlray.tracking import read_history
-    from dlray.train import fit, init_ray, run_dir
+    from dlray.local_cluster import init_ray
+    from dlray.runfiles import read_history
+    from dlray.train import fit, run_dir
 
     init_ray()
     storage = tempfile.mkdtemp(prefix="dlray-bench-")

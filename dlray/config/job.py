@@ -26,7 +26,7 @@ from dlray.config.sections import (
     families_where,
 )
 from dlray.config.sweep import TuneSection
-from dlray.config.tracking import TrackingSection
+from dlray.config.trackers import TrackingSection
 from dlray.models import FAMILIES
 
 

@@ -2,7 +2,7 @@
 a loss/metrics curve PNG and, for generative families, samples/epoch_NNNN.png grids in the run directory.
 
 `MetricsLogger` is a Ray Train `UserCallback`: it runs in the Train controller, which receives
-every `ray.train.report`, so workers never do I/O for tracking.
+every `ray.train.report`, so workers never write run files themselves.
 
     tensorboard --logdir ~/dlray_runs/<run name>/tensorboard
 """
