@@ -20,6 +20,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from dlray import reports
+
 META_FILE = "meta.json"
 EMA_FILE = "ema.safetensors"
 SAMPLES_FILE = "samples.png"
@@ -44,7 +46,7 @@ class TrainState:
         return improved
 
 
-def report_with_checkpoint(metrics: dict, strategy, schedulers: list, state: TrainState, meta: dict, ema=None, samples_png: bytes | None = None,
+def report_with_checkpoint(report: dict, strategy, schedulers: list, state: TrainState, meta: dict, ema=None, samples_png: bytes | None = None,
                            tokenizer=None) -> None:
     rank = dist.get_rank()
     with tempfile.TemporaryDirectory(prefix="dlray-ckpt-") as directory:
@@ -56,13 +58,13 @@ def report_with_checkpoint(metrics: dict, strategy, schedulers: list, state: Tra
             Path(directory, f"train_state_rank{rank}.pt"),
         )
         if rank == 0:
-            Path(directory, META_FILE).write_text(json.dumps({**meta, "progress": asdict(state), "metrics": metrics}, indent=2))
+            Path(directory, META_FILE).write_text(json.dumps({**meta, "progress": asdict(state), "metrics": reports.metrics(report)}, indent=2))
             if samples_png is not None:
                 Path(directory, SAMPLES_FILE).write_bytes(samples_png)
             if tokenizer is not None:
                 tokenizer.save_pretrained(Path(directory, TOKENIZER_DIR))
-        name = f"checkpoint_epoch{metrics['epoch']:04d}"
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+        name = f"checkpoint_epoch{report['epoch']:04d}"
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
 
 
 def restore(checkpoint: ray.train.Checkpoint, strategy, schedulers: list, ema=None, restore_train_state: bool = True) -> TrainState:

@@ -26,7 +26,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from dlray import finetune, precision
+from dlray import finetune, precision, reports
 from dlray.batches import InMemoryBatches, StreamedBatches
 from dlray.checkpoint import TrainState, best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
@@ -95,12 +95,11 @@ def train_loop_per_worker(config: dict) -> None:
         state.base_lr = cfg.optim.lr
         resumed_from_step = state.global_step
     progress = ProgressCadence(cfg.train.log_every_n_steps, rank)
-    ray.train.report({
-        "phase": "start", "node": node, "num_nodes": num_nodes, "device": str(device), "precision": cfg.precision,
-        "precision_why": precision_why, "precision_warning": precision.slowdown_warning(cfg.precision, hardware) or "",
-        "epoch": state.epoch, "global_step": state.global_step, "steps_per_epoch": steps_per_epoch,
-        "resumed_from": checkpoint.path if checkpoint else "",
-    })
+    ray.train.report(reports.start(
+        node=node, num_nodes=num_nodes, device=str(device), precision=cfg.precision, precision_why=precision_why,
+        precision_warning=precision.slowdown_warning(cfg.precision, hardware) or "", epoch=state.epoch, global_step=state.global_step,
+        steps_per_epoch=steps_per_epoch, resumed_from=checkpoint.path if checkpoint else "",
+    ))
 
     started = {}  # when this run took its first optimizer step, reported with the epoch it falls in
     for epoch in range(state.epoch, cfg.train.num_epochs):
@@ -136,9 +135,9 @@ def train_loop_per_worker(config: dict) -> None:
                 step_in_epoch += 1
                 peak_private = max(peak_private, private_mib())
                 if progress.due() and step_in_epoch < steps_per_epoch:  # the epoch's own report follows its last step
-                    record = {"phase": "step", "epoch": epoch, "global_step": state.global_step, "step_in_epoch": step_in_epoch,
+                    record = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": step_in_epoch,
                               "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
-                    ray.train.report(record | family.derived_metrics(record, data_info))
+                    ray.train.report(reports.step(**record, **family.derived_metrics(record, data_info)))
                     progress.reported()
         elapsed = time.perf_counter() - start
         dist.all_reduce(totals)
@@ -173,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
             if not math.isfinite(metrics[key]):
                 raise FloatingPointError(f"{key} is {metrics[key]} at epoch {epoch}: training diverged (check optim.lr)")
         state.update(metrics[cfg.train.metric], cfg.train.mode)
-        report_with_checkpoint(metrics, strategy, schedulers, state, meta, ema, samples_png, tokenizer)
+        report_with_checkpoint(reports.epoch(metrics), strategy, schedulers, state, meta, ema, samples_png, tokenizer)
         progress.restart()  # the next step report counts from this one
         if cfg.train.early_stopping_patience and state.bad_epochs >= cfg.train.early_stopping_patience:
             break
@@ -185,7 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     final = {"epoch": state.epoch - 1, "global_step": state.global_step, "best_" + cfg.train.metric: state.best, "bad_epochs": state.bad_epochs}
     if batches.rows["test"]:
         final |= evaluate(model, batches.eval("test"), family, strategy, device, prefix="test")
-    ray.train.report(final | family.derived_metrics(final, data_info))
+    ray.train.report(reports.final(final | family.derived_metrics(final, data_info)))
 
 
 def build_model(family, cfg: JobConfig, data_info: dict) -> torch.nn.Module:

@@ -28,9 +28,10 @@ from pathlib import Path
 import yaml
 from ray.train import UserCallback
 
-from dlray import trackers
+from dlray import reports, trackers
 from dlray.config import JobConfig, config_from_dict, set_dotted
-from dlray.console import format_epoch, report_kind
+from dlray.console import format_epoch
+from dlray.reports import Kind
 
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.csv"
@@ -271,7 +272,7 @@ def run_trial(config: dict, job: dict, verbose: bool = True) -> None:
     thread.start()
     while (item := reports.get()) is not None:
         metrics, checkpoint_path = item
-        if "train_loss" in metrics:  # an epoch's: its line, under the trial's name in the driver's output
+        if reports.kind(metrics) is Kind.EPOCH:  # an epoch's: its line, under the trial's name in the driver's output
             print(format_epoch(metrics, cfg.train.num_epochs).replace("[dlray]", f"[dlray] {trial_id}", 1), flush=True)
         checkpoint = tune.Checkpoint(checkpoint_path) if with_checkpoints and checkpoint_path else None
         tune.report(metrics, checkpoint=checkpoint)
@@ -289,7 +290,7 @@ class TrialReporter(UserCallback):
         self.queue, self.metric = queue, metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        if report_kind(metrics[0]) in ("start", "step"):  # Tune's schedulers decide per epoch
+        if reports.kind(metrics[0]) in (Kind.START, Kind.STEP):  # Tune's schedulers decide per epoch
             return
         record = dict(metrics[0])
         # The final report scores the run's best checkpoint: its value is the best epoch's.
@@ -315,7 +316,7 @@ def summarize(grid, cfg: JobConfig, statuses: dict[str, str]) -> list[dict]:
             status = "failed: " + _one_line(result.error)
         elif statuses.get(result.path) != "TERMINATED":
             status = "unfinished"
-        elif "best_" + metric in last:
+        elif last and reports.kind(last) is Kind.FINAL:
             status = "completed"
         else:
             status = f"stopped early (ran {len(history)}/{cfg.train.num_epochs} epochs)"
@@ -335,9 +336,9 @@ def summarize(grid, cfg: JobConfig, statuses: dict[str, str]) -> list[dict]:
 def epoch_history(result) -> list[dict]:
     """The trial's per-epoch reports, in order (the final test report left out)."""
     frame = result.metrics_dataframe
-    if frame is None or "train_loss" not in frame:
+    if frame is None or reports.KIND not in frame:
         return []
-    return [r for r in frame.to_dict("records") if isinstance(r.get("train_loss"), float) and math.isfinite(r["train_loss"])]
+    return reports.epochs(frame.to_dict("records"))
 
 
 def write_results(rows: list[dict], cfg: JobConfig, sweep: Path) -> None:

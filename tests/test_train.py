@@ -8,6 +8,7 @@ import psutil
 import pytest
 import ray
 
+from dlray import reports
 from dlray.config import load_config
 from dlray.data import build_data
 from dlray.export import export, load_artifact
@@ -24,7 +25,7 @@ def debug_job(storage, name, *overrides):
 
 
 def epochs(history):
-    return [r for r in history if "train_loss" in r]
+    return reports.epochs(history)
 
 
 def test_cnn_digits_reaches_97_percent_test_accuracy(digits_run):

@@ -97,6 +97,7 @@ def folder_mb(folder: Path) -> float:
 def streamed_worker_peak_rss(folder: Path, root: Path) -> dict:
     """Rank 0's peak memory over one epoch of the cnn on the folder, streamed: its own (the loop's
     `peak_private_mib`), and resident with the object store's pages it read (`peak_rss_mib`)."""
+    from dlray import reports
     from dlray.runfiles import read_history
     from dlray.train import fit, run_dir
 
@@ -104,18 +105,19 @@ def streamed_worker_peak_rss(folder: Path, root: Path) -> dict:
                                                   "data.name=image_folder", f"data.path={folder}", "data.streaming=true", "data.image_size=16",
                                                   "data.channels=3", "train.micro_batch_size=64"])
     fit(cfg)
-    epochs = [r for r in read_history(run_dir(cfg)) if "peak_private_mib" in r]
+    epochs = reports.epochs(read_history(run_dir(cfg)))
     return {key: max(r[key] for r in epochs) for key in ("peak_private_mib", "peak_rss_mib")}
 
 
 def epoch_samples_per_sec(job: str, root: Path, streaming: str, run: int) -> list[float]:
+    from dlray import reports
     from dlray.runfiles import read_history
     from dlray.train import fit, run_dir
 
     cfg = load_config(job, [f"run.storage_path={root / 'runs'}", f"run.name={Path(job).stem}-streaming-{streaming}-{run}", f"train.num_epochs={EPOCHS}",
                             "train.early_stopping_patience=null", f"data.streaming={streaming}"])
     fit(cfg, verbose=False)  # as `dlray train` runs
-    return [r["samples_per_sec"] for r in read_history(run_dir(cfg)) if "train_loss" in r and r["epoch"] > 0]
+    return [r["samples_per_sec"] for r in reports.epochs(read_history(run_dir(cfg))) if r["epoch"] > 0]
 
 
 def pipeline_images_per_sec(folder: Path, cpus: int) -> float:

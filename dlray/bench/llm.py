@@ -368,6 +368,7 @@ def _synchronize(device: torch.device) -> None:
 def dlray_gpt_tokens_per_sec(cfg: JobConfig) -> dict:
     """`dlray train` of `cfg` (one worker): its last epoch's tokens/s, and the steps that epoch took. The
     first epoch (compilation included) is the warm-up."""
+    from dlray import reports
     from dlray.local_cluster import init_ray
     from dlray.runfiles import read_history
     from dlray.train import fit, run_dir
@@ -376,5 +377,5 @@ def dlray_gpt_tokens_per_sec(cfg: JobConfig) -> dict:
     result = fit(cfg)
     if result.error:
         raise RuntimeError(f"dlray train of gpt/{cfg.model.flavor} failed: {result.error}")
-    epochs = [r for r in read_history(run_dir(cfg)) if "train_loss" in r]
+    epochs = reports.epochs(read_history(run_dir(cfg)))
     return {"tokens_per_sec": epochs[-1]["tokens_per_sec"], "timed_steps": epochs[-1]["global_step"] - epochs[-2]["global_step"]}
