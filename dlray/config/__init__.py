@@ -24,7 +24,10 @@ from dlray.config.sections import (
     TEXT_DATA,
     AutoscalingSection,
     DataConfig,
+    DDPConfig,
+    DeepSpeedConfig,
     FinetuneConfig,
+    FSDPConfig,
     ModelConfig,
     OptimConfig,
     RunSection,
@@ -40,7 +43,7 @@ from dlray.config.sweep import DISTRIBUTIONS, SearchAlgConfig, SearchParam, Swee
 from dlray.config.trackers import MLflowSection, TrackingSection, WandbSection
 
 __all__ = [
-    "DATASET_KEYS", "DATA_KINDS", "DISTRIBUTIONS", "TEXT_DATA", "AutoscalingSection", "ConfigError", "DataConfig", "FinetuneConfig",
+    "DATASET_KEYS", "DATA_KINDS", "DISTRIBUTIONS", "TEXT_DATA", "AutoscalingSection", "ConfigError", "DDPConfig", "DataConfig", "DeepSpeedConfig", "FSDPConfig", "FinetuneConfig",
     "JobConfig", "MLflowSection", "ModelConfig", "OptimConfig", "RunSection", "ScalingSection", "SchedulerConfig", "SearchAlgConfig", "SearchParam",
     "Section", "ServeSection", "StrategyConfig", "SweepSchedulerConfig", "TrackingSection", "TrainConfig", "TuneSection", "WandbSection", "apply_override",
     "config_from_dict", "families_where", "job_files", "load_config", "set_dotted",
