@@ -40,9 +40,10 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
         raise ValueError("run.name must be set (load_config names runs after their job file)")
     trackers.check(cfg)
     init_ray()
-    # Resolved once, here: `ray job submit --working-dir` runs us in a temporary copy of the
-    # working dir, and a relative path would put checkpoints there.
-    cfg.run.storage_path = storage = storage_path(cfg.run.storage_path)
+    # Resolved once, here: `ray job submit --working-dir` runs us in a temporary copy of the working dir, and
+    # a relative path would put checkpoints there. The workers, the trackers and the checkpoints' configs get it.
+    storage = storage_path(cfg.run.storage_path)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": storage})})
     check_shared_storage(storage)
     verbose = verbose if verbose is not None else (console.verbose if console else True)
     if not verbose:

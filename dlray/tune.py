@@ -51,7 +51,7 @@ def run_sweep(cfg: JobConfig, resume: bool = False, verbose: bool = True):
         raise ValueError("this job has no `tune:` section; add one (see jobs/sweep_cnn_asha.yaml) or use `dlray train`")
     trackers.check(cfg)
     init_ray(verbose)
-    cfg.run.storage_path = storage_path(cfg.run.storage_path)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": storage_path(cfg.run.storage_path)})})
     sweep = Path(cfg.run.storage_path, cfg.run.name)
     job = cfg.model_dump(mode="json")
     if resume and not tune.Tuner.can_restore(str(sweep)):
@@ -248,29 +248,30 @@ def run_trial(config: dict, job: dict, verbose: bool = True) -> None:
     from dlray.train import fit
 
     tune_cfg = JobConfig.model_validate(job).tune
-    cfg = trial_job(job, trial_values(tune_cfg, config))
     sweep = Path(job["run"]["storage_path"], job["run"]["name"])
     trial_id = tune.get_context().get_trial_id()
     start = tune.get_checkpoint()  # PBT: another (or this) trial's checkpoint to continue from
-    cfg.run.storage_path = str(sweep / "runs")
-    cfg.run.name = trial_id if start is None else f"{trial_id}-{hashlib.sha1(start.path.encode()).hexdigest()[:8]}"
-    cfg.run.resume_from_checkpoint = start.path if start else None
+    cfg = trial_job(job, trial_values(tune_cfg, config) | {
+        "run.storage_path": str(sweep / "runs"),
+        "run.name": trial_id if start is None else f"{trial_id}-{hashlib.sha1(start.path.encode()).hexdigest()[:8]}",
+        "run.resume_from_checkpoint": start.path if start else None,
+    })
     with_checkpoints = tune_cfg.scheduler.name == "pbt"
 
-    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome = {}
 
     def train():
         try:
-            outcome["result"] = fit(cfg, callbacks=[TrialReporter(reports, cfg.train.metric)], verbose=verbose)
+            outcome["result"] = fit(cfg, callbacks=[TrialReporter(queue, cfg.train.metric)], verbose=verbose)
         except BaseException as err:  # noqa: BLE001 - handed to the trial's thread, which raises it
             outcome["error"] = err
         finally:
-            reports.put(None)
+            queue.put(None)
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    while (item := reports.get()) is not None:
+    while (item := queue.get()) is not None:
         metrics, checkpoint_path = item
         if reports.kind(metrics) is Kind.EPOCH:  # an epoch's: its line, under the trial's name in the driver's output
             print(format_epoch(metrics, cfg.train.num_epochs).replace("[dlray]", f"[dlray] {trial_id}", 1), flush=True)
