@@ -273,3 +273,59 @@ def test_a_new_family_is_one_file_one_registry_line_and_a_debug_job(tmp_path):
         load_config(job, ["train.gradient_checkpointing=true"])  # a part it does not have is refused by name
     with pytest.raises(ConfigError, match="model.name_or_path applies only to model.family 'gpt' or 'vit' or 'bert'"):
         load_config(job, ["model.name_or_path=/models/x"])
+
+
+def test_a_new_strategy_is_one_file_and_one_registry_line(tmp_path):
+    """tests/toy_strategy.py, registered by its one line, trains the CNN through the Ray-free core (dlray.step)
+    on one rank: the loss falls, a resumed run replays the steps it checkpointed before, and the checkpoint
+    exports to the weights it trained."""
+    from dlray.checkpoint import TrainState, write_meta
+    from dlray.loop import build_model, make_optimizers
+    from dlray.step import EpochTotals, evaluate, train_step
+    from dlray.strategies import STRATEGIES
+
+    from single_process import CPU, one_rank
+    from toy_strategy import ToyStrategy
+
+    STRATEGIES["toy"] = ToyStrategy
+    cfg = case_config(case("cnn", "ddp", "fp32"))
+    data = data_once(cfg.data.model_dump_json())
+    family = FAMILIES["cnn"]
+    samples = first_samples(data.train, 64)
+    batches = [[field[i::4] for field in samples] for i in range(4)]
+
+    def fresh():
+        torch.manual_seed(0)
+        strategy = STRATEGIES["toy"](cfg, CPU, family.shard_classes())
+        model, _ = strategy.prepare(build_model(family, cfg, data.info), lambda module: make_optimizers(family, module, cfg))
+        return strategy, model
+
+    def take_step(strategy, model, index):
+        model.train()
+        totals = EpochTotals.zeros(len(family.optimizers), CPU)
+        train_step(model, family, strategy, [(batches[index % 4], None, None)], totals)
+        totals.all_reduce()
+        return totals.train_metrics(family.optimizers)["train_loss"]
+
+    def fitted(model):
+        return evaluate(model, family, [(batch, torch.ones(len(batch[-1]))) for batch in batches], CPU)["loss"]
+
+    try:
+        with one_rank():
+            strategy, model = fresh()
+            before = fitted(model)
+            losses = []
+            for index in range(8):
+                if index == 4:
+                    strategy.save(str(tmp_path / "checkpoint"))
+                losses.append(take_step(strategy, model, index))
+            assert fitted(model) < 0.9 * before, (before, fitted(model))
+            strategy, model = fresh()
+            strategy.load(str(tmp_path / "checkpoint"))
+            write_meta(tmp_path / "checkpoint", strategy.CHECKPOINT_FORMAT, cfg, data.info, TrainState(global_step=4), {})
+            saved = fitted(model)
+            assert [take_step(strategy, model, index) for index in range(4, 8)] == pytest.approx(losses[4:], rel=1e-5)
+            exported, _ = load_artifact(export(tmp_path / "checkpoint", tmp_path / "artifact"))
+            assert fitted(exported) == pytest.approx(saved, rel=1e-5)
+    finally:
+        del STRATEGIES["toy"]
