@@ -329,3 +329,14 @@ def test_a_new_strategy_is_one_file_and_one_registry_line(tmp_path):
             assert fitted(exported) == pytest.approx(saved, rel=1e-5)
     finally:
         del STRATEGIES["toy"]
+
+
+def test_a_config_dumped_before_the_strategy_union_still_loads():
+    """Checkpoints' meta.json and sweep.yaml of earlier runs hold every strategy's keys at their defaults:
+    they load (export, --resume); another strategy's key set to anything else is refused by name."""
+    for name in ("ddp", "fsdp", "deepspeed"):
+        old = {"name": name, "zero_stage": 2, "offload_optimizer": False, "offload_param": False, "reshard_after_forward": True}
+        strategy = config_from_dict({**debug_job("cnn"), "strategy": old}).strategy
+        assert strategy.model_dump() == {key: old[key] for key in strategy.model_dump()} and strategy.name == name
+    with pytest.raises(ConfigError, match="strategy.reshard_after_forward applies only to strategy.name 'fsdp', got strategy.name 'ddp'"):
+        config_from_dict({**debug_job("cnn"), "strategy": {"name": "ddp", "reshard_after_forward": False}})

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from dlray.models import FAMILIES
 
@@ -262,10 +262,25 @@ def tagged_by_name(default: str) -> Discriminator:
     return Discriminator(lambda value: value.get("name", default) if isinstance(value, dict) else value.name)
 
 
+STRATEGY_CONFIGS = {"ddp": DDPConfig, "fsdp": FSDPConfig, "deepspeed": DeepSpeedConfig}
+
+
+def without_other_defaults(value):
+    """Configs dumped before `strategy:` was a union (checkpoints' meta.json, sweep.yaml) hold every strategy's
+    keys: those of another strategy at their defaults are dropped, so they load; set to anything else, refused."""
+    own = STRATEGY_CONFIGS.get(value.get("name", "ddp")) if isinstance(value, dict) else None
+    if own is None:
+        return value
+    defaults = {key: field.default for config in STRATEGY_CONFIGS.values() for key, field in config.model_fields.items() if key != "name"}
+    return {key: v for key, v in value.items() if key in own.model_fields or key not in defaults or v != defaults[key]}
+
+
 # The `strategy:` section: one class per strategy in dlray.strategies.STRATEGIES, told apart by `name`, each
 # holding only its own keys (a key of another strategy is refused by name: dlray.config.dotted.messages).
-StrategyConfig = Annotated[Annotated[DDPConfig, Tag("ddp")] | Annotated[FSDPConfig, Tag("fsdp")] | Annotated[DeepSpeedConfig, Tag("deepspeed")],
-                           tagged_by_name("ddp")]
+StrategyConfig = Annotated[
+    Annotated[Annotated[DDPConfig, Tag("ddp")] | Annotated[FSDPConfig, Tag("fsdp")] | Annotated[DeepSpeedConfig, Tag("deepspeed")], tagged_by_name("ddp")],
+    BeforeValidator(without_other_defaults),
+]
 
 
 class ScalingSection(Section):
