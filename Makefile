@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install        ## train -> export -> serve -> query the CNN on bundled digits (local Ray)
 	$(BIN)/python -m dlray.demo
 
-lint: install        ## ruff; mypy checks the strategies against their Protocol, and the loop
+lint: install        ## ruff; mypy checks the strategies against their Protocol, and the loop with its Ray-free step and reports
 	$(BIN)/ruff check dlray tests
-	$(BIN)/mypy -p dlray.strategies -m dlray.loop
+	$(BIN)/mypy -p dlray.strategies -m dlray.loop -m dlray.step -m dlray.reports
 
 test: lint           ## lint, then the whole suite (CI runs exactly this)
 	$(BIN)/pytest -q

@@ -20,6 +20,9 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from dlray import reports
+from dlray.config import JobConfig
+
 META_FILE = "meta.json"
 EMA_FILE = "ema.safetensors"
 SAMPLES_FILE = "samples.png"
@@ -44,8 +47,9 @@ class TrainState:
         return improved
 
 
-def report_with_checkpoint(metrics: dict, strategy, schedulers: list, state: TrainState, meta: dict, ema=None, samples_png: bytes | None = None,
-                           tokenizer=None) -> None:
+def report_with_checkpoint(report: dict, strategy, schedulers: list, state: TrainState, cfg: JobConfig, data_info: dict, ema=None,
+                           samples_png: bytes | None = None, tokenizer=None) -> None:
+    """Every rank: its part of the checkpoint and its train state, then `report` (an epoch's) with the checkpoint."""
     rank = dist.get_rank()
     with tempfile.TemporaryDirectory(prefix="dlray-ckpt-") as directory:
         strategy.save(directory)
@@ -56,13 +60,23 @@ def report_with_checkpoint(metrics: dict, strategy, schedulers: list, state: Tra
             Path(directory, f"train_state_rank{rank}.pt"),
         )
         if rank == 0:
-            Path(directory, META_FILE).write_text(json.dumps({**meta, "progress": asdict(state), "metrics": metrics}, indent=2))
+            write_meta(directory, strategy.CHECKPOINT_FORMAT, cfg, data_info, state, reports.metrics(report))
             if samples_png is not None:
                 Path(directory, SAMPLES_FILE).write_bytes(samples_png)
             if tokenizer is not None:
                 tokenizer.save_pretrained(Path(directory, TOKENIZER_DIR))
-        name = f"checkpoint_epoch{metrics['epoch']:04d}"
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+        name = f"checkpoint_epoch{report['epoch']:04d}"
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+
+
+def write_meta(directory: str | Path, checkpoint_format: str, cfg: JobConfig, data_info: dict, state: TrainState, metrics: dict) -> None:
+    """meta.json, what `dlray export` reads a checkpoint by: the strategy's checkpoint format (dlray.strategies:
+    CHECKPOINT_FORMAT), the job config (its precision as the workers chose it), what the data told the model,
+    the world size that wrote it, where the run was and the metrics reported with it."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    meta = {"format": checkpoint_format, "config": cfg.model_dump(mode="json"), "data_info": data_info, "world_size": world,
+            "progress": asdict(state), "metrics": metrics}
+    Path(directory, META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def restore(checkpoint: ray.train.Checkpoint, strategy, schedulers: list, ema=None, restore_train_state: bool = True) -> TrainState:

@@ -48,7 +48,8 @@ def train(job: Path, overrides: Optional[list[str]] = OVERRIDES, verbose: bool =
     cfg = _load(job, overrides)
     from dlray import trackers
     from dlray.console import Console
-    from dlray.train import fit, init_ray, run_dir
+    from dlray.local_cluster import init_ray
+    from dlray.train import fit, run_dir
 
     try:
         trackers.check(cfg)  # before any cluster starts
@@ -133,7 +134,7 @@ def serve(
     if print_config:
         typer.echo(yaml.safe_dump(serve_config(str(artifact), settings), sort_keys=False))
         return
-    from dlray.train import init_ray
+    from dlray.local_cluster import init_ray
 
     init_ray(verbose)
     typer.echo(f"starting {artifact}")

@@ -22,19 +22,13 @@ import time
 import ray
 from ray.train import UserCallback
 
+from dlray import reports
 from dlray.config import JobConfig
+from dlray.reports import Kind
 
 # Keys of an epoch report the epoch line leaves to metrics.csv and TensorBoard.
 NOT_SHOWN = {"epoch", "global_step", "first_step_unix_time", "resumed_from_step", "num_nodes", "peak_rss_mib", "peak_private_mib", "skipped_rows", "bad_epochs"}
 RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve")
-
-
-def report_kind(record: dict) -> str:
-    """"start" (a worker group began: where each rank runs, the precision), "step" (progress within an
-    epoch), "epoch" (an epoch's metrics, with its checkpoint) or "final" (the best checkpoint's test scores)."""
-    if "phase" in record:
-        return record["phase"]
-    return "epoch" if "train_loss" in record else "final"
 
 
 def quiet_ray_logging() -> dict:
@@ -127,7 +121,7 @@ class Console:
                 self.print(f"[dlray] rank {rank} failed: {error}")
             return
         record = payload[0]  # rank 0's; the loop reduces epoch metrics over ranks before reporting
-        {"start": self._start, "step": self._step, "epoch": self._epoch, "final": self._final}[report_kind(record)](payload)
+        {Kind.START: self._start, Kind.STEP: self._step, Kind.EPOCH: self._epoch, Kind.FINAL: self._final}[reports.kind(record)](payload)
 
     def _start(self, ranks: list[dict]) -> None:
         first = ranks[0]

@@ -20,8 +20,9 @@ from dlray.config import load_config
 from dlray.console import Console
 from dlray.data import build_data
 from dlray.export import export, load_artifact
+from dlray.local_cluster import init_ray
 from dlray.serve.app import run as serve_run
-from dlray.train import fit, init_ray, run_dir
+from dlray.train import fit, run_dir
 
 
 def main(argv: list[str]) -> int:

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlray import finetune
+from dlray import finetune, reports
 from dlray.checkpoint import EMA_FILE, META_FILE, TOKENIZER_DIR, read_meta
 from dlray.config import FinetuneConfig, JobConfig
 from dlray.ema import STEP_KEY
 from dlray.models import FAMILIES
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_INDEX = "adapter_config.json"  # PEFT's, in an adapter artifact
@@ -136,7 +136,7 @@ def resolve_checkpoint(source: Path) -> Path:
     # Only checkpoints their run's history (metrics.csv beside them) lists: a trial that ASHA stops after a
     # report can write one more checkpoint before the stop reaches its workers, which Tune and results.csv
     # never saw. A run with no history keeps them all.
-    reported = {run: {r["global_step"] for r in read_history(run) if "train_loss" in r} for run in {c.parent for c in metas}}
+    reported = {run: {r["global_step"] for r in reports.epochs(read_history(run))} for run in {c.parent for c in metas}}
     metas = {c: meta for c, meta in metas.items() if not reported[c.parent] or meta["progress"]["global_step"] in reported[c.parent]} or metas
     train_cfg = next(iter(metas.values()))["config"]["train"]
     metric, sign = train_cfg["metric"], (1 if train_cfg["mode"] == "max" else -1)

@@ -1,15 +1,17 @@
-"""The training loop, run by every Ray Train worker. Read it top to bottom.
+"""The training loop, run by every Ray Train worker. Read it top to bottom: setup, epochs, finish.
 
-    worker: cfg = JobConfig(**dict) -> data -> model -> strategy.prepare -> report "start" -> epochs of
-            (micro-batches -> backward -> step [-> EMA] [-> report "step"]) -> validate [-> sample grid]
-            -> report + checkpoint -> restore the best checkpoint -> test
+    worker: cfg = JobConfig(**dict), its precision chosen for this device -> batches -> model -> strategy.prepare
+            -> [restore a checkpoint] -> report "start" -> epochs of
+            (optimizer steps (dlray.step.train_step) [-> EMA] [-> report "step"]) -> validate [-> sample grid]
+            -> report "epoch" + checkpoint -> restore the best checkpoint -> test -> report "final"
 
-Every report goes to the Ray Train controller, where dlray's callbacks write the run's files and
-relay progress to the driver's console (dlray.console): workers print nothing themselves.
+The step, the evaluation and the epoch's totals are dlray.step's, Ray-free (the tests drive them too);
+this file adds what a Ray Train worker does around them. Every report (dlray.reports) goes to the Ray
+Train controller, where dlray's callbacks write the run's files and relay progress to the driver's
+console (dlray.console): workers print nothing themselves.
 
-A family with several optimizers (a GAN) runs one backward and step per optimizer on each batch.
-
-Strategy differences (DDP / FSDP2 / DeepSpeed, precision) live behind the strategy's methods.
+Strategy differences (DDP / FSDP2 / DeepSpeed, precision) live behind the strategy's methods, family
+differences behind the family's, and in-memory vs streamed data behind the batches' (dlray.batches).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from dlray import finetune, precision
+from dlray import finetune, precision, reports
 from dlray.batches import InMemoryBatches, StreamedBatches
 from dlray.checkpoint import TrainState, best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
@@ -34,6 +36,7 @@ from dlray.data import build_data
 from dlray.ema import EMA
 from dlray.models import FAMILIES
 from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler, is_per_step
+from dlray.step import EpochTotals, evaluate, optimizer_steps, prefixed, train_step
 from dlray.strategies import STRATEGIES
 
 
@@ -43,137 +46,75 @@ def train_loop_per_worker(config: dict) -> None:
     # Root, not "ray.train": Ray Train's per-report INFO line comes from a logger named after its file
     # path, which RunConfig's LoggingConfig does not reach.
     logging.getLogger().setLevel(config["log_level"])
-    cfg = JobConfig.model_validate(config["job"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    hardware = precision.detect(device)
+    cfg, precision_why = with_precision(JobConfig.model_validate(config["job"]), hardware)
     family = FAMILIES[cfg.model.family]
     num_nodes, node = count_nodes(world)
-    hardware = precision.detect(device)
-    cfg.precision, precision_why = precision.choose(cfg.precision, hardware, cfg.strategy.name)
-    tf32, tf32_why = precision.choose_tf32(hardware, cfg.precision, cfg.train.tf32)
-    if device.type == "cuda":
-        precision.set_tf32(tf32)
-    precision_why = "; ".join(filter(None, (precision_why, tf32_why)))
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    if config["streamed"]:
-        data_info, tokenizer = config["streamed"]["info"], config["streamed"]["tokenizer"]
-        batches: InMemoryBatches | StreamedBatches = StreamedBatches(config["streamed"], cfg, world, device)
-    else:
-        data = build_data(cfg.data, seed=cfg.train.seed)
-        data_info, tokenizer = data.info, getattr(data, "tokenizer", None)
-        batches = InMemoryBatches(data, cfg, rank, world, device)
+    batches, data_info, tokenizer = worker_batches(config["streamed"], cfg, rank, world, device)
     model = build_model(family, cfg, data_info)
     flops_per_sample = model_flops_per_sample(family, model, data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.shard_classes())
     model, optimizers = strategy.prepare(model, lambda module: make_optimizers(family, module, cfg, fused=device.type == "cuda"))
     ema = EMA(strategy, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    sampler = Sampler(family, cfg, data_info, device) if family.sample and rank == 0 else None
+    sampler = Sampler(family, cfg, data_info, device, rank)
     torch.manual_seed(cfg.train.seed + 1 + rank)  # but different dropout / augmentation draws
 
     accumulation = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(batches.micro_batches / accumulation)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"train.micro_batch_size x train.gradient_accumulation_steps x scaling.num_workers = "
-            f"{cfg.train.micro_batch_size * accumulation * world} exceeds the {batches.rows['train']} training samples"
-        )
+    steps_per_epoch = count_steps(batches, cfg, world)
     schedulers = [build_scheduler(cfg.scheduler, o, steps_per_epoch, cfg.train.num_epochs, cfg.train.mode) for o in optimizers]
-    meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": data_info, "world_size": world}
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.run.resume_from_checkpoint) if cfg.run.resume_from_checkpoint else None)
+    state = resume(checkpoint, cfg, strategy, optimizers, schedulers, ema)
+    resumed_from_step = state.global_step
+    ray.train.report(reports.start(
+        node=node, num_nodes=num_nodes, device=str(device), precision=cfg.precision, precision_why=precision_why,
+        precision_warning=precision.slowdown_warning(cfg.precision, hardware) or "", epoch=state.epoch, global_step=state.global_step,
+        steps_per_epoch=steps_per_epoch, resumed_from=checkpoint.path if checkpoint else "",
+    ))
 
-    state = TrainState(base_lr=cfg.optim.lr)
-    resumed_from_step = 0
-    checkpoint = ray.train.get_checkpoint()  # this run's own latest, after a restart
-    if checkpoint is None and cfg.run.resume_from_checkpoint:
-        checkpoint = ray.train.Checkpoint(cfg.run.resume_from_checkpoint)
-    if checkpoint:
-        state = restore(checkpoint, strategy, schedulers, ema)
-        # This config's hyperparameters, not the checkpoint's: a PBT trial continues another's state with its own.
-        for optimizer, scheduler in zip(optimizers, schedulers):
-            apply_hyperparameters(optimizer, scheduler, cfg.optim, state.base_lr or cfg.optim.lr)
-        state.base_lr = cfg.optim.lr
-        resumed_from_step = state.global_step
     progress = ProgressCadence(cfg.train.log_every_n_steps, rank)
-    ray.train.report({
-        "phase": "start", "node": node, "num_nodes": num_nodes, "device": str(device), "precision": cfg.precision,
-        "precision_why": precision_why, "precision_warning": precision.slowdown_warning(cfg.precision, hardware) or "",
-        "epoch": state.epoch, "global_step": state.global_step, "steps_per_epoch": steps_per_epoch,
-        "resumed_from": checkpoint.path if checkpoint else "",
-    })
-
     started = {}  # when this run took its first optimizer step, reported with the epoch it falls in
     for epoch in range(state.epoch, cfg.train.num_epochs):
         model.train()
-        # Loss sum per optimizer, samples, skipped rows; on the training device: NCCL reduces only CUDA tensors.
-        totals = torch.zeros(len(family.optimizers) + 2, dtype=torch.float64, device=device)
-        grad_norms = torch.zeros(len(family.optimizers), dtype=torch.float64, device=device)  # summed over the epoch's steps
+        totals = EpochTotals.zeros(len(family.optimizers), device)
         start = time.perf_counter()
         window = Window(start)
-        step_in_epoch, peak_private = 0, private_mib()
-        for i, (batch, weight, skipped) in enumerate(batches.train(epoch)):
-            batch, rows, scale = real_rows(batch, weight)
-            batch = to_device(batch, device)
-            boundary = (i + 1) % accumulation == 0 or i + 1 == batches.micro_batches
-            for index, phase in enumerate(family.optimizers):
-                with strategy.autocast():
-                    loss = family.training_loss(model, batch, phase)
-                strategy.backward(loss * scale / accumulation, sync=boundary)
-                totals[index] += loss.detach() * rows  # no .item(): it would wait for the GPU every micro-batch
-                if boundary:
-                    grad_norms[index] += strategy.step(index)
-                    if is_per_step(schedulers[index]):
-                        schedulers[index].step()
-            totals[-2] += rows
-            if skipped is not None:
-                totals[-1] += int(skipped.sum())
-            if boundary:
-                state.global_step += 1
-                if ema:
-                    ema.update()
-                if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
-                    started["first_step_unix_time"] = time.time()
-                step_in_epoch += 1
-                peak_private = max(peak_private, private_mib())
-                if progress.due() and step_in_epoch < steps_per_epoch:  # the epoch's own report follows its last step
-                    record = {"phase": "step", "epoch": epoch, "global_step": state.global_step, "step_in_epoch": step_in_epoch,
-                              "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
-                    ray.train.report(record | family.derived_metrics(record, data_info))
-                    progress.reported()
+        peak_private = private_mib()
+        for micro_batches in optimizer_steps(batches.train(epoch), accumulation):
+            train_step(model, family, strategy, micro_batches, totals, accumulation, schedulers)
+            state.global_step += 1
+            if ema:
+                ema.update()
+            if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
+                started["first_step_unix_time"] = time.time()
+            peak_private = max(peak_private, private_mib())
+            if progress.due() and totals.steps < steps_per_epoch:  # the epoch's own report follows its last step
+                record = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": totals.steps,
+                          "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
+                ray.train.report(reports.step(**record, **family.derived_metrics(record, data_info)))
+                progress.reported()
         elapsed = time.perf_counter() - start
-        dist.all_reduce(totals)
+        totals.all_reduce()
 
-        metrics = {"epoch": epoch, "global_step": state.global_step, "train_loss": (totals[:-2].sum() / totals[-2]).item()}
-        # Before clipping, mean over the epoch's optimizer steps (the same on every rank: gradients are reduced first).
-        norms = (grad_norms / steps_per_epoch).tolist()
-        if len(family.optimizers) == 1:
-            metrics["grad_norm"] = norms[0]
-        else:  # e.g. train_generator_loss and generator_grad_norm, the same for the discriminator
-            metrics |= {f"train_{phase}_loss": (totals[i] / totals[-2]).item() for i, phase in enumerate(family.optimizers)}
-            metrics |= {f"{phase}_grad_norm": norms[i] for i, phase in enumerate(family.optimizers)}
-        metrics |= evaluate(model, batches.eval("val"), family, strategy, device, prefix="val")
-        metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "samples_per_sec": totals[-2].item() / elapsed}
-        if config["streamed"]:
-            metrics["skipped_rows"] = int(totals[-1].item())
+        metrics = {"epoch": epoch, "global_step": state.global_step} | totals.train_metrics(family.optimizers)
+        metrics |= prefixed("val", evaluate(model, family, batches.eval("val"), device, strategy.autocast))
+        metrics |= {"lr": optimizers[0].param_groups[0]["lr"]} | totals.throughput(elapsed)
         metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes, "peak_rss_mib": peak_rss_mib(),
                     "peak_private_mib": peak_private} | started
         started = {}
         metrics |= family.derived_metrics(metrics, data_info)
-        if hardware.peak_flops and flops_per_sample:  # model FLOPs utilisation, of the GPUs' dense bf16 peak
-            metrics["mfu"] = metrics["samples_per_sec"] * flops_per_sample / (world * hardware.peak_flops)
+        metrics |= model_flops_utilisation(metrics["samples_per_sec"], flops_per_sample, world, hardware)
+        check_finite(metrics, cfg.train.metric, epoch)
         for scheduler in schedulers:
             if not is_per_step(scheduler):
                 scheduler.step(metrics[cfg.train.metric])
-        samples_png = None
-        if family.sample:  # every rank takes part: gathering sharded weights is a collective
-            weights = ema.gather() if ema else strategy.gather(strategy.local_state())
-            samples_png = sampler.grid_png(weights) if sampler else None
-
-        for key in dict.fromkeys(["train_loss", cfg.train.metric]):  # accuracy can look finite while the loss is NaN
-            if not math.isfinite(metrics[key]):
-                raise FloatingPointError(f"{key} is {metrics[key]} at epoch {epoch}: training diverged (check optim.lr)")
+        samples_png = sampler.grid_png(strategy, ema)
         state.update(metrics[cfg.train.metric], cfg.train.mode)
-        report_with_checkpoint(metrics, strategy, schedulers, state, meta, ema, samples_png, tokenizer)
+        report_with_checkpoint(reports.epoch(metrics), strategy, schedulers, state, cfg, data_info, ema, samples_png, tokenizer)
         progress.restart()  # the next step report counts from this one
         if cfg.train.early_stopping_patience and state.bad_epochs >= cfg.train.early_stopping_patience:
             break
@@ -184,8 +125,63 @@ def train_loop_per_worker(config: dict) -> None:
         restore(best, strategy, schedulers, restore_train_state=False)
     final = {"epoch": state.epoch - 1, "global_step": state.global_step, "best_" + cfg.train.metric: state.best, "bad_epochs": state.bad_epochs}
     if batches.rows["test"]:
-        final |= evaluate(model, batches.eval("test"), family, strategy, device, prefix="test")
-    ray.train.report(final | family.derived_metrics(final, data_info))
+        final |= prefixed("test", evaluate(model, family, batches.eval("test"), device, strategy.autocast))
+    ray.train.report(reports.final(final | family.derived_metrics(final, data_info)))
+
+
+def with_precision(cfg: JobConfig, hardware: precision.Hardware) -> tuple[JobConfig, str]:
+    """The job with the precision this worker computes in (`auto` resolved for its device; TF32 set on
+    a CUDA device), and why, for the start report."""
+    chosen, why = precision.choose(cfg.precision, hardware, cfg.strategy.name)
+    tf32, tf32_why = precision.choose_tf32(hardware, chosen, cfg.train.tf32)
+    if hardware.device_type == "cuda":
+        precision.set_tf32(tf32)
+    return cfg.model_copy(update={"precision": chosen}), "; ".join(filter(None, (why, tf32_why)))
+
+
+def worker_batches(streamed: dict | None, cfg: JobConfig, rank: int, world: int, device: torch.device):
+    """(batches, data_info, tokenizer or None) of this rank: its Ray Data shards (`streamed`: their spec) or data loaded here."""
+    if streamed:
+        return StreamedBatches(streamed, cfg, world, device), streamed["info"], streamed["tokenizer"]
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    return InMemoryBatches(data, cfg, rank, world, device), data.info, getattr(data, "tokenizer", None)
+
+
+def count_steps(batches, cfg: JobConfig, world: int) -> int:
+    """Optimizer steps per epoch, the same on every rank."""
+    steps = math.ceil(batches.micro_batches / cfg.train.gradient_accumulation_steps)
+    if steps == 0:
+        raise ValueError(
+            f"train.micro_batch_size x train.gradient_accumulation_steps x scaling.num_workers = "
+            f"{cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world} exceeds the {batches.rows['train']} training samples"
+        )
+    return steps
+
+
+def resume(checkpoint: ray.train.Checkpoint | None, cfg: JobConfig, strategy, optimizers: list, schedulers: list, ema: EMA | None) -> TrainState:
+    """Where the run starts: `checkpoint` (this run's own latest after a restart, else run.resume_from_checkpoint)
+    loaded into the strategy, schedulers and EMA, or a fresh start."""
+    if checkpoint is None:
+        return TrainState(base_lr=cfg.optim.lr)
+    state = restore(checkpoint, strategy, schedulers, ema)
+    # This config's hyperparameters, not the checkpoint's: a PBT trial continues another's state with its own.
+    for optimizer, scheduler in zip(optimizers, schedulers):
+        apply_hyperparameters(optimizer, scheduler, cfg.optim, state.base_lr or cfg.optim.lr)
+    state.base_lr = cfg.optim.lr
+    return state
+
+
+def check_finite(metrics: dict, metric: str, epoch: int) -> None:
+    for key in dict.fromkeys(["train_loss", metric]):  # accuracy can look finite while the loss is NaN
+        if not math.isfinite(metrics[key]):
+            raise FloatingPointError(f"{key} is {metrics[key]} at epoch {epoch}: training diverged (check optim.lr)")
+
+
+def model_flops_utilisation(samples_per_sec: float, flops_per_sample: float | None, world: int, hardware: precision.Hardware) -> dict[str, float]:
+    """{"mfu": ...}, of the GPUs' dense bf16 peak, where the family counts its FLOPs and the GPU's peak is known; else {}."""
+    if not (hardware.peak_flops and flops_per_sample):
+        return {}
+    return {"mfu": samples_per_sec * flops_per_sample / (world * hardware.peak_flops)}
 
 
 def build_model(family, cfg: JobConfig, data_info: dict) -> torch.nn.Module:
@@ -208,17 +204,24 @@ def model_flops_per_sample(family, model, data_info: dict) -> float | None:
 
 
 class Sampler:
-    """Rank 0's sample grid after each epoch: a full copy of the model on the EMA (or current)
-    weights, the same seeds every epoch, so the grids of successive epochs compare."""
+    """A generative family's sample grid after each epoch (other families: none): rank 0 draws it with a
+    full copy of the model on the EMA (or current) weights, the same seeds every epoch, so the grids of
+    successive epochs compare."""
 
     NUM_IMAGES = 16
 
-    def __init__(self, family, cfg: JobConfig, data_info: dict, device):
+    def __init__(self, family, cfg: JobConfig, data_info: dict, device, rank: int):
         self.family, self.seed, self.device = family, cfg.train.seed, device
-        self.model = family.build(cfg.model.model_dump(), data_info).to(device).eval()
+        self.model = family.build(cfg.model.model_dump(), data_info).to(device).eval() if family.sample and rank == 0 else None
 
-    def grid_png(self, weights: dict[str, torch.Tensor]) -> bytes:
-        from dlray.tracking import png_grid
+    def grid_png(self, strategy, ema: EMA | None) -> bytes | None:
+        """Every rank calls it: gathering sharded weights is a collective. The PNG on rank 0, None elsewhere."""
+        if not self.family.sample:
+            return None
+        weights = ema.gather() if ema else strategy.gather(strategy.local_state())
+        if self.model is None:
+            return None
+        from dlray.runfiles import png_grid
 
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         generators = [torch.Generator(self.device).manual_seed(self.seed + i) for i in range(self.NUM_IMAGES)]
@@ -274,44 +277,12 @@ class Window:
     def __init__(self, start: float):
         self.time, self.loss_sum, self.rows = start, 0.0, 0.0
 
-    def read(self, totals: torch.Tensor) -> dict[str, float]:
-        loss_sum, rows = torch.stack([totals[:-2].sum(), totals[-2]]).tolist()  # one device sync per report, not per step
+    def read(self, totals: EpochTotals) -> dict[str, float]:
+        loss_sum, rows = torch.stack([totals.losses.sum(), totals.samples]).tolist()  # one device sync per report, not per step
         now = time.perf_counter()
         window = {"train_loss": (loss_sum - self.loss_sum) / max(rows - self.rows, 1), "samples_per_sec": (rows - self.rows) / (now - self.time)}
         self.time, self.loss_sum, self.rows = now, loss_sum, rows
         return window
-
-
-@torch.no_grad()
-def evaluate(model, loader, family, strategy, device, prefix: str) -> dict[str, float]:
-    """Weighted means of every per-sample value the family's compute_loss returns, over all ranks."""
-    model.eval()
-    # Summed on the training device (NCCL reduces only CUDA tensors), read once at the end.
-    sums: dict[str, torch.Tensor] = {}
-    weight_total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch, weight in loader:
-        batch, weight = to_device(batch, device), weight.to(device, torch.float64, non_blocking=True)
-        with strategy.autocast():
-            values = family.compute_loss(model, batch)
-        for key, value in values.items():
-            sums[key] = sums.get(key, 0) + (value.double() * weight).sum()
-        weight_total += weight.sum()
-    keys = sorted(sums)
-    packed = torch.stack([sums[k] for k in keys] + [weight_total])
-    dist.all_reduce(packed)
-    return {f"{prefix}_{k}": (packed[i] / packed[-1]).item() for i, k in enumerate(keys)}
-
-
-def real_rows(batch: list[torch.Tensor], weight: torch.Tensor | None) -> tuple[list[torch.Tensor], int, float]:
-    """The batch's weight-1 rows (streamed splits are padded with weight-0 rows), how many, and the loss
-    scale: 0 for a batch of padding only, which still runs forward and backward (its rank must take
-    part in the step's collectives) but must not move the weights."""
-    if weight is None or bool(weight.all()):
-        return batch, len(batch[-1]), 1.0
-    keep = weight > 0
-    if not keep.any():
-        return batch, 0, 0.0
-    return [field[keep] for field in batch], int(keep.sum()), 1.0
 
 
 def peak_rss_mib() -> float:
@@ -326,7 +297,3 @@ def private_mib() -> float:
     object_store_memory, which Ray bounds and evicts), while the worker's own memory stays flat."""
     info = psutil.Process().memory_info()
     return (info.rss - getattr(info, "shared", 0)) / 2**20  # no `shared` off Linux: all of it
-
-
-def to_device(batch, device):
-    return [t.to(device, non_blocking=True) for t in batch]

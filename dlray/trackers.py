@@ -4,7 +4,7 @@
     mlflow ui --backend-store-uri sqlite:///$HOME/dlray_runs/mlflow.db      # needs the full `mlflow` package
     wandb sync ~/dlray_runs/<run>/wandb/offline-run-*
 
-A tracker is a Ray Train controller callback, as `dlray.tracking.MetricsLogger` is: it runs in the
+A tracker is a Ray Train controller callback, as `dlray.runfiles.MetricsLogger` is: it runs in the
 Train controller, which outlives the worker groups that FailureConfig restarts, so a run with a killed
 worker stays one MLflow run / W&B run, and workers do no tracking I/O. It logs the flattened job config
 as params, every epoch's metrics (and the final test report) at step global_step, workers' step-progress
@@ -19,7 +19,7 @@ so a killed worker takes the run's handle with it and workers would do tracking 
 / `WandbLoggerCallback` are Tune logger callbacks, which Ray Train V2's RunConfig refuses (ray-project/ray#49454),
 and under `dlray tune` they would see Tune's per-trial results only, without step reports, artifacts or a
 parent run. What they do that fits is done the same way here: credentials from the environment, passed to
-Ray's processes in the runtime env's env_vars (`tracking_env`, used by `dlray.train.init_ray`), W&B's run
+Ray's processes in the runtime env's env_vars (`tracking_env`, used by `dlray.local_cluster.init_ray`), W&B's run
 grouped by the sweep, the config logged as params.
 
 The controller hooks (`ControllerCallback`, `ReportCallback`) are Ray Train V2's DeveloperAPI: the public
@@ -39,8 +39,9 @@ from urllib.parse import urlsplit
 
 from ray.train.v2._internal.execution.callback import ControllerCallback, ReportCallback
 
+from dlray import reports
 from dlray.config import JobConfig
-from dlray.console import report_kind
+from dlray.reports import Kind
 
 # What MLflow, its Databricks backend and W&B read from the environment: URIs, tokens, API keys, modes.
 TRACKING_ENV_PREFIXES = ("MLFLOW_", "DATABRICKS_", "WANDB_")
@@ -96,9 +97,9 @@ def tracked_metrics(record: dict) -> dict[str, float]:
     """The numbers of one report to log at its global_step: an epoch's (and the final report's) under
     their own names, a step report's under step/ (its train_loss is over the last few steps, not the
     epoch: a chart of its own, which W&B and MLflow group by the prefix)."""
-    step = report_kind(record) == "step"
+    step = reports.kind(record) is Kind.STEP
     metrics = {}
-    for key, value in record.items():
+    for key, value in reports.metrics(record).items():
         if key == "global_step" or isinstance(value, bool) or not isinstance(value, (int, float)) or (step and key in STEP_POSITION):
             continue
         metrics[STEP_PREFIX + key if step else key] = float(value)
@@ -130,11 +131,11 @@ class Tracker(ControllerCallback, ReportCallback):
 
     def after_report(self, training_report, metrics):
         record = metrics[0]  # rank 0's: the loop all-reduces before reporting
-        kind = report_kind(record)
-        if kind == "start":  # where the ranks run: for the console
+        kind = reports.kind(record)
+        if kind is Kind.START:  # where the ranks run: for the console
             return
         self.log(tracked_metrics(record), record.get("global_step", 0))
-        if kind == "step":
+        if kind is Kind.STEP:
             return
         # MetricsLogger (a UserCallback, called before this) has just redrawn the curves and kept the epoch's sample grid.
         curves = Path(self.run_dir, "curves.png")

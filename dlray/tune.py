@@ -28,9 +28,10 @@ from pathlib import Path
 import yaml
 from ray.train import UserCallback
 
-from dlray import trackers
+from dlray import reports, trackers
 from dlray.config import JobConfig, config_from_dict, set_dotted
-from dlray.console import format_epoch, report_kind
+from dlray.console import format_epoch
+from dlray.reports import Kind
 
 SWEEP_FILE = "sweep.yaml"
 RESULTS_FILE = "results.csv"
@@ -43,13 +44,14 @@ def run_sweep(cfg: JobConfig, resume: bool = False, verbose: bool = True):
     import ray
     from ray import tune
 
-    from dlray.train import init_ray, storage_path
+    from dlray.local_cluster import init_ray
+    from dlray.train import storage_path
 
     if cfg.tune is None:
         raise ValueError("this job has no `tune:` section; add one (see jobs/sweep_cnn_asha.yaml) or use `dlray train`")
     trackers.check(cfg)
     init_ray(verbose)
-    cfg.run.storage_path = storage_path(cfg.run.storage_path)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"storage_path": storage_path(cfg.run.storage_path)})})
     sweep = Path(cfg.run.storage_path, cfg.run.name)
     job = cfg.model_dump(mode="json")
     if resume and not tune.Tuner.can_restore(str(sweep)):
@@ -246,31 +248,32 @@ def run_trial(config: dict, job: dict, verbose: bool = True) -> None:
     from dlray.train import fit
 
     tune_cfg = JobConfig.model_validate(job).tune
-    cfg = trial_job(job, trial_values(tune_cfg, config))
     sweep = Path(job["run"]["storage_path"], job["run"]["name"])
     trial_id = tune.get_context().get_trial_id()
     start = tune.get_checkpoint()  # PBT: another (or this) trial's checkpoint to continue from
-    cfg.run.storage_path = str(sweep / "runs")
-    cfg.run.name = trial_id if start is None else f"{trial_id}-{hashlib.sha1(start.path.encode()).hexdigest()[:8]}"
-    cfg.run.resume_from_checkpoint = start.path if start else None
+    cfg = trial_job(job, trial_values(tune_cfg, config) | {
+        "run.storage_path": str(sweep / "runs"),
+        "run.name": trial_id if start is None else f"{trial_id}-{hashlib.sha1(start.path.encode()).hexdigest()[:8]}",
+        "run.resume_from_checkpoint": start.path if start else None,
+    })
     with_checkpoints = tune_cfg.scheduler.name == "pbt"
 
-    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome = {}
 
     def train():
         try:
-            outcome["result"] = fit(cfg, callbacks=[TrialReporter(reports, cfg.train.metric)], verbose=verbose)
+            outcome["result"] = fit(cfg, callbacks=[TrialReporter(queue, cfg.train.metric)], verbose=verbose)
         except BaseException as err:  # noqa: BLE001 - handed to the trial's thread, which raises it
             outcome["error"] = err
         finally:
-            reports.put(None)
+            queue.put(None)
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    while (item := reports.get()) is not None:
+    while (item := queue.get()) is not None:
         metrics, checkpoint_path = item
-        if "train_loss" in metrics:  # an epoch's: its line, under the trial's name in the driver's output
+        if reports.kind(metrics) is Kind.EPOCH:  # an epoch's: its line, under the trial's name in the driver's output
             print(format_epoch(metrics, cfg.train.num_epochs).replace("[dlray]", f"[dlray] {trial_id}", 1), flush=True)
         checkpoint = tune.Checkpoint(checkpoint_path) if with_checkpoints and checkpoint_path else None
         tune.report(metrics, checkpoint=checkpoint)
@@ -288,7 +291,7 @@ class TrialReporter(UserCallback):
         self.queue, self.metric = queue, metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        if report_kind(metrics[0]) in ("start", "step"):  # Tune's schedulers decide per epoch
+        if reports.kind(metrics[0]) in (Kind.START, Kind.STEP):  # Tune's schedulers decide per epoch
             return
         record = dict(metrics[0])
         # The final report scores the run's best checkpoint: its value is the best epoch's.
@@ -314,7 +317,7 @@ def summarize(grid, cfg: JobConfig, statuses: dict[str, str]) -> list[dict]:
             status = "failed: " + _one_line(result.error)
         elif statuses.get(result.path) != "TERMINATED":
             status = "unfinished"
-        elif "best_" + metric in last:
+        elif last and reports.kind(last) is Kind.FINAL:
             status = "completed"
         else:
             status = f"stopped early (ran {len(history)}/{cfg.train.num_epochs} epochs)"
@@ -334,9 +337,9 @@ def summarize(grid, cfg: JobConfig, statuses: dict[str, str]) -> list[dict]:
 def epoch_history(result) -> list[dict]:
     """The trial's per-epoch reports, in order (the final test report left out)."""
     frame = result.metrics_dataframe
-    if frame is None or "train_loss" not in frame:
+    if frame is None or reports.KIND not in frame:
         return []
-    return [r for r in frame.to_dict("records") if isinstance(r.get("train_loss"), float) and math.isfinite(r["train_loss"])]
+    return reports.epochs(frame.to_dict("records"))
 
 
 def write_results(rows: list[dict], cfg: JobConfig, sweep: Path) -> None:

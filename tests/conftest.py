@@ -9,7 +9,7 @@ from helpers import REPO
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# As dlray.train.init_ray does for a local Ray: the Train controller polls workers for reports every
+# As dlray.local_cluster.init_ray does for a local Ray: the Train controller polls workers for reports every
 # 0.25 s instead of 2 s, so the tests' sub-second epochs do not each wait for the next poll.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Also as init_ray does: Ray Data's task workers live from one epoch to the next (Ray ends an idle one after 1 s).

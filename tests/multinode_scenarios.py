@@ -15,9 +15,10 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
+from dlray import reports
 from dlray.config import load_config
 from dlray.local_cluster import free_port
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 from dlray.train import check_shared_storage, fit, nodes_not_seeing, run_dir
 
 from helpers import wait_for_committed_checkpoint
@@ -30,7 +31,7 @@ def job(storage, name, *overrides):
 
 
 def epochs(cfg):
-    return [r for r in read_history(run_dir(cfg)) if "train_loss" in r]
+    return reports.epochs(read_history(run_dir(cfg)))
 
 
 def placement(cluster, storage):

@@ -1,47 +1,67 @@
-"""A family's model trained, evaluated and exported in one process (no Ray, no process group),
-with the loop's own pieces: build_model, the family's training_loss, the optimizer and schedule of the config."""
+"""A family's model trained, evaluated and exported in one process (no Ray) by the loop's Ray-free core
+(dlray.step) on one rank: build_model, the DDP strategy (on one rank, the bare model), train_step with the
+config's optimizer and schedule, evaluate, and checkpoint.write_meta's meta.json."""
 
-import json
+import contextlib
+from itertools import islice
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.utils.data import DataLoader
 
-from dlray.checkpoint import META_FILE, TOKENIZER_DIR
+from dlray import step
+from dlray.batches import EvalShard
+from dlray.checkpoint import TOKENIZER_DIR, TrainState, write_meta
 from dlray.config import config_from_dict
 from dlray.data import build_data
 from dlray.export import export
-from dlray.loop import build_model
+from dlray.loop import build_model, make_optimizers
 from dlray.models import FAMILIES
-from dlray.optim import build_optimizer, build_scheduler
+from dlray.optim import build_scheduler
+from dlray.strategies import STRATEGIES
+
+CPU = torch.device("cpu")
+
+
+@contextlib.contextmanager
+def one_rank():
+    """A process group of this process alone, for the strategy's and evaluate's collectives (none if one is up)."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def train(cfg, steps: int, batch_size: int):
-    """`steps` optimizer steps on shuffled training batches; the data and the model, in eval mode."""
+    """`steps` optimizer steps on shuffled training batches, in fp32 unless the job names a precision;
+    the data and the model, in eval mode."""
     torch.manual_seed(0)
     family = FAMILIES[cfg.model.family]
     data = build_data(cfg.data, seed=cfg.train.seed)
-    model = build_model(family, cfg, data.info)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
-    scheduler = build_scheduler(cfg.scheduler, optimizer, steps, 1, cfg.train.mode)
-    loader = DataLoader(data.train, batch_size, shuffle=True, drop_last=True)
-    batches = (batch for _ in range(steps) for batch in loader)
-    model.train()
-    for _, batch in zip(range(steps), batches):
-        family.training_loss(model, batch, "model").backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    cfg = cfg.model_copy(update={"precision": "fp32" if cfg.precision == "auto" else cfg.precision})
+    with one_rank():
+        strategy = STRATEGIES["ddp"](cfg, CPU)
+        model, optimizers = strategy.prepare(build_model(family, cfg, data.info), lambda module: make_optimizers(family, module, cfg))
+        schedulers = [build_scheduler(cfg.scheduler, optimizer, steps, 1, cfg.train.mode) for optimizer in optimizers]
+        loader = DataLoader(data.train, batch_size, shuffle=True, drop_last=True)
+        batches = ((batch, None, None) for _ in range(steps) for batch in loader)
+        totals = step.EpochTotals.zeros(len(family.optimizers), CPU)
+        model.train()
+        for batch in islice(batches, steps):
+            step.train_step(model, family, strategy, [batch], totals, schedulers=schedulers)
     return data, model.eval()
 
 
 def evaluate(family, model, dataset) -> dict[str, float]:
-    """The mean of each per-sample value compute_loss returns, over the dataset."""
-    with torch.no_grad():
-        values = [family.compute_loss(model, batch) for batch in DataLoader(dataset, 256)]
-    return {key: torch.cat([v[key] for v in values]).mean().item() for key in values[0]}
+    """The mean of each per-sample value compute_loss returns, over the dataset (dlray.step.evaluate)."""
+    with one_rank():
+        return step.evaluate(model, family, DataLoader(EvalShard(dataset, 0, 1), 256), CPU)
 
 
 def export_trained(cfg, data, model, directory: Path) -> Path:
@@ -49,8 +69,7 @@ def export_trained(cfg, data, model, directory: Path) -> Path:
     (weights in DCP, meta.json, the tokenizer of text data)."""
     checkpoint = directory / "checkpoint"
     dcp.save({"model": model.state_dict()}, checkpoint_id=checkpoint, no_dist=True)
-    meta = {"format": "dcp", "config": cfg.model_dump(mode="json"), "data_info": data.info, "metrics": {}, "progress": {"global_step": 0}}
-    (checkpoint / META_FILE).write_text(json.dumps(meta))
+    write_meta(checkpoint, STRATEGIES["ddp"].CHECKPOINT_FORMAT, cfg, data.info, TrainState(), {})
     if hasattr(data, "tokenizer"):
         data.tokenizer.save_pretrained(checkpoint / TOKENIZER_DIR)
     return export(checkpoint, directory / "artifact")

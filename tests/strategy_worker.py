@@ -24,14 +24,15 @@ from safetensors.torch import save_file
 from torch.utils.data import Subset, default_collate
 
 from dlray import precision
-from dlray.checkpoint import EMA_FILE
+from dlray.checkpoint import EMA_FILE, TrainState, write_meta
 from dlray.config import DataConfig, config_from_dict
 from dlray.config.sections import DATA_KINDS
 from dlray.data import build_data
 from dlray.ema import EMA
 from dlray.finetune import trainable_names
-from dlray.loop import build_model, make_optimizers
+from dlray.loop import build_model, make_optimizers, with_precision
 from dlray.models import FAMILIES
+from dlray.step import EpochTotals, evaluate, train_step
 from dlray.strategies import STRATEGIES
 
 from toy_family import TOY, TOY_JOB
@@ -105,8 +106,7 @@ def case_config(case: dict):
     """The case's job config, its precision resolved for this CPU as a Ray worker resolves `auto`."""
     cfg = config_from_dict({"strategy": case["strategy"], "precision": case["precision"], "finetune": case.get("finetune", {}), **case["config"],
                             "train": {**case["config"].get("train", {}), **case.get("train", {})}})
-    cfg.precision = precision.resolve(cfg.precision, torch.device("cpu"), cfg.strategy.name)
-    return cfg
+    return with_precision(cfg, precision.detect(torch.device("cpu")))[0]
 
 
 def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
@@ -123,26 +123,20 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         model, _ = strategy.prepare(build_model(family, cfg, data.info), lambda module: make_optimizers(family, module, cfg))
         return strategy, model
 
-    def train_step(strategy, model, step):
-        """One optimizer step per phase, as the loop takes them; the sum of the phases' losses."""
+    def take_step(strategy, model, step):
+        """One optimizer step per phase, as the loop takes them (dlray.step.train_step); the sum of the phases' losses."""
         model.train()
         torch.manual_seed(1000 * step + rank)  # losses that draw noise (diffusion, vae, gan): the same draws on replay
-        value = torch.zeros(())
-        for index, phase in enumerate(family.optimizers):
-            with strategy.autocast():
-                loss = family.training_loss(model, batches[step % 4], phase)
-            strategy.backward(loss, sync=True)
-            strategy.step(index)
-            value += loss.detach().float()
-        dist.all_reduce(value)
-        return value.item() / world
+        totals = EpochTotals.zeros(len(family.optimizers), torch.device("cpu"))
+        train_step(model, family, strategy, [(batches[step % 4], None, None)], totals)
+        totals.all_reduce()
+        return totals.train_metrics(family.optimizers)["train_loss"]
 
     def fitted_loss(strategy, model):
-        """The loss on the 4 training batches as evaluation measures it (eval mode, fixed noise),
-        averaged over ranks: the same number before training and after, unless training changed the model."""
-        value = sum(eval_losses(strategy, model, family, batch).mean() for batch in batches)
-        dist.all_reduce(value)
-        return value.item() / world
+        """The loss on the 4 training batches as evaluation measures it (dlray.step.evaluate: eval mode; fixed noise),
+        over the ranks: the same number before training and after, unless training changed the model."""
+        torch.manual_seed(0)
+        return evaluate(model, family, [(batch, torch.ones(len(batch[-1]))) for batch in batches], torch.device("cpu"), strategy.autocast)["loss"]
 
     strategy, model = fresh()
     ema = EMA(strategy, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -156,7 +150,7 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
             if ema:
                 ema_checkpoint.mkdir(exist_ok=True)
                 ema.save(ema_checkpoint / EMA_FILE)
-        losses.append(train_step(strategy, model, step))
+        losses.append(take_step(strategy, model, step))
         if ema:
             ema.update()
     fitted_after = fitted_loss(strategy, model)
@@ -187,7 +181,7 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         dist.all_gather_object(result["ema_bytes"], sum(t.nbytes for t in {id(t): t for t in ema.shadow.values()}.values()))
     replayed = []
     for step in range(SAVE_AT, STEPS):
-        replayed.append(train_step(strategy, model, step))
+        replayed.append(take_step(strategy, model, step))
         if ema:
             ema.update()
     if ema:
@@ -195,10 +189,8 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
         result |= {"model_bytes": sum(t.nbytes for t in uninterrupted.values()),
                    "ema_resume_max_diff": max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) if rank == 0 else None}
     if rank == 0:
-        meta = {"format": strategy.CHECKPOINT_FORMAT, "config": cfg.model_dump(mode="json"), "data_info": data.info,
-                "metrics": {}, "progress": {"global_step": SAVE_AT}}
         for directory in (checkpoint, ema_checkpoint) if ema else (checkpoint,):
-            (directory / "meta.json").write_text(json.dumps(meta))
+            write_meta(directory, strategy.CHECKPOINT_FORMAT, cfg, data.info, TrainState(global_step=SAVE_AT), {})
         save_file({k: v.float().contiguous() for k, v in gathered.items()}, out / f"{case['id']}-full_state.safetensors")
     return result | {"losses": losses, "fitted": [fitted_before, fitted_after], "replayed": replayed, "saved_eval": saved.tolist(),
                      "changed": changed, "changed_frozen": changed_frozen, "linear4bit": linear4bit, "compiled": compiled}

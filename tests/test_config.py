@@ -25,10 +25,11 @@ def test_jobs_folder_is_not_empty():
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("strategy.zero_stage=4", "strategy.zero_stage: must be 1, 2 or 3, got 4"),
+        ("strategy.name=deepspeed strategy.zero_stage=4", "strategy.zero_stage: must be 1, 2 or 3, got 4"),
         ("strategy.name=horovod", "strategy.name: must be 'ddp', 'fsdp' or 'deepspeed', got 'horovod'"),
         ("precision=fp8", "precision: must be 'auto', 'fp32', 'bf16' or 'fp16', got 'fp8'"),
-        ("strategy.zro_stage=2", "unknown key 'strategy.zro_stage'; allowed keys here: name, zero_stage, offload_optimizer"),
+        ("strategy.name=deepspeed strategy.zro_stage=2", "unknown key 'strategy.zro_stage'; allowed keys here: name, zero_stage, offload_optimizer"),
+        ("strategy.name=fsdp strategy.offload_param=true", "strategy.offload_param applies only to strategy.name 'deepspeed', got strategy.name 'fsdp'"),
         ("trian.num_epochs=2", "unknown key 'trian'; allowed keys here: model, data, train, finetune, optim"),
         ("optim.name=lion", "optim.name: must be 'sgd', 'adam', 'adamw' or 'rmsprop', got 'lion'"),
         ("model.flavor=huge", "model.flavor must be one of ['debug', 'resnet18', 'resnet50', 'small'] for family 'cnn', got 'huge'"),

@@ -10,24 +10,27 @@ from types import SimpleNamespace
 
 import pytest
 
+from dlray import reports
 from dlray.config import load_config
-from dlray.console import Console, ConsoleRelay, report_kind
+from dlray.console import Console, ConsoleRelay
+from dlray.reports import Kind
+from dlray.runfiles import read_history, write_csv
 
 from helpers import REPO
 
-START = {"phase": "start", "node": "a1b2c3d4e5f6 (10.0.0.1)", "num_nodes": 2, "device": "cuda:0", "precision": "fp32",
-         "precision_why": "precision auto: this CPU (AVX2) emulates bf16", "precision_warning": "", "epoch": 0, "global_step": 0,
-         "steps_per_epoch": 20, "resumed_from": ""}
+START = reports.start(node="a1b2c3d4e5f6 (10.0.0.1)", num_nodes=2, device="cuda:0", precision="fp32",
+                      precision_why="precision auto: this CPU (AVX2) emulates bf16", precision_warning="", epoch=0, global_step=0,
+                      steps_per_epoch=20, resumed_from="")
 
 
 def step(epoch, step_in_epoch, loss, **extra):
-    return {"phase": "step", "epoch": epoch, "global_step": epoch * 20 + step_in_epoch, "step_in_epoch": step_in_epoch, "steps_per_epoch": 20,
-            "lr": 0.01, "train_loss": loss, "samples_per_sec": 100.0, **extra}
+    return reports.step(epoch=epoch, global_step=epoch * 20 + step_in_epoch, step_in_epoch=step_in_epoch, steps_per_epoch=20,
+                        lr=0.01, train_loss=loss, samples_per_sec=100.0, **extra)
 
 
 def epoch(index, val_accuracy):
-    return {"epoch": index, "global_step": 20 * (index + 1), "train_loss": 1.0 / (index + 1), "val_loss": 0.5, "val_accuracy": val_accuracy,
-            "lr": 0.01, "samples_per_sec": 200.0, "peak_rss_mib": 600.0}
+    return reports.epoch({"epoch": index, "global_step": 20 * (index + 1), "train_loss": 1.0 / (index + 1), "val_loss": 0.5,
+                          "val_accuracy": val_accuracy, "lr": 0.01, "samples_per_sec": 200.0, "peak_rss_mib": 600.0})
 
 
 def console(overrides=(), tty=False):
@@ -43,8 +46,15 @@ def finished(best_path="/runs/r/checkpoint_epoch0001", error=None):
     return SimpleNamespace(error=error, best_checkpoints=[(checkpoint, {})], get_best_checkpoint=lambda metric, mode: checkpoint)
 
 
-def test_reports_are_told_apart():
-    assert [report_kind(r) for r in (START, step(0, 5, 1.0), epoch(0, 0.5), {"epoch": 2, "best_val_loss": 0.1, "test_loss": 0.2})] == ["start", "step", "epoch", "final"]
+def test_reports_say_their_kind_and_metrics_csv_rows_read_back_as_theirs(tmp_path):
+    final = reports.final({"epoch": 2, "global_step": 60, "best_val_loss": 0.1, "test_loss": 0.2})
+    assert [reports.kind(r) for r in (START, step(0, 5, 1.0), epoch(0, 0.5), final)] == [Kind.START, Kind.STEP, Kind.EPOCH, Kind.FINAL]
+    # metrics.csv keeps its columns (no kind column), and its rows read back as the reports written
+    history = [epoch(0, 0.5), final, epoch(1, 0.6)]  # a run resumed after it finished: its first final row stays
+    write_csv(history, tmp_path / "metrics.csv")
+    assert "report" not in (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert [reports.kind(r) for r in read_history(tmp_path)] == [Kind.EPOCH, Kind.FINAL, Kind.EPOCH]
+    assert reports.epochs(read_history(tmp_path)) == [epoch(0, 0.5), epoch(1, 0.6)]
 
 
 def test_plain_lines_show_where_it_runs_the_steps_the_epochs_and_a_summary():
@@ -55,7 +65,7 @@ def test_plain_lines_show_where_it_runs_the_steps_the_epochs_and_a_summary():
     view.handle("report", [epoch(0, 0.6)] * 4)
     view.handle("report", [epoch(1, 0.9)] * 4)
     view.handle("report", [epoch(2, 0.8)] * 4)
-    view.handle("report", [{"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_epochs": 1, "test_accuracy": 0.88, "test_loss": 0.3}] * 4)
+    view.handle("report", [reports.final({"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_epochs": 1, "test_accuracy": 0.88, "test_loss": 0.3})] * 4)
     view.summary(finished(), "/runs/r")
     lines = out.getvalue().splitlines()
     assert lines[0] == "[dlray] 4 workers on 2 node(s), cuda: ranks 0,1 on a1b2c3d4e5f6 (10.0.0.1); ranks 2,3 on 0f0e0d0c0b0a (10.0.0.2)"
@@ -93,7 +103,7 @@ def test_early_stopping_is_named_in_the_summary():
     view, out = console(["train.early_stopping_patience=2"])
     for index, accuracy in enumerate([0.9, 0.8, 0.7]):
         view.handle("report", [epoch(index, accuracy)])
-    view.handle("report", [{"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_epochs": 2}])
+    view.handle("report", [reports.final({"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_epochs": 2})])
     assert view.summary(finished(), "/runs/r").splitlines()[0].endswith("best val_accuracy 0.9 at epoch 1 (3 epochs run) (stopped early: no better val_accuracy for 2 epochs)")
 
 

@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dlray import reports
 from dlray.config import load_config
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.models import diffusion
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO
@@ -35,7 +36,7 @@ def train_job(job: str, storage, *overrides):
     cfg = load_config(REPO / job, [f"run.storage_path={storage}", f"run.name={Path(job).stem}", *overrides])
     result = fit(cfg)
     assert result.error is None, result.error
-    return cfg, run_dir(cfg), [r for r in read_history(run_dir(cfg)) if "train_loss" in r]
+    return cfg, run_dir(cfg), reports.epochs(read_history(run_dir(cfg)))
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dlray import reports
 from dlray.config import config_from_dict, load_config
 from dlray.export import export
 from dlray.models import gpt
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO
@@ -69,7 +70,7 @@ def test_debug_job_trains_on_ray_and_its_export_carries_the_tokenizer(ray_cluste
     cfg = load_config(REPO / "jobs/debug/gpt_cpu.yaml", [f"run.storage_path={tmp_path}", "run.name=gpt", "train.num_epochs=3"])
     result = fit(cfg)
     assert result.error is None, result.error
-    history = [r for r in read_history(run_dir(cfg)) if "train_loss" in r]
+    history = reports.epochs(read_history(run_dir(cfg)))
     perplexities = [r["val_perplexity"] for r in history]
     assert perplexities[-1] < perplexities[0] and all(r["tokens_per_sec"] > 0 for r in history), history
     assert perplexities[-1] == pytest.approx(math.exp(history[-1]["val_loss"]))

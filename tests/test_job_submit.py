@@ -6,7 +6,7 @@ import pytest
 
 from dlray.local_cluster import RAY
 from dlray.local_cluster import local_cluster as start_local_cluster
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 
 from helpers import REPO
 

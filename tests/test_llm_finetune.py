@@ -9,11 +9,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dlray import reports
 from dlray.config import load_config
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
+from dlray.runfiles import read_history
 from dlray.serve.engine import Engine, SamplingParams, Sequence
-from dlray.tracking import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO
@@ -35,7 +36,7 @@ def run(ray_cluster, tmp_path_factory):
 
 def test_the_job_learns_the_answers(run):
     cfg, _ = run
-    history = [r for r in read_history(run_dir(cfg)) if "train_loss" in r]
+    history = reports.epochs(read_history(run_dir(cfg)))
     assert len(history) == cfg.train.num_epochs
     # Measured: train 5.14 -> 4.82, and on the questions it never saw 5.11 -> 4.91 (a base of 60 steps, 80 adapter steps).
     assert history[-1]["train_loss"] < 0.95 * history[0]["train_loss"], [r["train_loss"] for r in history]

@@ -33,7 +33,7 @@ from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
 
 from helpers import REPO
-from strategy_worker import BERT_BASE, LLM_JOB, case_config, data_once, debug_job, first_samples, make_bert_base, make_llm_base
+from strategy_worker import BERT_BASE, LLM_JOB, SAVE_AT, STEPS, case_config, data_once, debug_job, first_samples, make_bert_base, make_llm_base
 from toy_family import TOY, TOY_JOB
 
 STRATEGY = {"ddp": {"name": "ddp"}, "fsdp": {"name": "fsdp"}, "zero1": {"name": "deepspeed", "zero_stage": 1},
@@ -273,3 +273,70 @@ def test_a_new_family_is_one_file_one_registry_line_and_a_debug_job(tmp_path):
         load_config(job, ["train.gradient_checkpointing=true"])  # a part it does not have is refused by name
     with pytest.raises(ConfigError, match="model.name_or_path applies only to model.family 'gpt' or 'vit' or 'bert'"):
         load_config(job, ["model.name_or_path=/models/x"])
+
+
+def test_a_new_strategy_is_one_file_and_one_registry_line(tmp_path):
+    """tests/toy_strategy.py, registered by its one line, trains the CNN through the Ray-free core (dlray.step)
+    on one rank: the loss falls, a resumed run replays the steps it checkpointed before, and the checkpoint
+    exports to the weights it trained."""
+    from dlray.checkpoint import TrainState, write_meta
+    from dlray.loop import build_model, make_optimizers
+    from dlray.step import EpochTotals, evaluate, train_step
+    from dlray.strategies import STRATEGIES
+
+    from single_process import CPU, one_rank
+    from toy_strategy import ToyStrategy
+
+    STRATEGIES["toy"] = ToyStrategy
+    cfg = case_config(case("cnn", "ddp", "fp32"))
+    data = data_once(cfg.data.model_dump_json())
+    family = FAMILIES["cnn"]
+    samples = first_samples(data.train, 64)
+    batches = [[field[i::4] for field in samples] for i in range(4)]
+
+    def fresh():
+        torch.manual_seed(0)
+        strategy = STRATEGIES["toy"](cfg, CPU, family.shard_classes())
+        model, _ = strategy.prepare(build_model(family, cfg, data.info), lambda module: make_optimizers(family, module, cfg))
+        return strategy, model
+
+    def take_step(strategy, model, index):
+        model.train()
+        totals = EpochTotals.zeros(len(family.optimizers), CPU)
+        train_step(model, family, strategy, [(batches[index % 4], None, None)], totals)
+        totals.all_reduce()
+        return totals.train_metrics(family.optimizers)["train_loss"]
+
+    def fitted(model):
+        return evaluate(model, family, [(batch, torch.ones(len(batch[-1]))) for batch in batches], CPU)["loss"]
+
+    try:
+        with one_rank():
+            strategy, model = fresh()
+            before = fitted(model)
+            losses = []
+            for index in range(STEPS):
+                if index == SAVE_AT:
+                    strategy.save(str(tmp_path / "checkpoint"))
+                losses.append(take_step(strategy, model, index))
+            assert fitted(model) < FALLS["full"] * before, (before, fitted(model))
+            strategy, model = fresh()
+            strategy.load(str(tmp_path / "checkpoint"))
+            write_meta(tmp_path / "checkpoint", strategy.CHECKPOINT_FORMAT, cfg, data.info, TrainState(global_step=SAVE_AT), {})
+            saved = fitted(model)
+            assert [take_step(strategy, model, index) for index in range(SAVE_AT, STEPS)] == pytest.approx(losses[SAVE_AT:], rel=1e-5)
+            exported, _ = load_artifact(export(tmp_path / "checkpoint", tmp_path / "artifact"))
+            assert fitted(exported) == pytest.approx(saved, rel=1e-5)
+    finally:
+        del STRATEGIES["toy"]
+
+
+def test_a_config_dumped_before_the_strategy_union_still_loads():
+    """Checkpoints' meta.json and sweep.yaml of earlier runs hold every strategy's keys at their defaults:
+    they load (export, --resume); another strategy's key set to anything else is refused by name."""
+    for name in ("ddp", "fsdp", "deepspeed"):
+        old = {"name": name, "zero_stage": 2, "offload_optimizer": False, "offload_param": False, "reshard_after_forward": True}
+        strategy = config_from_dict({**debug_job("cnn"), "strategy": old}).strategy
+        assert strategy.model_dump() == {key: old[key] for key in strategy.model_dump()} and strategy.name == name
+    with pytest.raises(ConfigError, match="strategy.reshard_after_forward applies only to strategy.name 'fsdp', got strategy.name 'ddp'"):
+        config_from_dict({**debug_job("cnn"), "strategy": {"name": "ddp", "reshard_after_forward": False}})

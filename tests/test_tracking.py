@@ -10,9 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dlray import trackers
+from dlray import reports, trackers
 from dlray.config import ConfigError, load_config
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 
 from helpers import REPO, wait_for_committed_checkpoint, wandb_offline_runs
 from test_train import epochs, ray_train_worker_pids
@@ -22,13 +22,13 @@ SECRET = "dlray-test-secret-9c2f71d04b"  # what a W&B API key or MLflow token lo
 
 
 def test_step_reports_log_under_step_and_epoch_reports_under_their_names():
-    step = {"phase": "step", "epoch": 1, "global_step": 57, "step_in_epoch": 17, "steps_per_epoch": 40, "train_loss": 0.8, "lr": 1e-3, "samples_per_sec": 512.0}
-    epoch = {"epoch": 1, "global_step": 80, "train_loss": 0.7, "val_loss": 0.9, "val_accuracy": 0.6, "resumed_from_step": 0}
-    final = {"epoch": 1, "global_step": 80, "best_val_loss": 0.9, "test_accuracy": 0.61}
+    step = reports.step(epoch=1, global_step=57, step_in_epoch=17, steps_per_epoch=40, train_loss=0.8, lr=1e-3, samples_per_sec=512.0)
+    epoch = reports.epoch({"epoch": 1, "global_step": 80, "train_loss": 0.7, "val_loss": 0.9, "val_accuracy": 0.6, "resumed_from_step": 0})
+    final = reports.final({"epoch": 1, "global_step": 80, "best_val_loss": 0.9, "test_accuracy": 0.61})
     assert trackers.tracked_metrics(step) == {"step/train_loss": 0.8, "step/lr": 1e-3, "step/samples_per_sec": 512.0}
     assert trackers.tracked_metrics(epoch) == {"epoch": 1.0, "train_loss": 0.7, "val_loss": 0.9, "val_accuracy": 0.6, "resumed_from_step": 0.0}
     assert trackers.tracked_metrics(final) == {"epoch": 1.0, "best_val_loss": 0.9, "test_accuracy": 0.61}
-    assert trackers.tracked_metrics({"epoch": 0, "global_step": 1, "diverged": True, "note": "x"}) == {"epoch": 0.0}
+    assert trackers.tracked_metrics(reports.epoch({"epoch": 0, "global_step": 1, "diverged": True, "note": "x"})) == {"epoch": 0.0}
 
 
 def test_params_are_the_flattened_job_config():

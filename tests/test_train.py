@@ -8,10 +8,11 @@ import psutil
 import pytest
 import ray
 
+from dlray import reports
 from dlray.config import load_config
 from dlray.data import build_data
 from dlray.export import export, load_artifact
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO, wait_for_committed_checkpoint, wandb_offline_runs
@@ -24,7 +25,7 @@ def debug_job(storage, name, *overrides):
 
 
 def epochs(history):
-    return [r for r in history if "train_loss" in r]
+    return reports.epochs(history)
 
 
 def test_cnn_digits_reaches_97_percent_test_accuracy(digits_run):

@@ -20,7 +20,7 @@ from dlray.config import ConfigError, config_from_dict, load_config
 from dlray.data import build_data
 from dlray.export import read_artifact_config, resolve_checkpoint
 from dlray.local_cluster import free_port
-from dlray.tracking import read_history
+from dlray.runfiles import read_history
 
 from helpers import REPO, wandb_offline_runs
 

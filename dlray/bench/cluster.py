@@ -18,7 +18,8 @@ CLUSTER_EPOCHS = 6  # more than TRAIN_EPOCHS: a 2-core machine's epoch-to-epoch 
 
 
 def bench_cluster() -> dict:
-    from dlray.tracking import read_history
+    from dlray import reports
+    from dlray.runfiles import read_history
 
     storage = tempfile.mkdtemp(prefix="dlray-bench-")
     placements = {"1_node": ("STRICT_PACK", 1), "2_nodes": ("STRICT_SPREAD", 2)}
@@ -36,7 +37,7 @@ def bench_cluster() -> dict:
                 done = subprocess.run(command, env=cluster.client_env(), capture_output=True, text=True, timeout=1200)
                 if done.returncode:
                     raise RuntimeError(f"benchmark job {name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-                epochs = [r for r in read_history(Path(storage) / name) if "train_loss" in r]
+                epochs = reports.epochs(read_history(Path(storage) / name))
                 first_step[label].append(epochs[0]["first_step_unix_time"] - submitted_at)
                 if epochs[0]["num_nodes"] != nodes:
                     raise RuntimeError(f"benchmark job {name} ran on {epochs[0]['num_nodes']} node(s), not {nodes}")

@@ -34,7 +34,7 @@ RUNS = 2
 
 
 def bench_data() -> dict:
-    from dlray.train import init_ray
+    from dlray.local_cluster import init_ray
 
     init_ray()
     with scratch_dir("dlray-bench-data-") as root:
@@ -97,25 +97,27 @@ def folder_mb(folder: Path) -> float:
 def streamed_worker_peak_rss(folder: Path, root: Path) -> dict:
     """Rank 0's peak memory over one epoch of the cnn on the folder, streamed: its own (the loop's
     `peak_private_mib`), and resident with the object store's pages it read (`peak_rss_mib`)."""
-    from dlray.tracking import read_history
+    from dlray import reports
+    from dlray.runfiles import read_history
     from dlray.train import fit, run_dir
 
     cfg = load_config("jobs/debug/cnn_cpu.yaml", [f"run.storage_path={root / 'runs'}", f"run.name=rss-{folder.name}", "train.num_epochs=1",
                                                   "data.name=image_folder", f"data.path={folder}", "data.streaming=true", "data.image_size=16",
                                                   "data.channels=3", "train.micro_batch_size=64"])
     fit(cfg)
-    epochs = [r for r in read_history(run_dir(cfg)) if "peak_private_mib" in r]
+    epochs = reports.epochs(read_history(run_dir(cfg)))
     return {key: max(r[key] for r in epochs) for key in ("peak_private_mib", "peak_rss_mib")}
 
 
 def epoch_samples_per_sec(job: str, root: Path, streaming: str, run: int) -> list[float]:
-    from dlray.tracking import read_history
+    from dlray import reports
+    from dlray.runfiles import read_history
     from dlray.train import fit, run_dir
 
     cfg = load_config(job, [f"run.storage_path={root / 'runs'}", f"run.name={Path(job).stem}-streaming-{streaming}-{run}", f"train.num_epochs={EPOCHS}",
                             "train.early_stopping_patience=null", f"data.streaming={streaming}"])
     fit(cfg, verbose=False)  # as `dlray train` runs
-    return [r["samples_per_sec"] for r in read_history(run_dir(cfg)) if "train_loss" in r and r["epoch"] > 0]
+    return [r["samples_per_sec"] for r in reports.epochs(read_history(run_dir(cfg))) if r["epoch"] > 0]
 
 
 def pipeline_images_per_sec(folder: Path, cpus: int) -> float:
@@ -150,7 +152,7 @@ def bench_text_memory() -> dict:
     data path alone: a Ray Train worker reading its shard through dlray.streaming.streamed_batches
     (as the loop does, shuffle buffer and all) with no model step, TEXT_BATCH windows at a time (the
     loop's 16 would measure iteration's per-batch cost for an hour)."""
-    from dlray.train import init_ray
+    from dlray.local_cluster import init_ray
 
     init_ray()
     with scratch_dir("dlray-bench-text-") as root:

@@ -94,8 +94,8 @@ def bench_image_serve() -> dict:
     from ray import serve
 
     from dlray.export import write_artifact
+    from dlray.local_cluster import init_ray
     from dlray.serve.app import run
-    from dlray.train import init_ray
 
     init_ray()
     cfg = load_config(DIFFUSION_JOB)

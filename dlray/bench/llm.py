@@ -138,8 +138,8 @@ def bench_generate_serve() -> dict:
     is one, on a GPU (serve.num_gpus_per_replica 1)."""
     from ray import serve
 
+    from dlray.local_cluster import init_ray
     from dlray.serve.app import run
-    from dlray.train import init_ray
 
     init_ray()
     artifact, model = _gpt_artifact()
@@ -368,12 +368,14 @@ def _synchronize(device: torch.device) -> None:
 def dlray_gpt_tokens_per_sec(cfg: JobConfig) -> dict:
     """`dlray train` of `cfg` (one worker): its last epoch's tokens/s, and the steps that epoch took. The
     first epoch (compilation included) is the warm-up."""
-    from dlray.tracking import read_history
-    from dlray.train import fit, init_ray, run_dir
+    from dlray import reports
+    from dlray.local_cluster import init_ray
+    from dlray.runfiles import read_history
+    from dlray.train import fit, run_dir
 
     init_ray()
     result = fit(cfg)
     if result.error:
         raise RuntimeError(f"dlray train of gpt/{cfg.model.flavor} failed: {result.error}")
-    epochs = [r for r in read_history(run_dir(cfg)) if "train_loss" in r]
+    epochs = reports.epochs(read_history(run_dir(cfg)))
     return {"tokens_per_sec": epochs[-1]["tokens_per_sec"], "timed_steps": epochs[-1]["global_step"] - epochs[-2]["global_step"]}

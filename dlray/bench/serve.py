@@ -20,9 +20,9 @@ def bench_serve() -> dict:
     from ray import serve
 
     from dlray.export import write_artifact
+    from dlray.local_cluster import init_ray
+    from dlray.runfiles import png_bytes
     from dlray.serve.app import run
-    from dlray.tracking import png_bytes
-    from dlray.train import init_ray
 
     init_ray()
     # A model whose forward pass costs something (ResNet-18 on 32x32 RGB): batching pays off when

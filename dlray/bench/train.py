@@ -31,8 +31,10 @@ TRAIN_EPOCHS = 4  # the first is warm-up and is not counted
 def bench_train(job: str = TRAIN_JOB, overrides: tuple[str, ...] = (), worker_counts: tuple[int, ...] = (1, 2)) -> dict:
     import ray
 
-    from dlray.tracking import read_history
-    from dlray.train import fit, init_ray, run_dir
+    from dlray import reports
+    from dlray.local_cluster import init_ray
+    from dlray.runfiles import read_history
+    from dlray.train import fit, run_dir
 
     init_ray()
     storage = tempfile.mkdtemp(prefix="dlray-bench-")
@@ -46,7 +48,7 @@ def bench_train(job: str = TRAIN_JOB, overrides: tuple[str, ...] = (), worker_co
         for workers in worker_counts:
             run_cfg = load_config(job, [*common, f"scaling.num_workers={workers}", f"run.name=bench-{workers}w-{attempt}"])
             fit(run_cfg)
-            epochs = [r for r in read_history(run_dir(run_cfg)) if "train_loss" in r][1:]
+            epochs = reports.epochs(read_history(run_dir(run_cfg)))[1:]
             dlray[workers] = max(dlray[workers], statistics.mean(r["samples_per_sec"] for r in epochs))
     results = {
         "model": f"{cfg.model.family}/{cfg.model.flavor}, {cfg.precision}",

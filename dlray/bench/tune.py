@@ -21,7 +21,8 @@ TUNE_OVERHEAD_TRIALS = 4
 def bench_tune() -> dict:
     """Trials run one at a time, so "epochs until the target" has one meaning: the epochs of every
     trial before the first to reach it, plus that trial's own."""
-    from dlray.train import fit, init_ray
+    from dlray.local_cluster import init_ray
+    from dlray.train import fit
     from dlray.tune import epoch_history, run_sweep
 
     init_ray()

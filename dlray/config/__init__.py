@@ -9,7 +9,7 @@ Section and key names follow what users already know: Ray's ScalingConfig/RunCon
 
     sections.py  the job's sections (model, finetune, data, train, optim, scheduler, strategy, scaling, run, serve)
     sweep.py     the `tune:` section (search space, trial scheduler, search algorithm)
-    tracking.py  the `tracking:` section (MLflow, Weights & Biases)
+    trackers.py  the `tracking:` section (MLflow, Weights & Biases: configures dlray.trackers)
     job.py       JobConfig: all sections, and the checks across them
     dotted.py    dotted keys: set_dotted, validation errors worded by key, ConfigError
     loading.py   load_config: YAML + dotted overrides -> JobConfig
@@ -24,7 +24,10 @@ from dlray.config.sections import (
     TEXT_DATA,
     AutoscalingSection,
     DataConfig,
+    DDPConfig,
+    DeepSpeedConfig,
     FinetuneConfig,
+    FSDPConfig,
     ModelConfig,
     OptimConfig,
     RunSection,
@@ -37,10 +40,10 @@ from dlray.config.sections import (
     families_where,
 )
 from dlray.config.sweep import DISTRIBUTIONS, SearchAlgConfig, SearchParam, SweepSchedulerConfig, TuneSection
-from dlray.config.tracking import MLflowSection, TrackingSection, WandbSection
+from dlray.config.trackers import MLflowSection, TrackingSection, WandbSection
 
 __all__ = [
-    "DATASET_KEYS", "DATA_KINDS", "DISTRIBUTIONS", "TEXT_DATA", "AutoscalingSection", "ConfigError", "DataConfig", "FinetuneConfig",
+    "DATASET_KEYS", "DATA_KINDS", "DISTRIBUTIONS", "TEXT_DATA", "AutoscalingSection", "ConfigError", "DDPConfig", "DataConfig", "DeepSpeedConfig", "FSDPConfig", "FinetuneConfig",
     "JobConfig", "MLflowSection", "ModelConfig", "OptimConfig", "RunSection", "ScalingSection", "SchedulerConfig", "SearchAlgConfig", "SearchParam",
     "Section", "ServeSection", "StrategyConfig", "SweepSchedulerConfig", "TrackingSection", "TrainConfig", "TuneSection", "WandbSection", "apply_override",
     "config_from_dict", "families_where", "job_files", "load_config", "set_dotted",

@@ -13,6 +13,7 @@ from dlray.config.dotted import messages, set_dotted
 from dlray.config.sections import (
     TEXT_DATA,
     DataConfig,
+    DDPConfig,
     FinetuneConfig,
     ModelConfig,
     OptimConfig,
@@ -26,7 +27,7 @@ from dlray.config.sections import (
     families_where,
 )
 from dlray.config.sweep import TuneSection
-from dlray.config.tracking import TrackingSection
+from dlray.config.trackers import TrackingSection
 from dlray.models import FAMILIES
 
 
@@ -42,7 +43,7 @@ class JobConfig(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     optim: OptimConfig = OptimConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
-    strategy: StrategyConfig = StrategyConfig()
+    strategy: StrategyConfig = DDPConfig()
     # auto: what the training device computes natively (dlray.precision: bf16 on GPUs and CPUs that have it,
     # fp16 on older GPUs, fp32 on CPUs that would only emulate bf16); each worker decides and rank 0 says why.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

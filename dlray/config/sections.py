@@ -5,9 +5,9 @@ keys of different sections against each other."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from dlray.models import FAMILIES
 
@@ -229,20 +229,58 @@ class SchedulerConfig(Section):
         return self
 
 
-class StrategyConfig(Section):
-    name: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    zero_stage: Literal[1, 2, 3] = 2  # deepspeed only
-    offload_optimizer: bool = False  # deepspeed only: optimizer state in CPU memory
-    offload_param: bool = False  # deepspeed ZeRO-3 only: parameters in CPU memory
-    reshard_after_forward: bool = True  # fsdp only: ZeRO-3 style (True) or ZeRO-2 style (False)
+class DDPConfig(Section):
+    """strategy.name ddp: DistributedDataParallel (dlray.strategies.ddp); no keys of its own."""
+
+    name: Literal["ddp"] = "ddp"
+
+
+class FSDPConfig(Section):
+    """strategy.name fsdp: FSDP2's fully_shard (dlray.strategies.fsdp)."""
+
+    name: Literal["fsdp"]
+    reshard_after_forward: bool = True  # free each block's gathered parameters after its forward (ZeRO-3 style); False: keep them to backward (ZeRO-2 style)
+
+
+class DeepSpeedConfig(Section):
+    """strategy.name deepspeed: DeepSpeed ZeRO (dlray.strategies.deepspeed)."""
+
+    name: Literal["deepspeed"]
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False  # optimizer state in CPU memory
+    offload_param: bool = False  # ZeRO-3 only: parameters in CPU memory
 
     @model_validator(mode="after")
-    def _options_match_strategy(self):
-        only = {**dict.fromkeys(("zero_stage", "offload_optimizer", "offload_param"), ("deepspeed",)), "reshard_after_forward": ("fsdp",)}
-        applies_only(self, "strategy.name", only)
+    def _offload_param_needs_zero3(self):
         if self.offload_param and self.zero_stage != 3:
             raise ValueError(f"strategy.offload_param needs strategy.zero_stage 3, got {self.zero_stage}")
         return self
+
+
+def tagged_by_name(default: str) -> Discriminator:
+    """Tells a union's sections apart by their `name` (`default` where a job gives none)."""
+    return Discriminator(lambda value: value.get("name", default) if isinstance(value, dict) else value.name)
+
+
+STRATEGY_CONFIGS = {"ddp": DDPConfig, "fsdp": FSDPConfig, "deepspeed": DeepSpeedConfig}
+
+
+def without_other_defaults(value):
+    """Configs dumped before `strategy:` was a union (checkpoints' meta.json, sweep.yaml) hold every strategy's
+    keys: those of another strategy at their defaults are dropped, so they load; set to anything else, refused."""
+    own = STRATEGY_CONFIGS.get(value.get("name", "ddp")) if isinstance(value, dict) else None
+    if own is None:
+        return value
+    defaults = {key: field.default for config in STRATEGY_CONFIGS.values() for key, field in config.model_fields.items() if key != "name"}
+    return {key: v for key, v in value.items() if key in own.model_fields or key not in defaults or v != defaults[key]}
+
+
+# The `strategy:` section: one class per strategy in dlray.strategies.STRATEGIES, told apart by `name`, each
+# holding only its own keys (a key of another strategy is refused by name: dlray.config.dotted.messages).
+StrategyConfig = Annotated[
+    Annotated[Annotated[DDPConfig, Tag("ddp")] | Annotated[FSDPConfig, Tag("fsdp")] | Annotated[DeepSpeedConfig, Tag("deepspeed")], tagged_by_name("ddp")],
+    BeforeValidator(without_other_defaults),
+]
 
 
 class ScalingSection(Section):

@@ -10,7 +10,9 @@
     strategy.save(directory) / strategy.load(directory)           # model + optimizers (+ loss scaler), all ranks
     strategy.CHECKPOINT_FORMAT                                   # how `dlray export` reads the weights back
 
-Each strategy owns its mixed precision and its checkpoint format:
+Each strategy owns its mixed precision, its checkpoint format and its keys: a class of the `strategy:`
+section's union (dlray.config.sections.StrategyConfig: zero_stage is DeepSpeedConfig's only). `cfg` is the
+job's config with its precision resolved for the device (never `auto`).
   ddp        DistributedDataParallel, torch.autocast, GradScaler for fp16; torch.distributed.checkpoint
   fsdp       FSDP2 `fully_shard` per block with a MixedPrecisionPolicy; sharded torch.distributed.checkpoint
   deepspeed  ZeRO stage 1/2/3 (+ CPU offload); DeepSpeed's own (sharded) checkpoint
@@ -34,6 +36,7 @@ class Strategy(Protocol):
     """What the loop asks of a strategy; the three below satisfy it (checked by mypy in `make test`)."""
 
     CHECKPOINT_FORMAT: str  # "dcp" or "deepspeed": how `dlray export` reads the weights back
+    device: torch.device  # the training device: dlray.step puts each batch there
 
     def __init__(self, cfg: Any, device: torch.device, shard_classes: tuple[type[nn.Module], ...] = ()) -> None: ...
 

@@ -2,7 +2,7 @@
 a loss/metrics curve PNG and, for generative families, samples/epoch_NNNN.png grids in the run directory.
 
 `MetricsLogger` is a Ray Train `UserCallback`: it runs in the Train controller, which receives
-every `ray.train.report`, so workers never do I/O for tracking.
+every `ray.train.report`, so workers never write run files themselves.
 
     tensorboard --logdir ~/dlray_runs/<run name>/tensorboard
 """
@@ -15,6 +15,9 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
+from dlray import reports
+from dlray.reports import Kind
+
 
 class MetricsLogger(UserCallback):
     def __init__(self, run_dir: str):
@@ -23,22 +26,21 @@ class MetricsLogger(UserCallback):
         self._writer = None
 
     def after_report(self, run_context, metrics, checkpoint):
-        from dlray.console import report_kind
-
         record = metrics[0]  # rank 0's: the loop all-reduces before reporting, so ranks agree
-        if report_kind(record) in ("start", "step"):  # progress, for the console (and trackers' step metrics)
+        kind = reports.kind(record)
+        if kind in (Kind.START, Kind.STEP):  # progress, for the console (and trackers' step metrics)
             return
         if checkpoint is not None:
             self._copy_samples(checkpoint, record["epoch"])
         if self.history is None:  # a resumed run continues the file it left behind
             self.history = read_history(self.run_dir)
-        if "train_loss" in record:  # epochs replayed after a restart replace their lost originals
+        if kind is Kind.EPOCH:  # epochs replayed after a restart replace their lost originals
             self.history = [r for r in self.history if r.get("epoch", -1) < record["epoch"]]
         self.history.append(record)
         run_dir = Path(self.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_csv(self.history, run_dir / "metrics.csv")
-        self._tensorboard(record)
+        self._tensorboard(reports.metrics(record))
         plot_curves(self.history, run_dir / "curves.png")
 
     def _copy_samples(self, checkpoint, epoch: int):
@@ -64,20 +66,23 @@ class MetricsLogger(UserCallback):
 
 
 def write_csv(history: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for record in history for k in record))
+    """The run's epoch and final reports, one row each, their metrics as columns (no kind column: see reports.from_row)."""
+    rows = [reports.metrics(record) for record in history]
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(rows)
 
 
 def read_history(run_dir: str | Path) -> list[dict]:
-    """Every report of a run, as written to metrics.csv (numbers parsed back)."""
+    """The run's epoch and final reports, as written to metrics.csv (numbers parsed back; reports.kind reads their kind)."""
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) if k not in ("epoch", "global_step") else int(float(v)) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return [reports.from_row({k: float(v) if k not in ("epoch", "global_step") else int(float(v)) for k, v in row.items() if v != ""})
+                for row in csv.DictReader(f)]
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
