@@ -57,7 +57,8 @@ def bench_sample_quality() -> dict:
     import torch.nn.functional as F
 
     from dlray.export import export, load_artifact
-    from dlray.train import fit, init_ray, run_dir
+    from dlray.local_cluster import init_ray
+    from dlray.train import fit, run_dir
 
     init_ray()
     storage = tempfile.mkdtemp(prefix="dlray-bench-quality-")
