@@ -218,7 +218,7 @@ class Sampler:
         self.model = family.build(cfg.model.model_dump(), data_info).to(device).eval()
 
     def grid_png(self, weights: dict[str, torch.Tensor]) -> bytes:
-        from dlray.tracking import png_grid
+        from dlray.png import png_grid
 
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         generators = [torch.Generator(self.device).manual_seed(self.seed + i) for i in range(self.NUM_IMAGES)]

@@ -35,7 +35,8 @@ from dlray.data import build_data
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
-from dlray.tracking import png_bytes, read_history
+from dlray.png import png_bytes
+from dlray.tracking import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO

@@ -21,7 +21,7 @@ def bench_serve() -> dict:
 
     from dlray.export import write_artifact
     from dlray.serve.app import run
-    from dlray.tracking import png_bytes
+    from dlray.png import png_bytes
     from dlray.train import init_ray
 
     init_ray()

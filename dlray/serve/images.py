@@ -32,7 +32,7 @@ from dlray.models import FAMILIES
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
 from dlray.serve.openapi import BINARY, json_content, request_body, responses
 from dlray.serve.replica import load_replica_model
-from dlray.tracking import png_bytes
+from dlray.png import png_bytes
 
 api = FastAPI(title="dlray image generation")
 install_error_handlers(api)
