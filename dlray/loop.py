@@ -27,10 +27,9 @@ import torch
 import torch.distributed as dist
 
 from dlray import finetune, precision
-from dlray.batches import InMemoryBatches, StreamedBatches
+from dlray.batches import worker_data
 from dlray.checkpoint import TrainState, best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
-from dlray.data import build_data
 from dlray.ema import EMA
 from dlray.models import FAMILIES
 from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler, is_per_step
@@ -38,7 +37,7 @@ from dlray.strategies import STRATEGIES
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """config: {"job": the JobConfig as a dict, "streamed": dlray.streaming's worker spec, or None for data loaded here,
+    """config: {"job": the JobConfig as a dict, "streamed" and "in_memory": the data (dlray.batches.worker_data),
     "log_level": for this process's Python loggers}."""
     # Root, not "ray.train": Ray Train's per-report INFO line comes from a logger named after its file
     # path, which RunConfig's LoggingConfig does not reach.
@@ -57,13 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
     precision_why = "; ".join(filter(None, (precision_why, tf32_why)))
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    if config["streamed"]:
-        data_info, tokenizer = config["streamed"]["info"], config["streamed"]["tokenizer"]
-        batches: InMemoryBatches | StreamedBatches = StreamedBatches(config["streamed"], cfg, world, device)
-    else:
-        data = build_data(cfg.data, seed=cfg.train.seed)
-        data_info, tokenizer = data.info, getattr(data, "tokenizer", None)
-        batches = InMemoryBatches(data, cfg, rank, world, device)
+    batches, data_info, tokenizer = worker_data(config, cfg, rank, world, device)
     model = build_model(family, cfg, data_info)
     flops_per_sample = model_flops_per_sample(family, model, data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.shard_classes())

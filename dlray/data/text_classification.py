@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import itertools
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
