@@ -51,7 +51,7 @@ def export_trained(cfg, data, model, directory: Path) -> Path:
     dcp.save({"model": model.state_dict()}, checkpoint_id=checkpoint, no_dist=True)
     meta = {"format": "dcp", "config": cfg.model_dump(mode="json"), "data_info": data.info, "metrics": {}, "progress": {"global_step": 0}}
     (checkpoint / META_FILE).write_text(json.dumps(meta))
-    if hasattr(data, "tokenizer"):
+    if data.tokenizer is not None:
         data.tokenizer.save_pretrained(checkpoint / TOKENIZER_DIR)
     return export(checkpoint, directory / "artifact")
 

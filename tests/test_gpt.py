@@ -33,9 +33,9 @@ def trained():
 
 def test_debug_model_beats_a_unigram_model_clearly(trained):
     _, data, model = trained
-    counts = torch.bincount(data.train.windows[:, 1:].flatten(), minlength=data.info["vocab_size"]).double() + 1  # add-one smoothing
+    counts = torch.bincount(data.train.columns["labels"].flatten(), minlength=data.info["vocab_size"]).double() + 1  # add-one smoothing
     log_probs = (counts / counts.sum()).log()
-    unigram = math.exp(-log_probs[data.val.windows[:, 1:].flatten()].mean().item())
+    unigram = math.exp(-log_probs[data.val.columns["labels"].flatten()].mean().item())
     perplexity = gpt.derived_metrics({"val_loss": evaluate(gpt, model, data.val)["loss"]}, data.info)["val_perplexity"]
     assert perplexity < unigram / 2, f"val perplexity {perplexity:.1f}, unigram {unigram:.1f}"
 

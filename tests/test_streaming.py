@@ -14,9 +14,9 @@ import pytest
 import ray
 from PIL import Image
 
+from dlray.batches import streamed_batches
 from dlray.data import data_config
 from dlray.data.rows import list_files, read_rows, streams
-from dlray.batches import streamed_batches
 from dlray.streaming import build_streamed_data, padded
 
 

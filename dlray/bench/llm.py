@@ -336,7 +336,7 @@ def plain_gpt_tokens_per_sec(run: MFURun, cfg: JobConfig, data, compiled: bool) 
     if compiled:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=device.type == "cuda")
-    windows = data.train.windows
+    windows = torch.cat([data.train.columns["input_ids"], data.train.columns["labels"][:, -1:]], 1)  # max_seq_len + 1 tokens each
     if device.type == "cuda":
         windows = windows.pin_memory()  # so that each batch's copy runs asynchronously, as a DataLoader's pinned batches do
     batches = windows[: len(windows) // run.batch * run.batch].split(run.batch)  # whole batches: no new shape to compile for

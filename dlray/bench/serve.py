@@ -20,8 +20,8 @@ def bench_serve() -> dict:
     from ray import serve
 
     from dlray.export import write_artifact
-    from dlray.serve.app import run
     from dlray.png import png_bytes
+    from dlray.serve.app import run
     from dlray.train import init_ray
 
     init_ray()

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, WrapValidator
 from dlray.data import DataConfig, data_config
 from dlray.models import FAMILIES
 
+
 def families_where(test) -> list[str]:
     """The names of the families for which test(family) holds, for error messages."""
     return [name for name, family in FAMILIES.items() if test(family)]

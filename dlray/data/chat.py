@@ -22,7 +22,6 @@ import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
 
-
 # The label of a position not trained on (prompt, padding): the ignore_index that PyTorch's
 # cross_entropy and transformers' losses skip by default, as dlray.models.gpt.compute_loss does.
 IGNORE_INDEX = -100

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+
 def no_blocks() -> tuple[type[nn.Module], ...]:
     return ()
 
