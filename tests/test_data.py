@@ -1,13 +1,16 @@
 """Data: real bundled digits, stratified splits, correct sharding across ranks, image folders."""
 
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dlray.batches import EvalShard, train_sampler
-from dlray.data import build_data, data_config
+from dlray.config import ConfigError
+from dlray.data import SOURCES, build_data, data_config
 from dlray.data.images import random_affine
 
 
@@ -108,3 +111,37 @@ def test_each_source_takes_only_its_keys_and_names_the_others():
     with pytest.raises(ValueError, match=r"unknown key 'data.imagesize'; allowed keys here: name, .*image_size"):
         data_config(imagesize=16)
     assert data_config().image_size == 8 and data_config(name="image_folder", path="x").image_size == 32, "one default per source, in both modes"
+
+
+@pytest.fixture
+def toy_source_registered():
+    """The toy source's registry line (tests/toy_source.py), for one test: Serve replicas and Ray workers cannot import a test module."""
+    from toy_source import TOY_SOURCE
+
+    SOURCES[TOY_SOURCE.name] = TOY_SOURCE
+    try:
+        yield TOY_SOURCE
+    finally:
+        del SOURCES[TOY_SOURCE.name]
+
+
+def test_a_source_added_by_the_recipe_trains_and_streams_the_same_samples(ray_cluster, toy_source_registered):
+    import ray.cloudpickle
+    import toy_source
+
+    from dlray.config import config_from_dict
+    from dlray.models import cnn
+    from dlray.streaming import build_streamed_data
+
+    from single_process import evaluate, train
+
+    cfg = config_from_dict({"model": {"family": "cnn", "dropout": 0.0}, "data": {"name": "stripes", "noise": 0.3}, "optim": {"lr": 0.01}})
+    with pytest.raises(ConfigError, match="data.image_size applies only to image data \\(data.name 'digits' or 'image_folder'\\), got data.name 'stripes'"):
+        config_from_dict({"data": {"name": "stripes", "image_size": 16}})
+    data, model = train(cfg, steps=30, batch_size=32)
+    assert evaluate(cnn.FAMILY, model, data.test)["loss"] < 0.5 * math.log(2), "well below chance"
+    ray.cloudpickle.register_pickle_by_value(toy_source)  # Ray's task workers cannot import a test module
+    streamed = build_streamed_data(cfg.data.model_copy(update={"streaming": True}), seed=cfg.train.seed, num_workers=2)
+    val = streamed.datasets["val"].take_all()
+    assert streamed.rows["val"] == len(data.val) > 0
+    assert np.array_equal(np.stack([row["image"] for row in val if row["weight"] > 0]), data.val.columns["image"].numpy())
