@@ -1,5 +1,8 @@
-"""Each training worker's batches: from data in its memory (a DataLoader over its share), or
-streamed from its Ray Data shard (dlray.streaming). The loop sees the same thing from both:
+"""Each training worker's batches: from data built once on the driver (dlray.data.build_data, put in
+Ray's object store: a DataLoader over this worker's share), or streamed from its Ray Data shard
+(dlray.streaming). The loop sees the same thing from both:
+
+    batches, data_info, tokenizer = worker_data(config, cfg, rank, world, device)
 
     batches.micro_batches            micro-batches per epoch, the same on every rank
     batches.train(epoch)             (fields, weight, skipped) per micro-batch; weight None: every row counts
@@ -11,11 +14,21 @@ from __future__ import annotations
 import math
 import threading
 
+import ray
 import ray.train
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dlray.config import JobConfig
+
+
+def worker_data(config: dict, cfg: JobConfig, rank: int, world: int, device: torch.device) -> tuple[InMemoryBatches | StreamedBatches, dict, object]:
+    """This worker's batches, the data's info (what the model is built from) and its tokenizer (None for images),
+    from what the driver prepared (dlray.train.prepare_data): config["streamed"], or config["in_memory"]."""
+    if config["streamed"]:
+        return StreamedBatches(config["streamed"], cfg, world, device), config["streamed"]["info"], config["streamed"]["tokenizer"]
+    data = ray.get(config["in_memory"])
+    return InMemoryBatches(data, cfg, rank, world, device), data.info, data.tokenizer
 
 
 class InMemoryBatches:
@@ -57,14 +70,10 @@ class StreamedBatches:
             self.ahead[epoch + 1] = FirstBatchAhead(self._epoch(epoch + 1))
 
     def _epoch(self, epoch: int):
-        from dlray.streaming import streamed_batches
-
         return streamed_batches(ray.train.get_dataset_shard("train"), self.spec["columns"], self.cfg.train.micro_batch_size,
                                 self.cfg.train.seed + epoch, self.cfg.data.local_shuffle_buffer_size, self.pin_memory)
 
     def eval(self, split: str):
-        from dlray.streaming import streamed_batches
-
         for fields, weight, _ in streamed_batches(ray.train.get_dataset_shard(split), self.spec["columns"], self.cfg.train.micro_batch_size,
                                                   None, 0, self.pin_memory):
             yield fields, weight
@@ -128,3 +137,11 @@ def loader_options(cfg: JobConfig, device: torch.device) -> dict:
 
 def size(dataset: Dataset) -> int:
     return len(dataset)  # type: ignore[arg-type]  # torch's Dataset does not declare __len__; every dlray dataset has one
+
+
+def streamed_batches(shard, columns: tuple[str, ...], batch_size: int, shuffle_seed: int | None, buffer_size: int, pin_memory: bool = False):
+    """This worker's batches of a split: (fields in `columns` order, weight, skipped), on the CPU."""
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device="cpu", pin_memory=pin_memory, drop_last=False,
+                                          local_shuffle_buffer_size=buffer_size if shuffle_seed is not None else None,
+                                          local_shuffle_seed=shuffle_seed):
+        yield [batch[name] for name in columns], batch["weight"], batch["skipped"]

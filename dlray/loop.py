@@ -29,10 +29,9 @@ import torch
 import torch.distributed as dist
 
 from dlray import finetune, precision, reports
-from dlray.batches import InMemoryBatches, StreamedBatches
+from dlray.batches import worker_data
 from dlray.checkpoint import TrainState, best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
-from dlray.data import build_data
 from dlray.ema import EMA
 from dlray.models import FAMILIES
 from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler, is_per_step
@@ -41,7 +40,7 @@ from dlray.strategies import STRATEGIES
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """config: {"job": the JobConfig as a dict, "streamed": dlray.streaming's worker spec, or None for data loaded here,
+    """config: {"job": the JobConfig as a dict, "streamed" and "in_memory": the data (dlray.batches.worker_data),
     "log_level": for this process's Python loggers}."""
     # Root, not "ray.train": Ray Train's per-report INFO line comes from a logger named after its file
     # path, which RunConfig's LoggingConfig does not reach.
@@ -55,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     num_nodes, node = count_nodes(world)
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    batches, data_info, tokenizer = worker_batches(config["streamed"], cfg, rank, world, device)
+    batches, data_info, tokenizer = worker_data(config, cfg, rank, world, device)
     model = build_model(family, cfg, data_info)
     flops_per_sample = model_flops_per_sample(family, model, data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.shard_classes())
@@ -139,14 +138,6 @@ def with_precision(cfg: JobConfig, hardware: precision.Hardware) -> tuple[JobCon
     return cfg.model_copy(update={"precision": chosen}), "; ".join(filter(None, (why, tf32_why)))
 
 
-def worker_batches(streamed: dict | None, cfg: JobConfig, rank: int, world: int, device: torch.device):
-    """(batches, data_info, tokenizer or None) of this rank: its Ray Data shards (`streamed`: their spec) or data loaded here."""
-    if streamed:
-        return StreamedBatches(streamed, cfg, world, device), streamed["info"], streamed["tokenizer"]
-    data = build_data(cfg.data, seed=cfg.train.seed)
-    return InMemoryBatches(data, cfg, rank, world, device), data.info, getattr(data, "tokenizer", None)
-
-
 def count_steps(batches, cfg: JobConfig, world: int) -> int:
     """Optimizer steps per epoch, the same on every rank."""
     steps = math.ceil(batches.micro_batches / cfg.train.gradient_accumulation_steps)
@@ -221,7 +212,7 @@ class Sampler:
         weights = ema.gather() if ema else strategy.gather(strategy.local_state())
         if self.model is None:
             return None
-        from dlray.runfiles import png_grid
+        from dlray.png import png_grid
 
         self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
         generators = [torch.Generator(self.device).manual_seed(self.seed + i) for i in range(self.NUM_IMAGES)]

@@ -17,15 +17,15 @@ from ray.train.torch import TorchTrainer
 
 from dlray import trackers
 from dlray.config import JobConfig
-from dlray.data.sources import FORMATS, streams
+from dlray.data import streamed
 from dlray.local_cluster import init_ray
 from dlray.loop import train_loop_per_worker
 from dlray.runfiles import MetricsLogger
-from dlray.streaming import train_data_config
+from dlray.streaming import prepare_data, train_data_config
 
 if TYPE_CHECKING:
     from dlray.console import Console
-    from dlray.streaming import StreamedData
+    from dlray.streaming import PreparedData
 
 
 def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None = None, verbose: bool | None = None) -> Result:
@@ -51,12 +51,12 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
         # terminal, Ray Data logs progress at INFO, which RAY_DATA_LOG_LEVEL (init_ray) keeps out. (With bars
         # disabled outright it warns once per process that they are.) Datasets keep the context they were made in.
         ray.data.DataContext.get_current().use_ray_tqdm = False
-    streamed = stream(cfg)
+    data = data_for_workers(cfg)
     log_level = "INFO" if verbose else "WARNING"
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "streamed": streamed and streamed.worker_spec(), "log_level": log_level},
-        datasets=streamed and streamed.datasets,
+        train_loop_config={"job": cfg.model_dump(mode="json"), **data.worker_config, "log_level": log_level},
+        datasets=data.datasets,
         dataset_config=train_data_config(),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -81,18 +81,11 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
     return trainer.fit()
 
 
-def stream(cfg: JobConfig) -> StreamedData | None:
-    """The Ray Data pipelines of a streamed source (data.streaming, or the rule in dlray.data.sources); None: the workers load it."""
-    from dlray.data.image_folder import IMAGE_SUFFIXES
-
-    suffixes = IMAGE_SUFFIXES if cfg.data.name == "image_folder" else FORMATS
-    if not streams(cfg.data.path, cfg.data.streaming, suffixes):
-        return None
-    from dlray.streaming import build_streamed_data
-
-    if warning := preprocessing_cpus_warning(cfg, ray.cluster_resources().get("CPU", 0)):
+def data_for_workers(cfg: JobConfig) -> PreparedData:
+    """The Ray Data pipelines of a streamed source (data.streaming, or the rule in dlray.data.rows), or the data built here."""
+    if streamed(cfg.data) and (warning := preprocessing_cpus_warning(cfg, ray.cluster_resources().get("CPU", 0))):
         print(f"[dlray] warning: {warning}", flush=True)
-    return build_streamed_data(cfg.data, cfg.train.seed, cfg.scaling.num_workers)
+    return prepare_data(cfg.data, cfg.train.seed, cfg.scaling.num_workers)
 
 
 def preprocessing_cpus_warning(cfg: JobConfig, cluster_cpus: float) -> str | None:

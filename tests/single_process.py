@@ -70,7 +70,7 @@ def export_trained(cfg, data, model, directory: Path) -> Path:
     checkpoint = directory / "checkpoint"
     dcp.save({"model": model.state_dict()}, checkpoint_id=checkpoint, no_dist=True)
     write_meta(checkpoint, STRATEGIES["ddp"].CHECKPOINT_FORMAT, cfg, data.info, TrainState(), {})
-    if hasattr(data, "tokenizer"):
+    if data.tokenizer is not None:
         data.tokenizer.save_pretrained(checkpoint / TOKENIZER_DIR)
     return export(checkpoint, directory / "artifact")
 

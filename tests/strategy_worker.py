@@ -25,9 +25,8 @@ from torch.utils.data import Subset, default_collate
 
 from dlray import precision
 from dlray.checkpoint import EMA_FILE, TrainState, write_meta
-from dlray.config import DataConfig, config_from_dict
-from dlray.config.sections import DATA_KINDS
-from dlray.data import build_data
+from dlray.config import config_from_dict
+from dlray.data import SOURCES, build_data, data_config
 from dlray.ema import EMA
 from dlray.finetune import trainable_names
 from dlray.loop import build_model, make_optimizers, with_precision
@@ -57,7 +56,7 @@ def debug_job(family: str) -> dict:
     config = {section: dict(job.get(section, {})) for section in ("model", "data", "optim")}
     config["train"] = {key: value for key, value in job.get("train", {}).items() if key == "ema_decay"}
     config["model"]["dropout"] = 0.0
-    if config["data"].get("name", "digits") in DATA_KINDS["image data"]:
+    if SOURCES[config["data"].get("name", "digits")].kind == "image":
         config["data"]["augment"] = False
     return config
 
@@ -197,9 +196,9 @@ def run_case(case: dict, out: Path, rank: int, world: int) -> dict:
 
 
 @functools.cache
-def data_once(data_config: str):
+def data_once(data_config_json: str):
     """The data of a data config (as JSON), built once per process: text data trains a tokenizer, seconds each case would repeat."""
-    return build_data(DataConfig.model_validate_json(data_config), seed=0)
+    return build_data(data_config(json.loads(data_config_json)), seed=0)
 
 
 def first_samples(dataset, n: int):

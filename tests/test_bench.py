@@ -47,10 +47,13 @@ def test_both_sides_of_the_mfu_bench_train_one_model_on_one_token_stream(tmp_pat
     cfg = mfu_job(run, tmp_path)
     data = build_data(cfg.data, seed=cfg.train.seed)
     assert data.info["vocab_size"] == 32000 and (len(data.train), len(data.val), len(data.test)) == (6, 2, 0)
-    stream = torch.tensor([int(word[1:]) for word in (tmp_path / "tokens.txt").read_text().split()])
-    assert len(stream) == 8 * 16 and int(stream.min()) >= 3  # no special token drawn
-    expected = stream.unfold(0, 17, 16).tolist() + [[*stream[-16:].tolist(), 2]]  # the last window ends with the document's EOS
-    assert sorted(data.train.windows.tolist() + data.val.windows.tolist()) == sorted(expected)
+    expected = []
+    for split, windows in (("train", 6), ("val", 2)):  # one document per split
+        stream = torch.tensor([int(word[1:]) for word in next((tmp_path / "tokens").glob(f"*-{split}.txt")).read_text().split()])
+        assert len(stream) == windows * 16 and int(stream.min()) >= 3  # no special token drawn
+        expected += stream.unfold(0, 17, 16).tolist() + [[*stream[-16:].tolist(), 2]]  # the last window ends with the document's EOS
+    windows = [torch.cat([split.columns["input_ids"], split.columns["labels"][:, -1:]], 1) for split in (data.train, data.val)]
+    assert sorted(windows[0].tolist() + windows[1].tolist()) == sorted(expected)
     with torch.device("meta"):
         assert round(gpt.build(cfg.model.model_dump(), data.info).num_parameters() / 1e6) == 1100
     tiny = dataclasses.replace(run, flavor="debug", precision="fp32", compile=False, device="cpu", warmup_steps=1, timed_steps=2)

@@ -74,11 +74,11 @@ def test_vit_export_classifies_with_plain_transformers(trained_vit, tmp_path):
     cfg, data, model = trained_vit
     artifact = export_trained(cfg, data, model, tmp_path)
     plain = ViTForImageClassification.from_pretrained(artifact).eval()
-    pixels = (data.val.images[:32] * 255).round().to(torch.uint8)
+    pixels = (data.val.columns["image"][:32] * 255).round().to(torch.uint8)
     inputs = AutoImageProcessor.from_pretrained(artifact)(images=[Image.fromarray(p[0].numpy(), mode="L") for p in pixels], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(plain(**inputs).logits, model(pixels.float() / 255), atol=1e-4)
-    assert plain.config.id2label == dict(enumerate(data.class_names))
+    assert plain.config.id2label == dict(enumerate(data.info["class_names"]))
     served, _ = load_artifact(artifact)  # what the classify endpoint runs: the wrapper, rebuilt
     assert evaluate(vit, served, data.val) == pytest.approx(evaluate(vit, model, data.val), rel=1e-5)
 
@@ -93,7 +93,7 @@ def test_bert_export_classifies_with_plain_transformers(trained_bert, tmp_path):
     assert inputs["input_ids"].shape[1] == data.info["max_seq_len"], "the exported tokenizer truncates to the trained length"
     with torch.no_grad():
         assert torch.allclose(plain(**inputs).logits, model(**inputs).logits, atol=1e-5)
-    assert plain.config.id2label == dict(enumerate(data.class_names))
+    assert plain.config.id2label == dict(enumerate(data.info["class_names"]))
     assert evaluate(bert, plain, data.val) == pytest.approx(evaluate(bert, model, data.val), rel=1e-5)
 
 

@@ -1,31 +1,34 @@
 """Data: real bundled digits, stratified splits, correct sharding across ranks, image folders."""
 
 
+import math
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from dlray.batches import EvalShard, train_sampler
-from dlray.config import DataConfig
-from dlray.data import build_data
+from dlray.config import ConfigError
+from dlray.data import SOURCES, build_data, data_config
 from dlray.data.images import random_affine
 
 
 def test_digits_splits_are_disjoint_stratified_and_complete():
-    data = build_data(DataConfig(), seed=0)
+    data = build_data(data_config(), seed=0)
     sizes = len(data.train), len(data.val), len(data.test)
-    assert sum(sizes) == 1797 and data.image_shape == (1, 8, 8) and len(data.class_names) == 10
+    assert sum(sizes) == 1797 and data.info["image_shape"] == (1, 8, 8) and len(data.info["class_names"]) == 10
     assert 340 <= sizes[2] <= 380 and 160 <= sizes[1] <= 200
     test_labels = torch.stack([data.test[i][1] for i in range(len(data.test))])
     assert test_labels.bincount(minlength=10).min() >= 30, "every class is in the test split"
-    images = data.val.images
+    images = data.val.columns["image"]
     assert 0.0 <= images.min() and images.max() <= 1.0
 
 
 def test_same_seed_same_split_on_every_worker():
-    a, b = build_data(DataConfig(), seed=7), build_data(DataConfig(), seed=7)
-    assert torch.equal(a.test.images, b.test.images)
-    assert not torch.equal(a.test.images, build_data(DataConfig(), seed=8).test.images)
+    a, b = build_data(data_config(), seed=7), build_data(data_config(), seed=7)
+    assert torch.equal(a.test.columns["image"], b.test.columns["image"])
+    assert not torch.equal(a.test.columns["image"], build_data(data_config(), seed=8).test.columns["image"])
 
 
 def test_training_shards_cover_every_sample_each_epoch():
@@ -55,16 +58,17 @@ def test_eval_shards_count_every_sample_exactly_once():
 
 
 def test_augmentation_changes_images_but_keeps_labels():
-    data = build_data(DataConfig(augment=True), seed=0)
+    data = build_data(data_config(augment=True), seed=0)
     torch.manual_seed(0)
     image, label = data.train[0]
-    assert label == data.train.labels[0]
-    assert not torch.equal(image, data.train.images[0]) and image.shape == (1, 8, 8)
+    assert label == data.train.columns["label"][0]
+    assert not torch.equal(image, data.train.columns["image"][0]) and image.shape == (1, 8, 8)
+    assert build_data(data_config(augment=False), seed=0).train.augment is None
 
 
 def test_a_batch_is_augmented_image_by_image():
     """Streamed preprocessing augments a batch in one call: each image still gets its own transform."""
-    digit = build_data(DataConfig(), seed=0).train.images[0]
+    digit = build_data(data_config(), seed=0).train.columns["image"][0]
     torch.manual_seed(0)
     out = random_affine(torch.stack([digit] * 8 + [torch.zeros_like(digit)]))
     assert out.shape == (9, 1, 8, 8)
@@ -81,6 +85,63 @@ def test_image_folder_loads_class_subfolders(tmp_path):
             pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
-    data = build_data(DataConfig(name="image_folder", path=str(tmp_path), image_size=16, channels=3, val_fraction=0.2, test_fraction=0.2), seed=0)
-    assert data.class_names == ["cat", "dog"] and data.image_shape == (3, 16, 16)
+    data = build_data(data_config(name="image_folder", path=str(tmp_path), image_size=16, channels=3, val_fraction=0.2, test_fraction=0.2), seed=0)
+    assert data.info["class_names"] == ["cat", "dog"] and data.info["image_shape"] == (3, 16, 16)
     assert len(data.train) + len(data.val) + len(data.test) == 20
+
+
+def test_a_corrupt_image_in_memory_is_named_or_skipped(tmp_path):
+    """In memory as streamed (test_streaming): the file is named, once, by the process that builds the data."""
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "dog" / "broken.png").write_bytes(b"not a png")
+    keys = {"name": "image_folder", "path": str(tmp_path), "val_fraction": 0.0, "test_fraction": 0.0}
+    with pytest.raises(ValueError, match=r"dog/broken.png: not a readable image"):
+        build_data(data_config(keys), seed=0)
+    data = build_data(data_config(keys, bad_rows="skip"), seed=0)
+    assert len(data.train) == 12 and data.skipped_rows == 1
+
+
+def test_each_source_takes_only_its_keys_and_names_the_others():
+    with pytest.raises(ValueError, match=r"data.max_seq_len applies only to text data or labelled text data \(data.name 'text' or 'text_classification'\), got data.name 'digits'"):
+        data_config(max_seq_len=64)
+    with pytest.raises(ValueError, match=r"unknown key 'data.imagesize'; allowed keys here: name, .*image_size"):
+        data_config(imagesize=16)
+    assert data_config().image_size == 8 and data_config(name="image_folder", path="x").image_size == 32, "one default per source, in both modes"
+
+
+@pytest.fixture
+def toy_source_registered():
+    """The toy source's registry line (tests/toy_source.py), for one test: Serve replicas and Ray workers cannot import a test module."""
+    from toy_source import TOY_SOURCE
+
+    SOURCES[TOY_SOURCE.name] = TOY_SOURCE
+    try:
+        yield TOY_SOURCE
+    finally:
+        del SOURCES[TOY_SOURCE.name]
+
+
+def test_a_source_added_by_the_recipe_trains_and_streams_the_same_samples(ray_cluster, toy_source_registered):
+    import ray.cloudpickle
+    import toy_source
+
+    from dlray.config import config_from_dict
+    from dlray.models import cnn
+    from dlray.streaming import build_streamed_data
+
+    from single_process import evaluate, train
+
+    cfg = config_from_dict({"model": {"family": "cnn", "dropout": 0.0}, "data": {"name": "stripes", "noise": 0.3}, "optim": {"lr": 0.01}})
+    with pytest.raises(ConfigError, match="data.image_size applies only to image data \\(data.name 'digits' or 'image_folder'\\), got data.name 'stripes'"):
+        config_from_dict({"data": {"name": "stripes", "image_size": 16}})
+    data, model = train(cfg, steps=30, batch_size=32)
+    assert evaluate(cnn.FAMILY, model, data.test)["loss"] < 0.5 * math.log(2), "well below chance"
+    ray.cloudpickle.register_pickle_by_value(toy_source)  # Ray's task workers cannot import a test module
+    streamed = build_streamed_data(cfg.data.model_copy(update={"streaming": True}), seed=cfg.train.seed, num_workers=2)
+    val = streamed.datasets["val"].take_all()
+    assert streamed.rows["val"] == len(data.val) > 0
+    assert np.array_equal(np.stack([row["image"] for row in val if row["weight"] > 0]), data.val.columns["image"].numpy())

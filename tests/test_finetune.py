@@ -106,8 +106,9 @@ def test_packed_examples_compute_what_they_compute_alone(tokenizer):
 
 def test_chat_rows_load_from_jsonl_as_messages_or_prompt_and_response(tmp_path):
     make_llm_base(tmp_path / "base", steps=0)
-    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]},
-            {"prompt": "Name a colour", "response": "Blue."}] * 10
+    # Distinct conversations: copies of one are one document to the hash split, which keeps them together.
+    rows = [row for i in range(10) for row in ({"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello there."}]},
+                                               {"prompt": f"Name colour {i}", "response": "Blue."})]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     cfg = config_from_dict({"model": {"family": "gpt", "name_or_path": str(tmp_path / "base")}, "finetune": {"finetuning_type": "lora"},
                             "data": {"name": "text", "type": "chat_template", "chat_template": "zephyr", "path": str(tmp_path / "chats.jsonl"),

@@ -20,6 +20,7 @@ Collecting this module needs pytest and dlray's runtime dependencies (httpx amon
 import base64
 import functools
 import io
+import json
 import math
 from contextlib import contextmanager
 
@@ -29,13 +30,14 @@ import torch
 from torch.utils.data import default_collate
 
 from dlray import precision
-from dlray.config import ConfigError, DataConfig, load_config
+from dlray.config import ConfigError, data_config, load_config
 from dlray.console import Console
 from dlray.data import build_data
 from dlray.export import export, load_artifact
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
-from dlray.runfiles import png_bytes, read_history
+from dlray.png import png_bytes
+from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO
@@ -91,8 +93,8 @@ def fit_and_check(cfg) -> list[dict]:
 
 
 @functools.cache
-def _data(data_config: str, seed: int):
-    return build_data(DataConfig.model_validate_json(data_config), seed=seed)
+def _data(data_config_json: str, seed: int):
+    return build_data(data_config(json.loads(data_config_json)), seed=seed)
 
 
 def job_data(cfg):

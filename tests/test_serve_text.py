@@ -32,7 +32,7 @@ def server(ray_cluster, tmp_path_factory):
 
 def test_served_texts_get_the_trained_models_probabilities(server):
     base, data, model = server
-    texts = [data.tokenizer.decode(ids, skip_special_tokens=True) for ids in data.test.tensors[0][:40]]
+    texts = [data.tokenizer.decode(ids, skip_special_tokens=True) for ids in data.test.columns["input_ids"][:40]]
 
     async def classify_all():
         async with httpx.AsyncClient(timeout=60) as client:
@@ -43,9 +43,9 @@ def test_served_texts_get_the_trained_models_probabilities(server):
     encoded = data.tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
     with torch.no_grad():
         expected = torch.softmax(model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits, -1)
-    served_probs = torch.tensor([[r["probabilities"][name] for name in data.class_names] for r in served])
+    served_probs = torch.tensor([[r["probabilities"][name] for name in data.info["class_names"]] for r in served])
     assert torch.allclose(served_probs, expected, atol=1e-5)
-    assert [r["label"] for r in served] == [data.class_names[i] for i in expected.argmax(-1)]
+    assert [r["label"] for r in served] == [data.info["class_names"][i] for i in expected.argmax(-1)]
 
 
 @pytest.mark.parametrize(
@@ -64,9 +64,9 @@ def test_bad_text_requests_get_4xx_json_and_the_replica_keeps_serving(server, kw
     assert response.status_code == status, response.text
     assert message in response.json()["error"]["message"]
     good = httpx.post(f"{base}/v1/classify", json={"text": "Return the running event loop."})
-    assert good.status_code == 200 and good.json()["label"] in data.class_names
+    assert good.status_code == 200 and good.json()["label"] in data.info["class_names"]
 
 
 def test_healthz_reports_the_text_input(server):
     base, data, _ = server
-    assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "classes": len(data.class_names), "dtype": "fp32", "max_seq_len": 32}
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "classes": len(data.info["class_names"]), "dtype": "fp32", "max_seq_len": 32}

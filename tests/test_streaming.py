@@ -4,6 +4,7 @@ Ray Train runs of streamed data are in test_train (the resume and in-memory comp
 """
 
 import json
+import math
 import threading
 
 import numpy as np
@@ -13,9 +14,10 @@ import pytest
 import ray
 from PIL import Image
 
-from dlray.config import DataConfig
-from dlray.data.sources import list_files, read_rows, streams
-from dlray.streaming import build_streamed_data, padded, streamed_batches
+from dlray.batches import streamed_batches
+from dlray.data import data_config
+from dlray.data.rows import list_files, read_rows, streams
+from dlray.streaming import build_streamed_data, padded
 
 
 def epoch_of_every_rank(ds, world: int, batch_size: int, seed: int) -> list[list[tuple[list[int], list[float]]]]:
@@ -63,7 +65,7 @@ def write_image_folder(root, per_class=12, size=10):
 def test_image_folder_streams_every_split_and_names_a_corrupt_file(ray_cluster, tmp_path):
     write_image_folder(tmp_path / "images")
     (tmp_path / "images/square/broken.png").write_bytes(b"not a png")
-    cfg = DataConfig(name="image_folder", path=str(tmp_path / "images"), image_size=8, channels=3, val_fraction=0.2, test_fraction=0.2, streaming=True)
+    cfg = data_config(name="image_folder", path=str(tmp_path / "images"), image_size=8, channels=3, val_fraction=0.2, test_fraction=0.2, streaming=True)
     data = build_streamed_data(cfg.model_copy(update={"bad_rows": "skip"}), seed=0, num_workers=2)
     assert data.info["class_names"] == ["circle", "square"] and data.info["image_shape"] == (3, 8, 8)
     assert sum(data.rows.values()) == 25 and all(data.rows.values())
@@ -82,7 +84,7 @@ def test_parquet_shards_stream_as_packed_token_windows(ray_cluster, tmp_path):
     (tmp_path / "shards").mkdir()
     for shard in range(3):
         pq.write_table(pa.table({"body": documents[shard::3]}), tmp_path / f"shards/part-{shard}.parquet")
-    cfg = DataConfig(name="text", path=str(tmp_path / "shards/*.parquet"), text_field="body", max_seq_len=32, vocab_size=512, streaming=True)
+    cfg = data_config(name="text", path=str(tmp_path / "shards/*.parquet"), text_field="body", max_seq_len=32, vocab_size=512, streaming=True)
     data = build_streamed_data(cfg, seed=0, num_workers=3)
     assert data.columns == ("input_ids", "labels") and data.info["vocab_size"] == 512
     train = data.datasets["train"].take_batch(8)
@@ -95,10 +97,58 @@ def test_parquet_shards_stream_as_packed_token_windows(ray_cluster, tmp_path):
         assert ds.sum("weight") == data.rows[split]
 
 
+def test_a_text_corpus_gives_the_same_tokenizer_samples_and_test_loss_in_memory_and_streamed(ray_cluster, tmp_path):
+    """One source, two modes: the same documents in each split, the tokenizer trained on the same training
+    documents, the same windows; so a model trained a few steps scores the same test loss on either test split."""
+    import torch
+
+    from dlray.config import config_from_dict
+    from dlray.data import build_data
+    from dlray.data.text import bundled_documents
+    from dlray.models import FAMILIES
+
+    documents = bundled_documents()
+    (tmp_path / "corpus").mkdir()
+    for shard in range(2):
+        (tmp_path / f"corpus/part-{shard}.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in documents[shard::2]))
+    keys = {"name": "text", "path": str(tmp_path / "corpus"), "max_seq_len": 32, "vocab_size": 400}
+    in_memory = build_data(data_config(keys), seed=3)
+    streamed = build_streamed_data(data_config(keys, streaming=True), seed=3, num_workers=2)
+    assert in_memory.tokenizer.backend_tokenizer.to_str() == streamed.tokenizer.backend_tokenizer.to_str()
+    assert in_memory.info == streamed.info and in_memory.columns == streamed.columns
+
+    def streamed_split(split):
+        batch = streamed.datasets[split].take_all()
+        real = [row for row in batch if row["weight"] > 0]
+        return {name: torch.as_tensor(np.stack([row[name] for row in real])) for name in streamed.columns}
+
+    for split in ("train", "test"):
+        got, want = streamed_split(split), getattr(in_memory, split).columns
+        assert len(got["input_ids"]) == len(want["input_ids"]) == streamed.rows[split] > 0
+        assert sorted(map(tuple, got["input_ids"].tolist())) == sorted(map(tuple, want["input_ids"].tolist())), split
+
+    cfg = config_from_dict({"model": {"family": "gpt", "dropout": 0.0}, "data": keys})
+    gpt = FAMILIES["gpt"]
+    torch.manual_seed(0)
+    model = gpt.build(cfg.model.model_dump(), in_memory.info)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = in_memory.train.columns
+    for step in range(10):
+        rows = torch.arange(step * 16, step * 16 + 16) % len(train["input_ids"])
+        gpt.training_loss(model, [train["input_ids"][rows], train["labels"][rows]], "model").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        losses = [gpt.compute_loss(model, [columns["input_ids"], columns["labels"]])["loss"].mean().item()
+                  for columns in (in_memory.test.columns, streamed_split("test"))]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] < math.log(in_memory.info["vocab_size"]), losses
+
+
 def test_a_malformed_jsonl_line_is_named_before_training(ray_cluster, tmp_path):
     good = [json.dumps({"text": f"row {i}", "label": i % 2}) for i in range(8)]
     (tmp_path / "texts.jsonl").write_text("\n".join(good[:5] + ['{"text": "cut off', *good[5:]]))
-    cfg = DataConfig(name="text_classification", path=str(tmp_path / "texts.jsonl"), streaming=True, vocab_size=300)
+    cfg = data_config(name="text_classification", path=str(tmp_path / "texts.jsonl"), streaming=True, vocab_size=300)
     with pytest.raises(Exception, match=r"texts.jsonl, line 6: not valid JSON"):
         build_streamed_data(cfg, seed=0, num_workers=2)
 
@@ -143,7 +193,7 @@ def test_the_rule_streams_uris_and_large_paths_and_loads_the_rest(tmp_path):
 def test_conversations_and_labelled_texts_stream_in_the_families_batch_layout(ray_cluster, tmp_path):
     chats = [{"prompt": f"What is {i} + {i}?", "response": f"It is {2 * i}."} for i in range(40)]
     (tmp_path / "chats.jsonl").write_text("\n".join(map(json.dumps, chats)))
-    cfg = DataConfig(name="text", type="chat_template", chat_template="zephyr", path=str(tmp_path / "chats.jsonl"), max_seq_len=48,
+    cfg = data_config(name="text", type="chat_template", chat_template="zephyr", path=str(tmp_path / "chats.jsonl"), max_seq_len=48,
                      sample_packing=True, vocab_size=300, streaming=True)
     data = build_streamed_data(cfg, seed=0, num_workers=2)
     assert data.columns == ("input_ids", "position_ids", "labels")
@@ -153,7 +203,7 @@ def test_conversations_and_labelled_texts_stream_in_the_families_batch_layout(ra
     assert (batch["position_ids"][:, 0] == 0).all()
 
     (tmp_path / "labelled.csv").write_text("text,label\n" + "\n".join(f"sample text number {i},{'ab'[i % 2]}" for i in range(60)))
-    cfg = DataConfig(name="text_classification", path=str(tmp_path / "labelled.csv"), max_seq_len=16, vocab_size=300, streaming=True)
+    cfg = data_config(name="text_classification", path=str(tmp_path / "labelled.csv"), max_seq_len=16, vocab_size=300, streaming=True)
     data = build_streamed_data(cfg, seed=0, num_workers=2)
     assert data.columns == ("input_ids", "attention_mask", "label") and data.info["class_names"] == ["a", "b"]
     batch = data.datasets["train"].take_batch(8)

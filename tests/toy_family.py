@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dlray.models.classification import classification_losses
-from dlray.models.family import IMAGE_DATA, ModelFamily
+from dlray.models.family import ModelFamily
 
 FLAVORS = {"debug": {"hidden": 32}}
 
@@ -38,7 +38,7 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 
 # `FAMILY` in a family module; here TOY, so that nothing but the tests that want it registers it
 # (the line in FAMILIES is made by test_strategies' fixture and by strategy_worker).
-TOY = ModelFamily(name="toy", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="classify",
+TOY = ModelFamily(name="toy", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("image",), task="classify",
                   metrics=("accuracy",), shard_classes=lambda: (Block,))
 
 # Its debug job, as jobs/debug/toy_cpu.yaml would hold it.

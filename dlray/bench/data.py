@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dlray.config import DataConfig, load_config
+from dlray.config import data_config, load_config
 
 IMAGE_SIZE = 224  # pixels a side, as ImageNet is trained: ~150 KB per noise PNG
 SMALL_MB, LARGE_MB = 200, 2000
@@ -126,7 +126,7 @@ def pipeline_images_per_sec(folder: Path, cpus: int) -> float:
     which a training run then keeps from epoch to epoch."""
     from dlray.streaming import build_streamed_data
 
-    cfg = DataConfig(name="image_folder", path=str(folder), image_size=64, channels=3, streaming=True, preprocess_concurrency=cpus)
+    cfg = data_config(name="image_folder", path=str(folder), image_size=64, channels=3, streaming=True, preprocess_concurrency=cpus)
     train = build_streamed_data(cfg, seed=0, num_workers=1).datasets["train"]
     for _ in train.iter_internal_ref_bundles():
         pass
@@ -210,8 +210,8 @@ def streamed_text_worker(corpus: Path, root: Path) -> dict:
 def _stream_text_shard(config: dict) -> None:
     import ray.train
 
+    from dlray.batches import streamed_batches
     from dlray.loop import peak_rss_mib, private_mib
-    from dlray.streaming import streamed_batches
 
     start, windows, peak_private = time.perf_counter(), 0, private_mib()
     for _, weight, _ in streamed_batches(ray.train.get_dataset_shard("train"), tuple(config["columns"]), TEXT_BATCH, 0, config["buffer"]):

@@ -71,8 +71,7 @@ def bench_sample_quality() -> dict:
     model, _ = load_artifact(artifacts[DIFFUSION_JOB])
     classifier, _ = load_artifact(artifacts["jobs/cnn_digits.yaml"])
     cfg = load_config(DIFFUSION_JOB)
-    test = build_data(cfg.data, seed=cfg.train.seed).test
-    real = torch.stack([test[i][0] for i in range(len(test))]) * 2 - 1  # the job's held-out digits, in [0, 1]
+    real = build_data(cfg.data, seed=cfg.train.seed).test.columns["image"] * 2 - 1  # the job's held-out digits, in [0, 1]
 
     def judge(images_in_minus1_1: torch.Tensor) -> dict:
         pixels = F.interpolate((images_in_minus1_1 + 1) / 2, size=(8, 8), mode="area")  # the CNN's native 8x8 digits

@@ -290,23 +290,28 @@ def mfu_job(run: MFURun, directory: Path) -> JobConfig:
     """dlray's job for `run`, on a generated token stream under `directory`: `run.timed_steps` training
     batches an epoch and one validation batch."""
     train_windows, val_windows = run.timed_steps * run.batch, run.batch
-    corpus, tokenizer = write_token_stream(directory, run.vocab, train_windows + val_windows, run.seq_len)
+    val_fraction = val_windows / (train_windows + val_windows)
+    corpus, tokenizer = write_token_stream(directory, run.vocab, {"train": train_windows, "val": val_windows}, run.seq_len, val_fraction)
     return load_config(None, [
         "model.family=gpt", f"model.flavor={run.flavor}", "model.dropout=0.0", "data.name=text", f"data.path={corpus}",
-        f"data.tokenizer={tokenizer}", f"data.max_seq_len={run.seq_len}", f"data.val_fraction={val_windows / (train_windows + val_windows)}",
+        f"data.tokenizer={tokenizer}", f"data.max_seq_len={run.seq_len}", f"data.val_fraction={val_fraction}",
         "data.test_fraction=0.0", "strategy.name=fsdp", f"precision={run.precision}", f"train.compile={str(run.compile).lower()}",
         "train.num_epochs=2", f"train.micro_batch_size={run.batch}", "scaling.num_workers=1", f"scaling.use_gpu={str(run.device == 'cuda').lower()}",
         f"run.storage_path={directory / 'runs'}", "run.name=mfu", "run.checkpoint_num_to_keep=1"])
 
 
-def write_token_stream(directory: Path, vocab_size: int, windows: int, seq_len: int, seed: int = 0) -> tuple[Path, Path]:
+def write_token_stream(directory: Path, vocab_size: int, windows: dict[str, int], seq_len: int, val_fraction: float,
+                       seed: int = 0) -> tuple[Path, Path]:
     """Random tokens over a whole vocabulary as files dlray's `text` source reads: a word-level tokenizer
     whose words are the token ids (`t<id>`, after the special tokens' ids 0-2, as in a trained tokenizer),
-    and one document of windows x seq_len such words, which tokenises back to exactly those ids (then
-    EOS) and so packs into exactly `windows` windows. (corpus, tokenizer directory)."""
+    and one document per split (`windows`: split -> windows) of windows x seq_len such words, which tokenises
+    back to exactly those ids (then EOS) and so packs into exactly its windows. The source splits by
+    document hash (train.seed's): each document is drawn until its hash puts it in its split.
+    (corpus folder, tokenizer directory)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from dlray.data.rows import SPLITS, split_of
     from dlray.data.text import SPECIAL_TOKENS
 
     specials = list(SPECIAL_TOKENS.values())
@@ -314,9 +319,14 @@ def write_token_stream(directory: Path, vocab_size: int, windows: int, seq_len: 
     words = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["pad_token"]))  # every word is in the vocabulary
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=words, **SPECIAL_TOKENS).save_pretrained(directory / "tokenizer")
-    ids = torch.randint(len(specials), vocab_size, (windows * seq_len,), generator=torch.Generator().manual_seed(seed))
-    (directory / "tokens.txt").write_text(" ".join(f"t{i}" for i in ids.tolist()))
-    return directory / "tokens.txt", directory / "tokenizer"
+    generator = torch.Generator().manual_seed(seed)
+    (directory / "tokens").mkdir()
+    for index, (split, count) in enumerate(windows.items()):
+        text = ""
+        while not text or split_of(text, val_fraction, 0.0, JobConfig().train.seed) != SPLITS.index(split):
+            text = " ".join(f"t{i}" for i in torch.randint(len(specials), vocab_size, (count * seq_len,), generator=generator).tolist())
+        (directory / f"tokens/{index}-{split}.txt").write_text(text)
+    return directory / "tokens", directory / "tokenizer"
 
 
 def _meta_model(cfg: JobConfig, info: dict):
@@ -336,7 +346,7 @@ def plain_gpt_tokens_per_sec(run: MFURun, cfg: JobConfig, data, compiled: bool) 
     if compiled:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=device.type == "cuda")
-    windows = data.train.windows
+    windows = torch.cat([data.train.columns["input_ids"], data.train.columns["labels"][:, -1:]], 1)  # max_seq_len + 1 tokens each
     if device.type == "cuda":
         windows = windows.pin_memory()  # so that each batch's copy runs asynchronously, as a DataLoader's pinned batches do
     batches = windows[: len(windows) // run.batch * run.batch].split(run.batch)  # whole batches: no new shape to compile for

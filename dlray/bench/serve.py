@@ -21,7 +21,7 @@ def bench_serve() -> dict:
 
     from dlray.export import write_artifact
     from dlray.local_cluster import init_ray
-    from dlray.runfiles import png_bytes
+    from dlray.png import png_bytes
     from dlray.serve.app import run
 
     init_ray()

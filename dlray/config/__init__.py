@@ -19,11 +19,9 @@ from dlray.config.dotted import ConfigError, set_dotted
 from dlray.config.job import JobConfig
 from dlray.config.loading import apply_override, config_from_dict, job_files, load_config
 from dlray.config.sections import (
-    DATA_KINDS,
-    DATASET_KEYS,
-    TEXT_DATA,
     AutoscalingSection,
     DataConfig,
+    DataSection,
     DDPConfig,
     DeepSpeedConfig,
     FinetuneConfig,
@@ -37,14 +35,15 @@ from dlray.config.sections import (
     ServeSection,
     StrategyConfig,
     TrainConfig,
+    data_config,
     families_where,
 )
 from dlray.config.sweep import DISTRIBUTIONS, SearchAlgConfig, SearchParam, SweepSchedulerConfig, TuneSection
 from dlray.config.trackers import MLflowSection, TrackingSection, WandbSection
 
 __all__ = [
-    "DATASET_KEYS", "DATA_KINDS", "DISTRIBUTIONS", "TEXT_DATA", "AutoscalingSection", "ConfigError", "DDPConfig", "DataConfig", "DeepSpeedConfig", "FSDPConfig", "FinetuneConfig",
+    "DISTRIBUTIONS", "AutoscalingSection", "ConfigError", "DataConfig", "DataSection", "DDPConfig", "DeepSpeedConfig", "FSDPConfig", "FinetuneConfig",
     "JobConfig", "MLflowSection", "ModelConfig", "OptimConfig", "RunSection", "ScalingSection", "SchedulerConfig", "SearchAlgConfig", "SearchParam",
     "Section", "ServeSection", "StrategyConfig", "SweepSchedulerConfig", "TrackingSection", "TrainConfig", "TuneSection", "WandbSection", "apply_override",
-    "config_from_dict", "families_where", "job_files", "load_config", "set_dotted",
+    "config_from_dict", "data_config", "families_where", "job_files", "load_config", "set_dotted",
 ]

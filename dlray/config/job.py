@@ -7,12 +7,11 @@ import copy
 import importlib.util
 from typing import Literal
 
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from dlray.config.dotted import messages, set_dotted
 from dlray.config.sections import (
-    TEXT_DATA,
-    DataConfig,
+    DataSection,
     DDPConfig,
     FinetuneConfig,
     ModelConfig,
@@ -28,6 +27,7 @@ from dlray.config.sections import (
 )
 from dlray.config.sweep import TuneSection
 from dlray.config.trackers import TrackingSection
+from dlray.data import SOURCES, data_config
 from dlray.models import FAMILIES
 
 
@@ -38,7 +38,7 @@ def flash_attention_installed() -> bool:
 
 class JobConfig(Section):
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
+    data: DataSection = Field(default_factory=data_config)
     train: TrainConfig = TrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     optim: OptimConfig = OptimConfig()
@@ -60,11 +60,12 @@ class JobConfig(Section):
         if self.precision == "fp16" and self.strategy.name == "deepspeed" and not self.scaling.use_gpu:
             raise ValueError("precision 'fp16' with strategy.name 'deepspeed' needs scaling.use_gpu true: fp16 computes nothing faster on a CPU; use 'bf16' or 'fp32'")
         family = FAMILIES[self.model.family]
-        if self.data.name not in family.data:
-            if set(family.data) <= set(TEXT_DATA):
-                raise ValueError(f"model.family {self.model.family!r} trains on text: it needs data.name {family.data[0]!r}, got data.name {self.data.name!r}")
-            able = families_where(lambda f: self.data.name in f.data)
-            raise ValueError(f"data.name {self.data.name!r} needs {TEXT_DATA[self.data.name]}: model.family must be one of {able}, got {self.model.family!r}")
+        kind = SOURCES[self.data.name].kind
+        if kind not in family.data:
+            takes = [name for name, source in SOURCES.items() if source.kind in family.data]
+            able = families_where(lambda f: kind in f.data)
+            raise ValueError(f"model.family {self.model.family!r} trains on {' or '.join(family.data)} data (data.name {' or '.join(map(repr, takes))}), "
+                             f"got data.name {self.data.name!r}, {kind} data, which model.family {' or '.join(map(repr, able)) or 'none'} trains on")
         self._check_finetune()
         if self.train.compile and self.strategy.name == "deepspeed":
             raise ValueError("train.compile is supported with strategy.name 'ddp' or 'fsdp', got 'deepspeed' (its engine wraps the "
@@ -95,7 +96,7 @@ class JobConfig(Section):
     def _check_finetune(self):
         model, finetune, family = self.model, self.finetune, FAMILIES[self.model.family]
         kind = finetune.finetuning_type
-        if model.name_or_path and self.data.name in TEXT_DATA:
+        if model.name_or_path and "tokenizer" in type(self.data).model_fields:
             if self.data.vocab_size != type(self.data).model_fields["vocab_size"].default:
                 raise ValueError("data.vocab_size sizes a tokenizer trained from scratch, but model.name_or_path brings its own: drop data.vocab_size")
             if self.data.tokenizer is None:  # a pretrained model comes with its tokenizer
@@ -113,7 +114,7 @@ class JobConfig(Section):
                              "(the 4-bit base is small enough to replicate), or finetuning_type 'lora' to shard the base")
         if self.train.ema_decay:
             raise ValueError(f"train.ema_decay averages every weight, but finetune.finetuning_type {kind!r} trains only some: drop train.ema_decay")
-        if kind == "prompt_tuning" and self.data.sample_packing:
+        if kind == "prompt_tuning" and getattr(self.data, "sample_packing", False):
             raise ValueError("finetune.finetuning_type 'prompt_tuning' puts its virtual tokens before each sequence, not before each packed example: set data.sample_packing false")
 
     def _check_search_space(self):

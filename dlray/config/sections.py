@@ -1,17 +1,17 @@
-"""The job's sections: what to train (model, finetune, data), how (train, optim, scheduler, strategy),
+"""The job's sections: what to train (model, finetune, data: each source's own config class, in
+dlray.data), how (train, optim, scheduler, strategy),
 where (scaling, run) and how it is served (serve). Each checks its own keys; dlray.config.job checks
 keys of different sections against each other."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, SerializeAsAny, Tag, WrapValidator, field_validator, model_validator
 
+from dlray.data import DataConfig, data_config
 from dlray.models import FAMILIES
-
-TEXT_DATA = {"text": "a language model", "text_classification": "a text classifier"}  # data.name -> what trains on it
 
 
 def families_where(test) -> list[str]:
@@ -23,20 +23,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def applies_only(section: Section, selector: str, owners: Mapping[str, Sequence[str]], *, kinds: Mapping[str, str] | None = None,
-                 bare_got: bool = False) -> None:
+def applies_only(section: Section, selector: str, owners: Mapping[str, Sequence[str]], *, bare_got: bool = False) -> None:
     """Refuses a key set in a section whose `selector` (its dotted name, e.g. "model.family") has a value the
     key does nothing for. owners: key -> the selector values it applies to (none: every value). The error reads
-    "<section>.<key> applies only to <selector> 'a' or 'b', got <selector> 'c'"; kinds: key -> a name for its
-    owners, worded "<kind> (<selector> 'a' or 'b')"; bare_got: "got 'c'", without the selector's name."""
+    "<section>.<key> applies only to <selector> 'a' or 'b', got <selector> 'c'"; bare_got: "got 'c'", without the selector's name."""
     prefix, field = selector.split(".")
     current = getattr(section, field)
     for key, among in owners.items():
         # Compared with the default rather than "was it set", so a dumped config reloads.
         if among and getattr(section, key) != type(section).model_fields[key].default and current not in among:
             allowed = f"{selector} {' or '.join(map(repr, among))}"
-            if kinds:
-                allowed = f"{kinds[key]} ({allowed})"
             raise ValueError(f"{prefix}.{key} applies only to {allowed}, got {'' if bare_got else selector + ' '}{current!r}")
 
 
@@ -113,69 +109,17 @@ class FinetuneConfig(Section):
         return self.finetuning_type != "full"
 
 
-DATA_KINDS = {"image data": ("digits", "image_folder"), "text data": tuple(TEXT_DATA), "language model data": ("text",),
-              "text classification data": ("text_classification",)}
-# The data keys that apply to one kind of data only.
-DATASET_KEYS = {**dict.fromkeys(("image_size", "channels", "augment"), "image data"),
-                **dict.fromkeys(("text_field", "max_seq_len", "tokenizer", "vocab_size"), "text data"),
-                **dict.fromkeys(("type", "chat_template", "sample_packing"), "language model data"),
-                "label_field": "text classification data"}
+def _data_source_config(value: Any, handler: Any) -> DataConfig:
+    """The data section as its source's own config class (dlray.data.SOURCES, as it is when validating)."""
+    if isinstance(value, DataConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"data must be a mapping of data keys, got {value!r}")
+    return data_config(value)
 
 
-class DataConfig(Section):
-    name: Literal["digits", "image_folder", "text", "text_classification"] = "digits"
-    # image_folder: a folder with one sub-folder per class; text: a file or a folder of .txt, .jsonl,
-    # .json, .parquet or .csv files (default: Python's bundled help texts); text_classification: the
-    # same without .txt (default: docstrings of Python's standard library by package). A folder, a
-    # glob (shards/*.parquet) or, streamed, a URI (s3://bucket/data, gs://..., file:///...).
-    path: str | None = None
-    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
-    test_fraction: float = Field(0.2, ge=0.0, lt=0.5)
-    dataloader_num_workers: int = Field(0, ge=0)  # in-memory data: DataLoader processes per training worker
-    # Stream through Ray Data (dlray.streaming) rather than load into every worker's memory. None: a
-    # URI streams, a local path streams when its files hold more than 1 GiB, bundled data loads.
-    streaming: bool | None = None
-    # Streamed data's shuffle: `local`, a buffer of local_shuffle_buffer_size rows on each worker,
-    # seeded per epoch (a resumed run replays the order); `full` adds Ray Data's random_shuffle.
-    shuffle: Literal["local", "full"] = "local"
-    local_shuffle_buffer_size: int = Field(1024, ge=1)
-    preprocess_num_cpus: float = Field(1.0, gt=0)  # per streamed preprocessing task (decode, augment, tokenize, pack)
-    preprocess_concurrency: int | None = Field(None, ge=1)  # at most this many such tasks at once; None: as many as CPUs allow
-    # A streamed image that does not decode: `error` stops with its path; `skip` trains without it
-    # and counts it in each epoch's `skipped_rows`.
-    bad_rows: Literal["error", "skip"] = "error"
-    # images
-    image_size: int | None = Field(None, ge=4)  # resize to a square; None keeps the native size
-    channels: Literal[1, 3] = 1
-    augment: bool = True
-    # text
-    text_field: str = "text"  # the column holding the text in .jsonl / .json / .parquet / .csv files
-    label_field: str = "label"  # text_classification: the column holding each text's class (strings or integers)
-    max_seq_len: int = Field(128, ge=1)  # tokens per training sequence
-    tokenizer: str | None = None  # a saved Hugging Face tokenizer directory; None: train one (text: byte-level BPE, text_classification: WordPiece)
-    vocab_size: int = Field(2048, ge=259)  # of the trained tokenizer: at least the 256 bytes and 3 special tokens
-    # completion: raw text, cut into packed windows (pretraining); chat_template: rows with `messages`
-    # ([{role, content}]) or `prompt` and `response`, rendered with the chat template, and only the
-    # assistant's tokens are trained on (Axolotl's dataset types of the same names).
-    type: Literal["completion", "chat_template"] = "completion"
-    # The tokenizer's own template when None; else a Jinja template or a name in dlray.data.text.CHAT_TEMPLATES.
-    # It is saved with the tokenizer, so the exported model's chat route renders what it was trained on.
-    chat_template: str | None = None
-    sample_packing: bool = False  # chat_template: several examples per sequence, each attending only to itself
-
-    @model_validator(mode="after")
-    def _keys_match_dataset(self):
-        if self.name == "image_folder" and not self.path:
-            raise ValueError("data.path is required when data.name is 'image_folder'")
-        if self.path and "://" in self.path and self.streaming is False:
-            raise ValueError(f"data.path {self.path!r} is a URI, which only streams: drop data.streaming: false")
-        applies_only(self, "data.name", {key: DATA_KINDS[kind] for key, kind in DATASET_KEYS.items()}, kinds=DATASET_KEYS)
-        if self.type == "completion" and (self.chat_template or self.sample_packing):
-            key = "chat_template" if self.chat_template else "sample_packing"
-            raise ValueError(f"data.{key} applies to data.type 'chat_template' (completion text is always packed into windows), got data.type 'completion'")
-        if self.tokenizer and self.vocab_size != type(self).model_fields["vocab_size"].default:
-            raise ValueError("data.vocab_size sizes the tokenizer dlray trains, but data.tokenizer brings its own vocabulary: set only one of them")
-        return self
+# The `data` section: one config class per source, chosen by data.name (each holds only its source's keys).
+DataSection = Annotated[SerializeAsAny[DataConfig], WrapValidator(_data_source_config)]
 
 
 class TrainConfig(Section):

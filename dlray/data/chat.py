@@ -13,7 +13,7 @@ Without packing, a sample is (input_ids, labels), padded on the right (the causa
 tokens from seeing the padding). With `data.sample_packing`, examples are laid one after another
 into sequences of max_seq_len, a sample is (input_ids, position_ids, labels), and the positions
 restart at each example so that it attends only to itself (see dlray.models.gpt.compute_loss).
-Conversations, not tokens, are split into train/val/test.
+Conversations, not tokens, are split into train/val/test (see dlray.data.text, whose source this serves).
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 from transformers import PreTrainedTokenizerBase
-
-from dlray.data.images import split_indices
-from dlray.data.text import TextData, load_rows, load_tokenizer, train_tokenizer
 
 # The label of a position not trained on (prompt, padding): the ignore_index that PyTorch's
 # cross_entropy and transformers' losses skip by default, as dlray.models.gpt.compute_loss does.
@@ -38,23 +35,13 @@ CHAT_TEMPLATES = {
 ROW_FIELDS = ("messages", "prompt", "response")
 
 
-def build_chat_data(cfg, seed: int) -> TextData:
-    conversations = [to_messages(row) for row in load_rows(cfg.path, ROW_FIELDS, "`messages` (or `prompt` and `response`)")] if cfg.path else bundled_conversations()
-    if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    else:
-        tokenizer = train_tokenizer([m["content"] for messages in conversations for m in messages], cfg.vocab_size)
-    if cfg.chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer ({cfg.tokenizer or 'trained here'}) has no chat template: set data.chat_template to "
-                         f"one of {sorted(CHAT_TEMPLATES)} or to a Jinja template")
-    train, val, test = split_indices(torch.zeros(len(conversations), dtype=torch.long), cfg.val_fraction, cfg.test_fraction, seed)
-    to_samples = pack if cfg.sample_packing else pad
-    splits = [to_samples([tokenize_conversation(tokenizer, conversations[i], cfg.max_seq_len) for i in split],
-                         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id, cfg.max_seq_len)
-              for split in (train, val, test)]
-    return TextData(*splits, tokenizer, cfg.max_seq_len)
+def chat_samples(conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, cfg) -> dict:
+    """Conversations -> (input_ids, [position_ids,] labels) arrays, padded or (data.sample_packing) packed."""
+    examples = [tokenize_conversation(tokenizer, messages, cfg.max_seq_len) for messages in conversations]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    samples = (pack if cfg.sample_packing else pad)(examples, pad_id, cfg.max_seq_len).tensors
+    names = ("input_ids", "position_ids", "labels") if cfg.sample_packing else ("input_ids", "labels")
+    return {name: tensor.numpy() for name, tensor in zip(names, samples)}
 
 
 def to_messages(row: dict) -> list[dict]:

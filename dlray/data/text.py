@@ -1,82 +1,120 @@
-"""Text for causal language modelling: documents -> tokens -> packed blocks, or conversations ->
-chat template -> tokens trained on only where the assistant speaks. No Ray here.
+"""Text for causal language modelling: documents -> tokens -> packed windows, or conversations ->
+chat template -> tokens trained on only where the assistant speaks (dlray.data.chat). No Ray here.
 
     data: {name: text}                                    # Python's bundled help texts, no download
     data: {name: text, path: corpus/, text_field: body}   # .txt / .jsonl / .json / .parquet / .csv files
     data: {name: text, type: chat_template, path: chats.jsonl}   # rows of `messages`, or `prompt` + `response`
 
-Every document ends with the EOS token (as in GPT-2's pretraining data, so a model learns where
-text ends); the documents are concatenated and cut into windows of max_seq_len + 1 tokens that
-overlap by one token, so every token but the first is a target exactly once. A sample is
-(input_ids, labels) = (window[:-1], window[1:]): the labels are already shifted, and compute_loss
-compares logits with them position by position (no second shift inside the model). Windows, not
-documents, are split into train/val/test, the same way on every worker for the same seed.
+Documents (conversations), not windows, are split into train/val/test, by a hash of their text,
+before anything is tokenized: no window of a validation or test document is trained on. The
+tokenizer is `data.tokenizer` (a saved Hugging Face tokenizer) or a byte-level BPE trained on the
+first FIT_ROWS training documents only (the `tokenizers` trainer is deterministic).
 
-The tokenizer is `data.tokenizer` (a saved Hugging Face tokenizer) or a byte-level BPE trained here
-on the whole corpus: the splits are made of token windows, which exist only after tokenising, and
-a tokenizer learns only a vocabulary from them. The `tokenizers` trainer is deterministic, and
-training takes about as long as tokenising the corpus, which every worker does anyway, so each
-worker trains its own instead of sharing a cache between processes (and nodes).
+Every document ends with the EOS token (as in GPT-2's pretraining data, so a model learns where text
+ends); each batch of BATCH_ROWS documents is concatenated and cut into windows of max_seq_len + 1
+tokens that overlap by one token, so every token but the first of a batch is a target exactly once.
+A sample is (input_ids, labels) = (window[:-1], window[1:]): the labels are already shifted, and
+compute_loss compares logits with them position by position (no second shift inside the model).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import json
+from typing import Literal
 
 import torch
-from torch.utils.data import Dataset
+from pydantic import Field, model_validator
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from dlray.data.images import split_indices
-from dlray.data.sources import FORMATS
+from dlray.data.rows import TEXT_SUFFIXES, read_rows, split_of
+from dlray.data.spec import DataConfig, DataSource, Fitted, Listing
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}  # ids 0, 1, 2 in a trained tokenizer
+FIT_ROWS = 20_000  # training documents a tokenizer is trained on when data.tokenizer is not given
+BATCH_ROWS = 256  # documents tokenized together, whose windows cross documents
 
 
-@dataclass
-class TextData:
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    tokenizer: PreTrainedTokenizerBase
-    max_seq_len: int
+class TokenizedConfig(DataConfig):
+    """What the text sources share."""
 
-    @property
-    def info(self) -> dict:
-        return language_model_info(self.tokenizer, self.max_seq_len)
+    # A file, a folder (searched recursively), a glob (shards/*.parquet) or, streamed, a URI (s3://bucket/data).
+    # None: the source's bundled texts.
+    path: str | None = None
+    text_field: str = "text"  # the column holding the text in .jsonl / .json / .parquet / .csv files
+    max_seq_len: int = Field(128, ge=1)  # tokens per training sequence
+    tokenizer: str | None = None  # a saved Hugging Face tokenizer directory; None: train one on the training rows
+    vocab_size: int = Field(2048, ge=259)  # of the trained tokenizer: at least the 256 bytes and 3 special tokens
+
+    @model_validator(mode="after")
+    def _one_vocabulary(self):
+        if self.tokenizer and self.vocab_size != type(self).model_fields["vocab_size"].default:
+            raise ValueError("data.vocab_size sizes the tokenizer dlray trains, but data.tokenizer brings its own vocabulary: set only one of them")
+        return self
+
+
+class TextConfig(TokenizedConfig):
+    name: Literal["text"] = "text"
+    # completion: raw text, cut into packed windows (pretraining); chat_template: rows with `messages`
+    # ([{role, content}]) or `prompt` and `response`, rendered with the chat template, and only the
+    # assistant's tokens are trained on (Axolotl's dataset types of the same names).
+    type: Literal["completion", "chat_template"] = "completion"
+    # The tokenizer's own template when None; else a Jinja template or a name in dlray.data.chat.CHAT_TEMPLATES.
+    # It is saved with the tokenizer, so the exported model's chat route renders what it was trained on.
+    chat_template: str | None = None
+    sample_packing: bool = False  # chat_template: several examples per sequence, each attending only to itself
+
+    @model_validator(mode="after")
+    def _chat_keys(self):
+        if self.type == "completion" and (self.chat_template or self.sample_packing):
+            key = "chat_template" if self.chat_template else "sample_packing"
+            raise ValueError(f"data.{key} applies to data.type 'chat_template' (completion text is always packed into windows), got data.type 'completion'")
+        return self
 
 
 def language_model_info(tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> dict:
-    """What the gpt family's build needs (for data in memory or streamed)."""
+    """What the gpt family's build needs."""
     return {"vocab_size": len(tokenizer), "max_seq_len": max_seq_len,
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
 
 
-class TokenWindows(Dataset):
-    """(input_ids, labels) pairs from rows of max_seq_len + 1 tokens."""
-
-    def __init__(self, windows: torch.Tensor):
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int):
-        window = self.windows[i]
-        return window[:-1], window[1:]
+# --- rows ---------------------------------------------------------------------------------------
 
 
-def build_text_data(cfg, seed: int) -> TextData:
-    """Completion text (`data.type: completion`) packed into windows; dlray.data.chat builds chat_template data."""
-    documents = load_documents(cfg.path, cfg.text_field) if cfg.path else bundled_documents()
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(documents, cfg.vocab_size)
-    windows = pack(tokenize(tokenizer, documents), tokenizer.eos_token_id, cfg.max_seq_len)
-    if len(windows) == 0:
-        raise ValueError(f"the corpus ({cfg.path or 'bundled'}) has fewer than data.max_seq_len + 1 = {cfg.max_seq_len + 1} tokens")
-    # One class: a plain shuffled split.
-    train, val, test = split_indices(torch.zeros(len(windows), dtype=torch.long), cfg.val_fraction, cfg.test_fraction, seed)
-    return TextData(TokenWindows(windows[train]), TokenWindows(windows[val]), TokenWindows(windows[test]), tokenizer, cfg.max_seq_len)
+def list_rows(cfg: TextConfig, seed: int) -> Listing:
+    """The bundled documents (or conversations) with their splits, or the files to read them from."""
+    if cfg.path:
+        from dlray.data.rows import list_files
+
+        filesystem, files = list_files(cfg.path, TEXT_SUFFIXES)
+        return Listing(files=[f.path for f in files], filesystem=filesystem)
+    if cfg.type == "chat_template":
+        from dlray.data.chat import bundled_conversations
+
+        return Listing(rows=[conversation_row(messages, cfg, seed) for messages in bundled_conversations()])
+    return Listing(rows=[document_row(text, cfg, seed) for text in bundled_documents()])
+
+
+def read(filesystem, path: str, cfg: TextConfig, seed: int):
+    """One file's documents (non-empty texts) or conversations, each with its split."""
+    if cfg.type == "chat_template":
+        from dlray.data.chat import ROW_FIELDS, to_messages
+
+        for row in read_rows(filesystem, path, ROW_FIELDS, "`messages` (or `prompt` and `response`)"):
+            yield conversation_row(to_messages(row), cfg, seed)
+        return
+    for row in read_rows(filesystem, path, (cfg.text_field,), f"data.text_field {cfg.text_field!r}"):
+        if text := row.get(cfg.text_field):
+            yield document_row(text, cfg, seed)
+
+
+def document_row(text: str, cfg: TextConfig, seed: int) -> dict:
+    return {"text": text, "split": split_of(text, cfg.val_fraction, cfg.test_fraction, seed)}
+
+
+def conversation_row(messages: list[dict], cfg: TextConfig, seed: int) -> dict:
+    """A conversation as JSON text: one string column (its split key too) in every batch format."""
+    conversation = json.dumps(messages, sort_keys=True)
+    return {"messages": conversation, "split": split_of(conversation, cfg.val_fraction, cfg.test_fraction, seed)}
 
 
 def bundled_documents() -> list[str]:
@@ -86,34 +124,26 @@ def bundled_documents() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def load_documents(path: str, text_field: str) -> list[str]:
-    """Every non-empty text in a file or a folder (recursively); a .txt file is one document."""
-    return [row[text_field] for row in load_rows(path, (text_field,), f"data.text_field {text_field!r}") if row[text_field]]
+# --- tokenizer ----------------------------------------------------------------------------------
 
 
-def load_rows(path: str, fields: tuple[str, ...], described: str, formats: dict[str, str] = FORMATS) -> list[dict]:
-    """Every row of a file or a folder (recursively); each file needs at least one of `fields`
-    (`described` says which in errors). A .txt file is one row, its whole text under every field.
-    `formats` maps the suffixes read to their `datasets` builder."""
-    import datasets
+def fit(cfg: TextConfig, listing: Listing, sample: list[dict], classes: list | None) -> Fitted:
+    """The tokenizer: data.tokenizer, or trained on the first training rows; chat data's template set and required."""
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif cfg.type == "chat_template":
+        tokenizer = train_tokenizer([m["content"] for row in sample for m in json.loads(row["messages"])], cfg.vocab_size)
+    else:
+        tokenizer = train_tokenizer([row["text"] for row in sample], cfg.vocab_size)
+    if cfg.type == "chat_template":
+        from dlray.data.chat import CHAT_TEMPLATES
 
-    root = Path(path).expanduser()
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in formats) if root.is_dir() else [root]
-    if not root.exists() or not files or files[0].suffix.lower() not in formats:
-        raise FileNotFoundError(f"data.path {path!r} must be a {', '.join(formats)} file or a folder holding some")
-    datasets.disable_progress_bars()  # every worker loads the same files: one bar each would flood the run's log
-    rows = []
-    for builder in sorted({formats[f.suffix.lower()] for f in files}):
-        group = [str(f) for f in files if formats[f.suffix.lower()] == builder]
-        options = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=group, split="train", **options)
-        if builder == "text":
-            rows += [dict.fromkeys(fields, text) for text in dataset["text"]]
-            continue
-        if not set(fields) & set(dataset.column_names):
-            raise ValueError(f"{described} is not a column of {group}; columns: {dataset.column_names}")
-        rows += list(dataset)
-    return rows
+        if cfg.chat_template:
+            tokenizer.chat_template = CHAT_TEMPLATES.get(cfg.chat_template, cfg.chat_template)
+        if tokenizer.chat_template is None:
+            raise ValueError(f"the tokenizer ({cfg.tokenizer or 'trained here'}) has no chat template: set data.chat_template to "
+                             f"one of {sorted(CHAT_TEMPLATES)} or to a Jinja template")
+    return Fitted(info=language_model_info(tokenizer, cfg.max_seq_len), tokenizer=tokenizer)
 
 
 def load_tokenizer(directory: str, token: str = "eos_token", purpose: str = "to end documents with") -> PreTrainedTokenizerBase:
@@ -137,6 +167,24 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenize
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS)
 
 
+# --- samples ------------------------------------------------------------------------------------
+
+
+def columns(cfg: TextConfig) -> tuple[str, ...]:
+    return ("input_ids", "position_ids", "labels") if cfg.type == "chat_template" and cfg.sample_packing else ("input_ids", "labels")
+
+
+def preprocess(batch: dict, cfg: TextConfig, fitted: Fitted, augment: bool) -> dict:
+    """Documents -> windows (tokenized, each ended by EOS, packed), or conversations -> chat samples."""
+    tokenizer = fitted.tokenizer
+    if cfg.type == "chat_template":
+        from dlray.data.chat import chat_samples
+
+        return chat_samples([json.loads(m) for m in batch["messages"]], tokenizer, cfg)
+    packed = pack(tokenize(tokenizer, list(batch["text"])), tokenizer.eos_token_id, cfg.max_seq_len).numpy()
+    return {"input_ids": packed[:, :-1], "labels": packed[:, 1:]}
+
+
 def tokenize(tokenizer: PreTrainedTokenizerBase, documents: list[str]) -> list[list[int]]:
     # verbose=False: documents longer than the tokenizer's model_max_length are fine, they get cut into windows.
     return tokenizer(documents, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
@@ -147,3 +195,7 @@ def pack(token_ids: list[list[int]], eos_token_id: int, max_seq_len: int) -> tor
     stream = torch.tensor([token for ids in token_ids for token in (*ids, eos_token_id)], dtype=torch.long)
     num_windows = max(len(stream) - 1, 0) // max_seq_len
     return stream[torch.arange(num_windows)[:, None] * max_seq_len + torch.arange(max_seq_len + 1)]
+
+
+SOURCE = DataSource(name="text", config=TextConfig, kind="text", list_rows=list_rows, fit=fit, preprocess=preprocess, columns=columns,
+                    suffixes=TEXT_SUFFIXES, read=read, batch_rows=BATCH_ROWS, fit_rows=FIT_ROWS, one_sample_per_row=False)

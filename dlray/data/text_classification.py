@@ -7,12 +7,11 @@
 A sample is (input_ids, attention_mask, label): the first data.max_seq_len tokens of a text between
 [CLS] and [SEP], padded with [PAD] to max_seq_len, the mask 1 on tokens and 0 on padding. Labels
 may be strings or integers; class_names are their sorted values (integers in numeric order) and a
-label is its index there. Texts are split stratified by label, the same way on every worker for
-the same seed.
+label is its index there. Texts are split by a hash of their text, as dlray.data.text's documents.
 
 The tokenizer is `data.tokenizer` (a saved Hugging Face tokenizer: a pretrained base's own) or a
-lower-cased WordPiece (BERT's scheme) with `data.vocab_size` tokens trained here on the training
-split, deterministically, by every worker (seconds, as for dlray.data.text).
+lower-cased WordPiece (BERT's scheme) with `data.vocab_size` tokens trained on the first FIT_ROWS
+training texts, deterministically.
 """
 
 from __future__ import annotations
@@ -20,17 +19,18 @@ from __future__ import annotations
 import ast
 import importlib.util
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from dlray.data.images import split_indices
-from dlray.data.text import FORMATS, load_rows, load_tokenizer
+from dlray.data.rows import TEXT_SUFFIXES, read_rows, split_of
+from dlray.data.spec import DataSource, Fitted, Listing
+from dlray.data.text import FIT_ROWS, TokenizedConfig, load_tokenizer
 
-TABLE_FORMATS = {suffix: builder for suffix, builder in FORMATS.items() if builder != "text"}  # a .txt file has no label
+TABLE_SUFFIXES = TEXT_SUFFIXES - {".txt"}  # a .txt file has no label
 # BERT's special tokens, ids 0-4 in a trained tokenizer.
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
 # Packages of the standard library with 100 to 350 documented functions and classes each; their
@@ -39,61 +39,72 @@ STDLIB_PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multipro
 PRIVATE_USE_PLANE = 0xF0000  # plane 15: code points no text assigns a meaning to, for train_tokenizer's stand-ins
 
 
-@dataclass
-class TextClassificationData:
-    train: Dataset
-    val: Dataset
-    test: Dataset
-    tokenizer: PreTrainedTokenizerBase
-    class_names: list[str]
-    max_seq_len: int
-
-    @property
-    def info(self) -> dict:
-        return classifier_info(self.tokenizer, self.class_names, self.max_seq_len)
+class TextClassificationConfig(TokenizedConfig):
+    name: Literal["text_classification"] = "text_classification"
+    label_field: str = "label"  # the column holding each text's class (strings or integers)
 
 
 def classifier_info(tokenizer: PreTrainedTokenizerBase, class_names: list[str], max_seq_len: int) -> dict:
-    """What the bert family's build and the classify endpoint need (for data in memory or streamed)."""
+    """What the bert family's build and the classify endpoint need."""
     return {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "max_seq_len": max_seq_len, "class_names": class_names}
 
 
-def build_text_classification_data(cfg, seed: int) -> TextClassificationData:
-    texts, labels = load_labelled_texts(cfg.path, cfg.text_field, cfg.label_field) if cfg.path else stdlib_docstrings()
-    class_names, targets = class_indices(labels)
-    splits = split_indices(targets, cfg.val_fraction, cfg.test_fraction, seed)
+def list_rows(cfg: TextClassificationConfig, seed: int) -> Listing:
+    if cfg.path:
+        from dlray.data.rows import list_files
+
+        filesystem, files = list_files(cfg.path, TABLE_SUFFIXES)
+        return Listing(files=[f.path for f in files], filesystem=filesystem)
+    return Listing(rows=[labelled_row(text, label, cfg, seed) for text, label in zip(*stdlib_docstrings())])
+
+
+def read(filesystem, path: str, cfg: TextClassificationConfig, seed: int):
+    """One file's labelled texts, each with its split; a row without a text or a label is named."""
+    fields = {"data.text_field": cfg.text_field, "data.label_field": cfg.label_field}
+    for number, row in enumerate(read_rows(filesystem, path, (cfg.text_field, cfg.label_field), f"data.text_field {cfg.text_field!r}"), 1):
+        for key, column in fields.items():
+            if column not in row:
+                raise ValueError(f"{path}: {key} {column!r} is not a column; it has {sorted(row)}")
+        text, label = row[cfg.text_field], row[cfg.label_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}, row {number}: data.text_field {cfg.text_field!r} holds {text!r}, not a text")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise ValueError(f"{path}, row {number}: data.label_field {cfg.label_field!r} holds {label!r}; a label must be a string or an integer")
+        yield labelled_row(text, label, cfg, seed)
+
+
+def labelled_row(text: str, label, cfg: TextClassificationConfig, seed: int) -> dict:
+    return {"text": text, "label": label, "split": split_of(text, cfg.val_fraction, cfg.test_fraction, seed)}
+
+
+def fit(cfg: TextClassificationConfig, listing: Listing, sample: list[dict], classes: list | None) -> Fitted:
+    """The class names (over every row's label) and the tokenizer (data.tokenizer, or trained on the first training texts)."""
+    class_names = class_indices(classes)[0]
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer, "pad_token", "to pad texts with")
     else:
-        tokenizer = train_tokenizer([texts[i] for i in splits[0]], cfg.vocab_size)
+        tokenizer = train_tokenizer([row["text"] for row in sample], cfg.vocab_size)
     tokenizer.model_max_length = cfg.max_seq_len  # what `truncation=True` cuts to, in the exported tokenizer too
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.max_seq_len, return_tensors="pt")
-    train, val, test = (TensorDataset(encoded["input_ids"][idx], encoded["attention_mask"][idx], targets[idx]) for idx in splits)
-    return TextClassificationData(train, val, test, tokenizer, class_names, cfg.max_seq_len)
+    return Fitted(info=classifier_info(tokenizer, class_names, cfg.max_seq_len), tokenizer=tokenizer, state=class_names)
 
 
-def load_labelled_texts(path: str, text_field: str, label_field: str) -> tuple[list[str], list]:
-    """Every row's text and label in a .jsonl / .json / .parquet / .csv file or a folder of them (recursively)."""
-    rows = load_rows(path, (text_field, label_field), f"data.text_field {text_field!r}", TABLE_FORMATS)
-    for key, column in {"data.text_field": text_field, "data.label_field": label_field}.items():
-        if any(column not in row for row in rows):
-            raise ValueError(f"{key} {column!r} is not a column of every file in {path}")
-    texts, labels = [row[text_field] for row in rows], [row[label_field] for row in rows]
-    row = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
-    if row is not None:
-        raise ValueError(f"data.text_field {text_field!r}: row {row} of {path} has no text, it holds {texts[row]!r}")
-    row = next((i for i, label in enumerate(labels) if isinstance(label, bool) or not isinstance(label, (str, int))), None)
-    if row is not None:
-        raise ValueError(f"data.label_field {label_field!r}: row {row} of {path} holds {labels[row]!r}; a label must be a string or an integer")
-    return texts, labels
+def columns(cfg: TextClassificationConfig) -> tuple[str, ...]:
+    return ("input_ids", "attention_mask", "label")
 
 
-def class_indices(labels: list) -> tuple[list[str], torch.Tensor]:
-    """The sorted class names (integer labels in numeric order) and each label's index among them."""
-    values = labels if all(isinstance(label, int) for label in labels) else [str(label) for label in labels]
-    classes = sorted(set(values))
-    index = {value: i for i, value in enumerate(classes)}
-    return [str(value) for value in classes], torch.tensor([index[value] for value in values], dtype=torch.long)
+def preprocess(batch: dict, cfg: TextClassificationConfig, fitted: Fitted, augment: bool) -> dict:
+    encoded = fitted.tokenizer(list(batch["text"]), padding="max_length", truncation=True, max_length=cfg.max_seq_len, return_tensors="np")
+    _, labels = class_indices(list(batch["label"]), fitted.state)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "label": labels.numpy()}
+
+
+def class_indices(labels: list, class_names: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    """The class names (given, or the sorted labels: integers in numeric order) and each label's index among them."""
+    if class_names is None:
+        values = labels if all(isinstance(label, (int, np.integer)) for label in labels) else [str(label) for label in labels]
+        class_names = [str(value) for value in sorted(set(values))]
+    index = {name: i for i, name in enumerate(class_names)}
+    return class_names, torch.tensor([index[str(label)] for label in labels], dtype=torch.long)
 
 
 def stdlib_docstrings() -> tuple[list[str], list[str]]:
@@ -145,3 +156,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     wordpiece.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, wordpiece.token_to_id(cls)), (sep, wordpiece.token_to_id(sep))])
     return PreTrainedTokenizerFast(tokenizer_object=wordpiece, **SPECIAL_TOKENS)
+
+
+SOURCE = DataSource(name="text_classification", config=TextClassificationConfig, kind="labelled text", list_rows=list_rows, fit=fit,
+                    preprocess=preprocess, columns=columns, suffixes=TABLE_SUFFIXES, read=read, classes_from="label", fit_rows=FIT_ROWS)

@@ -106,7 +106,7 @@ def from_pretrained(directory, **load_options) -> PreTrainedModel:
     return PeftModel.from_pretrained(model, directory)
 
 
-FAMILY = ModelFamily(name="bert", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("text_classification",), task="classify",
+FAMILY = ModelFamily(name="bert", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("labelled text",), task="classify",
                      metrics=METRICS, shard_classes=shard_classes, enable_gradient_checkpointing=enable_gradient_checkpointing,
                      save_pretrained=save_pretrained, from_pretrained=from_pretrained, pretrained=True,
                      finetuning_types=FINETUNING_TYPES, head_modules=HEAD_MODULES, peft_task_type=PEFT_TASK_TYPE)

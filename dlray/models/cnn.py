@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlray.models.classification import classification_losses
-from dlray.models.family import IMAGE_DATA, ModelFamily
+from dlray.models.family import ModelFamily
 
 FLAVORS = {
     "debug": {"block": "basic", "widths": (16, 32), "depths": (1, 1)},
@@ -149,5 +149,5 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     return classification_losses(model(images), labels)
 
 
-FAMILY = ModelFamily(name="cnn", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="classify",
+FAMILY = ModelFamily(name="cnn", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("image",), task="classify",
                      metrics=METRICS, shard_classes=lambda: SHARD_CLASSES)

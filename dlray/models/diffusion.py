@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlray.models.family import IMAGE_DATA, ModelFamily
+from dlray.models.family import ModelFamily
 
 # diffusers takes seconds to import: it is imported where a model is built or sampled, so that
 # checking a config (`dlray validate`, every CLI command) does not pay for it.
@@ -139,6 +139,6 @@ def from_pretrained(directory) -> Diffusion:
     return Diffusion(UNet2DModel.from_pretrained(directory, subfolder="unet"), DDPMScheduler.from_pretrained(directory, subfolder="scheduler"))
 
 
-FAMILY = ModelFamily(name="diffusion", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="images",
+FAMILY = ModelFamily(name="diffusion", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("image",), task="images",
                      shard_classes=shard_classes, sample=sample, save_pretrained=save_pretrained, from_pretrained=from_pretrained,
                      artifact_index=ARTIFACT_INDEX, extra_model_keys=("num_train_timesteps", "beta_schedule", "class_conditional"))

@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-IMAGE_DATA = ("digits", "image_folder")  # the data.name values of image data (dlray.data builds both alike)
-
 
 def no_blocks() -> tuple[type[nn.Module], ...]:
     return ()
@@ -33,7 +31,9 @@ class ModelFamily:
     # Per-sample values, {"loss": [B], <each of metrics>: [B]}; with several optimizers it also takes the phase.
     compute_loss: Callable[..., dict[str, torch.Tensor]]
     flavors: dict[str, dict[str, Any]]  # named sizes; every family has `debug` (seconds on CPU)
-    data: tuple[str, ...]  # the data.name values it trains on
+    # The kinds of data it trains on, as data sources name theirs (dlray.data.spec.DataSource.kind): "image",
+    # "text" (documents or conversations, for a causal LM), "labelled text"; any source of such a kind will do.
+    data: tuple[str, ...]
     task: str  # the serving endpoint its export gets: classify, images or generate
     metrics: tuple[str, ...] = ()  # what compute_loss returns besides "loss" (reported as val_<name>, test_<name>)
     # Blocks FSDP shards one by one; a function, so that transformers loads only when FSDP asks.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlray.models.convnets import Decoder, Down, Encoder, Up, image_side, latents
-from dlray.models.family import IMAGE_DATA, ModelFamily
+from dlray.models.family import ModelFamily
 
 # widths: the discriminator's channels after each halving of the resolution (the generator mirrors them).
 FLAVORS = {
@@ -85,5 +85,5 @@ def sample(model: GAN, generators: list[torch.Generator], **options) -> torch.Te
     return model.generator(latents(generators, model.latent_dim, next(model.generator.parameters()))).float()
 
 
-FAMILY = ModelFamily(name="gan", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="images",
+FAMILY = ModelFamily(name="gan", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("image",), task="images",
                      metrics=METRICS, shard_classes=lambda: SHARD_CLASSES, optimizers=OPTIMIZERS, param_groups=param_groups, sample=sample)

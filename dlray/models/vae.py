@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dlray.models.convnets import Decoder, Down, Encoder, Up, image_side, latents
-from dlray.models.family import IMAGE_DATA, ModelFamily
+from dlray.models.family import ModelFamily
 
 # widths: channels after each halving of the resolution (the decoder mirrors them).
 FLAVORS = {
@@ -73,5 +73,5 @@ def sample(model: VAE, generators: list[torch.Generator], **options) -> torch.Te
     return model.decoder(latents(generators, model.latent_dim, next(model.decoder.parameters()))).float()
 
 
-FAMILY = ModelFamily(name="vae", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="images",
+FAMILY = ModelFamily(name="vae", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("image",), task="images",
                      metrics=METRICS, shard_classes=lambda: SHARD_CLASSES, sample=sample, extra_model_keys=("kl_weight",))

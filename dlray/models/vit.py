@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dlray.models.classification import classification_losses, head_config
-from dlray.models.family import IMAGE_DATA, ModelFamily
+from dlray.models.family import ModelFamily
 
 # transformers takes seconds to import: it is imported where a model is built or loaded, so that
 # checking a config (`dlray validate`, every CLI command) does not pay for it.
@@ -127,7 +127,7 @@ def image_statistics(name_or_path: str) -> tuple[list[float], list[float]] | Non
     return processor.image_mean, processor.image_std
 
 
-FAMILY = ModelFamily(name="vit", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=IMAGE_DATA, task="classify",
+FAMILY = ModelFamily(name="vit", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("image",), task="classify",
                      metrics=METRICS, shard_classes=shard_classes, enable_gradient_checkpointing=enable_gradient_checkpointing,
                      save_pretrained=save_pretrained, from_pretrained=from_pretrained, pretrained=True,
                      finetuning_types=FINETUNING_TYPES, head_modules=HEAD_MODULES)

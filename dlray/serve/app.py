@@ -20,7 +20,7 @@ from ray.serve import Application
 
 from dlray.config import ServeSection
 from dlray.export import read_artifact_config
-from dlray.runfiles import png_bytes
+from dlray.png import png_bytes
 from dlray.serve.classify import Classifier
 from dlray.serve.classify import api as classify_api
 from dlray.serve.generate import TextGenerator

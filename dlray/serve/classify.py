@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 from ray import serve
 
-from dlray.data.image_folder import decode_image
+from dlray.png import decode_image
 from dlray.serve.errors import RequestError, install_error_handlers, read_body
 from dlray.serve.openapi import BINARY, json_content, request_body, responses
 from dlray.serve.replica import load_replica_model

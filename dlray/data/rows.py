@@ -1,7 +1,8 @@
-"""Files as a streaming pipeline reads them: listing (local paths, globs and URIs alike), the rule
-that decides whether a source streams, a split that needs no pass over the data, and rows parsed
-out of one file with errors that name the file and line. No Ray here: dlray.streaming runs these
-inside Ray Data operators.
+"""Rows as the driver lists them and a file's reader parses them: files (local paths, globs and URIs
+alike), the rule that decides whether a source streams, the splits (a hash of a row's key, which
+needs no pass over the data, or stratified by label for rows listed with their labels), and rows
+parsed out of one file with errors that name the file and line. No Ray here: in memory these run in
+this process, streamed inside Ray Data operators (dlray.streaming).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs
+import torch
 
 # A local path whose files hold more than this streams (data.streaming: null); smaller ones load in
 # memory, where splits are exact and stratified. A URI always streams.
 STREAM_ABOVE_BYTES = 1 << 30
 SPLITS = ("train", "val", "test")
 TABLE_BATCH_ROWS = 1024  # rows of a .parquet or .csv file read at once
-FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # text files: suffix -> `datasets` builder
+TEXT_SUFFIXES = frozenset({".txt", ".jsonl", ".json", ".parquet", ".csv"})  # what read_rows reads
 
 
 def is_uri(path: str) -> bool:
@@ -68,6 +70,20 @@ def split_of(key: str, val_fraction: float, test_fraction: float, seed: int) -> 
     same on every node and in every epoch, with no pass over the data, so a row never moves between splits."""
     u = zlib.crc32(f"{seed}:{key}".encode()) / 2**32
     return 2 if u < test_fraction else 1 if u < test_fraction + val_fraction else 0
+
+
+def split_indices(labels: torch.Tensor, val_fraction: float, test_fraction: float, seed: int):
+    """Stratified train/val/test split of rows listed with their labels, the same in every process for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    train, val, test = [], [], []
+    for cls in labels.unique().tolist():
+        idx = (labels == cls).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)].tolist()
+        n_test, n_val = round(len(idx) * test_fraction), round(len(idx) * val_fraction)
+        test += idx[:n_test]
+        val += idx[n_test : n_test + n_val]
+        train += idx[n_test + n_val :]
+    return sorted(train), sorted(val), sorted(test)
 
 
 def read_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, ...], described: str) -> Iterator[dict]:
