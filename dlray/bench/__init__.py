@@ -22,6 +22,11 @@ from dlray.bench.train import bench_memory, bench_train
 from dlray.bench.tune import bench_tune
 
 
+# Sections of results.md below this line are written by hand (a measurement that is not a `dlray bench`
+# target); a rewrite of the table keeps them.
+HAND_WRITTEN = "<!-- Written by hand from here on: dlray bench rewrites the table above and keeps what follows. -->"
+
+
 def run_benchmarks(what: str, out: Path) -> dict:
     """Run a group of BENCHMARKS, one benchmark of a group (by its key, e.g. llm_train) or all, and
     rewrite `out` with these results beside the earlier ones of the others."""
@@ -34,7 +39,8 @@ def run_benchmarks(what: str, out: Path) -> dict:
         results[key] = bench() | {"machine": machine()}  # each its own: a run of one benchmark keeps the others' machines
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.write_text(render_markdown(results))
+    kept = out.read_text().partition(HAND_WRITTEN) if out.exists() else ("", "", "")
+    out.write_text(render_markdown(results) + (f"\n{HAND_WRITTEN}{kept[2]}" if kept[1] else ""))
     print(out.read_text())
     return results
 
