@@ -95,10 +95,11 @@ with toy_family_registry_line():
         *(case("bert", strategy, variant=kind, config=BERT_ENCODER, finetune={"finetuning_type": kind})
           for kind, strategies in [("freeze", ("ddp", "zero3")), ("lora", ("ddp", "zero3")), ("qlora", ("ddp",))] for strategy in strategies),
         # Adapters on a pretrained causal LM, on chat data.
-        *(case("llm", strategy, variant=kind, finetune={"finetuning_type": kind},
-               config=with_sections(LLM_JOB, optim={"lr": 0.3}) if kind == "prompt_tuning" else LLM_JOB)  # prompt tuning's usual learning rate
-          for kind, strategies in [("lora", ("ddp", "fsdp", "zero2", "zero3")), ("qlora", ("ddp", "zero2")), ("prompt_tuning", ("ddp",))]
-          for strategy in strategies),
+        *(case("llm", strategy, variant=kind, finetune={"finetuning_type": kind}, config=LLM_JOB)
+          for kind, strategies in [("lora", ("ddp", "fsdp", "zero2", "zero3")), ("qlora", ("ddp", "zero2"))] for strategy in strategies),
+        # In fp32 on every CPU kind: its fall is small (FALLS), and bf16's rounding would be of its size.
+        case("llm", "ddp", "fp32", variant="prompt_tuning", finetune={"finetuning_type": "prompt_tuning"},
+             config=with_sections(LLM_JOB, optim={"lr": 0.3})),  # prompt tuning's usual learning rate
     ]
 
 
@@ -139,8 +140,10 @@ def results(request, tmp_path_factory, toy_family_registered):
 # The most the loss on the training batches may keep of its value after the 12 steps, by kind of
 # fine-tune, each about half the fall measured (fp32, AVX2): a model that does not learn keeps exactly
 # its value. Full training: 0.78 (gpt) to 0.93 (cnn); freeze 0.01; LoRA 0.95 (llm) and ~0 (bert);
-# QLoRA 0.92 (llm); prompt tuning 0.988 (its 20 virtual tokens barely move the small base in 12 steps).
-FALLS = {"full": 0.97, "freeze": 0.5, "lora": 0.98, "qlora": 0.97, "prompt_tuning": 0.995}
+# QLoRA 0.92 (llm). Prompt tuning: 0.9974 (its 20 virtual tokens move the small base little, and the
+# fall saturates after one pass over the 4 batches: lr 0.1 / 0.3 / 1 / 3 gave 0.9985 / 0.9974 / 0.9964 /
+# 0.9967 on the chat rows the document split gives); in fp32 a model that does not learn gives 1.0000.
+FALLS = {"full": 0.97, "freeze": 0.5, "lora": 0.98, "qlora": 0.97, "prompt_tuning": 0.999}
 
 
 def kind_of(case: dict) -> str:
