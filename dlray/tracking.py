@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ray.train import UserCallback
 
+from dlray.png import encode_png, to_pixels
+
 
 class MetricsLogger(UserCallback):
     def __init__(self, run_dir: str):
@@ -116,27 +118,4 @@ def png_grid(images, columns: int = 4, scale: int = 4) -> bytes:
     for i, image in enumerate(to_pixels(images)):
         r, c = divmod(i, columns)
         grid[1 + r * (height + 1) : 1 + r * (height + 1) + height, 1 + c * (width + 1) : 1 + c * (width + 1) + width] = image
-    return _png(grid.repeat(scale, axis=0).repeat(scale, axis=1))
-
-
-def png_bytes(image) -> bytes:
-    """One image in [-1, 1], shape (C, H, W), as a PNG."""
-    return _png(to_pixels(image[None])[0])
-
-
-def to_pixels(images):
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), quantised exactly as diffusers' pipelines do."""
-    import numpy as np
-
-    array = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    return (array * 255).round().astype(np.uint8)
-
-
-def _png(pixels) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(grid.repeat(scale, axis=0).repeat(scale, axis=1))

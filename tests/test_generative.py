@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+from dlray.artifact import load_artifact
 from dlray.config import load_config
-from dlray.export import export, load_artifact
+from dlray.export import export
 from dlray.local_cluster import free_port
 from dlray.models import diffusion
 from dlray.tracking import read_history
@@ -163,7 +164,7 @@ def test_class_conditional_model_takes_a_class_label_or_a_class_name(server, tmp
     """An untrained class-conditional UNet, served as a second app beside the module's server."""
     from ray import serve
 
-    from dlray.export import write_artifact
+    from dlray.artifact import write_artifact
     from dlray.serve.app import build_app
 
     cfg = load_config(REPO / "jobs/debug/diffusion_cpu.yaml", ["model.class_conditional=true"])

@@ -29,13 +29,15 @@ import torch
 from torch.utils.data import default_collate
 
 from dlray import precision
+from dlray.artifact import load_artifact
 from dlray.config import ConfigError, DataConfig, load_config
 from dlray.console import Console
 from dlray.data import build_data
-from dlray.export import export, load_artifact
+from dlray.export import export
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
-from dlray.tracking import png_bytes, read_history
+from dlray.png import png_bytes
+from dlray.tracking import read_history
 from dlray.train import fit, run_dir
 
 from helpers import REPO

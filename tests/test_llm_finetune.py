@@ -9,8 +9,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dlray.artifact import load_artifact
 from dlray.config import load_config
-from dlray.export import export, load_artifact
+from dlray.export import export
 from dlray.local_cluster import free_port
 from dlray.serve.engine import Engine, SamplingParams, Sequence
 from dlray.tracking import read_history

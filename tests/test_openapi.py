@@ -18,8 +18,8 @@ from schemathesis import GenerationMode, checks
 from schemathesis.core import NOT_SET
 from test_generation_engine import write_llm_artifact
 
+from dlray.artifact import write_artifact
 from dlray.config import load_config
-from dlray.export import write_artifact
 from dlray.local_cluster import free_port
 from dlray.models import diffusion
 

@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
+from dlray.artifact import load_artifact
 from dlray.data import build_data
-from dlray.export import load_artifact
 from dlray.local_cluster import free_port
 from dlray.serve.app import run, serve_config
 

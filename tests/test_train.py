@@ -8,9 +8,10 @@ import psutil
 import pytest
 import ray
 
+from dlray.artifact import load_artifact
 from dlray.config import load_config
 from dlray.data import build_data
-from dlray.export import export, load_artifact
+from dlray.export import export
 from dlray.tracking import read_history
 from dlray.train import fit, run_dir
 

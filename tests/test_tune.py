@@ -15,10 +15,11 @@ import yaml
 from test_serve import png_bytes
 from typer.testing import CliRunner
 
+from dlray.artifact import read_artifact_config
 from dlray.checkpoint import read_meta
 from dlray.config import ConfigError, config_from_dict, load_config
 from dlray.data import build_data
-from dlray.export import read_artifact_config, resolve_checkpoint
+from dlray.export import resolve_checkpoint
 from dlray.local_cluster import free_port
 from dlray.tracking import read_history
 

@@ -19,9 +19,9 @@ SERVE_CLIENTS, SERVE_REQUESTS = 32, 384
 def bench_serve() -> dict:
     from ray import serve
 
-    from dlray.export import write_artifact
+    from dlray.artifact import write_artifact
+    from dlray.png import png_bytes
     from dlray.serve.app import run
-    from dlray.tracking import png_bytes
     from dlray.train import init_ray
 
     init_ray()

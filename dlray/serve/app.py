@@ -18,8 +18,9 @@ import torch
 from ray import serve
 from ray.serve import Application
 
+from dlray.artifact import read_artifact_config
 from dlray.config import ServeSection
-from dlray.export import read_artifact_config
+from dlray.png import png_bytes
 from dlray.serve.classify import Classifier
 from dlray.serve.classify import api as classify_api
 from dlray.serve.generate import TextGenerator
@@ -27,7 +28,6 @@ from dlray.serve.generate import api as generate_api
 from dlray.serve.images import ImageGenerator
 from dlray.serve.images import api as images_api
 from dlray.serve.openai_text import check_chat_template, model_name
-from dlray.tracking import png_bytes
 
 ENDPOINTS = {"classify": Classifier, "images": ImageGenerator, "generate": TextGenerator}
 APIS = {"classify": classify_api, "images": images_api, "generate": generate_api}  # each endpoint's FastAPI app: its routes

@@ -29,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from dlray.models import FAMILIES
+from dlray.png import png_bytes
 from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
 from dlray.serve.openapi import BINARY, json_content, request_body, responses
 from dlray.serve.replica import load_replica_model
-from dlray.tracking import png_bytes
 
 api = FastAPI(title="dlray image generation")
 install_error_handlers(api)
