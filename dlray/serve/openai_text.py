@@ -211,9 +211,7 @@ class ChatCompletionChunk(Header):
 
 
 def check_chat_template(tokenizer: PreTrainedTokenizerBase, artifact: str, chat: bool) -> None:
-    """Refuse to start a chat endpoint whose tokenizer cannot turn messages into a prompt.
-    dlray.serve.app calls it where the app is built, so `dlray serve` and `serve deploy` say why
-    at once instead of a replica failing to start."""
+    """Refuse to start a chat endpoint whose tokenizer cannot turn messages into a prompt."""
     if chat and tokenizer.chat_template is None:
         raise ValueError(
             f"{artifact}: the tokenizer has no chat template, so /v1/chat/completions cannot render messages. "
