@@ -40,8 +40,7 @@ from dlray.png import png_bytes
 from dlray.tracking import read_history
 from dlray.train import fit, run_dir
 
-from helpers import REPO
-from test_generative import decode_png
+from helpers import REPO, decode_png
 from test_train import epochs, fit_losing_a_worker
 
 pytestmark = [
