@@ -84,7 +84,7 @@ class ImageGenerator:
     @api.post("/v1/images/generations", response_model=None, openapi_extra=request_body(json_content(GenerationRequest)),
               responses=responses(ImagesResponse, 400, 413, content={"image/png": BINARY}))
     async def generations(self, request: Request):
-        params = parse_json(GenerationRequest, await read_body(request, self.max_body_bytes))
+        params = parse_json(GenerationRequest, await read_body(request, self.settings.max_body_bytes))
         job = self.job(params)
         images = await self.sample(job)
         pngs = [png_bytes(image) for image in images]
