@@ -131,8 +131,13 @@ def serve(
             typer.echo(f"error: serve override {item!r} must look like key=value", err=True)
             raise typer.Exit(2)
         settings[key.removeprefix("serve.")] = yaml.safe_load(value)
+    try:
+        config = serve_config(str(artifact), settings)  # the settings checked before Ray starts
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     if print_config:
-        typer.echo(yaml.safe_dump(serve_config(str(artifact), settings), sort_keys=False))
+        typer.echo(yaml.safe_dump(config, sort_keys=False))
         return
     from dlray.local_cluster import init_ray
 

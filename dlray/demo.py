@@ -16,10 +16,11 @@ import sys
 import httpx
 import torch
 
+from dlray.artifact import load_artifact
 from dlray.config import load_config
 from dlray.console import Console
 from dlray.data import build_data
-from dlray.export import export, load_artifact
+from dlray.export import export
 from dlray.local_cluster import init_ray
 from dlray.serve.app import run as serve_run
 from dlray.train import fit, run_dir

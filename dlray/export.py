@@ -4,38 +4,27 @@
     dlray export ~/dlray_runs/<run>/checkpoint_epoch0007 out/cnn
     dlray export ~/dlray_runs/<sweep>          out/cnn   # the best checkpoint of all its trials
 
-An artifact is `dlray.json` (model config, data info such as class names and input shape,
-serving defaults) plus the weights: `model.safetensors`, or for families with their own library
-layout that layout (diffusion: a diffusers pipeline, loadable by `DDPMPipeline.from_pretrained`;
-gpt: a transformers model with its tokenizer, loadable by `AutoModelForCausalLM.from_pretrained`
-and `AutoTokenizer.from_pretrained`, whose `config.json` is why dlray's file has a name of its
-own). Runs that kept an EMA of the weights (`train.ema_decay`) export the EMA weights. Adapter
-fine-tunes (lora, qlora, prompt_tuning) export the adapter in PEFT's layout (adapter_config.json,
-adapter_model.safetensors: `PeftModel.from_pretrained(base, artifact)`), or with `merge_lora` the
-base with the adapters merged in (`AutoModelForCausalLM.from_pretrained`). Loading an
-artifact never unpickles anything. (Export itself reads your own training checkpoints; DeepSpeed's format is
-torch.save-based, DCP's metadata too.)
+The artifact's files, and loading one back, are dlray.artifact's (what serving imports). Runs that
+kept an EMA of the weights (`train.ema_decay`) export the EMA weights. Adapter fine-tunes (lora,
+qlora, prompt_tuning) export the adapter, or with `merge_lora` the base with the adapters merged in
+(`AutoModelForCausalLM.from_pretrained`). (Export reads your own training checkpoints; DeepSpeed's
+format is torch.save-based, DCP's metadata too.)
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from dlray import finetune, reports
+from dlray import finetune, reports, trackers
+from dlray.artifact import write_artifact
 from dlray.checkpoint import EMA_FILE, META_FILE, TOKENIZER_DIR, read_meta
-from dlray.config import FinetuneConfig, JobConfig
+from dlray.config import JobConfig
 from dlray.ema import STEP_KEY
 from dlray.models import FAMILIES
 from dlray.runfiles import read_history
-
-WEIGHTS_FILE = "model.safetensors"
-ADAPTER_INDEX = "adapter_config.json"  # PEFT's, in an adapter artifact
-CONFIG_FILE = "dlray.json"
 
 
 def export(source: str | Path, out_dir: str | Path, merge_lora: bool = False) -> Path:
@@ -78,50 +67,8 @@ def export(source: str | Path, out_dir: str | Path, merge_lora: bool = False) ->
     out = write_artifact(model, artifact_config, out_dir)
     if (checkpoint_dir / TOKENIZER_DIR).is_dir():  # text models: the tokenizer beside the weights, as transformers keeps it
         shutil.copytree(checkpoint_dir / TOKENIZER_DIR, out, dirs_exist_ok=True)
-    from dlray import trackers  # here: Serve replicas import this module for load_artifact
-
     trackers.log_export(cfg, out)  # to the run's MLflow / W&B run, where its job tracked one
     return out
-
-
-def write_artifact(model: torch.nn.Module, artifact_config: dict, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    family = FAMILIES[artifact_config["model"]["family"]]
-    if family.save_pretrained:  # a PEFT model saves its adapter
-        family.save_pretrained(model, out)
-    else:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
-    (out / CONFIG_FILE).write_text(json.dumps(artifact_config, indent=2))
-    return out
-
-
-def load_artifact(directory: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The exported model in eval mode, and its dlray.json."""
-    directory = Path(directory)
-    config = read_artifact_config(directory)
-    family = FAMILIES[config["model"]["family"]]
-    if family.from_pretrained:
-        # transformers loads an adapter directory's base (model.name_or_path) and attaches the adapter;
-        # a QLoRA adapter's base is quantised as it was in training, so it computes what was trained.
-        options = finetune.load_options(FinetuneConfig(**config["finetune"]), config["precision"], family) if config.get("adapter") else {}
-        return family.from_pretrained(directory, **options).eval(), config
-    model = family.build(config["model"], config["data_info"])
-    model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=True)
-    return model.eval(), config
-
-
-def read_artifact_config(directory: str | Path) -> dict:
-    path = Path(directory, CONFIG_FILE)
-    config = json.loads(path.read_text()) if path.exists() else None
-    weights = WEIGHTS_FILE
-    if config:
-        weights = ADAPTER_INDEX if config.get("adapter") else FAMILIES[config["model"]["family"]].artifact_index
-    if config is None or not Path(directory, weights).exists():
-        raise FileNotFoundError(f"{directory} is not a dlray artifact (needs {CONFIG_FILE} and its weights, {weights}); create one with `dlray export`")
-    return config
 
 
 def resolve_checkpoint(source: Path) -> Path:

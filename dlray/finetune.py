@@ -18,21 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dlray.precision import PRECISION_DTYPES
-
-
-def load_options(finetune, precision: str, family) -> dict:
-    """Keyword arguments for the family's from_pretrained: qlora quantises the base as it loads."""
-    if finetune.finetuning_type != "qlora":
-        return {}
-    from transformers import BitsAndBytesConfig
-
-    # 4-bit weights are dequantised to the job's precision for each matmul. A classifier's new head
-    # stays unquantised (transformers keeps a causal LM's output layer so by itself): it is trained whole.
-    return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=finetune.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=finetune.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=PRECISION_DTYPES[precision],
-        llm_int8_skip_modules=list(family.head_modules) or None)}
+from dlray.artifact import load_options  # qlora's 4-bit base, loaded alike for training and for serving
 
 
 def apply(model: nn.Module, family, cfg) -> nn.Module:

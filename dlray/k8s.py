@@ -264,11 +264,12 @@ def serve_config_v2(cfg: JobConfig, artifact: str) -> dict:
     Not dlray.serve.app.serve_config: that one reads the artifact from local disk and makes its
     path absolute here, while a RayService's artifact lives on the shared volume.
     """
-    from dlray.serve.app import ENDPOINT_SETTINGS, IMPORT_PATH
+    from dlray.config.serve import DeploymentSettings
+    from dlray.serve.app import ENDPOINTS, IMPORT_PATH
 
-    task = FAMILIES[cfg.model.family].task  # the endpoint's own settings only: a classifier takes no image limits
-    other_endpoints = {key for name, keys in ENDPOINT_SETTINGS.items() if name != task for key in keys} - set(ENDPOINT_SETTINGS[task])  # keys endpoints share stay
-    settings = cfg.serve.model_dump(mode="json", exclude={"host", "port", *other_endpoints}, exclude_none=True)
+    # Serve's options and the endpoint's own settings only: a classifier takes no image limits.
+    keys = (set(DeploymentSettings.model_fields) | set(ENDPOINTS[FAMILIES[cfg.model.family].task].settings.model_fields)) - {"host", "port"}
+    settings = cfg.serve.model_dump(mode="json", include=keys, exclude_none=True)
     return {
         "proxy_location": "EveryNode",
         # All interfaces inside the pod; what reaches it is decided by KubeRay's serve Service (ClusterIP).

@@ -1,6 +1,7 @@
 """One local Ray per test session, bound to 127.0.0.1; tests that need it ask for `ray_cluster`."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,46 @@ def digits_run(ray_cluster, tmp_path_factory):
     assert result.error is None, result.error
     artifact = export(run_dir(cfg), storage / "artifact")
     return cfg, result, run_dir(cfg), artifact
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster):
+    """The port of the session's Serve: one free port, so that modules serving artifacts share one Serve."""
+    from dlray.local_cluster import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def serve_artifact(serve_port):
+    """serve_artifact(artifact, name=None, **serve_keys) -> its base URL: the artifact's endpoint, built by
+    dlray.serve.app.build_app (as `serve run` and `serve deploy` build it) with these `serve:` keys, served
+    as the Serve app `name` (default: the artifact directory's name) under /<name> on the session's Serve.
+    The module's apps are deleted when it ends; Serve goes on for the next module."""
+    from ray import serve
+
+    from dlray.serve.app import ServeAddressError, build_app, check_serve_address
+
+    try:
+        check_serve_address("127.0.0.1", serve_port)
+    except ServeAddressError:  # a module before this one started Serve elsewhere (`dlray serve`'s own tests)
+        serve.shutdown()
+    serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
+    names = []
+
+    def deploy(artifact, name: str | None = None, **serve_keys) -> str:
+        name = name or Path(artifact).name
+        serve.run(build_app({"artifact": str(artifact), **serve_keys}), name=name, route_prefix=f"/{name}")
+        names.append(name)
+        return f"http://127.0.0.1:{serve_port}/{name}"
+
+    yield deploy
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        running = serve.status().applications
+    except RayServeException:  # a test shut Serve down: nothing is left to delete
+        return
+    for name in names:
+        if name in running:  # not deleted by its test already
+            serve.delete(name)

@@ -56,3 +56,15 @@ def wandb_offline_runs(run_dir) -> dict[str, list[dict]]:
         if start["run"] is not None:  # None: the process was killed before W&B first flushed the log (every 15 s)
             runs.setdefault(start["run"].run_id, []).append(start)
     return runs
+
+
+def decode_png(data: bytes):
+    """A PNG's pixels as a numpy array, (H, W) or (H, W, C); fails on anything but a PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        return np.asarray(image)

@@ -26,8 +26,8 @@ from transformers import (
     ViTModel,
 )
 
+from dlray.artifact import load_artifact
 from dlray.config import config_from_dict
-from dlray.export import load_artifact
 from dlray.models import FAMILIES, bert, vit
 from dlray.serve.classify import TextInput
 from dlray.serve.errors import RequestError

@@ -2,7 +2,7 @@
 the official `openai` client, lm-evaluation-harness's local-completions model and, for the error
 cases and timings, raw httpx.
 
-The artifact is built here (test_generation_engine.write_llm_artifact: a tiny random Llama, a
+The artifact is built here (tiny_llm.write_llm_artifact: a tiny random Llama, a
 byte-level BPE tokenizer trained in the test with a chat template, and a dlray.json naming the
 task) because the export of trained LMs is not final yet; once `dlray export` writes LM artifacts,
 an exported debug LM can take its place.
@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from test_generation_engine import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
+from tiny_llm import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
 
-from dlray.local_cluster import free_port
 from dlray.serve.engine import Engine, SamplingParams, Sequence
 
 pytestmark = pytest.mark.slow
@@ -42,17 +41,8 @@ def adapter(artifact, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, artifact, adapter):
-    from ray import serve
-
-    from dlray.serve.app import run
-
-    serve.shutdown()  # Serve keeps the port it first started on; this module picks its own
-    port = free_port()
-    run(str(artifact), {"port": port, "api_key_env": API_KEY_ENV, "max_tokens_limit": 64, "max_completions_per_request": 3,
-                        "max_num_seqs": 8, "adapters": {"sql": adapter}})
-    yield f"http://127.0.0.1:{port}"
-    serve.delete("dlray")
+def server(serve_artifact, artifact, adapter):
+    return serve_artifact(artifact, api_key_env=API_KEY_ENV, max_tokens_limit=64, max_completions_per_request=3, max_num_seqs=8, adapters={"sql": adapter})
 
 
 @pytest.fixture(scope="module")
@@ -206,20 +196,15 @@ def test_the_openai_client_raises_its_own_errors(server, client):
 
 
 @pytest.fixture(scope="module")
-def plain(server, tmp_path_factory):
-    """A second app beside the module's server (its URL), over an artifact whose tokenizer has no chat
+def plain(serve_artifact, tmp_path_factory):
+    """A second app beside the module's server, over an artifact whose tokenizer has no chat
     template, with room for one decoding sequence and one waiting request."""
-    from ray import serve
-
     from dlray.serve.app import build_app
 
     artifact = write_llm_artifact(tmp_path_factory.mktemp("plain") / "plain", chat_template=None)
     with pytest.raises(ValueError, match="no chat template.*serve.chat=false"):
         build_app({"artifact": str(artifact)})  # before any replica starts
-    serve.run(build_app({"artifact": str(artifact), "chat": False, "max_num_seqs": 1, "max_queue_len": 1, "max_tokens_limit": 120}),
-              name="plain", route_prefix="/plain")
-    yield f"{server}/plain"
-    serve.delete("plain")
+    return serve_artifact(artifact, chat=False, max_num_seqs=1, max_queue_len=1, max_tokens_limit=120)
 
 
 def test_without_a_chat_template_chat_is_switched_off(plain):

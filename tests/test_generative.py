@@ -9,25 +9,23 @@ samples than DDPM, `dlray bench diffusion` measures (benchmarks/results.md).
 
 import asyncio
 import base64
-import io
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from dlray import reports
+from dlray.artifact import load_artifact
 from dlray.config import load_config
-from dlray.export import export, load_artifact
-from dlray.local_cluster import free_port
+from dlray.export import export
 from dlray.models import diffusion
 from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
-from helpers import REPO
+from helpers import REPO, decode_png
 
 pytestmark = pytest.mark.slow
 
@@ -48,22 +46,8 @@ def diffusion_run(ray_cluster, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(diffusion_run):
-    from ray import serve
-
-    from dlray.serve.app import run
-
-    serve.shutdown()  # Serve keeps the port it first started on; this module picks its own
-    port = free_port()
-    run(str(diffusion_run[3]), {"port": port, "max_images_per_request": 4, "max_inference_steps": 200})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()  # the next module starts Serve on a port of its own (Serve keeps its first one)
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        assert image.format == "PNG"
-        return np.asarray(image)
+def server(diffusion_run, serve_artifact):
+    return serve_artifact(diffusion_run[3], name="diffusion", max_images_per_request=4, max_inference_steps=200)
 
 
 def test_diffusion_loss_falls_and_every_epoch_leaves_a_sample_grid(diffusion_run):
@@ -130,31 +114,27 @@ def test_bad_image_requests_get_a_400_and_the_replica_keeps_serving(server, body
     assert ok.status_code == 200
 
 
-def test_class_conditional_model_takes_a_class_label_or_a_class_name(server, tmp_path):
+def test_class_conditional_model_takes_a_class_label_or_a_class_name(serve_artifact, tmp_path):
     """An untrained class-conditional UNet, served as a second app beside the module's server."""
-    from ray import serve
 
-    from dlray.export import write_artifact
-    from dlray.serve.app import build_app
+    from dlray.artifact import write_artifact
 
     cfg = load_config(REPO / "jobs/debug/diffusion_cpu.yaml", ["model.class_conditional=true"])
     info = {"image_shape": [1, 16, 16], "class_names": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25]}
     model_cfg = cfg.model.model_dump()
     artifact = write_artifact(diffusion.build(model_cfg, info), {"task": "images", "model": model_cfg, "data_info": info, "serve": {}}, tmp_path / "cond")
-    serve.run(build_app({"artifact": str(artifact)}), name="conditional", route_prefix="/conditional")
-    try:
-        def generate(**body):
-            return httpx.post(f"{server}/conditional/v1/images/generations", json={"seed": 3, "num_inference_steps": 3, **body}, timeout=60)
+    base = serve_artifact(artifact, name="conditional")
 
-        three, seven = generate(class_label=3), generate(prompt="7")
-        assert three.status_code == seven.status_code == 200, (three.text, seven.text)
-        assert three.json()["data"][0]["b64_json"] != seven.json()["data"][0]["b64_json"]  # same seed, other class
-        assert generate(class_label="3").json()["data"][0]["b64_json"] == three.json()["data"][0]["b64_json"]
-        for bad in ({}, {"class_label": 10}, {"prompt": "a cat"}):
-            response = generate(**bad)
-            assert response.status_code == 400 and response.json()["error"]["param"] == "class_label", response.text
-    finally:
-        serve.delete("conditional")
+    def generate(**body):
+        return httpx.post(f"{base}/v1/images/generations", json={"seed": 3, "num_inference_steps": 3, **body}, timeout=60)
+
+    three, seven = generate(class_label=3), generate(prompt="7")
+    assert three.status_code == seven.status_code == 200, (three.text, seven.text)
+    assert three.json()["data"][0]["b64_json"] != seven.json()["data"][0]["b64_json"]  # same seed, other class
+    assert generate(class_label="3").json()["data"][0]["b64_json"] == three.json()["data"][0]["b64_json"]
+    for bad in ({}, {"class_label": 10}, {"prompt": "a cat"}):
+        response = generate(**bad)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "class_label", response.text
 
 
 def test_vae_debug_job_improves_its_elbo_and_resumes_with_its_ema(ray_cluster, tmp_path):

@@ -30,18 +30,18 @@ import torch
 from torch.utils.data import default_collate
 
 from dlray import precision
+from dlray.artifact import load_artifact
 from dlray.config import ConfigError, data_config, load_config
 from dlray.console import Console
 from dlray.data import build_data
-from dlray.export import export, load_artifact
+from dlray.export import export
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
 from dlray.png import png_bytes
 from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
-from helpers import REPO
-from test_generative import decode_png
+from helpers import REPO, decode_png
 from test_train import epochs, fit_losing_a_worker
 
 pytestmark = [

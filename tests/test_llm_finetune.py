@@ -10,8 +10,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dlray import reports
+from dlray.artifact import load_artifact
 from dlray.config import load_config
-from dlray.export import export, load_artifact
+from dlray.export import export
 from dlray.local_cluster import free_port
 from dlray.runfiles import read_history
 from dlray.serve.engine import Engine, SamplingParams, Sequence

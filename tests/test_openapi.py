@@ -16,11 +16,10 @@ import pytest
 import schemathesis
 from schemathesis import GenerationMode, checks
 from schemathesis.core import NOT_SET
-from test_generation_engine import write_llm_artifact
+from tiny_llm import write_llm_artifact
 
+from dlray.artifact import write_artifact
 from dlray.config import load_config
-from dlray.export import write_artifact
-from dlray.local_cluster import free_port
 from dlray.models import diffusion
 
 from helpers import REPO
@@ -40,19 +39,10 @@ def diffusion_artifact(directory):
     return write_artifact(diffusion.build(model_cfg, info), {"task": "images", "model": model_cfg, "data_info": info, "serve": {}}, directory)
 
 
-@pytest.fixture(scope="module")
-def port(ray_cluster):
-    from ray import serve
-
-    serve.shutdown()  # Serve keeps the port it first started on; this module picks its own
-    yield free_port()
-    serve.shutdown()
-
-
 @pytest.fixture()
-def endpoint(request, port, tmp_path):
-    """(base URL, a normal request) of the parametrized endpoint, served as the app "dlray" (each replaces the last)."""
-    from dlray.serve.app import run
+def endpoint(request, serve_artifact, tmp_path):
+    """(base URL, a normal request) of the parametrized endpoint, served alone (one replica at a time)."""
+    from ray import serve
 
     artifact, overrides, normal = {
         "classify": (lambda: request.getfixturevalue("digits_run")[3], {}, ("/v1/classify", {"image": [[0.5] * 8] * 8})),
@@ -61,8 +51,8 @@ def endpoint(request, port, tmp_path):
         "generate": (lambda: write_llm_artifact(tmp_path / "llm"), {"max_tokens_limit": 16, "max_completions_per_request": 2},
                      ("/v1/completions", {"prompt": "x", "max_tokens": 2})),
     }[request.param]
-    run(str(artifact()), {"port": port, **overrides})
-    return f"http://127.0.0.1:{port}", normal
+    yield serve_artifact(artifact(), name=request.param, **overrides), normal
+    serve.delete(request.param)
 
 
 def fuzz(operation, base: str, mode: GenerationMode) -> Counter:

@@ -2,40 +2,25 @@
 
 import asyncio
 import base64
-import io
 
 import httpx
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from ray.serve.schema import ServeDeploySchema
 
+from dlray.artifact import load_artifact
 from dlray.data import build_data
-from dlray.export import load_artifact
-from dlray.local_cluster import free_port
-from dlray.serve.app import run, serve_config
+from dlray.png import png_bytes
+from dlray.serve.app import serve_config
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(digits_run):
+def server(digits_run, serve_artifact):
     cfg, _, _, artifact = digits_run
-    port = free_port()
-    run(str(artifact), {"port": port, "max_batch_size": 16})
-    base = f"http://127.0.0.1:{port}"
-    yield base, artifact, build_data(cfg.data, seed=cfg.train.seed).test
-    from ray import serve
-
-    serve.shutdown()  # the next module starts Serve on a port of its own (Serve keeps its first one)
-
-
-def png_bytes(image: torch.Tensor) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
+    return serve_artifact(artifact, max_batch_size=16), artifact, build_data(cfg.data, seed=cfg.train.seed).test
 
 
 def test_served_model_gives_the_trained_models_answers(server):
@@ -64,8 +49,9 @@ def test_png_and_base64_inputs_agree_with_pixel_lists(server):
     for i in range(5):
         image = test[i][0]
         from_list = httpx.post(f"{base}/v1/classify", json={"image": image[0].tolist()}).json()
-        from_png = httpx.post(f"{base}/v1/classify", content=png_bytes(image), headers={"content-type": "image/png"}).json()
-        from_b64 = httpx.post(f"{base}/v1/classify", json={"image_b64": base64.b64encode(png_bytes(image)).decode()}).json()
+        png = png_bytes(image * 2 - 1)  # png_bytes takes [-1, 1]
+        from_png = httpx.post(f"{base}/v1/classify", content=png, headers={"content-type": "image/png"}).json()
+        from_b64 = httpx.post(f"{base}/v1/classify", json={"image_b64": base64.b64encode(png).decode()}).json()
         assert from_list["label"] == from_png["label"] == from_b64["label"]
 
 
@@ -103,27 +89,20 @@ def test_healthz(server):
     assert response.json()["dtype"] == "fp32"  # serve.dtype auto on a CPU replica
 
 
-def test_a_bf16_replica_casts_the_pixels_and_answers_as_the_model_does(server):
+def test_a_bf16_replica_casts_the_pixels_and_answers_as_the_model_does(server, serve_artifact):
     """serve.dtype bf16 (what `auto` takes on GPUs; a CPU replica only when asked): the model and each
     batch of pixels in bf16, the probabilities the fp32 model's within bf16 rounding."""
-    from ray import serve
-
-    from dlray.serve.app import build_app
-
-    base, artifact, test = server
+    _, artifact, test = server
     images = torch.stack([test[i][0] for i in range(32)])
 
-    async def classify_all():
+    async def classify_all(base):
         async with httpx.AsyncClient(timeout=60) as client:
-            responses = await asyncio.gather(*(client.post(f"{base}/bf16/v1/classify", json={"image": im.tolist()}) for im in images))
+            responses = await asyncio.gather(*(client.post(f"{base}/v1/classify", json={"image": im.tolist()}) for im in images))
         return [r.json() for r in responses]
 
-    serve.run(build_app({"artifact": str(artifact), "dtype": "bf16"}), name="bf16", route_prefix="/bf16")  # beside the fp32 app
-    try:
-        assert httpx.get(f"{base}/bf16/healthz").json()["dtype"] == "bf16"
-        served = asyncio.run(classify_all())
-    finally:
-        serve.delete("bf16")
+    base = serve_artifact(artifact, name="bf16", dtype="bf16")  # beside the fp32 app
+    assert httpx.get(f"{base}/healthz").json()["dtype"] == "bf16"
+    served = asyncio.run(classify_all(base))
     model, _ = load_artifact(artifact)
     with torch.no_grad():
         expected = torch.softmax(model(images), -1)

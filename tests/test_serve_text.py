@@ -8,8 +8,6 @@ import pytest
 import torch
 
 from dlray.config import config_from_dict
-from dlray.local_cluster import free_port
-from dlray.serve.app import run
 
 from single_process import export_trained, train
 
@@ -18,16 +16,11 @@ JOB = {"model": {"family": "bert", "dropout": 0.0}, "data": {"name": "text_class
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tmp_path_factory):
+def server(serve_artifact, tmp_path_factory):
     cfg = config_from_dict(JOB)
     data, model = train(cfg, steps=100, batch_size=32)
     artifact = export_trained(cfg, data, model, tmp_path_factory.mktemp("bert"))
-    port = free_port()
-    run(str(artifact), {"port": port, "max_batch_size": 16})
-    yield f"http://127.0.0.1:{port}", data, model
-    from ray import serve
-
-    serve.shutdown()  # the next module starts Serve on a port of its own (Serve keeps its first one)
+    return serve_artifact(artifact, name="bert", max_batch_size=16), data, model
 
 
 def test_served_texts_get_the_trained_models_probabilities(server):

@@ -27,8 +27,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dlray.artifact import load_artifact
 from dlray.config import ConfigError, config_from_dict
-from dlray.export import export, load_artifact
+from dlray.export import export
 from dlray.local_cluster import free_port
 from dlray.models import FAMILIES
 

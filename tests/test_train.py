@@ -9,9 +9,10 @@ import pytest
 import ray
 
 from dlray import reports
+from dlray.artifact import load_artifact
 from dlray.config import load_config
 from dlray.data import build_data
-from dlray.export import export, load_artifact
+from dlray.export import export
 from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from test_serve import png_bytes
 from typer.testing import CliRunner
 
+from dlray.artifact import read_artifact_config
 from dlray.checkpoint import read_meta
 from dlray.config import ConfigError, config_from_dict, load_config
 from dlray.data import build_data
-from dlray.export import read_artifact_config, resolve_checkpoint
-from dlray.local_cluster import free_port
+from dlray.export import resolve_checkpoint
+from dlray.png import png_bytes
 from dlray.runfiles import read_history
 
 from helpers import REPO, wandb_offline_runs
@@ -150,30 +150,22 @@ def test_a_sweeps_export_skips_a_checkpoint_written_after_its_trial_was_stopped(
 
 
 @pytest.mark.slow
-def test_export_of_the_sweep_serves_the_best_trials_best_checkpoint(asha_sweep, tmp_path):
-    from ray import serve
-
+def test_export_of_the_sweep_serves_the_best_trials_best_checkpoint(asha_sweep, serve_artifact, tmp_path):
     from dlray.export import export
-    from dlray.serve.app import run
 
     cfg, _, sweep = asha_sweep
     artifact = export(sweep, tmp_path / "best")
     source = read_meta(read_artifact_config(artifact)["source_checkpoint"])
     assert source["config"]["optim"]["lr"] == float(results(sweep)[0]["optim.lr"])
-    port = free_port()
-    serve.shutdown()  # Serve keeps the port it first started on; this test picks its own
-    run(str(artifact), {"port": port})
-    try:
-        test = build_data(cfg.data, seed=cfg.train.seed).test
-        correct = 0
-        for i in range(40):
-            image, label = test[i]
-            answer = httpx.post(f"http://127.0.0.1:{port}/v1/classify", content=png_bytes(image), headers={"content-type": "image/png"}, timeout=60)
-            assert answer.status_code == 200, answer.text
-            correct += answer.json()["label_index"] == int(label)
-        assert correct / 40 > 0.3
-    finally:
-        serve.delete("dlray")
+    base = serve_artifact(artifact)
+    test = build_data(cfg.data, seed=cfg.train.seed).test
+    correct = 0
+    for i in range(40):
+        image, label = test[i]
+        answer = httpx.post(f"{base}/v1/classify", content=png_bytes(image * 2 - 1), headers={"content-type": "image/png"}, timeout=60)  # png_bytes takes [-1, 1]
+        assert answer.status_code == 200, answer.text
+        correct += answer.json()["label_index"] == int(label)
+    assert correct / 40 > 0.3
 
 
 @pytest.mark.slow

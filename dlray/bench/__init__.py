@@ -21,7 +21,6 @@ from dlray.bench.serve import bench_serve
 from dlray.bench.train import bench_memory, bench_train
 from dlray.bench.tune import bench_tune
 
-
 # Sections of results.md below this line are written by hand (a measurement that is not a `dlray bench`
 # target); a rewrite of the table keeps them.
 HAND_WRITTEN = "<!-- Written by hand from here on: dlray bench rewrites the table above and keeps what follows. -->"

@@ -93,7 +93,7 @@ def bench_image_serve() -> dict:
     DDIM-IMAGE_STEPS image: @serve.batch up to 16 requests per denoising loop vs one at a time."""
     from ray import serve
 
-    from dlray.export import write_artifact
+    from dlray.artifact import write_artifact
     from dlray.local_cluster import init_ray
     from dlray.serve.app import run
 

@@ -211,7 +211,7 @@ async def _read_events(lines) -> tuple[float, dict]:
 def _gpt_artifact() -> tuple[str, str]:
     """GPT_JOB's model, untrained, with its tokenizer, laid out as `dlray export` writes a language
     model; and a description for the results."""
-    from dlray.export import write_artifact
+    from dlray.artifact import write_artifact
 
     cfg = load_config(GPT_JOB)
     data = build_data(cfg.data, seed=cfg.train.seed)

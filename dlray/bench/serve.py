@@ -19,7 +19,7 @@ SERVE_CLIENTS, SERVE_REQUESTS = 32, 384
 def bench_serve() -> dict:
     from ray import serve
 
-    from dlray.export import write_artifact
+    from dlray.artifact import write_artifact
     from dlray.local_cluster import init_ray
     from dlray.png import png_bytes
     from dlray.serve.app import run

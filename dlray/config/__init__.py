@@ -7,7 +7,8 @@ Section and key names follow what users already know: Ray's ScalingConfig/RunCon
 (`micro_batch_size`, `gradient_accumulation_steps`, `max_grad_norm`, `warmup_steps`,
 `early_stopping_patience`). Errors name the dotted key, the bad value and what is allowed.
 
-    sections.py  the job's sections (model, finetune, data, train, optim, scheduler, strategy, scaling, run, serve)
+    sections.py  the job's sections (model, finetune, data, train, optim, scheduler, strategy, scaling, run)
+    serve.py     the `serve:` section: Serve's deployment options and each endpoint's settings
     sweep.py     the `tune:` section (search space, trial scheduler, search algorithm)
     trackers.py  the `tracking:` section (MLflow, Weights & Biases: configures dlray.trackers)
     job.py       JobConfig: all sections, and the checks across them
@@ -19,7 +20,6 @@ from dlray.config.dotted import ConfigError, set_dotted
 from dlray.config.job import JobConfig
 from dlray.config.loading import apply_override, config_from_dict, job_files, load_config
 from dlray.config.sections import (
-    AutoscalingSection,
     DataConfig,
     DataSection,
     DDPConfig,
@@ -32,12 +32,12 @@ from dlray.config.sections import (
     ScalingSection,
     SchedulerConfig,
     Section,
-    ServeSection,
     StrategyConfig,
     TrainConfig,
     data_config,
     families_where,
 )
+from dlray.config.serve import AutoscalingSection, ServeSection
 from dlray.config.sweep import DISTRIBUTIONS, SearchAlgConfig, SearchParam, SweepSchedulerConfig, TuneSection
 from dlray.config.trackers import MLflowSection, TrackingSection, WandbSection
 

@@ -20,11 +20,11 @@ from dlray.config.sections import (
     ScalingSection,
     SchedulerConfig,
     Section,
-    ServeSection,
     StrategyConfig,
     TrainConfig,
     families_where,
 )
+from dlray.config.serve import ServeSection
 from dlray.config.sweep import TuneSection
 from dlray.config.trackers import TrackingSection
 from dlray.data import SOURCES, data_config

@@ -109,4 +109,5 @@ def from_pretrained(directory, **load_options) -> PreTrainedModel:
 FAMILY = ModelFamily(name="bert", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("labelled text",), task="classify",
                      metrics=METRICS, shard_classes=shard_classes, enable_gradient_checkpointing=enable_gradient_checkpointing,
                      save_pretrained=save_pretrained, from_pretrained=from_pretrained, pretrained=True,
-                     finetuning_types=FINETUNING_TYPES, head_modules=HEAD_MODULES, peft_task_type=PEFT_TASK_TYPE)
+                     finetuning_types=FINETUNING_TYPES, head_modules=HEAD_MODULES, peft_task_type=PEFT_TASK_TYPE,
+                     inputs="text")

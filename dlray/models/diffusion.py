@@ -141,4 +141,5 @@ def from_pretrained(directory) -> Diffusion:
 
 FAMILY = ModelFamily(name="diffusion", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("image",), task="images",
                      shard_classes=shard_classes, sample=sample, save_pretrained=save_pretrained, from_pretrained=from_pretrained,
-                     artifact_index=ARTIFACT_INDEX, extra_model_keys=("num_train_timesteps", "beta_schedule", "class_conditional"))
+                     artifact_index=ARTIFACT_INDEX, extra_model_keys=("num_train_timesteps", "beta_schedule", "class_conditional"),
+                     sample_options=("num_inference_steps", "scheduler"))

@@ -34,7 +34,8 @@ class ModelFamily:
     # The kinds of data it trains on, as data sources name theirs (dlray.data.spec.DataSource.kind): "image",
     # "text" (documents or conversations, for a causal LM), "labelled text"; any source of such a kind will do.
     data: tuple[str, ...]
-    task: str  # the serving endpoint its export gets: classify, images or generate
+    task: str  # the serving endpoint its export gets (dlray.serve.app.ENDPOINTS): classify, images or generate
+    inputs: str = "image"  # what its model takes, "image" (pixels) or "text" (token ids): what a classify request carries
     metrics: tuple[str, ...] = ()  # what compute_loss returns besides "loss" (reported as val_<name>, test_<name>)
     # Blocks FSDP shards one by one; a function, so that transformers loads only when FSDP asks.
     shard_classes: Callable[[], tuple[type[nn.Module], ...]] = no_blocks
@@ -42,6 +43,7 @@ class ModelFamily:
     # One parameter list per optimizer; families with one optimizer train every parameter.
     param_groups: Callable[[nn.Module], list] | None = None
     sample: Callable[..., torch.Tensor] | None = None  # generative: sample(model, generators, **options) -> images in [-1, 1]
+    sample_options: tuple[str, ...] = ()  # the options `sample` takes, which image requests may set (diffusion: steps, scheduler)
     derived_metrics: Callable[[dict, dict], dict] = no_derived_metrics  # more metrics from the reported ones (gpt: perplexity)
     derived_metric_names: tuple[str, ...] = ()  # what derived_metrics adds to every epoch (train.metric may be one)
     enable_gradient_checkpointing: Callable[[nn.Module], None] | None = None  # train.gradient_checkpointing

@@ -134,4 +134,5 @@ FAMILY = ModelFamily(name="gpt", build=build, compute_loss=compute_loss, flavors
                      shard_classes=shard_classes, derived_metrics=derived_metrics, derived_metric_names=DERIVED_METRICS,
                      enable_gradient_checkpointing=enable_gradient_checkpointing, flops_per_token=flops_per_token,
                      save_pretrained=save_pretrained, from_pretrained=from_pretrained, pretrained=True,
-                     finetuning_types=FINETUNING_TYPES, peft_task_type=PEFT_TASK_TYPE)
+                     finetuning_types=FINETUNING_TYPES, peft_task_type=PEFT_TASK_TYPE,
+                     inputs="text")

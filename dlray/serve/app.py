@@ -8,37 +8,27 @@ and KubeRay's RayService.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shlex
+from typing import TypeVar
 
 import ray
-import torch
+from pydantic import BaseModel, ValidationError, create_model
 from ray import serve
 from ray.serve import Application
 
-from dlray.config import ServeSection
-from dlray.export import read_artifact_config
-from dlray.png import png_bytes
-from dlray.serve.classify import Classifier
-from dlray.serve.classify import api as classify_api
-from dlray.serve.generate import TextGenerator
-from dlray.serve.generate import api as generate_api
-from dlray.serve.images import ImageGenerator
-from dlray.serve.images import api as images_api
-from dlray.serve.openai_text import check_chat_template, model_name
+from dlray.artifact import read_artifact_config
+from dlray.config import ConfigError
+from dlray.config.dotted import messages
+from dlray.config.serve import DeploymentSettings, EndpointSettings
+from dlray.serve import classify, generate, images
+from dlray.serve.endpoint import Endpoint
 
-ENDPOINTS = {"classify": Classifier, "images": ImageGenerator, "generate": TextGenerator}
-APIS = {"classify": classify_api, "images": images_api, "generate": generate_api}  # each endpoint's FastAPI app: its routes
-# The `serve:` keys each endpoint takes besides max_body_bytes and dtype, which every endpoint takes.
-ENDPOINT_SETTINGS = {
-    "classify": ("max_batch_size", "batch_wait_timeout_s"),
-    "images": ("max_batch_size", "batch_wait_timeout_s", "max_images_per_request", "max_inference_steps", "num_inference_steps", "scheduler"),
-    "generate": ("max_num_seqs", "max_batch_total_tokens", "max_queue_len", "stream_interval", "max_tokens_limit", "max_completions_per_request", "chat",
-                 "api_key_env", "served_model_name", "adapters"),  # continuous batching: no @serve.batch settings
-}
+# An artifact's task (dlray.json; its family's `task`) -> the endpoint that serves it.
+ENDPOINTS: dict[str, Endpoint] = {"classify": classify.ENDPOINT, "images": images.ENDPOINT, "generate": generate.ENDPOINT}
 IMPORT_PATH = "dlray.serve.app:build_app"
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def build_app(args: dict) -> Application:
@@ -47,27 +37,45 @@ def build_app(args: dict) -> Application:
         raise ValueError(f"{IMPORT_PATH} needs args.artifact: a directory written by `dlray export`")
     artifact = os.path.abspath(os.path.expanduser(args["artifact"]))
     config = read_artifact_config(artifact)
+    endpoint = endpoint_of(artifact, config)
+    deployment, settings = serve_settings(artifact, config, {k: v for k, v in args.items() if k != "artifact"})
+    if endpoint.prepare:
+        settings = endpoint.prepare(artifact, config, settings)
+    options = {"max_ongoing_requests": deployment.max_ongoing_requests,
+               "ray_actor_options": {"num_cpus": deployment.num_cpus_per_replica, "num_gpus": deployment.num_gpus_per_replica}}
+    if deployment.autoscaling:
+        options["autoscaling_config"] = deployment.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = deployment.num_replicas
+    return endpoint.deployment.options(**options).bind(artifact, settings)
+
+
+def endpoint_of(artifact: str, config: dict) -> Endpoint:
     if config["task"] not in ENDPOINTS:
         raise ValueError(f"{artifact}: dlray has no serving endpoint for task {config['task']!r} yet (endpoints: {', '.join(ENDPOINTS)})")
-    settings = serve_settings(config, {k: v for k, v in args.items() if k != "artifact"})
-    if settings.adapters:  # replicas run elsewhere: their paths must not depend on this directory
-        settings.adapters = {name: os.path.abspath(os.path.expanduser(path)) for name, path in settings.adapters.items()}
-    if config["task"] == "generate":
-        from transformers import AutoTokenizer
-
-        check_chat_template(AutoTokenizer.from_pretrained(artifact), artifact, settings.chat)
-    options = {"max_ongoing_requests": settings.max_ongoing_requests, "ray_actor_options": {"num_cpus": settings.num_cpus_per_replica, "num_gpus": settings.num_gpus_per_replica}}
-    if settings.autoscaling:
-        options["autoscaling_config"] = settings.autoscaling.model_dump()
-    else:
-        options["num_replicas"] = settings.num_replicas
-    keys = ("max_body_bytes", "dtype", *ENDPOINT_SETTINGS[config["task"]])
-    return ENDPOINTS[config["task"]].options(**options).bind(artifact, **{key: getattr(settings, key) for key in keys})
+    return ENDPOINTS[config["task"]]
 
 
-def serve_settings(artifact_config: dict, overrides: dict) -> ServeSection:
-    """The artifact's `serve:` section (from its training config) with overrides applied and checked."""
-    return ServeSection.model_validate({**artifact_config.get("serve", {}), **overrides})
+def serve_settings(artifact: str, config: dict, overrides: dict) -> tuple[DeploymentSettings, EndpointSettings]:
+    """The deployment's settings and those of the artifact's endpoint: the artifact's `serve:` section (its
+    job's, which holds every shipped endpoint's keys) with `overrides` applied, each override a key of one or
+    the other. Raises ConfigError naming the dotted keys at fault and what is allowed."""
+    endpoint = endpoint_of(artifact, config).settings
+    unknown = sorted(set(overrides) - set(DeploymentSettings.model_fields) - set(endpoint.model_fields))
+    if unknown:
+        raise ConfigError(f"unknown key {', '.join(f'serve.{key}' for key in unknown)} for the {config['task']} endpoint; "
+                          f"allowed keys: {', '.join([*DeploymentSettings.model_fields, *endpoint.model_fields])}")
+    merged = {**config.get("serve", {}), **overrides}
+    return checked(DeploymentSettings, merged), checked(endpoint, merged)
+
+
+def checked(model: type[Model], values: dict) -> Model:
+    """`model` from the keys of `values` it has; errors worded as the job config's, by dotted key (serve.xxx)."""
+    section = create_model(f"Serve{model.__name__}", serve=(model, ...))
+    try:
+        return section.model_validate({"serve": {key: value for key, value in values.items() if key in model.model_fields}}).serve
+    except ValidationError as err:
+        raise ConfigError("\n".join(messages(err, section))) from None
 
 
 class ServeAddressError(RuntimeError):
@@ -96,10 +104,10 @@ def run(artifact: str, overrides: dict | None = None, verbose: bool = True):
     """Start Serve's HTTP proxy on the configured host/port and deploy the artifact's endpoint; return once it
     is up. Not `verbose` (the CLI's default): Serve's INFO lines and its per-request access log stay off."""
     overrides = overrides or {}
-    settings = serve_settings(read_artifact_config(artifact), overrides)
-    check_serve_address(settings.host, settings.port)
+    deployment, _ = serve_settings(artifact, read_artifact_config(artifact), overrides)
+    check_serve_address(deployment.host, deployment.port)
     quiet = {} if verbose else {"logging_config": {"log_level": "WARNING", "enable_access_log": False}}
-    serve.start(http_options={"host": settings.host, "port": settings.port}, **quiet)  # the controller and proxies
+    serve.start(http_options={"host": deployment.host, "port": deployment.port}, **quiet)  # the controller and proxies
     return serve.run(build_app({"artifact": artifact, **overrides}), name="dlray", route_prefix="/", **quiet)  # the replicas
 
 
@@ -107,37 +115,22 @@ def describe(artifact: str, overrides: dict | None = None) -> str:
     """What `dlray serve` prints once the app is up: the URL of every route, and a curl command that
     calls the main one with a request this artifact's model accepts."""
     config = read_artifact_config(artifact)
-    settings = serve_settings(config, overrides or {})
-    base = f"http://{settings.host}:{settings.port}"
-    api = APIS[config["task"]]
-    routes = [(method.upper(), path) for path, operations in api.openapi()["paths"].items() for method in operations]
-    routes += [("GET", path) for path in (api.docs_url, api.openapi_url) if path]
-    path, body, options = example_request(os.path.abspath(artifact), config, settings)
+    deployment, settings = serve_settings(artifact, config, overrides or {})
+    base = f"http://{deployment.host}:{deployment.port}"
+    endpoint = endpoint_of(artifact, config)
+    routes = [(method.upper(), path) for path, operations in endpoint.api.openapi()["paths"].items() for method in operations]
+    routes += [("GET", path) for path in (endpoint.api.docs_url, endpoint.api.openapi_url) if path]
+    path, body, options = endpoint.example_request(os.path.abspath(artifact), config, settings)
     curl = shlex.join(["curl", "-s", base + path, "-H", "content-type: application/json", "-d", json.dumps(body)])
     return "\n".join([*(f"  {method:<4} {base}{route}" for method, route in routes), "example:", f"  {curl}{options}"])
-
-
-def example_request(artifact: str, config: dict, settings: ServeSection) -> tuple[str, dict, str]:
-    """(path, JSON body, further curl options as shell text) of a request to the artifact's main route."""
-    if config["task"] == "classify":
-        shape = config["data_info"].get("image_shape")
-        if shape:  # a mid-grey PNG of the trained size: a short body whatever the size
-            return "/v1/classify", {"image_b64": base64.b64encode(png_bytes(torch.full(shape, 0.5))).decode()}, ""
-        return "/v1/classify", {"text": "an example sentence to classify"}, ""
-    if config["task"] == "images":  # a class-conditional model needs a class: its first one, by name
-        prompt = {"prompt": config["data_info"]["class_names"][0]} if config["model"].get("class_conditional") else {}
-        return "/v1/images/generations", {**prompt, "seed": 0}, " -H 'accept: image/png' -o image.png"
-    body = {"model": model_name(artifact, settings.served_model_name), "prompt": "Once upon a time", "max_tokens": min(16, settings.max_tokens_limit)}
-    key = f' -H "authorization: Bearer ${settings.api_key_env}"' if settings.api_key_env else ""  # the shell fills in the key
-    return "/v1/completions", body, key
 
 
 def serve_config(artifact: str, overrides: dict | None = None) -> dict:
     """A Serve config file (the `serve deploy` / RayService `serveConfigV2` format) for an artifact."""
     overrides = overrides or {}
-    settings = serve_settings(read_artifact_config(artifact), overrides)
+    deployment, _ = serve_settings(artifact, read_artifact_config(artifact), overrides)
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": settings.host, "port": settings.port},
+        "http_options": {"host": deployment.host, "port": deployment.port},
         "applications": [{"name": "dlray", "route_prefix": "/", "import_path": IMPORT_PATH, "args": {"artifact": os.path.abspath(artifact), **overrides}}],
     }

@@ -10,8 +10,9 @@
       -> {"label": "7", "label_index": 7, "probabilities": {"0": 0.001, ...}}
     GET /healthz
 
-Concurrent requests are folded into one forward pass by @serve.batch; texts are tokenized together
-there, with the artifact's own tokenizer, padded to the longest of the batch.
+The family says what its requests carry (ModelFamily.inputs: "image" or "text"). Concurrent requests are
+folded into one forward pass by @serve.batch; texts are tokenized together there, with the artifact's
+own tokenizer, padded to the longest of the batch.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` type.)
 """
 
@@ -22,12 +23,15 @@ import json
 from typing import Annotated, Union
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Request
 from pydantic import BaseModel, Field
 from ray import serve
 
-from dlray.png import decode_image
-from dlray.serve.errors import RequestError, install_error_handlers, read_body
+from dlray.config.serve import ClassifySettings
+from dlray.models import FAMILIES
+from dlray.png import decode_image, png_bytes
+from dlray.serve.endpoint import Endpoint, ExampleRequest, endpoint_api
+from dlray.serve.errors import RequestError, read_body
 from dlray.serve.openapi import BINARY, json_content, request_body, responses
 from dlray.serve.replica import load_replica_model
 
@@ -66,6 +70,15 @@ class ImageInput:
 
     def __init__(self, shape: tuple[int, int, int]):
         self.shape = shape  # (C, H, W)
+
+    @classmethod
+    def from_artifact(cls, artifact: str, info: dict) -> "ImageInput":
+        return cls(tuple(info["image_shape"]))
+
+    @staticmethod
+    def example(info: dict) -> dict:
+        """A mid-grey PNG of the trained size: a short body whatever the size."""
+        return {"image_b64": base64.b64encode(png_bytes(torch.zeros(info["image_shape"]))).decode()}
 
     def describe(self) -> dict:
         return {"input_shape": list(self.shape)}
@@ -116,10 +129,14 @@ class TextInput:
         self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
 
     @classmethod
-    def from_artifact(cls, artifact: str, max_seq_len: int) -> "TextInput":
+    def from_artifact(cls, artifact: str, info: dict) -> "TextInput":
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(artifact), max_seq_len)
+        return cls(AutoTokenizer.from_pretrained(artifact), info["max_seq_len"])
+
+    @staticmethod
+    def example(info: dict) -> dict:
+        return {"text": "an example sentence to classify"}
 
     def describe(self) -> dict:
         return {"max_seq_len": self.max_seq_len}
@@ -139,27 +156,24 @@ class TextInput:
         return payload["text"]
 
 
-api = FastAPI(title="dlray classifier")
-install_error_handlers(api)
+INPUTS = {"image": ImageInput, "text": TextInput}  # by ModelFamily.inputs
+api = endpoint_api("dlray classifier")
 
 
 @serve.deployment
 @serve.ingress(api)
 class Classifier:
-    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000,
-                 dtype: str = "auto"):
-        self.model, config, self.dtype = load_replica_model(artifact, dtype)
+    def __init__(self, artifact: str, settings: ClassifySettings):
+        self.model, config, self.dtype = load_replica_model(artifact, settings.dtype)
         self.device = next(self.model.parameters()).device
-        info = config["data_info"]
-        self.class_names = info["class_names"]
-        self.inputs = ImageInput(tuple(info["image_shape"])) if "image_shape" in info else TextInput.from_artifact(artifact, info["max_seq_len"])
-        self.max_body_bytes = max_body_bytes
-        self.predict.set_max_batch_size(max_batch_size)
-        self.predict.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.class_names = config["data_info"]["class_names"]
+        self.inputs = INPUTS[FAMILIES[config["model"]["family"]].inputs].from_artifact(artifact, config["data_info"])
+        self.max_body_bytes = settings.max_body_bytes
+        self.predict.set_max_batch_size(settings.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
-    @api.get("/healthz")
-    def healthz(self) -> dict:
-        return {"status": "ok", "classes": len(self.class_names), "dtype": self.dtype, **self.inputs.describe()}
+    def health(self) -> dict:
+        return {"classes": len(self.class_names), **self.inputs.describe()}
 
     @api.post("/v1/classify", response_model=None, responses=responses(Classification, 400, 413, 415), openapi_extra=request_body(
         {**json_content(PixelsBody, Base64Body, TextBody), "image/png": BINARY, "image/jpeg": BINARY, "application/octet-stream": BINARY}))
@@ -167,13 +181,17 @@ class Classifier:
         item = self.inputs.parse(request.headers.get("content-type", ""), await read_body(request, self.max_body_bytes))
         probabilities = await self.predict(item)
         index = int(probabilities.argmax())
-        return {
-            "label": self.class_names[index],
-            "label_index": index,
-            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)},
-        }
+        return Classification(label=self.class_names[index], label_index=index,
+                              probabilities={name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)}).model_dump()
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch  # its size and wait are the settings', set above
     async def predict(self, items: list) -> list[torch.Tensor]:
         with torch.inference_mode():
             return list(torch.softmax(self.inputs.logits(self.model, items, self.device).float(), dim=-1).cpu())
+
+
+def example_request(artifact: str, config: dict, settings: ClassifySettings) -> ExampleRequest:
+    return "/v1/classify", INPUTS[FAMILIES[config["model"]["family"]].inputs].example(config["data_info"]), ""
+
+
+ENDPOINT = Endpoint(Classifier, ClassifySettings, api, example_request)

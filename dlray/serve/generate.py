@@ -29,15 +29,18 @@ adapters still decode in one batch. With serve.api_key_env set, every /v1 route 
 """
 
 import hmac
+import os
 from typing import Optional
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 from ray import serve
 from transformers import AutoTokenizer
 
+from dlray.config.serve import GenerateSettings
+from dlray.serve.endpoint import Endpoint, ExampleRequest, endpoint_api
 from dlray.serve.engine import Engine
-from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
+from dlray.serve.errors import RequestError, parse_json, read_body
 from dlray.serve.openai_text import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -49,6 +52,7 @@ from dlray.serve.openai_text import (
     OpenAITextAPI,
     Reply,
     SamplingRequest,
+    check_chat_template,
     model_name,
     read_api_key,
 )
@@ -56,28 +60,24 @@ from dlray.serve.openapi import event_stream, json_content, request_body, respon
 from dlray.serve.replica import load_replica_model
 from dlray.serve.scheduler import QueueFull, Scheduler, ServeMetrics
 
-api = FastAPI(title="dlray text generation")
-install_error_handlers(api)
+api = endpoint_api("dlray text generation")
 
 
 @serve.deployment
 @serve.ingress(api)
 class TextGenerator:
-    def __init__(self, artifact: str, max_num_seqs: int = 32, max_batch_total_tokens: Optional[int] = None, max_queue_len: int = 64,
-                 stream_interval: int = 1,
-                 max_body_bytes: int = 2_000_000, max_tokens_limit: int = 1024, max_completions_per_request: int = 4, chat: bool = True,
-                 api_key_env: Optional[str] = None, served_model_name: Optional[str] = None, adapters: Optional[dict[str, str]] = None,
-                 dtype: str = "auto"):
-        model, _, self.dtype = load_replica_model(artifact, dtype)  # an adapter: with its base
+    def __init__(self, artifact: str, settings: GenerateSettings):
+        model, _, self.dtype = load_replica_model(artifact, settings.dtype)  # an adapter: with its base
         self.engine = Engine(model, AutoTokenizer.from_pretrained(artifact))
-        self.engine.load_adapters(adapters or {})
-        self.api_key, self.chat, self.max_body_bytes = read_api_key(api_key_env), chat, max_body_bytes
-        self.openai = OpenAITextAPI(self.engine, model_name(artifact, served_model_name), max_tokens_limit, max_completions_per_request)
-        self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_total_tokens, max_queue_len, ServeMetrics(), stream_interval)
+        self.engine.load_adapters(settings.adapters or {})
+        self.api_key, self.chat, self.max_body_bytes = read_api_key(settings.api_key_env), settings.chat, settings.max_body_bytes
+        self.openai = OpenAITextAPI(self.engine, model_name(artifact, settings.served_model_name), settings.max_tokens_limit,
+                                    settings.max_completions_per_request)
+        self.scheduler = Scheduler(self.engine, settings.max_num_seqs, settings.max_batch_total_tokens, settings.max_queue_len, ServeMetrics(),
+                                   settings.stream_interval)
 
-    @api.get("/healthz")
-    def healthz(self) -> dict:
-        return {"status": "ok", "model": self.openai.model_name, "max_context": self.engine.max_context, "chat": self.chat, "dtype": self.dtype}
+    def health(self) -> dict:
+        return {"model": self.openai.model_name, "max_context": self.engine.max_context, "chat": self.chat}
 
     @api.get("/v1/models", response_model=None, responses=responses(ModelList, 401))
     def models(self, request: Request) -> dict:
@@ -129,3 +129,22 @@ class TextGenerator:
             include_usage = params.stream_options is not None and params.stream_options.include_usage
             return StreamingResponse(reply.events(steps, include_usage), media_type="text/event-stream")
         return await reply.whole(steps)
+
+
+def prepare(artifact: str, config: dict, settings: GenerateSettings) -> GenerateSettings:
+    """Refuses a chat endpoint over a tokenizer without a chat template here, where the app is built, so that
+    `dlray serve` and `serve deploy` say why at once instead of a replica failing to start; the adapters' paths
+    made absolute, as the replicas run elsewhere."""
+    check_chat_template(AutoTokenizer.from_pretrained(artifact), artifact, settings.chat)
+    if not settings.adapters:
+        return settings
+    return settings.model_copy(update={"adapters": {name: os.path.abspath(os.path.expanduser(path)) for name, path in settings.adapters.items()}})
+
+
+def example_request(artifact: str, config: dict, settings: GenerateSettings) -> ExampleRequest:
+    body = {"model": model_name(artifact, settings.served_model_name), "prompt": "Once upon a time", "max_tokens": min(16, settings.max_tokens_limit)}
+    key = f' -H "authorization: Bearer ${settings.api_key_env}"' if settings.api_key_env else ""  # the shell fills in the key
+    return "/v1/completions", body, key
+
+
+ENDPOINT = Endpoint(TextGenerator, GenerateSettings, api, example_request, prepare)

@@ -12,8 +12,9 @@ Image i of a request is drawn from seed + i alone (one torch.Generator per image
 same whether it is sampled alone or batched with other users' images, and the same as
 `DDPMPipeline.from_pretrained(artifact)(generator=torch.Generator().manual_seed(seed + i),
 num_inference_steps=...)` gives. Concurrent requests with the same scheduler and step count are
-denoised together as one batch (@serve.batch). `prompt` is accepted for client compatibility: a
-class-conditional model takes a class name there (or `class_label`); others ignore it.
+denoised together as one batch (@serve.batch). `num_inference_steps` and `scheduler` apply to the
+families whose `sample` takes them (ModelFamily.sample_options: diffusion's). `prompt` is accepted for
+client compatibility: a class-conditional model takes a class name there (or `class_label`); others ignore it.
 """
 
 
@@ -23,19 +24,20 @@ import time
 from typing import Literal, Optional, Union
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from dlray.config.serve import ImagesSettings
 from dlray.models import FAMILIES
 from dlray.png import png_bytes
-from dlray.serve.errors import RequestError, install_error_handlers, parse_json, read_body
+from dlray.serve.endpoint import Endpoint, ExampleRequest, endpoint_api
+from dlray.serve.errors import RequestError, parse_json, read_body
 from dlray.serve.openapi import BINARY, json_content, request_body, responses
 from dlray.serve.replica import load_replica_model
 
-api = FastAPI(title="dlray image generation")
-install_error_handlers(api)
+api = endpoint_api("dlray image generation")
 
 
 class GenerationRequest(BaseModel):
@@ -66,52 +68,49 @@ class ImagesResponse(BaseModel):
 @serve.deployment
 @serve.ingress(api)
 class ImageGenerator:
-    def __init__(self, artifact: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, max_body_bytes: int = 2_000_000,
-                 max_images_per_request: int = 8, max_inference_steps: int = 1000, num_inference_steps: int = 50, scheduler: str = "ddim",
-                 dtype: str = "auto"):
-        self.model, config, self.dtype = load_replica_model(artifact, dtype)
-        self.family_name = config["model"]["family"]
-        self.family = FAMILIES[self.family_name]
+    def __init__(self, artifact: str, settings: ImagesSettings):
+        self.model, config, self.dtype = load_replica_model(artifact, settings.dtype)
+        self.family = FAMILIES[config["model"]["family"]]
         self.class_names = config["data_info"]["class_names"]
         self.conditional = bool(config["model"].get("class_conditional"))
         self.shape = tuple(config["data_info"]["image_shape"])  # (C, H, W)
-        self.max_body_bytes, self.max_images, self.max_steps = max_body_bytes, max_images_per_request, max_inference_steps
-        self.default_steps, self.default_scheduler = num_inference_steps, scheduler
-        self.sample.set_max_batch_size(max_batch_size)
-        self.sample.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.settings = settings
+        self.sample.set_max_batch_size(settings.max_batch_size)
+        self.sample.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
-    @api.get("/healthz")
-    def healthz(self) -> dict:
-        return {"status": "ok", "family": self.family_name, "image_shape": list(self.shape), "class_conditional": self.conditional, "dtype": self.dtype}
+    def health(self) -> dict:
+        return {"family": self.family.name, "image_shape": list(self.shape), "class_conditional": self.conditional}
 
     @api.post("/v1/images/generations", response_model=None, openapi_extra=request_body(json_content(GenerationRequest)),
               responses=responses(ImagesResponse, 400, 413, content={"image/png": BINARY}))
     async def generations(self, request: Request):
-        params = parse_json(GenerationRequest, await read_body(request, self.max_body_bytes))
+        params = parse_json(GenerationRequest, await read_body(request, self.settings.max_body_bytes))
         job = self.job(params)
         images = await self.sample(job)
         pngs = [png_bytes(image) for image in images]
         if "image/png" in request.headers.get("accept", "") and len(pngs) == 1:
             return Response(pngs[0], media_type="image/png")
-        seeds = [job["seed"] + i for i in range(params.n)]
-        return {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(p).decode(), "seed": s} for p, s in zip(pngs, seeds)]}
+        data = [GeneratedImage(b64_json=base64.b64encode(png).decode(), seed=job["seed"] + i) for i, png in enumerate(pngs)]
+        return ImagesResponse(created=int(time.time()), data=data).model_dump()
 
     def job(self, params: GenerationRequest) -> dict:
         """Check a request against this model and the configured limits; what `sample` needs."""
-        if params.n > self.max_images:
-            raise RequestError(400, f"n must be at most {self.max_images} (serve.max_images_per_request), got {params.n}", param="n")
+        limits = self.settings
+        if params.n > limits.max_images_per_request:
+            raise RequestError(400, f"n must be at most {limits.max_images_per_request} (serve.max_images_per_request), got {params.n}", param="n")
         _, height, width = self.shape
         if params.size not in (None, f"{height}x{width}"):
             raise RequestError(400, f"size must be '{height}x{width}' (the size this model was trained at), got {params.size!r}", param="size")
-        diffusion = self.family_name == "diffusion"
         for name in ("num_inference_steps", "scheduler"):
-            if getattr(params, name) is not None and not diffusion:
-                raise RequestError(400, f"{name} applies to diffusion models only; this is a {self.family_name}", param=name)
-        steps = params.num_inference_steps or self.default_steps
-        if diffusion and steps > self.max_steps:
-            raise RequestError(400, f"num_inference_steps must be at most {self.max_steps} (serve.max_inference_steps), got {steps}", param="num_inference_steps")
+            if getattr(params, name) is not None and name not in self.family.sample_options:
+                able = " or ".join(family.name for family in FAMILIES.values() if name in family.sample_options)
+                raise RequestError(400, f"{name} applies to {able} models only; this is a {self.family.name}", param=name)
+        options = {"num_inference_steps": params.num_inference_steps or limits.num_inference_steps, "scheduler": params.scheduler or limits.scheduler}
+        options = {name: value for name, value in options.items() if name in self.family.sample_options}
+        if options.get("num_inference_steps", 0) > limits.max_inference_steps:
+            raise RequestError(400, f"num_inference_steps must be at most {limits.max_inference_steps} (serve.max_inference_steps), "
+                               f"got {options['num_inference_steps']}", param="num_inference_steps")
         seed = params.seed if params.seed is not None else secrets.randbits(31)
-        options = {"num_inference_steps": steps, "scheduler": params.scheduler or self.default_scheduler} if diffusion else {}
         return {"seed": seed, "n": params.n, "options": options, "class_label": self.class_label(params)}
 
     def class_label(self, params: GenerationRequest) -> Optional[int]:
@@ -127,7 +126,7 @@ class ImageGenerator:
         raise RequestError(400, f"this model is class-conditional: class_label (or prompt) must be one of {self.class_names} "
                            f"or an index below {len(self.class_names)}, got {wanted!r}", param="class_label")
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch  # its size and wait are the settings', set above
     async def sample(self, jobs: list[dict]) -> list[list[torch.Tensor]]:
         """Every image of every request in the batch; one denoising loop per (scheduler, steps)."""
         results: list[list[torch.Tensor]] = [[] for _ in jobs]
@@ -148,3 +147,11 @@ class ImageGenerator:
                 results[owner].append(image)
         return results
 
+
+def example_request(artifact: str, config: dict, settings: ImagesSettings) -> ExampleRequest:
+    """A class-conditional model needs a class: its first one, by name."""
+    prompt = {"prompt": config["data_info"]["class_names"][0]} if config["model"].get("class_conditional") else {}
+    return "/v1/images/generations", {**prompt, "seed": 0}, " -H 'accept: image/png' -o image.png"
+
+
+ENDPOINT = Endpoint(ImageGenerator, ImagesSettings, api, example_request)

@@ -1,10 +1,10 @@
 """OpenAI's text APIs (legacy completions, chat completions) on dlray's engine, without Ray: the
-request and response models (which also describe the routes in /openapi.json), requests into engine
-Sequences (OpenAITextAPI), and Deltas into responses, whole or streamed (Reply). dlray.serve.generate
-serves them.
+request and response models, requests into engine Sequences (OpenAITextAPI), and Deltas into responses,
+whole or streamed (Reply). The models are the one description of the wire format: they parse the
+requests, Reply builds every response and stream chunk from them, and they describe the routes in
+/openapi.json. dlray.serve.generate serves them.
 """
 
-import json
 import os
 import secrets
 import time
@@ -108,7 +108,7 @@ class ChatCompletionRequest(SamplingRequest):
         return value
 
 
-# What the routes answer, for their OpenAPI description (Reply builds the same as dicts).
+# What the routes answer: Reply builds them; /openapi.json shows them.
 class ModelCard(BaseModel):
     id: str = Field(description="What requests name as `model`: the served model, or <model>:<adapter>")
     object: Literal["model"]
@@ -211,9 +211,7 @@ class ChatCompletionChunk(Header):
 
 
 def check_chat_template(tokenizer: PreTrainedTokenizerBase, artifact: str, chat: bool) -> None:
-    """Refuse to start a chat endpoint whose tokenizer cannot turn messages into a prompt.
-    dlray.serve.app calls it where the app is built, so `dlray serve` and `serve deploy` say why
-    at once instead of a replica failing to start."""
+    """Refuse to start a chat endpoint whose tokenizer cannot turn messages into a prompt."""
     if chat and tokenizer.chat_template is None:
         raise ValueError(
             f"{artifact}: the tokenizer has no chat template, so /v1/chat/completions cannot render messages. "
@@ -252,7 +250,7 @@ class OpenAITextAPI:
         self.created = int(time.time())
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": self.created, "owned_by": "dlray"} for name in self.adapters]}
+        return ModelList(object="list", data=[ModelCard(id=name, object="model", created=self.created, owned_by="dlray") for name in self.adapters]).model_dump()
 
     def completion_prompts(self, params: CompletionRequest) -> list[list[int]]:
         """The token ids of each prompt: texts tokenized, token ids checked against the vocabulary."""
@@ -332,17 +330,20 @@ class Reply:
         for index, seq in enumerate(self.sequences):
             prefix, scored = self.echoed(index)
             choices.append(self.choice(index, prefix + seq.text, seq.finish_reason, scored + list(zip(seq.token_ids, seq.logprobs))))
-        return {**self.header, "object": "chat.completion" if self.chat else "text_completion", "choices": choices, "usage": self.usage()}
+        if self.chat:
+            return ChatCompletion(**self.header, object="chat.completion", choices=choices, usage=self.usage()).model_dump()
+        return Completion(**self.header, object="text_completion", choices=choices, usage=self.usage()).model_dump()
 
     async def events(self, steps: AsyncIterator[list[list[Optional[Delta]]]], include_usage: bool) -> AsyncIterator[str]:
         """The server-sent events of the steps, those of steps that came together in one string."""
-        def event(choices: list[dict], **extra) -> str:
-            chunk = {**self.header, "object": "chat.completion.chunk" if self.chat else "text_completion", "choices": choices, **extra}
-            return f"data: {json.dumps(chunk)}\n\n"
+        def event(choices: list, **usage: Usage) -> str:
+            chunk = (ChatCompletionChunk(**self.header, object="chat.completion.chunk", choices=choices, **usage) if self.chat
+                     else CompletionChunk(**self.header, object="text_completion", choices=choices, **usage))
+            return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"  # unset: what a chunk leaves out (usage, a delta's role)
 
         if self.chat:  # as OpenAI: each choice's first chunk names the role
             for index in range(len(self.sequences)):
-                yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+                yield event([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None, finish_reason=None)])
         started = [False] * len(self.sequences)
         async for ready in steps:
             events = ""
@@ -370,38 +371,41 @@ class Reply:
         seq = self.sequences[index]
         return self.echo[index], list(zip(seq.prompt_ids, seq.prompt_logprobs)) if self.logprobs else []
 
-    def choice(self, index: int, text: str, finish_reason: Optional[str], scored: list[tuple[int, Optional[Logprob]]], streaming: bool = False) -> dict:
+    def choice(self, index: int, text: str, finish_reason: Optional[str], scored: list[tuple[int, Optional[Logprob]]],
+               streaming: bool = False) -> Union[CompletionChoice, ChatChoice, ChatChunkChoice]:
         if not self.chat:
-            body = {"text": text}
-        elif streaming:
-            body = {"delta": {"content": text} if text else {}}
-        else:
-            body = {"message": {"role": "assistant", "content": text}}
-        logprobs = (self.chat_logprobs(scored) if self.chat else self.completion_logprobs(index, scored)) if self.logprobs else None
-        return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason}
+            logprobs = self.completion_logprobs(index, scored) if self.logprobs else None
+            return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
+        chat_logprobs = self.chat_logprobs(scored) if self.logprobs else None
+        if streaming:
+            delta = ChatDelta(content=text) if text else ChatDelta()
+            return ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs, finish_reason=finish_reason)
+        return ChatChoice(index=index, message=AssistantMessage(role="assistant", content=text), logprobs=chat_logprobs, finish_reason=finish_reason)
 
-    def completion_logprobs(self, index: int, scored: list[tuple[int, Optional[Logprob]]]) -> dict:
+    def completion_logprobs(self, index: int, scored: list[tuple[int, Optional[Logprob]]]) -> CompletionLogprobs:
         """OpenAI's legacy logprobs of these tokens; the top dict holds the token itself too, as vLLM's."""
         tokens, offsets = [self.token_text(token) for token, _ in scored], []
         for token in tokens:
             offsets.append(self.offsets[index])
             self.offsets[index] += len(token)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob if lp else None for _, lp in scored],
-                "top_logprobs": [{**{self.token_text(t): v for t, v in lp.top}, self.token_text(lp.token_id): lp.logprob} if lp else None for _, lp in scored],
-                "text_offset": offsets}
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=[lp.logprob if lp else None for _, lp in scored],
+            top_logprobs=[{**{self.token_text(t): v for t, v in lp.top}, self.token_text(lp.token_id): lp.logprob} if lp else None for _, lp in scored],
+            text_offset=offsets)
 
-    def chat_logprobs(self, scored: list[tuple[int, Optional[Logprob]]]) -> dict:
+    def chat_logprobs(self, scored: list[tuple[int, Optional[Logprob]]]) -> ChatLogprobs:
         def entry(token: int, logprob: float) -> dict:
             text = self.token_text(token)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        return {"content": [{**entry(token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for token, lp in scored if lp]}
+        return ChatLogprobs(content=[TokenLogprob(**entry(token, lp.logprob), top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top])
+                                     for token, lp in scored if lp])
 
     def token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def usage(self) -> dict:
+    def usage(self) -> Usage:
         # A prompt counts once, however many choices continue it (OpenAI's count).
         prompt_tokens = sum(len(seq.prompt_ids) for seq in {id(seq.prompt_ids): seq for seq in self.sequences}.values())
         completion_tokens = sum(len(seq.token_ids) for seq in self.sequences)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)

@@ -9,7 +9,7 @@ import ray
 import torch
 
 from dlray import precision
-from dlray.export import load_artifact
+from dlray.artifact import load_artifact
 
 
 def replica_device() -> torch.device:
