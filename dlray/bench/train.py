@@ -139,7 +139,7 @@ def _memory_worker(rank: int, world: int, port: int, strategy: dict, queue) -> N
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     dist.init_process_group("gloo")
-    cfg = config_from_dict({"model": {"flavor": "resnet18"}, "strategy": strategy})
+    cfg = config_from_dict({"model": {"flavor": "resnet18"}, "strategy": strategy, "precision": "fp32"})  # as the row says; strategies take a resolved precision
     family = FAMILIES["cnn"]
     info = {"image_shape": (1, 8, 8), "class_names": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25]}
     runner = STRATEGIES[cfg.strategy.name](cfg, torch.device("cpu"), family.shard_classes())
