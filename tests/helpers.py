@@ -6,17 +6,62 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def wait_for(predicate, timeout_s: float, what, interval_s: float = 0.1):
+    """Poll `predicate` until it returns something truthy, and return that; past `timeout_s`, raise
+    TimeoutError saying `what` (a string, or a function giving one then) did not happen."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what() if callable(what) else what}: not within {timeout_s} s")
+        time.sleep(interval_s)
+    return value
+
+
 def wait_for_committed_checkpoint(run_dir, epoch: int, timeout_s: float = 300) -> None:
     """Block until Ray Train has committed the checkpoint of `epoch` (its controller lists it in
     checkpoint_manager_snapshot.json); a checkpoint still being uploaded is, rightly, not one to
     resume from, so failures injected earlier would restart from scratch."""
     snapshot, name = Path(run_dir) / "checkpoint_manager_snapshot.json", f"checkpoint_epoch{epoch:04d}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if snapshot.exists() and name in snapshot.read_text():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{name} was not committed within {timeout_s} s")
+    wait_for(lambda: snapshot.exists() and name in snapshot.read_text(), timeout_s, f"{name} committed")
+
+
+def ray_train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train worker actors of the session's Ray (processes of finished runs may linger a while)."""
+    import ray
+    from ray.util.state import list_actors
+
+    # The session's own Ray by address: another Ray on this host would make "auto" ambiguous.
+    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+def fit_losing_a_worker(cfg) -> list[dict]:
+    """fit(cfg) with one of its Ray Train workers killed once epoch 1's checkpoint is committed; the run
+    must restart from that checkpoint and report every epoch once. Its epochs' records."""
+    import threading
+
+    import psutil
+
+    from dlray import reports
+    from dlray.runfiles import read_history
+    from dlray.train import fit, run_dir
+
+    lingering = set(ray_train_worker_pids())  # workers of runs that just finished: killing one restarts nothing
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
+    thread.start()
+    wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
+    victims = [pid for pid in ray_train_worker_pids() if pid not in lingering]
+    assert victims, "no live Ray Train worker of this run to kill (did it finish first?)"
+    psutil.Process(victims[0]).kill()
+    thread.join(timeout=600)
+
+    assert outcome["result"].error is None, outcome["result"].error
+    history = reports.epochs(read_history(run_dir(cfg)))
+    assert [r["epoch"] for r in history] == list(range(cfg.train.num_epochs)), "every epoch reported once, none lost"
+    resumed = [r for r in history if r["resumed_from_step"] > 0]
+    assert resumed, "the restarted workers started from step 0, not from the checkpoint"
+    assert resumed[0]["resumed_from_step"] >= 2 * history[0]["global_step"]
+    return history
 
 
 def wandb_offline_runs(run_dir) -> dict[str, list[dict]]:

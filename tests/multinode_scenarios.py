@@ -21,7 +21,7 @@ from dlray.local_cluster import free_port
 from dlray.runfiles import read_history
 from dlray.train import check_shared_storage, fit, nodes_not_seeing, run_dir
 
-from helpers import wait_for_committed_checkpoint
+from helpers import wait_for, wait_for_committed_checkpoint
 
 JOB = Path(__file__).resolve().parents[1] / "jobs/debug/cnn_cpu.yaml"
 
@@ -73,8 +73,7 @@ def node_loss(cluster, storage, spare_args):
     victim = next(node for node in cluster.list_all_nodes() if kinds.get(node.node_id) == "trainer")  # the Cluster keeps its nodes in a set
     cluster.remove_node(victim, allow_graceful=False)
     removed_at = time.monotonic()
-    while any(n["NodeID"] == victim.node_id and n["Alive"] for n in ray.nodes()):  # until Ray knows it is gone
-        time.sleep(0.2)
+    wait_for(lambda: not any(n["NodeID"] == victim.node_id and n["Alive"] for n in ray.nodes()), 120, "Ray marked the removed node dead", 0.2)
     cluster.add_node(**spare_args)
     thread.join(timeout=600)
     kinds |= node_kinds()

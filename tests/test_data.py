@@ -127,12 +127,12 @@ def toy_source_registered():
 
 def test_a_source_added_by_the_recipe_trains_and_streams_the_same_samples(ray_cluster, toy_source_registered):
     import ray.cloudpickle
-    import toy_source
 
     from dlray.config import config_from_dict
     from dlray.models import cnn
     from dlray.streaming import build_streamed_data
 
+    import toy_source
     from single_process import evaluate, train
 
     cfg = config_from_dict({"model": {"family": "cnn", "dropout": 0.0}, "data": {"name": "stripes", "noise": 0.3}, "optim": {"lr": 0.01}})

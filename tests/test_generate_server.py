@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from tiny_llm import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
 
 from dlray.serve.engine import Engine, SamplingParams, Sequence
+
+from helpers import wait_for
+from tiny_llm import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -357,9 +359,10 @@ def test_the_replicas_metrics_reach_rays_prometheus_endpoint(ray_cluster, client
     def settled(found: dict) -> bool:  # every metric exported, and the gauges back to 0 now that all requests are answered
         return found.keys() == set(wanted) and found["ray_dlray_num_requests_running"] == found["ray_dlray_num_requests_waiting"] == 0
 
-    deadline = time.monotonic() + 90
-    while not settled(found := values()):
-        assert time.monotonic() < deadline, f"after 90 s the metrics endpoint shows {found}"
-        time.sleep(1)
+    def settled_values() -> dict | None:
+        found = values()
+        return found if settled(found) else None
+
+    found = wait_for(settled_values, 90, lambda: f"every metric exported and settled; the endpoint shows {values()}", 1)
     assert found["ray_dlray_time_to_first_token_seconds_count"] >= 1 and found["ray_dlray_inter_token_latency_seconds_count"] >= 2
     assert found["ray_dlray_prompt_tokens_total"] >= 1 and found["ray_dlray_generation_tokens_total"] >= 3

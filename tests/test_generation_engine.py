@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 from ray.serve import Application
-from tiny_llm import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from dlray.serve.app import build_app
@@ -18,6 +17,8 @@ from dlray.serve.engine import Delta, Engine, SamplingParams, Sequence, sample
 from dlray.serve.errors import RequestError, parse_json
 from dlray.serve.openai_text import ChatCompletionRequest, CompletionRequest, OpenAITextAPI, Reply, check_chat_template, read_api_key
 from dlray.serve.scheduler import QueueFull, Scheduler
+
+from tiny_llm import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
 
 
 @pytest.fixture(scope="module")

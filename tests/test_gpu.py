@@ -29,7 +29,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from dlray import precision
+from dlray import precision, reports
 from dlray.artifact import load_artifact
 from dlray.config import ConfigError, data_config, load_config
 from dlray.console import Console
@@ -41,8 +41,7 @@ from dlray.png import png_bytes
 from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
-from helpers import REPO, decode_png
-from test_train import epochs, fit_losing_a_worker
+from helpers import REPO, decode_png, fit_losing_a_worker
 
 pytestmark = [
     pytest.mark.gpu,
@@ -82,7 +81,7 @@ def fit_and_check(cfg) -> list[dict]:
     losses pull against each other) the training loss fell. The epochs' records."""
     result = fit(cfg)
     assert result.error is None, result.error
-    history = epochs(read_history(run_dir(cfg)))
+    history = reports.epochs(read_history(run_dir(cfg)))
     assert [r["epoch"] for r in history] == list(range(cfg.train.num_epochs))
     losses = [(r["epoch"], k, v) for r in history for k, v in r.items() if "loss" in k]
     assert all(math.isfinite(v) for _, _, v in losses), losses
@@ -172,7 +171,7 @@ def test_gpt_run_reports_mfu_when_the_gpu_peak_is_known(trained):
     if precision.detect(torch.device("cuda")).peak_flops is None:
         pytest.skip(f"{torch.cuda.get_device_name()} is not in dlray.precision.PEAK_BF16_FLOPS: no MFU to report")
     cfg, _ = trained("gpt")
-    mfu = [r.get("mfu") for r in epochs(read_history(run_dir(cfg)))]
+    mfu = [r.get("mfu") for r in reports.epochs(read_history(run_dir(cfg)))]
     assert all(value is not None and 0 < value < 1 for value in mfu), mfu
 
 
@@ -231,7 +230,7 @@ def test_killed_gpu_worker_restarts_from_checkpoint_and_matches_uninterrupted_ru
         assert line == "[dlray] precision fp32: set in the job config; TF32 matmuls and convolutions on (train.tf32 false for full fp32)"
 
     history = fit_losing_a_worker(gpu_job("cnn", storage, "killed", *common))
-    expected = epochs(read_history(run_dir(reference)))
+    expected = reports.epochs(read_history(run_dir(reference)))
     for got, want in zip(history, expected):
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=5e-3, abs=1e-4), (got, want)
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=5e-3, abs=1e-4), (got, want)

@@ -16,13 +16,13 @@ import pytest
 import schemathesis
 from schemathesis import GenerationMode, checks
 from schemathesis.core import NOT_SET
-from tiny_llm import write_llm_artifact
 
 from dlray.artifact import write_artifact
 from dlray.config import load_config
 from dlray.models import diffusion
 
 from helpers import REPO
+from tiny_llm import write_llm_artifact
 
 pytestmark = pytest.mark.slow
 

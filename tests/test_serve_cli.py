@@ -6,7 +6,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -15,7 +14,7 @@ from typer.testing import CliRunner
 from dlray.cli import app
 from dlray.local_cluster import free_port
 
-from helpers import REPO
+from helpers import REPO, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +51,7 @@ def test_serve_prints_its_routes_and_a_curl_command_that_works(digits_run, port,
     with open(out, "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "dlray.cli", "serve", str(artifact), f"port={port}"], cwd=REPO, env=env, stdout=stdout, stderr=stderr)
     try:
-        deadline = time.monotonic() + 120
-        while "curl" not in out.read_text() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: "curl" in out.read_text() or process.poll() is not None, 120, lambda: f"dlray serve printed its example or ended: {out.read_text()}", 0.2)
         printed = out.read_text().splitlines()
         assert printed[-2] == "example:", out.read_text() + (tmp_path / "stderr").read_text()[-4000:]
         base = f"http://127.0.0.1:{port}"

@@ -9,13 +9,13 @@ import httpx
 import pytest
 import ray.cloudpickle
 import torch
-import toy_endpoint
 
 from dlray.artifact import load_artifact, write_artifact
 from dlray.config import ConfigError, load_config
 from dlray.models import FAMILIES
 from dlray.serve import app
 
+import toy_endpoint
 from helpers import REPO
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,7 @@ from dlray import reports, trackers
 from dlray.config import ConfigError, load_config
 from dlray.runfiles import read_history
 
-from helpers import REPO, wait_for_committed_checkpoint, wandb_offline_runs
-from test_train import epochs, ray_train_worker_pids
+from helpers import REPO, ray_train_worker_pids, wait_for_committed_checkpoint, wandb_offline_runs
 
 JOB = REPO / "jobs/debug/cnn_cpu.yaml"
 SECRET = "dlray-test-secret-9c2f71d04b"  # what a W&B API key or MLflow token looks like to a leak
@@ -100,7 +99,7 @@ def test_a_run_that_lost_a_worker_is_one_mlflow_run_with_params_metrics_and_arti
     import mlflow
     from mlflow import MlflowClient
 
-    history = epochs(tracked_run["history"])
+    history = reports.epochs(tracked_run["history"])
     assert [r["epoch"] for r in history] == [0, 1, 2, 3]
     assert any(r["resumed_from_step"] > 0 for r in history), "the killed worker's group did not restart"
     mlflow.set_tracking_uri(tracked_run["uri"])
@@ -133,7 +132,7 @@ def test_the_same_run_is_one_wandb_run_id_in_its_offline_files(tracked_run):
     training, exported = runs[next(iter(runs))]  # the killed run (one W&B run through the restart), then the export
     assert training["run"].display_name == "tracked" and training["run"].project == "dlray"
     logged = {h["global_step"]: h["val_loss"] for h in training["history"] if "val_loss" in h}
-    assert logged == {r["global_step"]: pytest.approx(r["val_loss"]) for r in epochs(tracked_run["history"])}
+    assert logged == {r["global_step"]: pytest.approx(r["val_loss"]) for r in reports.epochs(tracked_run["history"])}
     assert any("test_accuracy" in h for h in training["history"])
     assert exported["artifacts"] == ["tracked-model"]
     assert (next(Path(tracked_run["run_dir"]).glob("wandb/offline-run-*/files/curves.png"))).stat().st_size > 10_000

@@ -1,12 +1,9 @@
 """Ray Train end to end on a real local Ray: accuracy, strategies, failures, resume, early stopping."""
 
 import math
-import threading
 from pathlib import Path
 
-import psutil
 import pytest
-import ray
 
 from dlray import reports
 from dlray.artifact import load_artifact
@@ -16,7 +13,7 @@ from dlray.export import export
 from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
-from helpers import REPO, wait_for_committed_checkpoint, wandb_offline_runs
+from helpers import REPO, fit_losing_a_worker, wandb_offline_runs
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +22,12 @@ def debug_job(storage, name, *overrides):
     return load_config(REPO / "jobs/debug/cnn_cpu.yaml", [f"run.storage_path={storage}", f"run.name={name}", *overrides])
 
 
-def epochs(history):
-    return reports.epochs(history)
-
-
 def test_cnn_digits_reaches_97_percent_test_accuracy(digits_run):
     cfg, result, directory, _ = digits_run
     history = read_history(directory)
     final = history[-1]
     assert final["test_accuracy"] >= 0.97, final
-    losses = [r["train_loss"] for r in epochs(history)]
+    losses = [r["train_loss"] for r in reports.epochs(history)]
     assert losses[-1] < 0.5 * losses[0]
     # What the user looks at: curves, TensorBoard events, one checkpoint directory per kept epoch.
     assert (Path(directory) / "curves.png").stat().st_size > 10_000
@@ -54,7 +47,7 @@ def test_sharded_strategies_train_on_ray_and_export(ray_cluster, storage, overri
     cfg = debug_job(storage, "sharded", *overrides)
     result = fit(cfg)
     assert result.error is None, result.error
-    history = epochs(read_history(run_dir(cfg)))
+    history = reports.epochs(read_history(run_dir(cfg)))
     losses = [r["train_loss"] for r in history]
     assert losses[-1] < losses[0], losses
     # One optimizer step per gradient_accumulation_steps micro-batches of each rank's shard.
@@ -69,36 +62,6 @@ def test_sharded_strategies_train_on_ray_and_export(ray_cluster, storage, overri
     assert config["metrics"]["val_accuracy"] > 0.3, "the best checkpoint is far better than chance (0.1)"
 
 
-def ray_train_worker_pids():
-    """PIDs of the live Ray Train worker actors (processes of finished runs may linger a while)."""
-    from ray.util.state import list_actors
-
-    # The session's own Ray by address: another Ray on this host would make "auto" ambiguous.
-    return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
-
-
-def fit_losing_a_worker(cfg) -> list[dict]:
-    """fit(cfg) with one of its Ray Train workers killed once epoch 1's checkpoint is committed; the run
-    must restart from that checkpoint and report every epoch once. Its epochs' records."""
-    lingering = set(ray_train_worker_pids())  # workers of runs that just finished: killing one restarts nothing
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
-    thread.start()
-    wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
-    victims = [pid for pid in ray_train_worker_pids() if pid not in lingering]
-    assert victims, "no live Ray Train worker of this run to kill (did it finish first?)"
-    psutil.Process(victims[0]).kill()
-    thread.join(timeout=600)
-
-    assert outcome["result"].error is None, outcome["result"].error
-    history = epochs(read_history(run_dir(cfg)))
-    assert [r["epoch"] for r in history] == list(range(cfg.train.num_epochs)), "every epoch reported once, none lost"
-    resumed = [r for r in history if r["resumed_from_step"] > 0]
-    assert resumed, "the restarted workers started from step 0, not from the checkpoint"
-    assert resumed[0]["resumed_from_step"] >= 2 * history[0]["global_step"]
-    return history
-
-
 def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(ray_cluster, storage):
     """Streamed data (its order replayed from the epoch's seed) and the in-memory data it must train as well as.
 
@@ -109,7 +72,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(ra
     assert fit(in_memory).error is None and fit(reference).error is None
     history = fit_losing_a_worker(debug_job(storage, "killed", *common, "data.streaming=true"))
     # Same seed, same data order, restored optimizer and RNG state: the same numbers.
-    expected = epochs(read_history(run_dir(reference)))
+    expected = reports.epochs(read_history(run_dir(reference)))
     for got, want in zip(history, expected):
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4), (got, want)
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4), (got, want)
@@ -130,7 +93,7 @@ def test_rerun_with_same_name_continues_the_run(ray_cluster, storage):
     assert fit(first).error is None
     second = debug_job(storage, "continued", "train.num_epochs=2", *tracked)
     assert fit(second).error is None
-    history = epochs(read_history(run_dir(second)))
+    history = reports.epochs(read_history(run_dir(second)))
     assert [r["epoch"] for r in history] == [0, 1]
     assert history[1]["resumed_from_step"] == history[0]["global_step"]
 
@@ -152,7 +115,7 @@ def test_early_stopping_stops_and_finishes_on_the_best_checkpoint(ray_cluster, s
     cfg = debug_job(storage, "early", "train.num_epochs=8", "train.early_stopping_patience=1", "optim.lr=1e-9", "optim.name=sgd", "optim.momentum=0", "model.dropout=0")
     assert fit(cfg).error is None
     history = read_history(run_dir(cfg))
-    trained = epochs(history)
+    trained = reports.epochs(history)
     assert len(trained) < 8, "training did not stop early"
     best = min(trained, key=lambda r: r["val_loss"])
     assert history[-1]["best_val_loss"] == pytest.approx(best["val_loss"])

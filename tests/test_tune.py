@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,7 +21,7 @@ from dlray.export import resolve_checkpoint
 from dlray.png import png_bytes
 from dlray.runfiles import read_history
 
-from helpers import REPO, wandb_offline_runs
+from helpers import REPO, wait_for, wandb_offline_runs
 
 SWEEP_JOB = REPO / "jobs/sweep_cnn_asha.yaml"
 
@@ -211,9 +210,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_clus
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     process = subprocess.Popen([sys.executable, "-m", "dlray.cli", "tune", str(job_file)], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(storage.glob("resumable-*/runs/*"))) < 2:  # trial 2 starts when trial 1 is done
-        time.sleep(0.5)
+    wait_for(lambda: len(list(storage.glob("resumable-*/runs/*"))) >= 2, 300, "the sweep's second trial started (when its first ended)", 0.5)
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=300)[0]
     sweep, = storage.glob("resumable-*")
