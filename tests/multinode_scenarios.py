@@ -79,14 +79,16 @@ def node_loss(cluster, storage, spare_args):
     kinds |= node_kinds()
     tasks = list_tasks(address=cluster.address, filters=[("type", "=", "NORMAL_TASK")], limit=10_000, detail=True, raise_on_missing_output=False)
     workers = [a for a in train_workers() if a.actor_id not in earlier]
-    # Once training runs (before it, the driver's statistics pass may use the idle training nodes).
+    # The preprocessing (every map_batches task of the pipeline: the source's preprocess, named by Ray Data
+    # after the operator), once training runs (before it, the driver's statistics pass may use the idle training nodes).
     training_from_ms = 1000 * epochs(cfg)[0]["first_step_unix_time"]
     return {
         "error": repr(outcome["result"].error) if outcome["result"].error else None,
         "epochs": epochs(cfg),
         "downtime_s": time.monotonic() - removed_at,
-        "preprocessing": sorted({kinds[t.node_id] for t in tasks if "preprocess_images" in t.name and t.node_id and (t.start_time_ms or 0) >= training_from_ms}),
+        "preprocessing": sorted({kinds[t.node_id] for t in tasks if "MapBatches(" in t.name and t.node_id and (t.start_time_ms or 0) >= training_from_ms}),
         "training": sorted({kinds[a.node_id] for a in workers if a.node_id}),
+        "task_names": sorted({t.name for t in tasks}),  # what the filter above reads, for a failure to show
     }
 
 
