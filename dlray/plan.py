@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils.hooks import RemovableHandle
 
 from dlray import finetune
 from dlray.config import ConfigError, JobConfig, apply_override, config_from_dict
@@ -121,32 +122,63 @@ def describe(cfg: JobConfig) -> str:
             f"{cfg.scaling.num_workers} workers{' on ' + cfg.scaling.accelerator_type if cfg.scaling.accelerator_type else ''}")
 
 
-def plan(cfg: JobConfig) -> Plan:
+def plan(cfg: JobConfig, activations: int | None = None) -> Plan:
+    """The job's plan; `activations`: bytes known from another plan of the same model and batch, not measured again."""
     family = FAMILIES[cfg.model.family]
     precision, notes = planned_precision(cfg)
     info, info_notes = planned_data_info(cfg)
+    if cfg.finetune.adapter:
+        # PEFT moves each adapter it adds with Module.to(), which cannot swap fake tensors' parameters (torch 2.13):
+        # the adapters are counted on the meta device, and the fake model below is the frozen base alone.
+        with torch.device("meta"), shapes_only():
+            model, quantised = build(family, cfg, info, precision)
+            counts = count(model, quantised, cfg.finetune.bnb_4bit_use_double_quant, family)
+        notes.append("activations: the frozen base's; the adapters' own (rank-r, and each adapted input's dropout copy) are not counted")
     with torch._subclasses.fake_tensor.FakeTensorMode(), shapes_only():
-        model = family.build(cfg.model.model_dump(), info)
-        quantised = quantised_weights(model, family) if cfg.finetune.finetuning_type == "qlora" else {}
-        if cfg.train.gradient_checkpointing:
-            family.enable_gradient_checkpointing(model)
-        model = finetune.apply(model, family, cfg)
-        if quantised:  # bitsandbytes dequantises each to the compute dtype as it needs it, and keeps no copy
-            for weight in quantised.values():
-                weight.data = weight.data.to(PRECISION_DTYPES[precision])
-        params = unique(model.parameters())
-        trainable = [p for p in params if p.requires_grad]
-        n, t = sum(p.numel() for p in params), sum(p.numel() for p in trainable)
-        weight_bytes = sum(p.numel() * p.element_size() for p in params if not any(p is q for q in quantised.values()))
-        weight_bytes += sum(four_bit_bytes(p.numel(), cfg.finetune.bnb_4bit_use_double_quant) for p in quantised.values())
-        largest_block = max((sum(p.numel() for p in m.parameters()) for m in blocks(model, family)), default=n)
-        activations = activation_bytes(model, family, cfg, info, precision)
+        model, quantised = build(family, cfg, info, precision, with_adapters=not cfg.finetune.adapter)
+        if not cfg.finetune.adapter:
+            counts = count(model, quantised, cfg.finetune.bnb_4bit_use_double_quant, family)
+        if activations is None:
+            activations = activation_bytes(model, family, cfg, info, precision)
+    n, t, weight_bytes, largest_block = counts
     state = state_bytes(cfg, weight_bytes, t, n, largest_block, precision)
     per_device = {"params": state.pop("params"), "grads": state.pop("grads"), "optimizer": state.pop("optimizer"),
                   "activations": activations, "temporary": state.pop("temporary")}
     offloaded = {part.removeprefix("offloaded_"): size for part, size in state.items()}
     memory = DEVICE_MEMORY_GIB[cfg.scaling.accelerator_type] * GiB if cfg.scaling.accelerator_type else None
     return Plan(n, t, cfg.scaling.num_workers, precision, per_device, offloaded, memory, notes + info_notes)
+
+
+def build(family, cfg: JobConfig, info: dict, precision: str, with_adapters: bool = True):
+    """The model as dlray.loop.build_model makes it, and the weights QLoRA holds in 4 bits (by name), which
+    stay in the compute dtype here: bitsandbytes dequantises each to it as it needs it, and keeps no copy."""
+    from transformers import PreTrainedModel
+
+    model = family.build(cfg.model.model_dump(), info)
+    for module in model.modules():  # what no_init_weights skipped: a tied output layer is the input embedding
+        if isinstance(module, PreTrainedModel):
+            module.tie_weights()
+    quantised = quantised_weights(model, family) if cfg.finetune.finetuning_type == "qlora" else {}
+    if cfg.train.gradient_checkpointing:
+        family.enable_gradient_checkpointing(model)
+    if with_adapters:
+        model = finetune.apply(model, family, cfg)
+    else:  # the base's activations as adapters train on it: no weight gradients, every input's gradient
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    for weight in quantised.values():
+        weight.data = weight.data.to(PRECISION_DTYPES[precision])
+    return model, quantised
+
+
+def count(model: torch.nn.Module, quantised: dict, double_quant: bool, family) -> tuple[int, int, int, int]:
+    """Parameters, trained parameters, their bytes (4-bit weights as bitsandbytes stores them) and the largest block's parameters."""
+    params = unique(model.parameters())
+    four_bit = {id(p) for p in quantised.values()}
+    n, t = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    weight_bytes = sum(four_bit_bytes(p.numel(), double_quant) if id(p) in four_bit else p.numel() * p.element_size() for p in params)
+    largest_block = max((sum(p.numel() for p in m.parameters()) for m in blocks(model, family)), default=n)
+    return n, t, weight_bytes, largest_block
 
 
 def state_bytes(cfg: JobConfig, weight_bytes: int, trained: int, total: int, largest_block: int, precision: str) -> dict[str, int]:
@@ -228,6 +260,9 @@ def activation_bytes(model: torch.nn.Module, family, cfg: JobConfig, info: dict,
     peak = 0
     for phase in family.optimizers:
         tracker = ActivationPeak()
+        for param in model.parameters():  # MemTracker hooks every parameter's gradient, which a frozen one refuses
+            if not param.requires_grad:
+                tracker._param_to_grad_hook_handles[param] = (RemovableHandle(NO_HOOKS), RemovableHandle(NO_HOOKS))
         tracker.track_external(model)
         with tracker:
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32 and cfg.strategy.name != "fsdp"):
@@ -236,6 +271,13 @@ def activation_bytes(model: torch.nn.Module, family, cfg: JobConfig, info: dict,
         model.zero_grad(set_to_none=True)
         peak = max(peak, tracker.peak)
     return peak
+
+
+class Hooks(dict):
+    """A hook table RemovableHandle can refer to (it keeps a weak reference, which a plain dict refuses)."""
+
+
+NO_HOOKS = Hooks()
 
 
 class ActivationPeak(MemTracker):
@@ -311,26 +353,27 @@ def pretrained_config(name_or_path: str):
 
 @contextlib.contextmanager
 def shapes_only():
-    """While the family builds: transformers' Auto classes build from the pretrained model's config.json
-    (its from_config) instead of loading its weights, so that the family's own build (its head, its
-    checks) decides the model's shape without a download; and no weight is initialised (transformers'
-    no_init_weights: truncated-normal init asks fake tensors for values)."""
+    """While the family builds: transformers' from_pretrained builds from the config its Auto class read
+    from config.json (the model's _from_config) instead of loading the weights, so that the family's own
+    build (its head, its checks) decides the model's shape without a download; and no weight is
+    initialised (transformers' no_init_weights: truncated-normal init asks fake tensors for values)."""
+    from transformers import PreTrainedModel
     from transformers.initialization import no_init_weights
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-    original = _BaseAutoModelClass.__dict__["from_pretrained"]
+    original = PreTrainedModel.__dict__["from_pretrained"]
 
     def from_config(cls, name_or_path, *args, config=None, attn_implementation=None, **ignored):
-        if Path(name_or_path, "adapter_config.json").is_file():
-            raise PlanError(f"model.name_or_path {name_or_path!r} is an adapter: plan with the base model it names")
-        return cls.from_config(config or pretrained_config(name_or_path), attn_implementation=attn_implementation)
+        return cls._from_config(config or pretrained_config(name_or_path), attn_implementation=attn_implementation)
 
-    _BaseAutoModelClass.from_pretrained = classmethod(from_config)
+    PreTrainedModel.from_pretrained = classmethod(from_config)
     try:
         with no_init_weights():
             yield
+    except OSError as err:  # the Auto class's config.json, from a directory or the Hub
+        raise PlanError(f"model.name_or_path: its config.json could not be read ({str(err).splitlines()[0]}). Point it at a "
+                        "local model directory, or plan where the Hugging Face Hub (or its cache) is reachable") from None
     finally:
-        _BaseAutoModelClass.from_pretrained = original
+        PreTrainedModel.from_pretrained = original
 
 
 def check_fits(cfg: JobConfig) -> Plan | None:
@@ -367,8 +410,12 @@ def suggestions(cfg: JobConfig, result: Plan) -> list[str]:
         options.append([f"scaling.num_workers={cfg.scaling.num_workers * 2}"])
     described = []
     for overrides in options:
+        # Only gradient checkpointing changes the activations' shape; a smaller micro batch scales them.
+        activations = result.per_device["activations"]
+        if overrides[0].startswith("train.micro_batch_size"):
+            activations = activations // 2
         try:
-            changed = plan(apply_overrides(cfg, overrides))
+            changed = plan(apply_overrides(cfg, overrides), None if overrides[0].startswith("train.gradient_checkpointing") else activations)
         except (ConfigError, PlanError):  # a change the config refuses for this job
             continue
         fits = "fits" if changed.total_bytes <= result.device_memory else "still over"

@@ -165,5 +165,6 @@ def _local_state_bytes(model, optimizer) -> int:
 
     tensors = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in model.parameters()]  # ZeRO-3 keeps only this rank's partition
     tensors += [p for group in optimizer.param_groups for p in group["params"]]
+    tensors += list(optimizer.state)  # the stepped tensors: ZeRO-3 keeps its fp32 partitions out of param_groups
     tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value) and value.numel() > 1]
     return unique_bytes(t.to_local() if isinstance(t, DTensor) else t for t in tensors)
