@@ -4,8 +4,9 @@
     dlray plan jobs/gpu/gpt_1b_fsdp.yaml [key=value ...] [--json]
 
 The model is built by its family under torch's FakeTensorMode: every tensor has a shape and a dtype
-and no memory, so a 8B model plans in seconds on a laptop. A `model.name_or_path` job builds from its
-config.json alone (transformers' from_config in place of from_pretrained): no weights are read.
+and no memory, so an 8B model plans in seconds on a laptop. A `model.name_or_path` job builds from its
+config.json alone (transformers' _from_config in place of from_pretrained): no weights are read. PEFT's
+adapters are added on the meta device instead (they cannot be moved as fake tensors), for the counts.
 
 Per device, for the job's strategy, precision and scaling.num_workers (N parameters, T of them trained,
 w workers; dlray's strategies keep fp32 weights and compute in the precision's dtype):
