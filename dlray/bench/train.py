@@ -114,15 +114,9 @@ PLAIN_LOSSES = {"cnn": _cross_entropy, "diffusion": _diffusers_loss, "gpt": _nex
 
 
 def bench_memory() -> dict:
-    import torch.multiprocessing as mp
-
     cases = {"ddp": {"name": "ddp"}, "fsdp": {"name": "fsdp"}, "zero3": {"name": "deepspeed", "zero_stage": 3}}
-    per_rank = {}
-    for label, strategy in cases.items():
-        queue = mp.get_context("spawn").SimpleQueue()
-        port = free_port()
-        mp.spawn(_memory_worker, args=(2, port, strategy, queue), nprocs=2, join=True)
-        per_rank[label] = max(queue.get() for _ in range(2))
+    measured = state_bytes_per_rank([{"model": {"flavor": "resnet18"}, "strategy": strategy, "precision": "fp32"} for strategy in cases.values()])
+    per_rank = {label: max(ranks) for label, ranks in zip(cases, measured)}
     return {
         "model": "cnn/resnet18 (11.2M parameters), AdamW, fp32, 2 ranks",
         "bytes_per_rank": per_rank,
@@ -131,7 +125,19 @@ def bench_memory() -> dict:
     }
 
 
-def _memory_worker(rank: int, world: int, port: int, strategy: dict, queue) -> None:
+def state_bytes_per_rank(configs: list[dict], world: int = 2) -> list[list[int]]:
+    """For each cnn job config (as a dict, on 8 px digits): each rank's bytes of parameters, master weights
+    and optimizer state after one step, in `world` processes of a plain gloo group (Ray adds nothing to
+    what is measured). dlray.plan's state bytes are checked against these."""
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_memory_worker, args=(world, free_port(), configs, queue), nprocs=world, join=True)
+    by_rank = dict(queue.get() for _ in range(world))
+    return [[by_rank[rank][case] for rank in range(world)] for case in range(len(configs))]
+
+
+def _memory_worker(rank: int, world: int, port: int, configs: list[dict], queue) -> None:
     import torch.distributed as dist
 
     from dlray.config import config_from_dict
@@ -139,17 +145,23 @@ def _memory_worker(rank: int, world: int, port: int, strategy: dict, queue) -> N
 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
     dist.init_process_group("gloo")
-    cfg = config_from_dict({"model": {"flavor": "resnet18"}, "strategy": strategy, "precision": "fp32"})  # as the row says; strategies take a resolved precision
     family = FAMILIES["cnn"]
     info = {"image_shape": (1, 8, 8), "class_names": [str(i) for i in range(10)], "mean": [0.5], "std": [0.25]}
-    runner = STRATEGIES[cfg.strategy.name](cfg, torch.device("cpu"), family.shard_classes())
-    model, (optimizer,) = runner.prepare(family.build(cfg.model.model_dump(), info), lambda module: [build_optimizer(cfg.optim, module.parameters())])
-    batch = (torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
-    loss = family.compute_loss(model, batch)["loss"].mean()  # one step, so the optimizer state exists
-    runner.backward(loss, sync=True)
-    runner.step()
-    queue.put(_local_state_bytes(model, optimizer))
+    measured = []
+    for config in configs:
+        cfg = config_from_dict(config)
+        runner = STRATEGIES[cfg.strategy.name](cfg, torch.device("cpu"), family.shard_classes())
+        model, (optimizer,) = runner.prepare(family.build(cfg.model.model_dump(), info), lambda module: [build_optimizer(cfg.optim, module.parameters())])
+        batch = (torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+        loss = family.compute_loss(model, batch)["loss"].mean()  # one step, so the optimizer state exists
+        runner.backward(loss, sync=True)
+        runner.step()
+        measured.append(_local_state_bytes(model, optimizer))
+    queue.put((rank, measured))
     dist.destroy_process_group()
+    # Several DeepSpeed engines in one process leave C++ threads that now and then abort the interpreter's
+    # teardown ("terminate called without an active exception"), after the results are in the queue.
+    os._exit(0)
 
 
 def _local_state_bytes(model, optimizer) -> int:
@@ -158,5 +170,6 @@ def _local_state_bytes(model, optimizer) -> int:
 
     tensors = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in model.parameters()]  # ZeRO-3 keeps only this rank's partition
     tensors += [p for group in optimizer.param_groups for p in group["params"]]
+    tensors += list(optimizer.state)  # the stepped tensors: ZeRO-3 keeps its fp32 partitions out of param_groups
     tensors += [value for state in optimizer.state.values() for value in state.values() if torch.is_tensor(value) and value.numel() > 1]
     return unique_bytes(t.to_local() if isinstance(t, DTensor) else t for t in tensors)

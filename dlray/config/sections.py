@@ -234,6 +234,20 @@ class ScalingSection(Section):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # The GPU each worker runs on, by Ray's name (ray.util.accelerators: H100, A100-80G, L4, T4, ...): Ray places
+    # workers only on such nodes, and `dlray validate` / `dlray train` refuse a job whose memory plan (`dlray plan`) exceeds its memory.
+    accelerator_type: str | None = None
+
+    @model_validator(mode="after")
+    def _known_accelerator(self):
+        if self.accelerator_type is not None:
+            from dlray.plan import DEVICE_MEMORY_GIB  # here: dlray.plan imports the config
+
+            if self.accelerator_type not in DEVICE_MEMORY_GIB:
+                raise ValueError(f"scaling.accelerator_type must be one of {list(DEVICE_MEMORY_GIB)}, got {self.accelerator_type!r}")
+            if not self.use_gpu:
+                raise ValueError("scaling.accelerator_type names a GPU: set scaling.use_gpu true")
+        return self
 
 
 class RunSection(Section):
