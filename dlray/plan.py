@@ -44,20 +44,11 @@ from torch.utils.hooks import RemovableHandle
 
 from dlray import finetune
 from dlray.config import ConfigError, JobConfig, apply_override, config_from_dict
-from dlray.config.sections import DATA_KINDS
+from dlray.data import SOURCES
 from dlray.models import FAMILIES
-from dlray.precision import PRECISION_DTYPES, resolve
+from dlray.precision import DEVICE_MEMORY_GIB, NO_BF16, PRECISION_DTYPES, resolve
 
 GiB = 2**30
-# Memory per device by Ray's accelerator_type names (ray.util.accelerators), in GiB as each card reports it.
-# The bare "A100" label covers both sizes: the 40 GB card is assumed; name A100-80G for the larger one.
-DEVICE_MEMORY_GIB = {
-    "H100": 80, "H200": 141, "H20": 96, "B200": 180, "B300": 288, "GB200": 186, "GB300": 288,
-    "A100": 40, "A100-40G": 40, "A100-80G": 80, "A10G": 24, "L4": 24, "L40S": 48, "RTX-PRO-6000": 96,
-    "V100": 16, "T4": 16, "P100": 16, "P4": 8, "K80": 12,
-    "AMD-Instinct-MI100": 32, "AMD-Instinct-MI210": 64, "AMD-Instinct-MI250X-MI250": 64,  # MI250: each of its 2 dies is a device
-}
-NO_BF16 = {"V100", "T4", "P100", "P4", "K80", "AMD-Instinct-MI100"}  # GPUs before bf16 arithmetic: `auto` picks fp16 (fsdp: fp32)
 # fp32 values an optimizer keeps per trained parameter.
 OPTIMIZER_STATE = {"adam": 2, "adamw": 2}
 DS_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's reduce_bucket_size default, allocated whole (fp32 here)
@@ -117,7 +108,7 @@ def describe(cfg: JobConfig) -> str:
     if strategy == "deepspeed":
         strategy += f" ZeRO-{cfg.strategy.zero_stage}" + "".join(f", {part} offload" for part, on in
                                                              (("optimizer", cfg.strategy.offload_optimizer), ("param", cfg.strategy.offload_param)) if on)
-    tokens = f" x {cfg.data.max_seq_len} tokens" if cfg.data.name in DATA_KINDS["text data"] else ""
+    tokens = f" x {cfg.data.max_seq_len} tokens" if SOURCES[cfg.data.name].kind != "image" else ""
     return (f"{model}, {cfg.finetune.finetuning_type} fine-tune, strategy {strategy}, precision {cfg.precision}, "
             f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}, micro batch {cfg.train.micro_batch_size}{tokens}, "
             f"{cfg.scaling.num_workers} workers{' on ' + cfg.scaling.accelerator_type if cfg.scaling.accelerator_type else ''}")
@@ -297,7 +288,7 @@ class ActivationPeak(MemTracker):
 def fake_batch(cfg: JobConfig, info: dict) -> tuple:
     """A micro batch as the family's compute_loss takes it (see dlray.data): created under the fake mode."""
     size, data = cfg.train.micro_batch_size, cfg.data
-    if data.name in DATA_KINDS["image data"]:
+    if SOURCES[data.name].kind == "image":
         return torch.rand(size, *info["image_shape"]), torch.randint(0, len(info["class_names"]), (size,))
     ids = torch.randint(0, info["vocab_size"], (size, data.max_seq_len))
     if data.name == "text_classification":
@@ -308,7 +299,7 @@ def fake_batch(cfg: JobConfig, info: dict) -> tuple:
 def planned_data_info(cfg: JobConfig) -> tuple[dict, list[str]]:
     """The `info` a family's build takes, from the config alone: nothing is read but a local folder's names."""
     data, notes = cfg.data, []
-    if data.name in DATA_KINDS["image data"]:
+    if SOURCES[data.name].kind == "image":
         side = data.image_size or (8 if data.name == "digits" else 32)  # digits are 8 px; image_folder's default resize is 32
         if data.name == "digits":
             classes = 10

@@ -31,6 +31,16 @@ EMULATED_BF16_SLOWDOWN = "~20x"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12,
                    "H20": 148e12, "B200": 2250e12, "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
 
+# Memory per device (dlray plan, scaling.accelerator_type) by Ray's accelerator_type names (ray.util.accelerators), in GiB as each card reports it.
+# The bare "A100" label covers both sizes: the 40 GB card is assumed; name A100-80G for the larger one.
+DEVICE_MEMORY_GIB = {
+    "H100": 80, "H200": 141, "H20": 96, "B200": 180, "B300": 288, "GB200": 186, "GB300": 288,
+    "A100": 40, "A100-40G": 40, "A100-80G": 80, "A10G": 24, "L4": 24, "L40S": 48, "RTX-PRO-6000": 96,
+    "V100": 16, "T4": 16, "P100": 16, "P4": 8, "K80": 12,
+    "AMD-Instinct-MI100": 32, "AMD-Instinct-MI210": 64, "AMD-Instinct-MI250X-MI250": 64,  # MI250: each of its 2 dies is a device
+}
+NO_BF16 = {"V100", "T4", "P100", "P4", "K80", "AMD-Instinct-MI100"}  # GPUs before bf16 arithmetic: `auto` picks fp16 (fsdp: fp32)
+
 
 @dataclass(frozen=True)
 class Hardware:

@@ -24,7 +24,8 @@ from dlray.cli import app
 from dlray.config import config_from_dict, load_config
 from dlray.loop import build_model
 from dlray.models import FAMILIES
-from dlray.plan import DEVICE_MEMORY_GIB, fake_batch, plan, planned_data_info, unique
+from dlray.plan import fake_batch, plan, planned_data_info, unique
+from dlray.precision import DEVICE_MEMORY_GIB
 
 IMAGE_FAMILIES = ("cnn", "vit", "gan", "vae")
 # The small flavours the test profiles (gpt's and diffusion's small profile in 10-20 s on this CPU; their debug ones here).

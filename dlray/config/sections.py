@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 
 from dlray.data import DataConfig, data_config
 from dlray.models import FAMILIES
+from dlray.precision import DEVICE_MEMORY_GIB
 
 
 def families_where(test) -> list[str]:
@@ -241,8 +242,6 @@ class ScalingSection(Section):
     @model_validator(mode="after")
     def _known_accelerator(self):
         if self.accelerator_type is not None:
-            from dlray.plan import DEVICE_MEMORY_GIB  # here: dlray.plan imports the config
-
             if self.accelerator_type not in DEVICE_MEMORY_GIB:
                 raise ValueError(f"scaling.accelerator_type must be one of {list(DEVICE_MEMORY_GIB)}, got {self.accelerator_type!r}")
             if not self.use_gpu:
