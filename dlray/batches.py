@@ -5,14 +5,23 @@ Ray's object store: a DataLoader over this worker's share), or streamed from its
     batches, data_info, tokenizer = worker_data(config, cfg, rank, world, device)
 
     batches.micro_batches            micro-batches per epoch, the same on every rank
-    batches.train(epoch)             (fields, weight, skipped) per micro-batch; weight None: every row counts
+    batches.train(epoch, done,       (fields, weight, skipped) per micro-batch; weight None: every row counts.
+        prefetch_next)               `done`: the epoch's micro-batches every rank has trained already (a run
+                                     resumed mid-epoch): the epoch goes on from the next one. `prefetch_next`:
+                                     another epoch follows (streamed data starts it while this one ends)
     batches.eval("val" | "test")     (fields, weight): every row once across ranks, padding at weight 0
+
+Mid-epoch resume is exact because an epoch's order is a function of (train.seed, epoch) alone: in memory, a
+seeded permutation of which each rank takes every world-th index (DistributedSampler's); streamed, Ray Data's
+ordered equal split and a shuffle buffer seeded by (train.seed, epoch) (dlray.streaming). Going on after
+`done` micro-batches takes the rest of the same order, so every row is trained once in the epoch.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from itertools import islice
 
 import ray
 import ray.train
@@ -34,15 +43,20 @@ def worker_data(config: dict, cfg: JobConfig, rank: int, world: int, device: tor
 class InMemoryBatches:
     def __init__(self, data, cfg: JobConfig, rank: int, world: int, device: torch.device):
         self.data, self.cfg, self.rank, self.world, self.device = data, cfg, rank, world, device
-        self.sampler = train_sampler(data.train, cfg.train.seed, rank, world)
-        self.loader: DataLoader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=self.sampler, **loader_options(cfg, device))
+        self.sampler = ResumableSampler(data.train, cfg.train.seed, rank, world)
+        # The loader's own generator, reseeded each epoch, seeds its worker processes: drawing that seed from
+        # the global RNG (the default) would shift the dropout stream of a run resumed mid-epoch by one draw.
+        self.generator = torch.Generator()
+        self.loader: DataLoader = DataLoader(data.train, cfg.train.micro_batch_size, sampler=self.sampler, generator=self.generator,
+                                             **loader_options(cfg, device))
         accumulation = cfg.train.gradient_accumulation_steps
         self.micro_batches = len(self.loader) // accumulation * accumulation  # whole optimizer steps; the rest waits for the next epoch's shuffle
         self.rows = {split: size(getattr(data, split)) for split in ("train", "val", "test")}
 
-    def train(self, epoch: int):
-        self.sampler.set_epoch(epoch)  # a new shuffle each epoch, identical across ranks
-        for index, batch in enumerate(self.loader):
+    def train(self, epoch: int, done: int = 0, prefetch_next: bool = False):
+        self.sampler.set_epoch(epoch, skip=done * self.cfg.train.micro_batch_size)  # a new shuffle each epoch, identical across ranks
+        self.generator.manual_seed(self.cfg.train.seed + epoch)
+        for index, batch in enumerate(self.loader, start=done):
             if index == self.micro_batches:
                 return
             yield batch, None, None
@@ -56,25 +70,29 @@ class StreamedBatches:
     splits are padded with weight-0 rows to a multiple of the worker count), so the same number
     of micro-batches: the last one may be partial, and nothing is dropped."""
 
-    def __init__(self, spec: dict, cfg: JobConfig, world: int, device: torch.device):
+    def __init__(self, spec: dict, cfg: JobConfig, world: int, device: torch.device, shard=None):
+        """`shard`: split -> this rank's DataIterator (Ray Train's get_dataset_shard; tests give their own)."""
         self.spec, self.cfg, self.pin_memory = spec, cfg, device.type == "cuda"
+        self.shard = shard or ray.train.get_dataset_shard
         self.rows = spec["rows"]
         self.micro_batches = math.ceil(math.ceil(self.rows["train"] / world) / cfg.train.micro_batch_size)
         self.ahead: dict[int, FirstBatchAhead] = {}
 
-    def train(self, epoch: int):
-        yield from self.ahead.pop(epoch, None) or self._epoch(epoch)
+    def train(self, epoch: int, done: int = 0, prefetch_next: bool = False):
+        """`done` > 0 replays the epoch's order, reading and dropping the first `done` micro-batches: the rows
+        are read again, not trained again (Ray Data has no position to seek to within a shuffled stream)."""
+        yield from (self.ahead.pop(epoch, None) if not done else None) or islice(self._epoch(epoch), done, None)
         # Ray Data starts each epoch's execution when it is first iterated: start the next one now, while
         # this epoch validates and checkpoints, instead of at the next epoch's first step.
-        if epoch + 1 < self.cfg.train.num_epochs:
+        if prefetch_next:
             self.ahead[epoch + 1] = FirstBatchAhead(self._epoch(epoch + 1))
 
     def _epoch(self, epoch: int):
-        return streamed_batches(ray.train.get_dataset_shard("train"), self.spec["columns"], self.cfg.train.micro_batch_size,
+        return streamed_batches(self.shard("train"), self.spec["columns"], self.cfg.train.micro_batch_size,
                                 self.cfg.train.seed + epoch, self.cfg.data.local_shuffle_buffer_size, self.pin_memory)
 
     def eval(self, split: str):
-        for fields, weight, _ in streamed_batches(ray.train.get_dataset_shard(split), self.spec["columns"], self.cfg.train.micro_batch_size,
+        for fields, weight, _ in streamed_batches(self.shard(split), self.spec["columns"], self.cfg.train.micro_batch_size,
                                                   None, 0, self.pin_memory):
             yield fields, weight
 
@@ -103,11 +121,25 @@ class FirstBatchAhead:
         yield from self.iterator
 
 
-def train_sampler(dataset: Dataset, seed: int, rank: int, world: int) -> DistributedSampler:
+class ResumableSampler(DistributedSampler):
     """Rank `rank`'s share of the training set: every sample once per epoch across ranks (padded by at
     most world - 1 repeats so that every rank takes the same number of steps, as FSDP and ZeRO-3 need),
-    reshuffled by `set_epoch` identically on every rank."""
-    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    reshuffled by `set_epoch` identically on every rank; after `set_epoch(epoch, skip=k)`, the share
+    without its first k samples, where the epoch goes on after k of them (a run resumed mid-epoch)."""
+
+    def __init__(self, dataset: Dataset, seed: int, rank: int, world: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
 
 
 class EvalShard(Dataset):

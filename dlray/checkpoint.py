@@ -12,6 +12,7 @@ Saving for a report and loading on resume share this one path.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,23 +34,27 @@ TOKENIZER_DIR = "tokenizer"
 class TrainState:
     """Where a run is: saved with every checkpoint (as plain numbers), restored on resume."""
 
-    epoch: int = 0  # epochs done: the next one to run
+    epoch: int = 0  # the epoch under way (at an epoch's end: the next one)
+    step_in_epoch: int = 0  # its optimizer steps done: a run resumed mid-epoch goes on from the next one
     global_step: int = 0  # optimizer steps done
     best: float | None = None  # the best train.metric so far
-    bad_epochs: int = 0  # epochs since it last improved (early stopping)
+    bad_validations: int = 0  # validations since it last improved (early stopping)
     base_lr: float | None = None  # optim.lr the schedules were built with (a PBT trial may continue another's with its own)
 
     def update(self, value: float, mode: str) -> bool:
-        """Count one more epoch ending with train.metric at `value`; whether it improved on the best."""
+        """Count one more validation, with train.metric at `value`; whether it improved on the best."""
         improved = self.best is None or (value < self.best if mode == "min" else value > self.best)
-        self.epoch += 1
-        self.best, self.bad_epochs = (value, 0) if improved else (self.best, self.bad_epochs + 1)
+        self.best, self.bad_validations = (value, 0) if improved else (self.best, self.bad_validations + 1)
         return improved
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
 
 def report_with_checkpoint(report: dict, strategy, schedulers: list, state: TrainState, cfg: JobConfig, data_info: dict, ema=None,
                            samples_png: bytes | None = None, tokenizer=None) -> None:
-    """Every rank: its part of the checkpoint and its train state, then `report` (an epoch's) with the checkpoint."""
+    """Every rank: its part of the checkpoint and its train state, then `report` (a validation's or a checkpoint's,
+    dlray.reports) with the checkpoint, named after its step so that names sort in the order they were taken."""
     rank = dist.get_rank()
     with tempfile.TemporaryDirectory(prefix="dlray-ckpt-") as directory:
         strategy.save(directory)
@@ -65,8 +70,11 @@ def report_with_checkpoint(report: dict, strategy, schedulers: list, state: Trai
                 Path(directory, SAMPLES_FILE).write_bytes(samples_png)
             if tokenizer is not None:
                 tokenizer.save_pretrained(Path(directory, TOKENIZER_DIR))
-        name = f"checkpoint_epoch{report['epoch']:04d}"
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=checkpoint_name(state.global_step))
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"checkpoint_step{global_step:08d}"
 
 
 def write_meta(directory: str | Path, checkpoint_format: str, cfg: JobConfig, data_info: dict, state: TrainState, metrics: dict) -> None:
@@ -101,7 +109,8 @@ def restore(checkpoint: ray.train.Checkpoint, strategy, schedulers: list, ema=No
 
 
 def best_checkpoint(metric: str, mode: str) -> ray.train.Checkpoint | None:
-    reported = [r for r in ray.train.get_all_reported_checkpoints() if metric in r.metrics]
+    """The validated checkpoint with the best `metric` (checkpoints between validations carry none that counts)."""
+    reported = [r for r in ray.train.get_all_reported_checkpoints() if reports.scored(r.metrics.get(metric, math.nan))]
     if not reported:
         return None
     pick = min if mode == "min" else max

@@ -1,5 +1,6 @@
-"""What a user watches while dlray trains: what starts where, a live progress bar within each epoch,
-a line per epoch and a closing summary, rendered in one place, the driver.
+"""What a user watches while dlray trains: what starts where, a live progress bar over the run's step
+budget, a line per validation (each epoch's end, every train.val_every_n_steps) and a closing summary,
+rendered in one place, the driver.
 
     console = Console(cfg)                      # dlray train does this; --verbose keeps Ray's own INFO lines
     with console:
@@ -27,7 +28,8 @@ from dlray.config import JobConfig
 from dlray.reports import Kind
 
 # Keys of an epoch report the epoch line leaves to metrics.csv and TensorBoard.
-NOT_SHOWN = {"epoch", "global_step", "first_step_unix_time", "resumed_from_step", "num_nodes", "peak_rss_mib", "peak_private_mib", "skipped_rows", "bad_epochs"}
+NOT_SHOWN = {"epoch", "global_step", "step_in_epoch", "first_step_unix_time", "resumed_from_step", "num_nodes", "peak_rss_mib", "peak_private_mib",
+             "skipped_rows", "bad_validations", "tokens_seen"}
 RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve")
 
 
@@ -57,14 +59,15 @@ class Console:
         self.cfg, self.verbose = cfg, verbose
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self.epochs: dict[int, dict] = {}  # each epoch's report, a replayed epoch's replacing the lost original
+        self.validations: dict[int, dict] = {}  # each validation's report by global_step, a replayed one replacing the lost original
         self.final: dict = {}
         self.starts = 0
         self.started_at = time.time()
         self._last_line = 0.0
         self._queue = self._thread = self._progress = self._task = None
-        self._bar_epoch, self._steps_per_epoch = -1, 0
-        self._epoch_began = time.monotonic()  # for the plain lines' ETA; the bar keeps its own
+        # The run's shape, from the start report (until then, the config's epochs).
+        self.num_epochs, self.total_steps = cfg.train.num_epochs, 0
+        self._began = (time.monotonic(), 0)  # when and at which step this worker group began, for the plain lines' ETA
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,7 +124,8 @@ class Console:
                 self.print(f"[dlray] rank {rank} failed: {error}")
             return
         record = payload[0]  # rank 0's; the loop reduces epoch metrics over ranks before reporting
-        {Kind.START: self._start, Kind.STEP: self._step, Kind.EPOCH: self._epoch, Kind.FINAL: self._final}[reports.kind(record)](payload)
+        {Kind.START: self._start, Kind.STEP: self._step, Kind.EPOCH: self._validation, Kind.CHECKPOINT: self._checkpoint,
+         Kind.FINAL: self._final}[reports.kind(record)](payload)
 
     def _start(self, ranks: list[dict]) -> None:
         first = ranks[0]
@@ -137,59 +141,64 @@ class Console:
         self.print(f"[dlray] precision {first['precision']}: {first['precision_why']}")
         if first["precision_warning"]:
             self.print(f"[dlray] warning: {first['precision_warning']}")
-        self._steps_per_epoch = first["steps_per_epoch"]
-        self._epoch_began = time.monotonic()
-        self._bar(first["epoch"], restart=True)
+        self.num_epochs, self.total_steps = first["num_epochs"], first["total_steps"]
+        self._began = (time.monotonic(), first["global_step"])
+        self._bar(first["global_step"], first["epoch"])
 
     def _step(self, ranks: list[dict]) -> None:
         record = ranks[0]
         loss = sum(r["train_loss"] for r in ranks) / len(ranks)
         speed = throughput({k: sum(r.get(k, 0.0) for r in ranks) for k in ("samples_per_sec", "tokens_per_sec")})
-        stats = f"loss {loss:.4g}  lr {record['lr']:.3g}  {speed}"
+        stats = f"loss {loss:.4g}  lr {record['lr']:.3g}  {speed}" + seen(record)
         if self._progress:
-            self._bar(record["epoch"])
-            self._progress.update(self._task, completed=record["step_in_epoch"], stats=stats)
+            self._bar(record["global_step"], record["epoch"], stats)
         elif time.monotonic() - self._last_line >= self.cfg.run.progress_interval_s:
-            step, steps = record["step_in_epoch"], record["steps_per_epoch"]
-            eta = (time.monotonic() - self._epoch_began) / step * (steps - step)
-            self.print(f"[dlray] epoch {record['epoch'] + 1}/{self.cfg.train.num_epochs} step {step}/{steps} | {stats}  eta {eta:.0f} s")
+            (began, first_step), step = self._began, record["global_step"]
+            eta = (time.monotonic() - began) / max(step - first_step, 1) * (self.total_steps - step)
+            self.print(f"[dlray] {position(record, self.num_epochs, self.total_steps)} | {stats}  eta {eta:.0f} s")
 
-    def _epoch(self, ranks: list[dict]) -> None:
+    def _validation(self, ranks: list[dict]) -> None:
         record = ranks[0]
-        self.epochs[record["epoch"]] = record
-        self.print(format_epoch(record, self.cfg.train.num_epochs))
-        self._epoch_began = time.monotonic()
-        if record["epoch"] + 1 < self.cfg.train.num_epochs:
-            self._bar(record["epoch"] + 1)
+        self.validations[record["global_step"]] = record
+        self.print(format_epoch(record, self.num_epochs, self.total_steps))
+        self._bar(record["global_step"], record["epoch"])
+
+    def _checkpoint(self, ranks: list[dict]) -> None:
+        record = ranks[0]
+        self.print(f"[dlray] checkpoint at step {record['global_step']:,} ({record['reason']})")
 
     def _final(self, ranks: list[dict]) -> None:
         self.final = ranks[0]
-        self._bar(None)
+        self._bar(None, None)
 
-    def _bar(self, epoch: int | None, restart: bool = False) -> None:
-        """Show `epoch`'s progress bar (None: none), a fresh one when the epoch changes or the workers restart."""
-        if not self._progress or (epoch == self._bar_epoch and not restart):
+    def _bar(self, global_step: int | None, epoch: int | None, stats: str | None = None) -> None:
+        """The run's progress bar at `global_step` (None: remove it), named after the epoch it is in."""
+        if not self._progress:
             return
-        if self._task is not None:
-            self._progress.remove_task(self._task)
-            self._task = None
-        if epoch is not None:
-            self._task = self._progress.add_task(f"epoch {epoch + 1}/{self.cfg.train.num_epochs}", total=self._steps_per_epoch, stats="")
-        self._bar_epoch = epoch if epoch is not None else -1
+        if global_step is None:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+                self._task = None
+            return
+        if self._task is None:
+            self._task = self._progress.add_task("", total=self.total_steps, stats="")
+        update = {"stats": stats} if stats is not None else {}
+        self._progress.update(self._task, completed=global_step, total=self.total_steps, description=f"epoch {epoch + 1}/{self.num_epochs}", **update)
 
     # ------------------------------------------------------------------ the end
 
     def summary(self, result, run_dir: str) -> str:
-        """The closing lines: the best epoch, the test scores, where the files are, what to run next."""
+        """The closing lines: the best validation, the test scores, where the files are, what to run next."""
         metric, mode = self.cfg.train.metric, self.cfg.train.mode
-        scored = [r for r in self.epochs.values() if metric in r]
+        scored = [r for r in self.validations.values() if metric in r]
         lines = [f"[dlray] {'failed' if result.error else 'finished'} in {time.time() - self.started_at:.0f} s"]
         if scored:
             best = (min if mode == "min" else max)(scored, key=lambda r: r[metric])
-            lines[0] += f": best {metric} {best[metric]:.4g} at epoch {best['epoch'] + 1} ({len(self.epochs)} epochs run)"
+            lines[0] += (f": best {metric} {best[metric]:.4g} at epoch {best['epoch'] + 1} step {best['global_step']:,}"
+                         f" ({len(self.validations)} validations)")
         patience = self.cfg.train.early_stopping_patience
-        if patience and self.final.get("bad_epochs", 0) >= patience:
-            lines[0] += f" (stopped early: no better {metric} for {patience} epochs)"
+        if patience and self.final.get("bad_validations", 0) >= patience:
+            lines[0] += f" (stopped early: no better {metric} for {patience} validations)"
         tests = {k: v for k, v in self.final.items() if k.startswith("test_")}
         if tests:
             lines.append("        test " + "  ".join(f"{k.removeprefix('test_')} {v:.4g}" for k, v in sorted(tests.items())))
@@ -205,12 +214,22 @@ class Console:
         return text
 
 
-def format_epoch(record: dict, num_epochs: int) -> str:
-    """`[dlray] epoch 4/15 step 80 | train_loss 0.26  val_loss 0.16  val_accuracy 0.94  lr 0.0089  2407 samples/s`"""
+def format_epoch(record: dict, num_epochs: int, total_steps: int | None = None) -> str:
+    """A validation's line: `[dlray] epoch 4/15 step 80/300 | train_loss 0.26  val_loss 0.16  val_accuracy 0.94  lr 0.0089  2407 samples/s`"""
     metrics = {k: v for k, v in record.items() if isinstance(v, float) and k not in NOT_SHOWN and not k.endswith("_per_sec")}
     order = sorted(metrics, key=lambda k: (not k.startswith("train"), not k.startswith("val"), k))
     shown = [f"{k} {metrics[k]:.4g}" for k in order]
-    return f"[dlray] epoch {record['epoch'] + 1}/{num_epochs} step {record['global_step']} | " + "  ".join(shown + [throughput(record)])
+    return f"[dlray] {position(record, num_epochs, total_steps)} | " + "  ".join(shown + [throughput(record)]) + seen(record)
+
+
+def position(record: dict, num_epochs: int, total_steps: int | None) -> str:
+    """`epoch 2/3 step 1,200/10,000` (the budget where it is known)."""
+    return f"epoch {record['epoch'] + 1}/{num_epochs} step {record['global_step']:,}" + (f"/{total_steps:,}" if total_steps else "")
+
+
+def seen(record: dict) -> str:
+    """`  3,072,000 tokens seen` for data made of tokens, else ""."""
+    return f"  {record['tokens_seen']:,} tokens seen" if "tokens_seen" in record else ""
 
 
 def throughput(record: dict) -> str:

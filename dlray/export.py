@@ -1,7 +1,7 @@
 """Turn a training checkpoint (any strategy, sharded or not) into a servable artifact.
 
     dlray export ~/dlray_runs/<run>            out/cnn   # the run's best checkpoint
-    dlray export ~/dlray_runs/<run>/checkpoint_epoch0007 out/cnn
+    dlray export ~/dlray_runs/<run>/checkpoint_step00000336 out/cnn
     dlray export ~/dlray_runs/<sweep>          out/cnn   # the best checkpoint of all its trials
 
 The artifact's files, and loading one back, are dlray.artifact's (what serving imports). Runs that
@@ -87,5 +87,6 @@ def resolve_checkpoint(source: Path) -> Path:
     metas = {c: meta for c, meta in metas.items() if not reported[c.parent] or meta["progress"]["global_step"] in reported[c.parent]} or metas
     train_cfg = next(iter(metas.values()))["config"]["train"]
     metric, sign = train_cfg["metric"], (1 if train_cfg["mode"] == "max" else -1)
-    return max(metas, key=lambda c: (sign * metas[c]["metrics"][metric], metas[c]["progress"]["global_step"]))
+    # A checkpoint between validations (no metric) ranks below every validated one, the latest first.
+    return max(metas, key=lambda c: (metric in metas[c]["metrics"], sign * metas[c]["metrics"].get(metric, 0), metas[c]["progress"]["global_step"]))
 

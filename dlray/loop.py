@@ -1,14 +1,21 @@
-"""The training loop, run by every Ray Train worker. Read it top to bottom: setup, epochs, finish.
+"""The training loop, run by every Ray Train worker. Read it top to bottom: setup, steps, finish.
 
     worker: cfg = JobConfig(**dict), its precision chosen for this device -> batches -> model -> strategy.prepare
-            -> [restore a checkpoint] -> report "start" -> epochs of
-            (optimizer steps (dlray.step.train_step) [-> EMA] [-> report "step"]) -> validate [-> sample grid]
-            -> report "epoch" + checkpoint -> restore the best checkpoint -> test -> report "final"
+            -> the step budget (train.num_epochs, or train.max_steps / train.max_tokens) -> [restore a checkpoint,
+            mid-epoch too] -> report "start" -> optimizer steps (dlray.step.train_step) [-> EMA], each followed by
+            at most one of: a validation + checkpoint (an epoch's end, every train.val_every_n_steps, the budget's
+            end), a "step" progress report [+ a checkpoint by time or before a preemption], a checkpoint every
+            train.checkpoint_every_n_steps -> restore the best checkpoint -> test -> report "final"
 
-The step, the evaluation and the epoch's totals are dlray.step's, Ray-free (the tests drive them too);
+The step, the evaluation and the running totals are dlray.step's, Ray-free (the tests drive them too);
 this file adds what a Ray Train worker does around them. Every report (dlray.reports) goes to the Ray
 Train controller, where dlray's callbacks write the run's files and relay progress to the driver's
 console (dlray.console): workers print nothing themselves.
+
+A run resumed from a checkpoint taken mid-epoch goes on with the batch the interrupted run would have
+taken next (dlray.batches: an epoch's order depends on the seed and the epoch alone), with the weights,
+optimizer, schedules and RNG streams restored: it ends where the uninterrupted run ends. The train
+metrics of its first validation cover the steps trained since it resumed.
 
 Strategy differences (DDP / FSDP2 / DeepSpeed, precision) live behind the strategy's methods, family
 differences behind the family's, and in-memory vs streamed data behind the batches' (dlray.batches).
@@ -20,6 +27,7 @@ import logging
 import math
 import resource
 import time
+from itertools import islice
 
 import psutil
 import ray.train
@@ -35,7 +43,7 @@ from dlray.config import JobConfig
 from dlray.ema import EMA
 from dlray.models import FAMILIES
 from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler, is_per_step
-from dlray.step import EpochTotals, evaluate, optimizer_steps, prefixed, train_step
+from dlray.step import EpochTotals, evaluate, optimizer_steps, prefixed, step_budget, train_step
 from dlray.strategies import STRATEGIES
 
 
@@ -65,64 +73,104 @@ def train_loop_per_worker(config: dict) -> None:
 
     accumulation = cfg.train.gradient_accumulation_steps
     steps_per_epoch = count_steps(batches, cfg, world)
-    schedulers = [build_scheduler(cfg.scheduler, o, steps_per_epoch, cfg.train.num_epochs, cfg.train.mode) for o in optimizers]
+    tokens_per_step = cfg.train.micro_batch_size * accumulation * world * data_info.get("max_seq_len", 0)
+    total_steps = step_budget(cfg.train.num_epochs, cfg.train.max_steps, cfg.train.max_tokens, steps_per_epoch, tokens_per_step)
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    schedulers = [build_scheduler(cfg.scheduler, o, steps_per_epoch, total_steps, cfg.train.mode) for o in optimizers]
     checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg.run.resume_from_checkpoint) if cfg.run.resume_from_checkpoint else None)
     state = resume(checkpoint, cfg, strategy, optimizers, schedulers, ema)
     resumed_from_step = state.global_step
     ray.train.report(reports.start(
         node=node, num_nodes=num_nodes, device=str(device), precision=cfg.precision, precision_why=precision_why,
         precision_warning=precision.slowdown_warning(cfg.precision, hardware) or "", epoch=state.epoch, global_step=state.global_step,
-        steps_per_epoch=steps_per_epoch, resumed_from=checkpoint.path if checkpoint else "",
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, num_epochs=num_epochs, tokens_per_step=tokens_per_step,
+        resumed_from=checkpoint.path if checkpoint else "",
     ))
 
+    totals = EpochTotals.zeros(len(family.optimizers), device)
     progress = ProgressCadence(cfg.train.log_every_n_steps, rank)
-    started = {}  # when this run took its first optimizer step, reported with the epoch it falls in
-    for epoch in range(state.epoch, cfg.train.num_epochs):
-        model.train()
-        totals = EpochTotals.zeros(len(family.optimizers), device)
-        start = time.perf_counter()
-        window = Window(start)
-        peak_private = private_mib()
-        for micro_batches in optimizer_steps(batches.train(epoch), accumulation):
-            train_step(model, family, strategy, micro_batches, totals, accumulation, schedulers)
-            state.global_step += 1
-            if ema:
-                ema.update()
-            if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
-                started["first_step_unix_time"] = time.time()
-            peak_private = max(peak_private, private_mib())
-            if progress.due() and totals.steps < steps_per_epoch:  # the epoch's own report follows its last step
-                record = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": totals.steps,
-                          "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
-                ray.train.report(reports.step(**record, **family.derived_metrics(record, data_info)))
-                progress.reported()
-        elapsed = time.perf_counter() - start
-        totals.all_reduce()
+    saves = CheckpointCadence(cfg, rank)
+    interval = {"start": time.perf_counter(), "peak_private": private_mib()}  # since the last validation: throughput, memory
+    started: dict[str, float] = {}  # when this run took its first optimizer step, reported with the validation that follows it
 
-        metrics = {"epoch": epoch, "global_step": state.global_step} | totals.train_metrics(family.optimizers)
-        metrics |= prefixed("val", evaluate(model, family, batches.eval("val"), device, strategy.autocast))
+    def validate(epoch: int) -> bool:
+        """Every rank, after the step that ends an epoch, the budget or a val_every_n_steps interval: the
+        validation report with its checkpoint. Whether early stopping ends the run here."""
+        elapsed = time.perf_counter() - interval["start"]
+        totals.all_reduce()
+        val_batches = batches.eval("val")
+        if cfg.train.val_max_batches:
+            val_batches = islice(val_batches, cfg.train.val_max_batches)
+        metrics = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": state.step_in_epoch} | totals.train_metrics(family.optimizers)
+        metrics |= prefixed("val", evaluate(model, family, val_batches, device, strategy.autocast))
         metrics |= {"lr": optimizers[0].param_groups[0]["lr"]} | totals.throughput(elapsed)
         metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes, "peak_rss_mib": peak_rss_mib(),
-                    "peak_private_mib": peak_private} | started
-        started = {}
+                    "peak_private_mib": interval["peak_private"]} | started | tokens(state.global_step, tokens_per_step)
+        started.clear()
         metrics |= family.derived_metrics(metrics, data_info)
         metrics |= model_flops_utilisation(metrics["samples_per_sec"], flops_per_sample, world, hardware)
         check_finite(metrics, cfg.train.metric, epoch)
         for scheduler in schedulers:
             if not is_per_step(scheduler):
                 scheduler.step(metrics[cfg.train.metric])
-        samples_png = sampler.grid_png(strategy, ema)
         state.update(metrics[cfg.train.metric], cfg.train.mode)
+        epoch_ended = state.step_in_epoch == steps_per_epoch
+        samples_png = sampler.grid_png(strategy, ema) if epoch_ended else None  # a generative family's grid: once an epoch
+        if epoch_ended:
+            state.next_epoch()
+        model.train()
         report_with_checkpoint(reports.epoch(metrics), strategy, schedulers, state, cfg, data_info, ema, samples_png, tokenizer)
+        saves.saved()
+        totals.zero()
+        interval.update(start=time.perf_counter(), peak_private=private_mib())
         progress.restart()  # the next step report counts from this one
-        if cfg.train.early_stopping_patience and state.bad_epochs >= cfg.train.early_stopping_patience:
-            break
+        patience = cfg.train.early_stopping_patience
+        return bool(patience and state.bad_validations >= patience)
+
+    stopped = False
+    while state.global_step < total_steps and not stopped:
+        epoch, done = state.epoch, state.step_in_epoch
+        model.train()
+        window = Window(time.perf_counter())
+        micro_batches = batches.train(epoch, done * accumulation, prefetch_next=epoch + 1 < num_epochs)
+        for step_batches in optimizer_steps(micro_batches, accumulation):
+            train_step(model, family, strategy, step_batches, totals, accumulation, schedulers)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            if ema:
+                ema.update()
+            if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
+                started["first_step_unix_time"] = time.time()
+            interval["peak_private"] = max(interval["peak_private"], private_mib())
+            if state.global_step == total_steps:
+                break  # the budget ends mid-epoch: its last validation follows
+            due = progress.due()
+            if state.step_in_epoch == steps_per_epoch:
+                continue  # the epoch's own validation follows its last step
+            if cfg.train.val_every_n_steps and state.global_step % cfg.train.val_every_n_steps == 0:
+                if stopped := validate(epoch):
+                    break
+                window = Window(time.perf_counter())
+                continue
+            if due:
+                record = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": state.step_in_epoch,
+                          "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
+                ray.train.report(reports.step(**record, **tokens(state.global_step, tokens_per_step), **family.derived_metrics(record, data_info)))
+                progress.reported()
+            if reason := saves.due(state.global_step, at_report=due):
+                report = reports.checkpoint(epoch=epoch, global_step=state.global_step, step_in_epoch=state.step_in_epoch, reason=reason,
+                                            metric=cfg.train.metric, mode=cfg.train.mode)
+                report_with_checkpoint(report, strategy, schedulers, state, cfg, data_info, ema, None, tokenizer)
+                saves.saved()
+        if not stopped:
+            stopped = validate(epoch)
 
     # Finish on the best weights, as early stopping promises, and score them once on the test split.
     best = best_checkpoint(cfg.train.metric, cfg.train.mode)
     if best is not None:
         restore(best, strategy, schedulers, restore_train_state=False)
-    final = {"epoch": state.epoch - 1, "global_step": state.global_step, "best_" + cfg.train.metric: state.best, "bad_epochs": state.bad_epochs}
+    final = {"epoch": state.epoch - (state.step_in_epoch == 0), "global_step": state.global_step, "best_" + cfg.train.metric: state.best,
+             "bad_validations": state.bad_validations}
     if batches.rows["test"]:
         final |= prefixed("test", evaluate(model, family, batches.eval("test"), device, strategy.autocast))
     ray.train.report(reports.final(final | family.derived_metrics(final, data_info)))
@@ -260,6 +308,42 @@ class ProgressCadence:
 
     def restart(self) -> None:
         self.steps, self.since = 0, time.perf_counter()
+
+
+class CheckpointCadence:
+    """When to checkpoint between validations, and why: every train.checkpoint_every_n_steps steps; at the
+    first step report run.checkpoint_interval_s after the last checkpoint (rank 0's clock, broadcast); at the
+    first step report after Ray Train announces that a node of the run is being drained for preemption, once
+    (Ray restarts the group on other nodes from it: FailureConfig.max_preemption_failures). Both checks are
+    collectives, made at step reports only (about every 5 s), which every rank makes at the same steps."""
+
+    def __init__(self, cfg: JobConfig, rank: int):
+        self.every, self.interval_s, self.rank = cfg.train.checkpoint_every_n_steps, cfg.run.checkpoint_interval_s, rank
+        self.last = time.monotonic()
+        self.preemption_seen = False
+
+    def due(self, global_step: int, at_report: bool) -> str:
+        """Why a checkpoint is due after this step ("" when none is)."""
+        if self.every and global_step % self.every == 0:
+            return f"every {self.every} steps"
+        if not at_report:
+            return ""
+        if self.interval_s and ray.train.collective.broadcast_from_rank_zero(time.monotonic() - self.last >= self.interval_s if self.rank == 0 else None):
+            return f"{self.interval_s:g} s since the last"
+        info = ray.train.get_preemption_info()
+        if info is None or self.preemption_seen:
+            return ""
+        self.preemption_seen = True
+        deadline = f", deadline in {info.deadline_ms / 1000 - time.time():.0f} s" if info.deadline_ms else ""
+        return f"preemption of ranks {info.preempted_ranks} announced{deadline}"
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+def tokens(global_step: int, tokens_per_step: int) -> dict[str, int]:
+    """{"tokens_seen": ...} across ranks, for data made of tokens; else {}."""
+    return {"tokens_seen": global_step * tokens_per_step} if tokens_per_step else {}
 
 
 class Window:

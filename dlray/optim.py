@@ -18,12 +18,11 @@ def build_optimizer(cfg, params, fused: bool = False) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(cfg, optimizer, steps_per_epoch: int, num_epochs: int, mode: str):
-    """Every schedule but `plateau` is a LambdaLR stepped once per optimizer step; `plateau`
-    is ReduceLROnPlateau, stepped once per epoch with the validation metric."""
+def build_scheduler(cfg, optimizer, steps_per_epoch: int, total: int, mode: str):
+    """Every schedule but `plateau` is a LambdaLR stepped once per optimizer step, over the run's `total`
+    optimizer steps (its budget); `plateau` is ReduceLROnPlateau, stepped at each validation with its metric."""
     if cfg.name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.factor, patience=cfg.patience)
-    total = steps_per_epoch * num_epochs
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:

@@ -6,19 +6,25 @@ and the benchmarks.
     if reports.kind(record) is Kind.EPOCH: ...
     reports.metrics(record)                           # its numbers without the kind: a metrics.csv row, a checkpoint's meta.json
 
-    start  a worker group began (once per start or restart): where each rank runs, the precision and why,
-           where it resumes from; for the console only
-    step   progress within an epoch, every few steps (train.log_every_n_steps): the loss and throughput since
-           the last one; the console's bar, the trackers' step/<metric>
-    epoch  an epoch's metrics, reduced over the ranks, with its checkpoint: metrics.csv, TensorBoard, the
-           trackers, Tune's schedulers, the best checkpoint
-    final  the run's end: the best checkpoint's train.metric and its scores on the test split
+    start       a worker group began (once per start or restart): where each rank runs, the precision and why,
+                where it resumes from, the run's step budget; for the console only
+    step        progress within an epoch, every few steps (train.log_every_n_steps): the loss and throughput since
+                the last one; the console's bar, the trackers' step/<metric>
+    epoch       a validation's metrics, reduced over the ranks, with its checkpoint: at each epoch's end, every
+                train.val_every_n_steps steps and at the budget's last step (`step_in_epoch` says where in its
+                epoch). metrics.csv, TensorBoard, the trackers, Tune's schedulers, early stopping, the best checkpoint
+    checkpoint  a checkpoint between validations (train.checkpoint_every_n_steps, run.checkpoint_interval_s, a
+                preemption): where it is, and train.metric at its worst, so that Ray keeps it only as the latest;
+                for Ray's checkpoint manager only
+    final       the run's end: the best checkpoint's train.metric and its scores on the test split
 
 A leaf module: the worker and the driver's readers import it, it imports nothing of dlray.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Iterable
 from enum import StrEnum
 
@@ -29,16 +35,18 @@ class Kind(StrEnum):
     START = "start"
     STEP = "step"
     EPOCH = "epoch"
+    CHECKPOINT = "checkpoint"
     FINAL = "final"
 
 
 def start(*, node: str, num_nodes: int, device: str, precision: str, precision_why: str, precision_warning: str, epoch: int, global_step: int,
-          steps_per_epoch: int, resumed_from: str) -> dict:
+          steps_per_epoch: int, total_steps: int, num_epochs: int, tokens_per_step: int, resumed_from: str) -> dict:
     """`node`: "<node id> (<ip>)" of this rank; `epoch`, `global_step`: where it starts (0, or the checkpoint's);
-    `resumed_from`: the checkpoint's path, or ""."""
+    `total_steps`, `num_epochs`: the run's budget and the epochs it spans; `tokens_per_step`: across ranks (0 for
+    data without tokens); `resumed_from`: the checkpoint's path, or ""."""
     return {KIND: Kind.START.value, "node": node, "num_nodes": num_nodes, "device": device, "precision": precision, "precision_why": precision_why,
             "precision_warning": precision_warning, "epoch": epoch, "global_step": global_step, "steps_per_epoch": steps_per_epoch,
-            "resumed_from": resumed_from}
+            "total_steps": total_steps, "num_epochs": num_epochs, "tokens_per_step": tokens_per_step, "resumed_from": resumed_from}
 
 
 def step(*, epoch: int, global_step: int, step_in_epoch: int, steps_per_epoch: int, lr: float, train_loss: float, samples_per_sec: float,
@@ -54,8 +62,25 @@ def epoch(metrics: dict) -> dict:
     return {KIND: Kind.EPOCH.value, **metrics}
 
 
+def checkpoint(*, epoch: int, global_step: int, step_in_epoch: int, reason: str, metric: str, mode: str) -> dict:
+    """`reason`: why now, for the console; `metric`, `mode`: train.metric and train.mode, whose worst value the report carries."""
+    # Position last: a train.metric that is a position itself ("epoch", a GAN's) ranks by it.
+    return {KIND: Kind.CHECKPOINT.value, metric: WORST if mode == "min" else -WORST, "epoch": epoch, "global_step": global_step,
+            "step_in_epoch": step_in_epoch, "reason": reason}
+
+
+# The placeholder score of a checkpoint between validations: finite, because Ray keeps the scores in a JSON
+# snapshot to resume from, where an infinity would come back as null.
+WORST = sys.float_info.max
+
+
+def scored(value: float) -> bool:
+    """Whether a train.metric value was measured (not a checkpoint's placeholder, not NaN)."""
+    return math.isfinite(value) and abs(value) != WORST
+
+
 def final(metrics: dict) -> dict:
-    """`metrics`: epoch, global_step, best_<train.metric>, bad_epochs and the test split's test_* (where it has rows)."""
+    """`metrics`: epoch, global_step, best_<train.metric>, bad_validations and the test split's test_* (where it has rows)."""
     return {KIND: Kind.FINAL.value, **metrics}
 
 
@@ -64,12 +89,13 @@ def kind(record: dict) -> Kind:
 
 
 def metrics(record: dict) -> dict:
-    """The report without its kind: what metrics.csv, a checkpoint's meta.json and Tune's results hold."""
-    return {key: value for key, value in record.items() if key != KIND}
+    """The report without its kind (and a checkpoint's without its placeholder score): what metrics.csv, a
+    checkpoint's meta.json and Tune's results hold."""
+    return {key: value for key, value in record.items() if key != KIND and not (isinstance(value, float) and abs(value) == WORST)}
 
 
 def epochs(records: Iterable[dict]) -> list[dict]:
-    """The epoch reports among `records` (a run's history, a trial's results), in order."""
+    """The epoch (validation) reports among `records` (a run's history, a trial's results), in order."""
     return [r for r in records if kind(r) is Kind.EPOCH]
 
 

@@ -28,14 +28,14 @@ class MetricsLogger(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         record = metrics[0]  # rank 0's: the loop all-reduces before reporting, so ranks agree
         kind = reports.kind(record)
-        if kind in (Kind.START, Kind.STEP):  # progress, for the console (and trackers' step metrics)
+        if kind in (Kind.START, Kind.STEP, Kind.CHECKPOINT):  # progress, for the console (and trackers' step metrics)
             return
         if checkpoint is not None:
             self._copy_samples(checkpoint, record["epoch"])
         if self.history is None:  # a resumed run continues the file it left behind
             self.history = read_history(self.run_dir)
-        if kind is Kind.EPOCH:  # epochs replayed after a restart replace their lost originals
-            self.history = [r for r in self.history if r.get("epoch", -1) < record["epoch"]]
+        if kind is Kind.EPOCH:  # validations replayed after a restart replace their lost originals
+            self.history = [r for r in self.history if r.get("global_step", -1) < record["global_step"]]
         self.history.append(record)
         run_dir = Path(self.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,11 +98,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, keys in zip(axes[0], panels):
         for key in keys:
-            points = [(r["epoch"] + 1, r[key]) for r in history if key in r and math.isfinite(r[key])]
+            points = [(r["global_step"], r[key]) for r in history if key in r and math.isfinite(r[key])]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, "o" if key.startswith("test") else "-o", label=key, markersize=3 if not key.startswith("test") else 7)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -2,7 +2,7 @@
 worker (dlray.loop) drives them, and so do the tests, in plain process groups:
 
     totals = EpochTotals.zeros(len(family.optimizers), device)
-    for micro_batches in optimizer_steps(batches.train(epoch), accumulation):    # islice it for a step budget
+    for micro_batches in optimizer_steps(batches.train(epoch), accumulation):
         train_step(model, family, strategy, micro_batches, totals, accumulation, schedulers)
     totals.all_reduce()                                                          # one collective
     metrics = totals.train_metrics(family.optimizers) | prefixed("val", evaluate(model, family, val_batches, device, strategy.autocast))
@@ -30,7 +30,8 @@ MicroBatch = tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]
 
 @dataclass
 class EpochTotals:
-    """This rank's sums over an epoch's micro-batches, by name. Every field is a view into one float64
+    """This rank's sums over the micro-batches since the last validation (an epoch's, unless train.val_every_n_steps
+    validates within epochs), by name. Every field is a view into one float64
     buffer on the training device, so that `all_reduce` sums them over the ranks in one collective
     (NCCL reduces only CUDA tensors) and nothing waits for the device before the epoch ends."""
 
@@ -47,6 +48,11 @@ class EpochTotals:
         n = num_optimizers
         buffer = torch.zeros(2 * n + 2, dtype=torch.float64, device=device)
         return cls(buffer, buffer[:n], buffer[n : 2 * n], buffer[2 * n], buffer[2 * n + 1])
+
+    def zero(self) -> None:
+        """Start the sums again (after a validation reported them)."""
+        self.buffer.zero_()
+        self.steps = 0
 
     def all_reduce(self) -> None:
         """Sum over the ranks, in place. The gradient norms, already the same on every rank (gradients are
@@ -70,6 +76,15 @@ class EpochTotals:
         """samples_per_sec over `elapsed_s`, and skipped_rows where the data counts them."""
         samples, skipped = self.buffer[-2:].tolist()
         return {"samples_per_sec": samples / elapsed_s} | ({"skipped_rows": int(skipped)} if self.counts_skipped else {})
+
+
+def step_budget(num_epochs: int, max_steps: int | None, max_tokens: int | None, steps_per_epoch: int, tokens_per_step: int) -> int:
+    """The optimizer steps a run takes: train.max_steps, or train.max_tokens in whole steps (the step that
+    reaches it included), the smaller of the two, or else num_epochs whole epochs."""
+    budgets = [max_steps] if max_steps else []
+    if max_tokens:
+        budgets.append(-(-max_tokens // tokens_per_step))
+    return min(budgets) if budgets else num_epochs * steps_per_epoch
 
 
 def optimizer_steps(micro_batches: Iterable[MicroBatch], accumulation: int) -> Iterator[Iterator[MicroBatch]]:

@@ -132,7 +132,7 @@ class Tracker(ControllerCallback, ReportCallback):
     def after_report(self, training_report, metrics):
         record = metrics[0]  # rank 0's: the loop all-reduces before reporting
         kind = reports.kind(record)
-        if kind is Kind.START:  # where the ranks run: for the console
+        if kind in (Kind.START, Kind.CHECKPOINT):  # where the ranks run, a checkpoint between validations: for the console
             return
         self.log(tracked_metrics(record), record.get("global_step", 0))
         if kind is Kind.STEP:

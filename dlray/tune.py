@@ -204,10 +204,10 @@ def trial_job(job: dict, values: dict) -> JobConfig:
 
 
 def trial_scheduler(cfg: JobConfig):
-    """One Tune iteration is one epoch (plus the run's final report, which carries the best value)."""
+    """One Tune iteration is one validation (plus the run's final report, which carries the best value)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule, PopulationBasedTraining
 
-    s, epochs = cfg.tune.scheduler, cfg.train.num_epochs
+    s, epochs = cfg.tune.scheduler, cfg.sweep_max_t()
     if s.name == "fifo":
         return FIFOScheduler()
     # stop_last_trials=False: a trial at the epoch budget ends by itself, after its test evaluation.
@@ -218,7 +218,7 @@ def trial_scheduler(cfg: JobConfig):
     if s.name == "median":
         return MedianStoppingRule(grace_period=s.grace_period, min_samples_required=s.min_samples_required)
     return PopulationBasedTraining(
-        time_attr="training_iteration",  # epochs, as perturbation_interval counts them (Ray's default is seconds)
+        time_attr="training_iteration",  # validations, as perturbation_interval counts them (Ray's default is seconds)
         perturbation_interval=s.perturbation_interval,
         hyperparam_mutations={path: domain(p) for path, p in cfg.tune.search_space.items()},
         quantile_fraction=s.quantile_fraction,
@@ -291,7 +291,7 @@ class TrialReporter(UserCallback):
         self.queue, self.metric = queue, metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        if reports.kind(metrics[0]) in (Kind.START, Kind.STEP):  # Tune's schedulers decide per epoch
+        if reports.kind(metrics[0]) in (Kind.START, Kind.STEP, Kind.CHECKPOINT):  # Tune's schedulers decide per validation
             return
         record = dict(metrics[0])
         # The final report scores the run's best checkpoint: its value is the best epoch's.

@@ -17,12 +17,28 @@ def wait_for(predicate, timeout_s: float, what, interval_s: float = 0.1):
     return value
 
 
-def wait_for_committed_checkpoint(run_dir, epoch: int, timeout_s: float = 300) -> None:
-    """Block until Ray Train has committed the checkpoint of `epoch` (its controller lists it in
-    checkpoint_manager_snapshot.json); a checkpoint still being uploaded is, rightly, not one to
-    resume from, so failures injected earlier would restart from scratch."""
-    snapshot, name = Path(run_dir) / "checkpoint_manager_snapshot.json", f"checkpoint_epoch{epoch:04d}"
-    wait_for(lambda: snapshot.exists() and name in snapshot.read_text(), timeout_s, f"{name} committed")
+def wait_for_committed_checkpoint(run_dir, epoch: int | None = None, step: int | None = None, timeout_s: float = 300) -> dict:
+    """Block until Ray Train has committed (its controller lists it in checkpoint_manager_snapshot.json) the
+    checkpoint of `epoch`'s end, or one taken at `step` or later; returns its reported metrics. A checkpoint
+    still being uploaded is, rightly, not one to resume from, so failures injected earlier would restart from scratch."""
+    import json
+
+    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+
+    def committed() -> dict | None:
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or being rewritten
+            return None
+        for metrics in (result["metrics"] for result in results):
+            # An epoch's validation is its end where nothing validates within epochs (train.val_every_n_steps unset).
+            if epoch is not None and (metrics["epoch"] > epoch or (metrics["epoch"] == epoch and metrics["report"] == "epoch")):
+                return metrics
+            if step is not None and metrics["global_step"] >= step:
+                return metrics
+        return None
+
+    return wait_for(committed, timeout_s, f"the checkpoint of epoch {epoch}" if epoch is not None else f"a checkpoint at step {step} or later")
 
 
 def ray_train_worker_pids() -> list[int]:
@@ -34,9 +50,10 @@ def ray_train_worker_pids() -> list[int]:
     return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
-def fit_losing_a_worker(cfg) -> list[dict]:
-    """fit(cfg) with one of its Ray Train workers killed once epoch 1's checkpoint is committed; the run
-    must restart from that checkpoint and report every epoch once. Its epochs' records."""
+def fit_losing_a_worker(cfg, step: int | None = None) -> list[dict]:
+    """fit(cfg) with one of its Ray Train workers killed once a checkpoint is committed: epoch 1's or, with
+    `step`, one taken at that step or later (train.checkpoint_every_n_steps, mid-epoch). The run must restart
+    from that checkpoint and report every validation once. Its validations' records."""
     import threading
 
     import psutil
@@ -49,7 +66,7 @@ def fit_losing_a_worker(cfg) -> list[dict]:
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
     thread.start()
-    wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
+    committed = wait_for_committed_checkpoint(run_dir(cfg), **({"step": step} if step else {"epoch": 1}))
     victims = [pid for pid in ray_train_worker_pids() if pid not in lingering]
     assert victims, "no live Ray Train worker of this run to kill (did it finish first?)"
     psutil.Process(victims[0]).kill()
@@ -57,10 +74,11 @@ def fit_losing_a_worker(cfg) -> list[dict]:
 
     assert outcome["result"].error is None, outcome["result"].error
     history = reports.epochs(read_history(run_dir(cfg)))
-    assert [r["epoch"] for r in history] == list(range(cfg.train.num_epochs)), "every epoch reported once, none lost"
+    steps = [r["global_step"] for r in history]
+    assert steps == sorted(set(steps)), f"every validation reported once, none lost: {steps}"
     resumed = [r for r in history if r["resumed_from_step"] > 0]
     assert resumed, "the restarted workers started from step 0, not from the checkpoint"
-    assert resumed[0]["resumed_from_step"] >= 2 * history[0]["global_step"]
+    assert resumed[0]["resumed_from_step"] >= committed["global_step"]
     return history
 
 

@@ -48,7 +48,7 @@ def train(cfg, steps: int, batch_size: int):
     with one_rank():
         strategy = STRATEGIES["ddp"](cfg, CPU)
         model, optimizers = strategy.prepare(build_model(family, cfg, data.info), lambda module: make_optimizers(family, module, cfg))
-        schedulers = [build_scheduler(cfg.scheduler, optimizer, steps, 1, cfg.train.mode) for optimizer in optimizers]
+        schedulers = [build_scheduler(cfg.scheduler, optimizer, steps, steps, cfg.train.mode) for optimizer in optimizers]
         loader = DataLoader(data.train, batch_size, shuffle=True, drop_last=True)
         batches = ((batch, None, None) for _ in range(steps) for batch in loader)
         totals = step.EpochTotals.zeros(len(family.optimizers), CPU)

@@ -40,12 +40,24 @@ def test_jobs_folder_is_not_empty():
         ("strategy.name=deepspeed strategy.offload_param=true", "strategy.offload_param needs strategy.zero_stage 3, got 2"),
         ("scheduler.name=plateau scheduler.warmup_steps=10", "scheduler.warmup_steps is not supported with scheduler.name 'plateau'"),
         ("data.name=image_folder", "data.path is required when data.name is 'image_folder'"),
+        ("train.max_steps=0", "train.max_steps: must be greater than or equal to 1, got 0"),
+        ("train.max_tokens=1000000", "train.max_tokens counts tokens, but data.name 'digits' is not text (no data.max_seq_len): use train.max_steps"),
+        ("train.val_every_n_steps=-5", "train.val_every_n_steps: must be greater than or equal to 1, got -5"),
+        ("run.checkpoint_interval_s=0", "run.checkpoint_interval_s: must be greater than 0, got 0"),
     ],
 )
 def test_bad_config_names_key_and_allowed_values(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "jobs/debug/cnn_cpu.yaml", override.split())
     assert expected in str(err.value)
+
+
+def test_a_sweep_over_a_step_budget_says_how_many_validations_asha_may_count():
+    with pytest.raises(ConfigError, match="tune.scheduler.max_t must be set for tune.scheduler.name 'asha' with train.max_steps"):
+        load_config(REPO / "jobs/sweep_cnn_asha.yaml", ["train.max_steps=100"])
+    cfg = load_config(REPO / "jobs/sweep_cnn_asha.yaml", ["train.max_steps=100", "train.val_every_n_steps=20", "tune.scheduler.max_t=5"])
+    assert cfg.sweep_max_t() == 5
+    assert load_config(REPO / "jobs/sweep_cnn_asha.yaml").sweep_max_t() == load_config(REPO / "jobs/sweep_cnn_asha.yaml").train.num_epochs
 
 
 def test_overrides_are_typed_and_nested():

@@ -20,7 +20,7 @@ from helpers import REPO
 
 START = reports.start(node="a1b2c3d4e5f6 (10.0.0.1)", num_nodes=2, device="cuda:0", precision="fp32",
                       precision_why="precision auto: this CPU (AVX2) emulates bf16", precision_warning="", epoch=0, global_step=0,
-                      steps_per_epoch=20, resumed_from="")
+                      steps_per_epoch=20, total_steps=60, num_epochs=3, tokens_per_step=0, resumed_from="")
 
 
 def step(epoch, step_in_epoch, loss, **extra):
@@ -40,7 +40,7 @@ def console(overrides=(), tty=False):
     return Console(cfg, stream=stream), stream
 
 
-def finished(best_path="/runs/r/checkpoint_epoch0001", error=None):
+def finished(best_path="/runs/r/checkpoint_step00000040", error=None):
     """The parts of ray.train.Result the summary reads."""
     checkpoint = SimpleNamespace(path=best_path)
     return SimpleNamespace(error=error, best_checkpoints=[(checkpoint, {})], get_best_checkpoint=lambda metric, mode: checkpoint)
@@ -65,16 +65,16 @@ def test_plain_lines_show_where_it_runs_the_steps_the_epochs_and_a_summary():
     view.handle("report", [epoch(0, 0.6)] * 4)
     view.handle("report", [epoch(1, 0.9)] * 4)
     view.handle("report", [epoch(2, 0.8)] * 4)
-    view.handle("report", [reports.final({"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_epochs": 1, "test_accuracy": 0.88, "test_loss": 0.3})] * 4)
+    view.handle("report", [reports.final({"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_validations": 1, "test_accuracy": 0.88, "test_loss": 0.3})] * 4)
     view.summary(finished(), "/runs/r")
     lines = out.getvalue().splitlines()
     assert lines[0] == "[dlray] 4 workers on 2 node(s), cuda: ranks 0,1 on a1b2c3d4e5f6 (10.0.0.1); ranks 2,3 on 0f0e0d0c0b0a (10.0.0.2)"
     assert lines[1] == "[dlray] precision fp32: precision auto: this CPU (AVX2) emulates bf16"
-    assert lines[2].startswith("[dlray] epoch 1/3 step 5/20 | loss 1.5  lr 0.01  400 samples/s  eta ")
-    assert lines[3] == "[dlray] epoch 1/3 step 20 | train_loss 1  val_accuracy 0.6  val_loss 0.5  lr 0.01  200 samples/s"  # no peak_rss_mib: metrics.csv has it
-    assert lines[6].startswith("[dlray] finished in ") and lines[6].endswith(": best val_accuracy 0.9 at epoch 2 (3 epochs run)")
+    assert lines[2].startswith("[dlray] epoch 1/3 step 5/60 | loss 1.5  lr 0.01  400 samples/s  eta ")
+    assert lines[3] == "[dlray] epoch 1/3 step 20/60 | train_loss 1  val_accuracy 0.6  val_loss 0.5  lr 0.01  200 samples/s"  # no peak_rss_mib: metrics.csv has it
+    assert lines[6].startswith("[dlray] finished in ") and lines[6].endswith(": best val_accuracy 0.9 at epoch 2 step 40 (3 validations)")
     assert lines[7].split() == ["test", "accuracy", "0.88", "loss", "0.3"]
-    assert "tensorboard --logdir /runs/r/tensorboard" in lines[8] and lines[9] == "        best checkpoint /runs/r/checkpoint_epoch0001"
+    assert "tensorboard --logdir /runs/r/tensorboard" in lines[8] and lines[9] == "        best checkpoint /runs/r/checkpoint_step00000040"
     assert lines[10] == f"        next: dlray export /runs/r out/{view.cfg.run.name}"
 
 
@@ -83,7 +83,7 @@ def test_plain_step_lines_come_at_most_every_progress_interval():
     view.handle("report", [START])
     for i in range(1, 20):
         view.handle("report", [step(0, i, 1.0)])
-    assert "step 5/20" not in out.getvalue() and out.getvalue().count("\n") == 2  # where it runs, and the precision
+    assert "step 5/60" not in out.getvalue() and out.getvalue().count("\n") == 2  # where it runs, and the precision
 
 
 def test_a_restart_and_a_failure_are_told():
@@ -92,10 +92,10 @@ def test_a_restart_and_a_failure_are_told():
     relayed = []
     ConsoleRelay(SimpleNamespace(put=relayed.append)).after_exception(None, {1: RuntimeError("Traceback ...\n  File ...\nworker died")})
     view.handle(*relayed[0])
-    view.handle("report", [dict(START, epoch=1, global_step=20, resumed_from="/runs/r/checkpoint_epoch0000", precision_warning="precision bf16 on this CPU is emulated")])
+    view.handle("report", [dict(START, epoch=1, global_step=20, resumed_from="/runs/r/checkpoint_step00000020", precision_warning="precision bf16 on this CPU is emulated")])
     text = out.getvalue()
     assert "[dlray] rank 1 failed: RuntimeError: worker died" in text
-    assert "[dlray] restarted: epoch 2, step 20 of /runs/r/checkpoint_epoch0000" in text
+    assert "[dlray] restarted: epoch 2, step 20 of /runs/r/checkpoint_step00000020" in text
     assert "[dlray] warning: precision bf16 on this CPU is emulated" in text
 
 
@@ -103,8 +103,22 @@ def test_early_stopping_is_named_in_the_summary():
     view, out = console(["train.early_stopping_patience=2"])
     for index, accuracy in enumerate([0.9, 0.8, 0.7]):
         view.handle("report", [epoch(index, accuracy)])
-    view.handle("report", [reports.final({"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_epochs": 2})])
-    assert view.summary(finished(), "/runs/r").splitlines()[0].endswith("best val_accuracy 0.9 at epoch 1 (3 epochs run) (stopped early: no better val_accuracy for 2 epochs)")
+    view.handle("report", [reports.final({"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_validations": 2})])
+    assert view.summary(finished(), "/runs/r").splitlines()[0].endswith(
+        "best val_accuracy 0.9 at epoch 1 step 20 (3 validations) (stopped early: no better val_accuracy for 2 validations)")
+
+
+def test_a_step_budget_shows_steps_of_the_budget_tokens_seen_validations_and_checkpoints_within_the_epoch():
+    view, out = console(["run.progress_interval_s=0"])
+    view.handle("report", [dict(START, steps_per_epoch=50_000, total_steps=10_000, num_epochs=1, tokens_per_step=4096)])
+    view.handle("report", [step(0, 1200, 2.0, tokens_seen=4_915_200)])
+    view.handle("report", [reports.checkpoint(epoch=0, global_step=1500, step_in_epoch=1500, reason="every 500 steps", metric="val_loss", mode="min")])
+    view.handle("report", [reports.epoch({"epoch": 0, "global_step": 2000, "step_in_epoch": 2000, "train_loss": 1.5, "val_loss": 1.25,
+                                          "samples_per_sec": 20.0, "tokens_per_sec": 81920.0, "tokens_seen": 8_192_000})])
+    lines = out.getvalue().splitlines()
+    assert lines[2].startswith("[dlray] epoch 1/1 step 1,200/10,000 | loss 2  lr 0.01  100 samples/s  4,915,200 tokens seen  eta ")
+    assert lines[3] == "[dlray] checkpoint at step 1,500 (every 500 steps)"
+    assert lines[4] == "[dlray] epoch 1/1 step 2,000/10,000 | train_loss 1.5  val_loss 1.25  81,920 tokens/s  8,192,000 tokens seen"
 
 
 def test_a_terminal_gets_a_progress_bar():
@@ -115,7 +129,7 @@ def test_a_terminal_gets_a_progress_bar():
     view._progress.refresh()
     view.close()
     text = out.getvalue()
-    assert "epoch 1/3" in text and "5/20" in text and "loss 1.25" in text and "4,096 tokens/s" in text and "eta" in text
+    assert "epoch 1/3" in text and "5/60" in text and "loss 1.25" in text and "4,096 tokens/s" in text and "eta" in text
 
 
 @pytest.mark.slow

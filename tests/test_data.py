@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dlray.batches import EvalShard, train_sampler
-from dlray.config import ConfigError
+from dlray.batches import EvalShard, InMemoryBatches, ResumableSampler
+from dlray.config import ConfigError, load_config
 from dlray.data import SOURCES, build_data, data_config
 from dlray.data.images import random_affine
+
+from helpers import REPO
 
 
 def test_digits_splits_are_disjoint_stratified_and_complete():
@@ -35,18 +37,40 @@ def test_training_shards_cover_every_sample_each_epoch():
     n, world = 1437, 2
     seen = []
     for rank in range(world):
-        sampler = train_sampler(range(n), seed=3, rank=rank, world=world)
+        sampler = ResumableSampler(range(n), seed=3, rank=rank, world=world)
         sampler.set_epoch(5)
         seen.append(list(sampler))
     assert len(seen[0]) == len(seen[1]), "equal steps per rank (FSDP/ZeRO-3 need lockstep)"
     assert set(seen[0]) | set(seen[1]) == set(range(n))
     assert len(seen[0]) + len(seen[1]) - n <= world - 1, "at most world-1 padding repeats"
     # A new order each epoch, the same on every rank for the same seed (so the shards stay disjoint).
-    again = train_sampler(range(n), seed=3, rank=0, world=world)
+    again = ResumableSampler(range(n), seed=3, rank=0, world=world)
     again.set_epoch(5)
     assert list(again) == seen[0]
     again.set_epoch(6)
     assert list(again) != seen[0]
+
+
+def in_memory_epoch(rows: int, world: int, epoch: int, done: int = 0, micro_batch_size: int = 4) -> list[list[list[int]]]:
+    """Each rank's micro-batches (row ids) of `epoch` from InMemoryBatches, going on after `done` of them."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", [f"train.micro_batch_size={micro_batch_size}", "train.seed=5"])
+    data = SimpleNamespace(train=TensorDataset(torch.arange(rows)), val=TensorDataset(torch.arange(2)), test=TensorDataset(torch.arange(2)))
+    ranks = [InMemoryBatches(data, cfg, rank, world, torch.device("cpu")) for rank in range(world)]
+    return [[batch[0].tolist() for batch, _, _ in batches.train(epoch, done)] for batches in ranks]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_an_epoch_resumed_after_some_micro_batches_trains_the_rest_of_the_same_order(world):
+    whole = in_memory_epoch(rows=37, world=world, epoch=3)
+    resumed = in_memory_epoch(rows=37, world=world, epoch=3, done=2)
+    assert resumed == [rank[2:] for rank in whole], "the next micro-batches of the interrupted order, on every rank"
+    trained = sorted(i for rank in whole for batch in rank[:2] for i in batch) + sorted(i for rank in resumed for batch in rank for i in batch)
+    assert sorted(trained) == sorted(i for rank in whole for batch in rank for i in batch), "every row of the epoch once across the failure"
+    assert in_memory_epoch(rows=37, world=world, epoch=4) != whole, "the next epoch is another shuffle"
 
 
 def test_eval_shards_count_every_sample_exactly_once():

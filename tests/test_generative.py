@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from dlray import reports
 from dlray.artifact import load_artifact
+from dlray.checkpoint import checkpoint_name
 from dlray.config import load_config
 from dlray.export import export
 from dlray.models import diffusion
@@ -146,7 +147,7 @@ def test_vae_debug_job_improves_its_elbo_and_resumes_with_its_ema(ray_cluster, t
     assert all(np.isfinite([r["val_recon_loss"], r["val_kl"]]).all() for r in history)
     assert [r["resumed_from_step"] for r in history] == [0, 0] + [history[1]["global_step"]]
     assert len(list(Path(directory, "samples").glob("epoch_*.png"))) == 3
-    ema = load_file(Path(directory, "checkpoint_epoch0002", "ema.safetensors"))
+    ema = load_file(Path(directory, checkpoint_name(history[-1]["global_step"]), "ema.safetensors"))
     assert int(ema["__ema_updates__"]) == history[-1]["global_step"]  # averaged over every step, across the restart
 
 
@@ -155,7 +156,7 @@ def test_gan_debug_job_updates_both_networks_with_finite_losses(ray_cluster, tmp
     for record in history:
         assert np.isfinite([record["train_generator_loss"], record["train_discriminator_loss"], record["val_d_loss"], record["val_g_loss"]]).all()
         assert record["generator_grad_norm"] > 0 and record["discriminator_grad_norm"] > 0, record  # each optimizer's own
-    first, _ = load_artifact(export(Path(directory, "checkpoint_epoch0000"), tmp_path / "first"))
+    first, _ = load_artifact(export(Path(directory, checkpoint_name(history[0]["global_step"])), tmp_path / "first"))
     last, _ = load_artifact(export(directory, tmp_path / "last"))  # the newest: train.metric is epoch
     for network in ("generator", "discriminator"):
         before, after = getattr(first, network).state_dict(), getattr(last, network).state_dict()

@@ -12,12 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from PIL import Image
 
-from dlray.batches import streamed_batches
+from dlray.batches import StreamedBatches, streamed_batches
+from dlray.config import load_config
 from dlray.data import data_config
 from dlray.data.rows import list_files, read_rows, streams
 from dlray.streaming import build_streamed_data, padded
+
+from helpers import REPO
 
 
 def epoch_of_every_rank(ds, world: int, batch_size: int, seed: int) -> list[list[tuple[list[int], list[float]]]]:
@@ -52,6 +56,38 @@ def test_every_row_is_seen_exactly_once_per_epoch_in_the_same_order_on_every_run
     assert len(padding) == -rows % world
     assert epoch_of_every_rank(ds, world, batch_size, seed=0) == epoch  # a resumed run replays the epoch
     assert epoch_of_every_rank(ds, world, batch_size, seed=1) != epoch  # the next epoch is another shuffle
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_streamed_epoch_resumed_after_some_micro_batches_trains_every_row_once(ray_cluster, world):
+    """What a run resumed mid-epoch takes (dlray.batches.StreamedBatches.train with `done`): the rest of the
+    interrupted epoch's order on every rank, so the rows trained before and after the failure are the epoch's, each once."""
+    rows, done = 45, 3
+
+    def epoch(done: int) -> list[list[list[int]]]:
+        ds = padded(ray.data.range(rows, override_num_blocks=5).map_batches(
+            lambda b: {"id": b["id"], "weight": np.ones(len(b["id"]), np.float32), "skipped": np.zeros(len(b["id"]), np.int64)}), rows, world)
+        ds.context.execution_options = ray.data.ExecutionOptions(preserve_order=True)  # as dlray.train's DataConfig asks
+        shards = ds.streaming_split(world, equal=True)
+        cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["train.micro_batch_size=4", "data.local_shuffle_buffer_size=8"])
+        out = [[] for _ in range(world)]
+
+        def consume(rank):
+            batches = StreamedBatches({"rows": {"train": rows}, "columns": ("id",)}, cfg, world, torch.device("cpu"), shard=lambda split: shards[rank])
+            out[rank] = [[i for i, w in zip(ids.tolist(), weight.tolist()) if w > 0] for (ids,), weight, _ in batches.train(epoch=1, done=done)]
+
+        threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return out
+
+    whole, resumed = epoch(done=0), epoch(done=done)
+    assert resumed == [rank[done:] for rank in whole], "the next micro-batches of the interrupted order, on every rank"
+    before = [i for rank in whole for batch in rank[:done] for i in batch]
+    after = [i for rank in resumed for batch in rank for i in batch]
+    assert sorted(before + after) == list(range(rows)), "every row once across the failure (padding rows, weight 0, left out)"
 
 
 def write_image_folder(root, per_class=12, size=10):

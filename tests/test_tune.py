@@ -294,7 +294,7 @@ def test_a_restored_optimizer_takes_the_new_configs_hyperparameters_and_keeps_it
     def make(optim_cfg):
         params = [torch.nn.Parameter(torch.ones(3))]
         optimizer = build_optimizer(optim_cfg, params)
-        return optimizer, build_scheduler(SchedulerConfig(name="cosine"), optimizer, steps_per_epoch=10, num_epochs=2, mode="max")
+        return optimizer, build_scheduler(SchedulerConfig(name="cosine"), optimizer, steps_per_epoch=10, total=20, mode="max")
 
     donor_cfg, trial_cfg = OptimConfig(name="adamw", lr=0.1), OptimConfig(name="adamw", lr=0.02, weight_decay=0.01)
     donor, donor_schedule = make(donor_cfg)

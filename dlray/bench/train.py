@@ -38,7 +38,9 @@ def bench_train(job: str = TRAIN_JOB, overrides: tuple[str, ...] = (), worker_co
 
     init_ray()
     storage = tempfile.mkdtemp(prefix="dlray-bench-")
-    common = [*overrides, f"run.storage_path={storage}", f"train.num_epochs={TRAIN_EPOCHS}", "train.early_stopping_patience=null", "run.checkpoint_num_to_keep=1"]
+    # Whole epochs, validated and checkpointed at their ends only (a job's own step budget would end them early).
+    epochs = [f"train.num_epochs={TRAIN_EPOCHS}", "train.max_steps=null", "train.val_every_n_steps=null", "train.checkpoint_every_n_steps=null"]
+    common = [*overrides, f"run.storage_path={storage}", *epochs, "train.early_stopping_patience=null", "run.checkpoint_num_to_keep=1"]
     cfg = load_config(job, common)
     # The baseline runs in a 1-CPU Ray task: the same process environment a Train worker gets.
     plain_task = ray.remote(num_cpus=1)(plain_pytorch_samples_per_sec)

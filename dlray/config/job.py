@@ -55,6 +55,8 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
+        if self.train.max_tokens and not hasattr(self.data, "max_seq_len"):
+            raise ValueError(f"train.max_tokens counts tokens, but data.name {self.data.name!r} is not text (no data.max_seq_len): use train.max_steps")
         if self.precision == "fp16" and self.strategy.name == "fsdp":
             raise ValueError("precision 'fp16' is not supported with strategy.name 'fsdp' (FSDP2 has no loss scaler here); use precision 'bf16'")
         if self.precision == "fp16" and self.strategy.name == "deepspeed" and not self.scaling.use_gpu:
@@ -91,7 +93,19 @@ class JobConfig(Section):
                 raise ValueError(f"model.family {self.model.family!r} alternates its optimizers every micro-batch: train.gradient_accumulation_steps must be 1")
         if self.tune:
             self._check_search_space()
+            self.sweep_max_t()  # raises where the driver cannot count a trial's validations
         return self
+
+    def sweep_max_t(self) -> int:
+        """The validations (Tune iterations) a trial runs at most: ASHA's and HyperBand's max_t."""
+        assert self.tune is not None
+        scheduler, train = self.tune.scheduler, self.train
+        if scheduler.max_t or scheduler.name not in ("asha", "hyperband"):
+            return scheduler.max_t or train.num_epochs
+        if train.max_steps or train.max_tokens or train.val_every_n_steps:
+            raise ValueError(f"tune.scheduler.max_t must be set for tune.scheduler.name {scheduler.name!r} with train.max_steps, train.max_tokens "
+                             "or train.val_every_n_steps: a trial's validations then depend on its steps per epoch, which only the workers know")
+        return train.num_epochs
 
     def _check_finetune(self):
         model, finetune, family = self.model, self.finetune, FAMILIES[self.model.family]

@@ -125,13 +125,29 @@ DataSection = Annotated[SerializeAsAny[DataConfig], WrapValidator(_data_source_c
 
 class TrainConfig(Section):
     num_epochs: int = Field(10, ge=1)
+    # A budget in optimizer steps (HF Trainer's and Lightning's max_steps) or, for text data, in tokens
+    # trained across ranks (micro-batch x data.max_seq_len per micro-batch, padding included, as torchtitan
+    # counts them). Either overrides num_epochs: the run ends at the budget, mid-epoch if that is where it
+    # falls; with both, the smaller. The learning-rate schedule (warmup, cosine) runs over the budget.
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    # Validate (and checkpoint) every this many optimizer steps as well as at each epoch's end, and at the
+    # budget's last step (HF Trainer's eval_steps, Lightning's val_check_interval). Each validation is a
+    # report like an epoch's: metrics.csv row, trackers, Tune, early stopping and the best checkpoint.
+    val_every_n_steps: int | None = Field(None, ge=1)
+    # At most this many micro-batches per rank in each validation (Lightning's limit_val_batches), for a
+    # large val split validated often; the test split is always scored whole. None: the whole split.
+    val_max_batches: int | None = Field(None, ge=1)
+    # A checkpoint every this many optimizer steps between validations (Lightning's
+    # ModelCheckpoint(every_n_train_steps), HF's save_steps): a lost worker or driver costs at most these steps.
+    checkpoint_every_n_steps: int | None = Field(None, ge=1)
     micro_batch_size: int = Field(32, ge=1)  # per worker, per forward pass
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float | None = Field(1.0, gt=0)  # None disables clipping
     seed: int = 42
     metric: str = "val_loss"  # drives best-checkpoint choice and early stopping
     mode: Literal["min", "max"] = "min"
-    early_stopping_patience: int | None = Field(None, ge=1)  # epochs without improvement
+    early_stopping_patience: int | None = Field(None, ge=1)  # validations without improvement (epochs, without val_every_n_steps)
     # Exponential moving average of the weights (diffusers' --use_ema, timm's --model-ema-decay):
     # checkpointed with the run, used for per-epoch samples and by `dlray export`. None: off.
     ema_decay: float | None = Field(None, gt=0, lt=1)
@@ -255,7 +271,13 @@ class RunSection(Section):
     name: str | None = None  # default: <job file stem>-<timestamp>; reuse a name to resume that run
     storage_path: str = "~/dlray_runs"  # must be shared storage (NFS or a cloud URI) on multi-node clusters
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
-    checkpoint_num_to_keep: int | None = Field(2, ge=1)  # best K by train.metric; None keeps all
+    # Restarts after a node is drained for preemption (FailureConfig's own budget, apart from max_failures):
+    # the run checkpoints at the next step once Ray announces it (ray.train.get_preemption_info). -1 = unlimited.
+    max_preemption_failures: int = Field(-1, ge=-1)
+    checkpoint_num_to_keep: int | None = Field(2, ge=1)  # best K by train.metric, and always the latest; None keeps all
+    # A checkpoint at the first step this many seconds after the last one (torchtitan's and Lightning's
+    # train_time_interval): bounds the work lost to a failure by wall time. None: only the step and epoch ones.
+    checkpoint_interval_s: float | None = Field(None, gt=0)
     # Start from this checkpoint (of any run, e.g. a PBT donor's) with this config's hyperparameters;
     # once the run has checkpoints of its own, a restart takes its own latest instead.
     resume_from_checkpoint: str | None = None

@@ -55,13 +55,17 @@ class SearchParam(Section):
 
 
 class SweepSchedulerConfig(Section):
-    """Ray Tune's trial scheduler; it sees every epoch (one Tune iteration = one epoch)."""
+    """Ray Tune's trial scheduler; it sees every validation (one Tune iteration = one validation: an epoch's
+    end, or every train.val_every_n_steps steps)."""
 
     name: Literal["fifo", "asha", "hyperband", "median", "pbt"] = "asha"
-    grace_period: int = Field(1, ge=1)  # asha, median: epochs a trial always gets
+    grace_period: int = Field(1, ge=1)  # asha, median: validations a trial always gets
+    # asha, hyperband: the validations a trial runs at most (Tune's name). Default: train.num_epochs, or
+    # max_steps / val_every_n_steps under a step budget validated by steps; other budgets must say.
+    max_t: int | None = Field(None, ge=1)
     reduction_factor: float = Field(2, gt=1)  # asha, hyperband: 1/this of trials go on at each rung
     min_samples_required: int = Field(3, ge=1)  # median: trials to compare with before stopping one
-    perturbation_interval: int = Field(1, ge=1)  # pbt: epochs between exploit/explore steps
+    perturbation_interval: int = Field(1, ge=1)  # pbt: validations between exploit/explore steps
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # pbt: bottom fraction that copies the top
     resample_probability: float = Field(0.25, ge=0, le=1)  # pbt: explore by resampling, else by x0.8/x1.2
     # pbt: wait at each perturbation interval until every trial reaches it (pausing those ahead), then
