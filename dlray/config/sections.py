@@ -256,6 +256,9 @@ class RunSection(Section):
     storage_path: str = "~/dlray_runs"  # must be shared storage (NFS or a cloud URI) on multi-node clusters
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1 = unlimited
     checkpoint_num_to_keep: int | None = Field(2, ge=1)  # best K by train.metric; None keeps all
+    # Ray Train's CheckpointUploadMode: async copies each rank's checkpoint to storage_path in a thread of its worker
+    # while training goes on (the step waits only for the local save); sync waits for the copy too.
+    checkpoint_upload: Literal["async", "sync"] = "async"
     # Start from this checkpoint (of any run, e.g. a PBT donor's) with this config's hyperparameters;
     # once the run has checkpoints of its own, a restart takes its own latest instead.
     resume_from_checkpoint: str | None = None
