@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,7 +59,7 @@ def report_with_checkpoint(report: dict, strategy, schedulers: list, state: Trai
     """Every rank: its part of the checkpoint and its train state, then `report` (a validation's or a checkpoint's,
     dlray.reports) with the checkpoint, named after its step so that names sort in the order they were taken."""
     rank = dist.get_rank()
-    with tempfile.TemporaryDirectory(prefix="dlray-ckpt-") as directory:
+    with local_checkpoint_dir(cfg) as directory:
         strategy.save(directory)
         if ema is not None:  # every rank: gathering its parts is a collective
             ema.save(Path(directory, EMA_FILE))
@@ -70,11 +73,30 @@ def report_with_checkpoint(report: dict, strategy, schedulers: list, state: Trai
                 Path(directory, SAMPLES_FILE).write_bytes(samples_png)
             if tokenizer is not None:
                 tokenizer.save_pretrained(Path(directory, TOKENIZER_DIR))
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=checkpoint_name(state.global_step))
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=checkpoint_name(state.global_step),
+                         checkpoint_upload_mode=UPLOAD_MODES[cfg.run.checkpoint_upload], delete_local_checkpoint_after_upload=True)
 
 
 def checkpoint_name(global_step: int) -> str:
     return f"checkpoint_step{global_step:08d}"
+
+
+# run.checkpoint_upload -> Ray Train's mode. ASYNC: report() returns once the ranks agree on the checkpoint's
+# name; one thread per worker copies the directories to storage in report order, then hands Ray the report.
+UPLOAD_MODES = {"async": ray.train.CheckpointUploadMode.ASYNC, "sync": ray.train.CheckpointUploadMode.SYNC}
+
+
+@contextmanager
+def local_checkpoint_dir(cfg: JobConfig) -> Iterator[str]:
+    """Where a rank writes its part before Ray uploads it. It outlives the report (an async upload reads it
+    later): Ray deletes it once uploaded; here only if saving or reporting fails first. Named after the run,
+    so a directory an interrupted upload left behind says whose it is."""
+    directory = tempfile.mkdtemp(prefix=f"dlray-ckpt-{cfg.run.name}-")
+    try:
+        yield directory
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 def write_meta(directory: str | Path, checkpoint_format: str, cfg: JobConfig, data_info: dict, state: TrainState, metrics: dict) -> None:

@@ -6,7 +6,7 @@
     dlray tune     jobs/sweep_cnn_asha.yaml [key=value ...] [--resume]
     dlray export   <run-dir | sweep-dir | checkpoint-dir> out/cnn
     dlray serve    out/cnn [max_batch_size=16 ...] [--print-config]
-    dlray bench    [train|cluster|tune|data|serve|diffusion|llm|all]
+    dlray bench    [train|cluster|tune|data|serve|diffusion|llm|checkpoint|all]
     dlray k8s render jobs/cnn_digits.yaml [key=value ...] --image IMG [--kind rayservice --artifact DIR]
 """
 
@@ -187,7 +187,7 @@ def serve(
 
 
 @app.command()
-def bench(what: str = typer.Argument("all", help="train | cluster | tune | data | serve | diffusion | llm | all, or one benchmark, e.g. llm_train"),
+def bench(what: str = typer.Argument("all", help="train | cluster | tune | data | serve | diffusion | llm | checkpoint | all, or one benchmark, e.g. llm_train"),
           out: Path = typer.Option(Path("benchmarks/results.md"))):
     """Measure dlray against plain PyTorch / unbatched baselines; write the results file."""
     from dlray.bench import run_benchmarks

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from dlray import finetune, precision, reports
 from dlray.batches import worker_data
-from dlray.checkpoint import TrainState, best_checkpoint, report_with_checkpoint, restore
+from dlray.checkpoint import UPLOAD_MODES, TrainState, best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
 from dlray.ema import EMA
 from dlray.models import FAMILIES
@@ -155,7 +155,9 @@ def train_loop_per_worker(config: dict) -> None:
             if due:
                 record = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": state.step_in_epoch,
                           "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
-                ray.train.report(reports.step(**record, **tokens(state.global_step, tokens_per_step), **family.derived_metrics(record, data_info)))
+                # In the checkpoints' upload mode: a sync-mode report would wait for an async upload still running.
+                ray.train.report(reports.step(**record, **tokens(state.global_step, tokens_per_step), **family.derived_metrics(record, data_info)),
+                                 checkpoint_upload_mode=UPLOAD_MODES[cfg.run.checkpoint_upload])
                 progress.reported()
             if reason := saves.due(state.global_step, at_report=due):
                 report = reports.checkpoint(epoch=epoch, global_step=state.global_step, step_in_epoch=state.step_in_epoch, reason=reason,

@@ -32,6 +32,7 @@ def test_jobs_folder_is_not_empty():
         ("strategy.name=fsdp strategy.offload_param=true", "strategy.offload_param applies only to strategy.name 'deepspeed', got strategy.name 'fsdp'"),
         ("trian.num_epochs=2", "unknown key 'trian'; allowed keys here: model, data, train, finetune, optim"),
         ("optim.name=lion", "optim.name: must be 'sgd', 'adam', 'adamw' or 'rmsprop', got 'lion'"),
+        ("run.checkpoint_upload=later", "run.checkpoint_upload: must be 'async' or 'sync', got 'later'"),
         ("model.flavor=huge", "model.flavor must be one of ['debug', 'resnet18', 'resnet50', 'small'] for family 'cnn', got 'huge'"),
         ("train.micro_batch_size=0", "train.micro_batch_size: must be greater than or equal to 1, got 0"),
         ("train.metric=val_f1", "train.metric must be one of ['train_loss', 'val_loss', 'epoch', 'val_accuracy'] for model.family 'cnn', got 'val_f1'"),

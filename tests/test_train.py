@@ -1,6 +1,7 @@
 """Ray Train end to end on a real local Ray: accuracy, strategies, failures, resume, early stopping."""
 
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -84,15 +85,20 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_next_batch_and_ends_where_the_
 
 
 def test_rerun_with_same_name_continues_the_run(ray_cluster, storage):
-    """The run, and its MLflow and W&B runs (tests/test_tracking.py tracks a run through a worker kill)."""
+    """The run, and its MLflow and W&B runs (tests/test_tracking.py tracks a run through a worker kill).
+    The first run uploads its checkpoint asynchronously (the default), the second synchronously."""
     tracked = ["scheduler.name=constant", "tracking.mlflow={}", "tracking.wandb.mode=offline"]
     first = debug_job(storage, "continued", "train.num_epochs=1", *tracked)
+    assert first.run.checkpoint_upload == "async"
     assert fit(first).error is None
-    second = debug_job(storage, "continued", "train.num_epochs=2", *tracked)
+    second = debug_job(storage, "continued", "train.num_epochs=2", "run.checkpoint_upload=sync", *tracked)
     assert fit(second).error is None
     history = reports.epochs(read_history(run_dir(second)))
     assert [r["epoch"] for r in history] == [0, 1]
+    # The second run found the first one's checkpoint committed, with both ranks' train states.
     assert history[1]["resumed_from_step"] == history[0]["global_step"]
+    # Each rank staged its part in a local directory of its own, which Ray deleted once it was uploaded.
+    assert not list(Path(tempfile.gettempdir()).glob("dlray-ckpt-continued-*"))
 
     from mlflow import MlflowClient
 

@@ -1,9 +1,9 @@
 """Benchmarks, side by side in one run, against plain PyTorch and unbatched baselines.
 
-    dlray bench all        # or: train | cluster | tune | data | serve | diffusion | llm; writes benchmarks/results.md and .json
+    dlray bench all        # or: train | cluster | tune | data | serve | diffusion | llm | checkpoint; writes benchmarks/results.md and .json
     dlray bench llm_train  # or any one benchmark by its key in BENCHMARKS
 
-One module per group, each saying what it measures: train, cluster, tune, data, serve, diffusion, llm;
+One module per group, each saying what it measures: train, cluster, tune, data, serve, diffusion, llm, checkpoint;
 common holds what several groups share, report renders the results table.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dlray.bench.checkpoint import bench_checkpoint_upload
 from dlray.bench.cluster import bench_cluster
 from dlray.bench.data import bench_data, bench_text_memory
 from dlray.bench.diffusion import bench_diffusion_train, bench_image_serve, bench_sample_quality, bench_sampling
@@ -55,4 +56,5 @@ BENCHMARKS = {
                   "diffusion_quality": bench_sample_quality},
     "llm": {"llm_train": bench_gpt_train, "llm_qlora_memory": bench_qlora_memory, "llm_engine": bench_generate_engine,
             "llm_serve": bench_generate_serve, "llm_mfu": bench_gpt_mfu},
+    "checkpoint": {"checkpoint_upload": bench_checkpoint_upload},
 }

@@ -112,6 +112,17 @@ def render_markdown(results: dict) -> str:
             f"| images endpoint latency p50 / p99, batched | {images['batched']['p50_ms']:.0f} / {images['batched']['p99_ms']:.0f} ms | |",
         ]
     lines += _llm_rows(results)
+    if upload := results.get("checkpoint_upload"):
+        m, n = upload["median_s"], upload["checkpoints_per_mode"]
+        lines += [
+            _row(f"time a step waits in the checkpoint report, run.checkpoint_upload async / sync ({upload['checkpoint_mb']} MB fp32 state dict, 1 worker, "
+                 f"run.storage_path on local disk; median of {n} checkpoints each, alternating in one Ray Train run)",
+                 f"{upload['async_vs_sync_report']:.2f} ({1000 * m['async_report']:.0f} vs {1000 * m['sync_report']:.0f} ms)", "<= 0.2"),
+            _row("time a step waits on a checkpoint, local save included (the save into a temporary directory stays synchronous), async / sync",
+                 f"{upload['async_vs_sync_blocked']:.2f} ({1000 * m['async_blocked']:.0f} vs {1000 * m['sync_blocked']:.0f} ms)"),
+            _row("a metrics-only report made right after an async checkpoint, in Ray's default (sync) mode / in async mode (Ray hands reports on in order: "
+                 "a sync one waits behind the upload)", f"{1000 * m['next_report_sync_mode']:.0f} / {1000 * m['next_report_async_mode']:.0f} ms", "(informative)"),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -278,6 +278,9 @@ class RunSection(Section):
     # A checkpoint at the first step this many seconds after the last one (torchtitan's and Lightning's
     # train_time_interval): bounds the work lost to a failure by wall time. None: only the step and epoch ones.
     checkpoint_interval_s: float | None = Field(None, gt=0)
+    # Ray Train's CheckpointUploadMode: async copies each rank's checkpoint to storage_path in a thread of its worker
+    # while training goes on (the step waits only for the local save); sync waits for the copy too.
+    checkpoint_upload: Literal["async", "sync"] = "async"
     # Start from this checkpoint (of any run, e.g. a PBT donor's) with this config's hyperparameters;
     # once the run has checkpoints of its own, a restart takes its own latest instead.
     resume_from_checkpoint: str | None = None
