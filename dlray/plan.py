@@ -108,7 +108,7 @@ def describe(cfg: JobConfig) -> str:
     if strategy == "deepspeed":
         strategy += f" ZeRO-{cfg.strategy.zero_stage}" + "".join(f", {part} offload" for part, on in
                                                              (("optimizer", cfg.strategy.offload_optimizer), ("param", cfg.strategy.offload_param)) if on)
-    tokens = f" x {cfg.data.max_seq_len} tokens" if SOURCES[cfg.data.name].kind != "image" else ""
+    tokens = f" x {cfg.data.max_seq_len} tokens" if "max_seq_len" in type(cfg.data).model_fields else ""
     return (f"{model}, {cfg.finetune.finetuning_type} fine-tune, strategy {strategy}, precision {cfg.precision}, "
             f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}, micro batch {cfg.train.micro_batch_size}{tokens}, "
             f"{cfg.scaling.num_workers} workers{' on ' + cfg.scaling.accelerator_type if cfg.scaling.accelerator_type else ''}")
@@ -290,6 +290,8 @@ def fake_batch(cfg: JobConfig, info: dict) -> tuple:
     size, data = cfg.train.micro_batch_size, cfg.data
     if SOURCES[data.name].kind == "image":
         return torch.rand(size, *info["image_shape"]), torch.randint(0, len(info["class_names"]), (size,))
+    if SOURCES[data.name].kind == "sequence":
+        return torch.rand(size, *info["sequence_shape"]), torch.randint(0, len(info["class_names"]), (size,))
     ids = torch.randint(0, info["vocab_size"], (size, data.max_seq_len))
     if data.name == "text_classification":
         return ids, torch.ones_like(ids), torch.randint(0, len(info["class_names"]), (size,))
@@ -310,6 +312,14 @@ def planned_data_info(cfg: JobConfig) -> tuple[dict, list[str]]:
             notes.append(f"data.path {data.path!r} is not a folder here: the head is sized for {classes} classes")
         return {"image_shape": (data.channels, side, side), "class_names": [str(i) for i in range(classes)],
                 "mean": [0.5] * data.channels, "std": [0.25] * data.channels}, notes
+    if SOURCES[data.name].kind == "sequence":  # the shape of the first row read; the classes are not counted
+        source = SOURCES[data.name]
+        listing = source.list_rows(data, cfg.train.seed)
+        first = next(source.read(listing.filesystem, listing.files[0], data, cfg.train.seed))["sequence"]
+        steps, features = len(first), len(first[0])
+        notes.append(f"data.path {data.path!r}: sequences of {steps} steps of {features} features, as its first row; the head is sized for {TEXT_CLASSES} classes")
+        return {"sequence_shape": (steps, features), "class_names": [str(i) for i in range(TEXT_CLASSES)],
+                "mean": [0.0] * features, "std": [1.0] * features}, notes
     vocab = pretrained_config(cfg.model.name_or_path).vocab_size if cfg.model.name_or_path else data.vocab_size
     if data.tokenizer and not cfg.model.name_or_path:
         from transformers import AutoTokenizer

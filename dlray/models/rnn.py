@@ -2,7 +2,7 @@
 (model.bidirectional), dropout between layers (model.dropout), a linear head on the last hidden state.
 
 A sample is a sequence (T, F): T steps of F numbers. Image data is read row by row, (C, H, W) as H steps
-of C*W features (the bundled 8x8 digits: 8 steps of 8), so any image source trains it:
+of C*W features (the bundled 8x8 digits: 8 steps of 8), so any image source trains it, as does a source of sequences (dlray.data.sequences):
 
     model: {family: rnn, flavor: small, cell: gru, bidirectional: true}
 
@@ -109,6 +109,6 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     return classification_losses(model(sequences), labels)
 
 
-FAMILY = ModelFamily(name="rnn", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("image",), task="classify",
+FAMILY = ModelFamily(name="rnn", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("image", "sequence"), task="classify",
                      inputs="sequence", metrics=("accuracy",), shard_classes=lambda: (RecurrentLayer,),
                      extra_model_keys=("cell", "bidirectional", "hidden_size", "num_layers"))
