@@ -19,9 +19,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from dlray.data.rows import TEXT_SUFFIXES, list_files, read_rows, split_of
+from dlray.data.rows import TEXT_SUFFIXES, list_files, split_of
 from dlray.data.spec import DataConfig, DataSource, Fitted, Listing
-from dlray.data.text_classification import class_indices
+from dlray.data.text_classification import class_indices, labelled_rows
 
 SUFFIXES = TEXT_SUFFIXES - {".txt"}
 FIT_ROWS = 20_000  # training sequences the class-free statistics (mean, std, shape) come from
@@ -41,14 +41,8 @@ def list_rows(cfg: SequencesConfig, seed: int) -> Listing:
 
 def read(filesystem, path: str, cfg: SequencesConfig, seed: int):
     """One file's labelled sequences, each as a (steps, features) list of lists with its split; a bad row is named."""
-    fields = {"data.sequence_field": cfg.sequence_field, "data.label_field": cfg.label_field}
-    for number, row in enumerate(read_rows(filesystem, path, (cfg.sequence_field, cfg.label_field), f"data.sequence_field {cfg.sequence_field!r}"), 1):
-        for key, column in fields.items():
-            if column not in row:
-                raise ValueError(f"{path}: {key} {column!r} is not a column; it has {sorted(row)}")
-        sequence, label = steps_of(row[cfg.sequence_field], f"{path}, row {number}: data.sequence_field {cfg.sequence_field!r}"), row[cfg.label_field]
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise ValueError(f"{path}, row {number}: data.label_field {cfg.label_field!r} holds {label!r}; a label must be a string or an integer")
+    for number, value, label in labelled_rows(filesystem, path, "data.sequence_field", cfg.sequence_field, cfg.label_field):
+        sequence = steps_of(value, f"{path}, row {number}: data.sequence_field {cfg.sequence_field!r}")
         yield {"sequence": sequence, "label": label, "split": split_of(json.dumps(sequence), cfg.val_fraction, cfg.test_fraction, seed),
                "where": f"{path}, row {number}"}
 
