@@ -67,6 +67,20 @@ def test_an_image_is_read_as_its_rows(trained):
         assert torch.equal(model(images), model(images[:, 0]))  # 8 steps of the 8 pixels of each row
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bf16_autocast_computes_what_fp32_does(cell):
+    """DDP's and DeepSpeed's bf16 autocast on a CPU (oneDNN's bf16 LSTM kernel fails where bf16 is not native)."""
+    cfg = config_from_dict({**DEBUG, "model": {**DEBUG["model"], "cell": cell, "num_layers": 2, "bidirectional": True}})
+    info = {"image_shape": [1, 8, 8], "class_names": [str(c) for c in range(10)], "mean": [0.3], "std": [0.4]}
+    torch.manual_seed(0)
+    model, images = FAMILIES["rnn"].build(cfg.model.model_dump(), info), torch.rand(4, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(images)
+    mixed.float().sum().backward()
+    assert mixed.dtype == torch.bfloat16 and all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    assert torch.allclose(mixed.float(), model(images), atol=0.05)
+
+
 def test_served_sequences_classify_as_the_trained_model(trained, tmp_path):
     """The exported model behind the endpoint's sequence input: JSON rows of the validation digits give the trained model's logits."""
     _, cfg, data, model = trained

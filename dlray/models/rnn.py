@@ -58,7 +58,13 @@ class RecurrentLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, in) -> every step's output (B, T, directions * hidden), and the last hidden state of each direction, concatenated."""
-        out, state = self.rnn(x)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # CPU autocast sends an LSTM to oneDNN's bf16 kernel, which fails on CPUs without native bf16 ("could
+            # not create a primitive descriptor" on AVX2): the recurrence runs in its weights' dtype instead.
+            with torch.autocast("cpu", enabled=False):
+                out, state = self.rnn(x.to(self.rnn.weight_ih_l0.dtype))
+        else:
+            out, state = self.rnn(x)
         hidden = state[0] if isinstance(state, tuple) else state  # an LSTM's (h, c), a GRU's h
         return out, torch.cat(list(hidden), dim=-1)
 
