@@ -156,12 +156,13 @@ def test_served_over_http(serve_artifact, tmp_path):
     assert httpx.get(f"{base}/healthz").json()["input_shape"] == [8, 8]
 
 
-def digits_as_sequence_files(directory, suffix: str) -> str:
-    """The bundled digits written as rows of a sequences file: 8 steps of 8 numbers and a label (a .csv cell holds the steps as JSON)."""
+def digits_as_sequence_files(directory, suffix: str, count: int | None = None) -> str:
+    """The bundled digits (the first `count`) written as rows of a sequences file: 8 steps of 8 numbers and a label
+    (a .csv cell holds the steps as JSON)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    rows = [{"sequence": (image / 16).tolist(), "label": int(label)} for image, label in zip(digits.images, digits.target)]
+    rows = [{"sequence": (image / 16).tolist(), "label": int(label)} for image, label in zip(digits.images[:count], digits.target[:count])]
     path = directory / f"digits{suffix}"
     if suffix == ".jsonl":
         path.write_text("\n".join(map(json.dumps, rows)))
@@ -203,7 +204,7 @@ def test_sequences_stream_as_they_load(ray_cluster, tmp_path):
     """Streamed (Ray Data), the same splits and samples as in memory."""
     from dlray.streaming import build_streamed_data
 
-    path = digits_as_sequence_files(tmp_path, ".parquet")
+    path = digits_as_sequence_files(tmp_path, ".parquet", count=300)
     in_memory = build_data(data_config(name="sequences", path=path), seed=0)
     streamed = build_streamed_data(data_config(name="sequences", path=path, streaming=True), seed=0, num_workers=2)
     assert streamed.info == in_memory.info and streamed.columns == ("sequence", "label")
