@@ -67,7 +67,7 @@ MATRIX += [("cnn", "zero2", "bf16"), ("gpt", "zero2", "bf16"), ("cnn", "ddp", "f
 # The smoke tier's share: each family but the CNN once (it trains for the served endpoint), the CNN in fp16,
 # and each strategy at least once.
 SMOKE = {("cnn", "ddp", "fp16"), ("gpt", "fsdp", "bf16"), ("vit", "zero3", "bf16"), ("bert", "ddp", "bf16"),
-         ("diffusion", "fsdp", "bf16"), ("gan", "ddp", "bf16"), ("vae", "zero3", "bf16")}
+         ("diffusion", "fsdp", "bf16"), ("gan", "ddp", "bf16"), ("vae", "zero3", "bf16"), ("rnn", "fsdp", "bf16")}
 
 
 def gpu_job(family: str, storage, name: str, *overrides: str):

@@ -43,7 +43,7 @@ class ModelConfig(Section):
     # Start from a pretrained Hugging Face model (a local directory or a hub id) instead of building
     # `flavor` from scratch: what LLaMA-Factory calls model_name_or_path, Axolotl base_model.
     name_or_path: str | None = None
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion, vit, bert; gpt: attention dropout
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # cnn, diffusion, vit, bert; gpt: attention dropout; rnn: between layers
     # The attention kernel of the transformers families (transformers' name): sdpa is PyTorch's fused
     # scaled_dot_product_attention (flash / memory-efficient kernels on GPUs), flash_attention_2 needs
     # the flash-attn package on CUDA workers, eager is the plain matmul-softmax reference.
@@ -54,6 +54,11 @@ class ModelConfig(Section):
     class_conditional: bool = False  # the UNet also takes the class label (classifier-free: no)
     # vae: weight of the KL term in the ELBO (beta-VAE; 1.0 is the plain VAE)
     kl_weight: float = Field(1.0, ge=0)
+    # rnn: the recurrent cell, reading each sequence in both directions, and sizes overriding the flavor's
+    cell: Literal["lstm", "gru"] = "lstm"
+    bidirectional: bool = False
+    hidden_size: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1)
 
     @field_validator("family")
     @classmethod

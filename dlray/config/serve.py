@@ -50,7 +50,7 @@ class BatchSettings(EndpointSettings):
 
 
 class ClassifySettings(BatchSettings):
-    """dlray.serve.classify (cnn, vit, bert)."""
+    """dlray.serve.classify (cnn, vit, bert, rnn)."""
 
 
 class ImagesSettings(BatchSettings):

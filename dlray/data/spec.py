@@ -69,7 +69,7 @@ class Fitted:
 class DataSource:
     name: str  # data.name
     config: type[DataConfig]  # its keys; `name` a Literal of its own name
-    kind: str  # what it gives, as families name it in ModelFamily.data: "image", "text", "labelled text"
+    kind: str  # what it gives, as families name it in ModelFamily.data: "image", "text", "labelled text", "sequence"
     # Driver side, no Ray: list_rows(cfg, seed) -> Listing; read(listing.filesystem, path, cfg, seed) -> a file's rows,
     # each with its split (a hash of a document or file name: no pass over the data), and errors naming file and line.
     list_rows: Callable[[Any, int], Listing]

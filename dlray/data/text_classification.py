@@ -60,17 +60,24 @@ def list_rows(cfg: TextClassificationConfig, seed: int) -> Listing:
 
 def read(filesystem, path: str, cfg: TextClassificationConfig, seed: int):
     """One file's labelled texts, each with its split; a row without a text or a label is named."""
-    fields = {"data.text_field": cfg.text_field, "data.label_field": cfg.label_field}
-    for number, row in enumerate(read_rows(filesystem, path, (cfg.text_field, cfg.label_field), f"data.text_field {cfg.text_field!r}"), 1):
+    for number, text, label in labelled_rows(filesystem, path, "data.text_field", cfg.text_field, cfg.label_field):
+        if not isinstance(text, str):
+            raise ValueError(f"{path}, row {number}: data.text_field {cfg.text_field!r} holds {text!r}, not a text")
+        yield labelled_row(text, label, cfg, seed)
+
+
+def labelled_rows(filesystem, path: str, value_key: str, value_field: str, label_field: str):
+    """(row number, value, label) of each row of one file; a missing column (`value_key` names the value's key) or a label that is
+    not a string or an integer is named. Labelled texts' and labelled sequences' (dlray.data.sequences) reader."""
+    fields = {value_key: value_field, "data.label_field": label_field}
+    for number, row in enumerate(read_rows(filesystem, path, (value_field, label_field), f"{value_key} {value_field!r}"), 1):
         for key, column in fields.items():
             if column not in row:
                 raise ValueError(f"{path}: {key} {column!r} is not a column; it has {sorted(row)}")
-        text, label = row[cfg.text_field], row[cfg.label_field]
-        if not isinstance(text, str):
-            raise ValueError(f"{path}, row {number}: data.text_field {cfg.text_field!r} holds {text!r}, not a text")
+        label = row[label_field]
         if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise ValueError(f"{path}, row {number}: data.label_field {cfg.label_field!r} holds {label!r}; a label must be a string or an integer")
-        yield labelled_row(text, label, cfg, seed)
+            raise ValueError(f"{path}, row {number}: data.label_field {label_field!r} holds {label!r}; a label must be a string or an integer")
+        yield number, row[value_field], label
 
 
 def labelled_row(text: str, label, cfg: TextClassificationConfig, seed: int) -> dict:

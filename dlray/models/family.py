@@ -32,10 +32,11 @@ class ModelFamily:
     compute_loss: Callable[..., dict[str, torch.Tensor]]
     flavors: dict[str, dict[str, Any]]  # named sizes; every family has `debug` (seconds on CPU)
     # The kinds of data it trains on, as data sources name theirs (dlray.data.spec.DataSource.kind): "image",
-    # "text" (documents or conversations, for a causal LM), "labelled text"; any source of such a kind will do.
+    # "text" (documents or conversations, for a causal LM), "labelled text", "sequence" (labelled sequences of numbers);
+    # any source of such a kind will do.
     data: tuple[str, ...]
     task: str  # the serving endpoint its export gets (dlray.serve.app.ENDPOINTS): classify, images or generate
-    inputs: str = "image"  # what its model takes, "image" (pixels) or "text" (token ids): what a classify request carries
+    inputs: str = "image"  # what its model takes, "image" (pixels), "text" (token ids) or "sequence" (steps of numbers): what a classify request carries
     metrics: tuple[str, ...] = ()  # what compute_loss returns besides "loss" (reported as val_<name>, test_<name>)
     # Blocks FSDP shards one by one; a function, so that transformers loads only when FSDP asks.
     shard_classes: Callable[[], tuple[type[nn.Module], ...]] = no_blocks

@@ -1,4 +1,4 @@
-"""Classification endpoint over an exported image classifier (cnn, vit) or text classifier (bert).
+"""Classification endpoint over an exported image classifier (cnn, vit), text classifier (bert) or sequence classifier (rnn).
 
     POST /v1/classify
       image classifiers:
@@ -7,10 +7,12 @@
                                               {"image_b64": "<base64 PNG/JPEG>"}
       text classifiers:
       Content-Type: application/json          {"text": "..."}         its first data.max_seq_len tokens count
+      sequence classifiers:
+      Content-Type: application/json          {"sequence": [[...], ...]}  (steps, features) numbers, or (steps,) for one feature
       -> {"label": "7", "label_index": 7, "probabilities": {"0": 0.001, ...}}
     GET /healthz
 
-The family says what its requests carry (ModelFamily.inputs: "image" or "text"). Concurrent requests are
+The family says what its requests carry (ModelFamily.inputs: "image", "text" or "sequence"). Concurrent requests are
 folded into one forward pass by @serve.batch; texts are tokenized together there, with the artifact's
 own tokenizer, padded to the longest of the batch.
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` type.)
@@ -29,6 +31,7 @@ from ray import serve
 
 from dlray.config.serve import ClassifySettings
 from dlray.models import FAMILIES
+from dlray.models.rnn import sequence_shape
 from dlray.png import decode_image, png_bytes
 from dlray.serve.endpoint import Endpoint, ExampleRequest, endpoint_api
 from dlray.serve.errors import RequestError, read_body
@@ -50,6 +53,10 @@ class Base64Body(BaseModel):
 
 class TextBody(BaseModel):
     text: str = Field(min_length=1, description="A text classifier's input; its first data.max_seq_len tokens count")
+
+
+class SequenceBody(BaseModel):
+    sequence: Union[list[list[float]], list[float]] = Field(description="A sequence classifier's input: (steps, features) numbers as trained, (steps,) for one feature")
 
 
 class Classification(BaseModel):
@@ -156,7 +163,49 @@ class TextInput:
         return payload["text"]
 
 
-INPUTS = {"image": ImageInput, "text": TextInput}  # by ModelFamily.inputs
+class SequenceInput:
+    """A sequence classifier's requests: JSON {"sequence": [[...], ...]} of the trained (steps, features)."""
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = shape  # (steps, features)
+
+    @classmethod
+    def from_artifact(cls, artifact: str, info: dict) -> "SequenceInput":
+        return cls(sequence_shape(info))
+
+    @staticmethod
+    def example(info: dict) -> dict:
+        steps, features = sequence_shape(info)
+        return {"sequence": [[0.5] * features] * steps}
+
+    def describe(self) -> dict:
+        return {"input_shape": list(self.shape)}
+
+    def logits(self, model, sequences: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        weight = next(model.parameters())  # in the replica's dtype (serve.dtype), as its weights
+        return model(torch.stack(sequences).to(device, weight.dtype))
+
+    def parse(self, content_type: str, body: bytes) -> torch.Tensor:
+        if not content_type.startswith("application/json"):
+            raise RequestError(415, f'unsupported Content-Type {content_type!r}; send application/json {{"sequence": [[...], ...]}}')
+        payload = parse_json(body)
+        if not isinstance(payload, dict) or "sequence" not in payload:
+            raise RequestError(400, 'JSON body must be an object with "sequence" (a list of steps, each a list of numbers)', param="sequence")
+        try:
+            sequence = torch.tensor(payload["sequence"], dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise RequestError(400, "sequence must be a rectangular nested list of numbers", param="sequence") from None
+        if sequence.dim() == 1 and self.shape[1] == 1:
+            sequence = sequence.unsqueeze(1)
+        if tuple(sequence.shape) != self.shape:
+            one = f" (or [{self.shape[0]}] for one feature)" if self.shape[1] == 1 else ""
+            raise RequestError(400, f"sequence must have shape {list(self.shape)}{one}, got {list(sequence.shape)}", param="sequence")
+        if not torch.isfinite(sequence).all():
+            raise RequestError(400, "sequence values must be finite numbers", param="sequence")
+        return sequence
+
+
+INPUTS = {"image": ImageInput, "text": TextInput, "sequence": SequenceInput}  # by ModelFamily.inputs
 api = endpoint_api("dlray classifier")
 
 
@@ -176,7 +225,7 @@ class Classifier:
         return {"classes": len(self.class_names), **self.inputs.describe()}
 
     @api.post("/v1/classify", response_model=None, responses=responses(Classification, 400, 413, 415), openapi_extra=request_body(
-        {**json_content(PixelsBody, Base64Body, TextBody), "image/png": BINARY, "image/jpeg": BINARY, "application/octet-stream": BINARY}))
+        {**json_content(PixelsBody, Base64Body, TextBody, SequenceBody), "image/png": BINARY, "image/jpeg": BINARY, "application/octet-stream": BINARY}))
     async def classify(self, request: Request) -> dict:
         item = self.inputs.parse(request.headers.get("content-type", ""), await read_body(request, self.max_body_bytes))
         probabilities = await self.predict(item)
