@@ -12,6 +12,7 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dlray.finetune import trainable_names
@@ -20,7 +21,10 @@ from dlray.strategies.scaler import load_scaler, save_scaler
 
 def save(directory: str, model, optimizers, scaler: torch.amp.GradScaler | None = None, trainable_only: bool = False) -> None:
     model_sd, optim_sd = state_dicts(model, optimizers, trainable_only)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
+    # Replicated tensors from rank 0: by default DCP spreads their writes over the ranks, and buffers are not
+    # always equal across them (rank 1's BatchNorm statistics include its own last batch until DDP next
+    # broadcasts rank 0's). A run resumed from another rank's statistics drifts from the uninterrupted one.
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory, planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
     save_scaler(directory, scaler)
 
 
