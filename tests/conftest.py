@@ -35,6 +35,20 @@ def pytest_collection_finish(session):
                     returncode=pytest.ExitCode.TESTS_FAILED)
 
 
+# torch.nn.init's functions as torch defines them. transformers' and diffusers' no_init_weights swap them for
+# no-ops while a model loads; one left swapped leaves every model built later in this process uninitialised
+# (garbage weights, NaN losses), failing whichever test comes next in the session, never the test alone.
+TORCH_INIT = {name: function for name, function in vars(torch.nn.init).items() if name.endswith("_") and callable(function)}
+
+
+@pytest.fixture(autouse=True)
+def torch_init_left_as_it_was():
+    """Fails (at teardown) the test after which torch.nn.init's functions are not torch's own: the one that left them swapped."""
+    yield
+    swapped = sorted(name for name, function in TORCH_INIT.items() if getattr(torch.nn.init, name) is not function)
+    assert not swapped, f"torch.nn.init.{', '.join(swapped)} left swapped for {getattr(torch.nn.init, swapped[0])!r}"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
