@@ -1,12 +1,14 @@
 """One local Ray per test session, bound to 127.0.0.1; tests that need it ask for `ray_cluster`."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import KILLED_RUN_TRAINING, REPO, SECRET, epochs_after_losing_a_worker, kill_a_worker_once_epoch_1_is_committed, ray_train_worker_pids
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -83,6 +85,39 @@ def digits_run(ray_cluster, tmp_path_factory):
     assert result.error is None, result.error
     artifact = export(run_dir(cfg), storage / "artifact")
     return cfg, result, run_dir(cfg), artifact
+
+
+@pytest.fixture(scope="session")
+def killed_worker_run(ray_cluster, tmp_path_factory):
+    """One run that loses a worker, for test_train (it resumes to the uninterrupted run's numbers) and
+    test_tracking (one MLflow run and one W&B run through the restart, no credentials anywhere):
+    `dlray train` of the debug CNN, streamed, with MLflow and W&B (offline) on, one of its workers killed
+    once epoch 1's checkpoint is committed, then `dlray export` of the run. The CLI joins the session's Ray
+    from a shell whose MLFLOW_TRACKING_URI (a store only it names) and W&B key reach the Train controller
+    through the runtime env alone: the session's Ray processes were started without them."""
+    from dlray.config import load_config
+    from dlray.runfiles import read_history
+    from dlray.train import run_dir
+
+    job = REPO / "jobs/debug/cnn_cpu.yaml"
+    storage = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{storage}/elsewhere/mlflow.db"
+    (storage / "elsewhere").mkdir()
+    overrides = [f"run.storage_path={storage}", "run.name=tracked", *KILLED_RUN_TRAINING, "data.streaming=true", "run.max_failures=1",
+                 "tracking.mlflow.experiment_name=tracked", "tracking.wandb.mode=offline"]
+    cfg = load_config(job, overrides)
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri, "WANDB_API_KEY": SECRET}
+    lingering = set(ray_train_worker_pids())
+    process = subprocess.Popen([sys.executable, "-m", "dlray.cli", "train", str(job), *overrides], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kill_a_worker_once_epoch_1_is_committed(run_dir(cfg), lingering)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-3000:]
+    exported = subprocess.run([sys.executable, "-m", "dlray.cli", "export", run_dir(cfg), str(storage / "artifact")], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    return {"cfg": cfg, "storage": storage, "uri": uri, "run_dir": run_dir(cfg), "output": output + exported.stdout + exported.stderr,
+            "history": read_history(run_dir(cfg)), "epochs": epochs_after_losing_a_worker(run_dir(cfg), cfg.train.num_epochs)}
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# What a W&B API key or MLflow token looks like to a leak: the killed-worker run's shell (conftest.py) holds it, no file of the run may.
+SECRET = "dlray-test-secret-9c2f71d04b"
 
 
 def wait_for(predicate, timeout_s: float, what, interval_s: float = 0.1):
@@ -34,34 +36,51 @@ def ray_train_worker_pids() -> list[int]:
     return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
+# The killed-worker run's training (conftest.py's killed_worker_run streams it) and the runs test_train
+# compares it with. Augmentation off: streamed augmentation runs in Ray Data's tasks, whose draws a restart
+# does not replay. 4 epochs: the worker dies in epoch 2, and 2 epochs follow the restart.
+KILLED_RUN_TRAINING = ["train.num_epochs=4", "optim.lr=0.01", "scheduler.name=constant", "data.augment=false"]
+
+
+def kill_a_worker_once_epoch_1_is_committed(run_dir, lingering: set[int]) -> None:
+    """Kill one of the run's Ray Train workers once its epoch-1 checkpoint is committed. `lingering`: the
+    workers alive before the run started (those of runs that just finished: killing one restarts nothing)."""
+    import psutil
+
+    wait_for_committed_checkpoint(run_dir, epoch=1)
+    victims = [pid for pid in ray_train_worker_pids() if pid not in lingering]
+    assert victims, "no live Ray Train worker of this run to kill (did it finish first?)"
+    psutil.Process(victims[0]).kill()
+
+
+def epochs_after_losing_a_worker(run_dir, num_epochs: int) -> list[dict]:
+    """The epoch records of a run that lost a worker, checked: it restarted from its checkpoint and reported every epoch once."""
+    from dlray import reports
+    from dlray.runfiles import read_history
+
+    history = reports.epochs(read_history(run_dir))
+    assert [r["epoch"] for r in history] == list(range(num_epochs)), "every epoch reported once, none lost"
+    resumed = [r for r in history if r["resumed_from_step"] > 0]
+    assert resumed, "the restarted workers started from step 0, not from the checkpoint"
+    assert resumed[0]["resumed_from_step"] >= 2 * history[0]["global_step"]
+    return history
+
+
 def fit_losing_a_worker(cfg) -> list[dict]:
     """fit(cfg) with one of its Ray Train workers killed once epoch 1's checkpoint is committed; the run
     must restart from that checkpoint and report every epoch once. Its epochs' records."""
     import threading
 
-    import psutil
-
-    from dlray import reports
-    from dlray.runfiles import read_history
     from dlray.train import fit, run_dir
 
-    lingering = set(ray_train_worker_pids())  # workers of runs that just finished: killing one restarts nothing
+    lingering = set(ray_train_worker_pids())
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
     thread.start()
-    wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
-    victims = [pid for pid in ray_train_worker_pids() if pid not in lingering]
-    assert victims, "no live Ray Train worker of this run to kill (did it finish first?)"
-    psutil.Process(victims[0]).kill()
+    kill_a_worker_once_epoch_1_is_committed(run_dir(cfg), lingering)
     thread.join(timeout=600)
-
     assert outcome["result"].error is None, outcome["result"].error
-    history = reports.epochs(read_history(run_dir(cfg)))
-    assert [r["epoch"] for r in history] == list(range(cfg.train.num_epochs)), "every epoch reported once, none lost"
-    resumed = [r for r in history if r["resumed_from_step"] > 0]
-    assert resumed, "the restarted workers started from step 0, not from the checkpoint"
-    assert resumed[0]["resumed_from_step"] >= 2 * history[0]["global_step"]
-    return history
+    return epochs_after_losing_a_worker(run_dir(cfg), cfg.train.num_epochs)
 
 
 def wandb_offline_runs(run_dir) -> dict[str, list[dict]]:

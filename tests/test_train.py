@@ -13,7 +13,7 @@ from dlray.export import export
 from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
-from helpers import REPO, fit_losing_a_worker, wandb_offline_runs
+from helpers import KILLED_RUN_TRAINING, REPO, wandb_offline_runs
 
 pytestmark = pytest.mark.slow
 
@@ -62,15 +62,13 @@ def test_sharded_strategies_train_on_ray_and_export(ray_cluster, storage, overri
     assert config["metrics"]["val_accuracy"] > 0.3, "the best checkpoint is far better than chance (0.1)"
 
 
-def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(ray_cluster, storage):
-    """Streamed data (its order replayed from the epoch's seed) and the in-memory data it must train as well as.
-
-    Augmentation off: streamed augmentation runs in Ray Data's tasks, whose draws a restart does not replay."""
-    common = ["train.num_epochs=4", "run.max_failures=1", "optim.lr=0.01", "scheduler.name=constant", "data.augment=false"]
-    in_memory = debug_job(storage, "in-memory", *common)
-    reference = debug_job(storage, "uninterrupted", *common, "data.streaming=true")
+def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(killed_worker_run, storage):
+    """The session's run that lost a worker (conftest.py: streamed, its order replayed from the epoch's seed)
+    against the same job uninterrupted, and in memory, which it must train as well as."""
+    in_memory = debug_job(storage, "in-memory", *KILLED_RUN_TRAINING)
+    reference = debug_job(storage, "uninterrupted", *KILLED_RUN_TRAINING, "data.streaming=true")
     assert fit(in_memory).error is None and fit(reference).error is None
-    history = fit_losing_a_worker(debug_job(storage, "killed", *common, "data.streaming=true"))
+    history = killed_worker_run["epochs"]
     # Same seed, same data order, restored optimizer and RNG state: the same numbers.
     expected = reports.epochs(read_history(run_dir(reference)))
     for got, want in zip(history, expected):
