@@ -17,6 +17,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Also as init_ray does: Ray Data's task workers live from one epoch to the next (Ray ends an idle one after 1 s).
 os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
+# And as init_ray does: no preemption watcher, an actor process Ray Train starts with every worker group (each run,
+# each restart) to watch for drained nodes, of which a local Ray has none (its start only logs a core_worker error).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # pytest's own process (sampling, exported-model checks) computes on one thread, as a Serve
 # replica does: on 2 cores Ray's workers run beside it, and oversubscribed threads crawl.
 torch.set_num_threads(1)
