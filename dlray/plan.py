@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -386,6 +387,11 @@ def shapes_only():
                         "local model directory, or plan where the Hugging Face Hub (or its cache) is reachable") from None
     finally:
         PreTrainedModel.from_pretrained = original
+        # diffusers keeps the torch.nn.init functions it finds when first imported and puts them back after each of
+        # its loads: first imported in here (a diffusion model's build), it kept no_init_weights' no-ops, and every
+        # model built in this process after its next load would have gone uninitialised. The real ones, restored by now:
+        if (kept := getattr(sys.modules.get("diffusers.models.modeling_utils"), "TORCH_INIT_FUNCTIONS", None)) is not None:
+            kept.update({name: getattr(torch.nn.init, name) for name in kept})
 
 
 def check_fits(cfg: JobConfig) -> Plan | None:

@@ -4,6 +4,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# What a W&B API key or MLflow token looks like to a leak: the killed-worker run's shell (conftest.py) holds it, no file of the run may.
+SECRET = "dlray-test-secret-9c2f71d04b"
 
 
 def wait_for(predicate, timeout_s: float, what, interval_s: float = 0.1):
@@ -50,36 +52,58 @@ def ray_train_worker_pids() -> list[int]:
     return [a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
-def fit_losing_a_worker(cfg, step: int | None = None) -> list[dict]:
-    """fit(cfg) with one of its Ray Train workers killed once a checkpoint is committed: epoch 1's or, with
-    `step`, one taken at that step or later (train.checkpoint_every_n_steps, mid-epoch). The run must restart
-    from that checkpoint and report every validation once. Its validations' records."""
-    import threading
+# The killed-worker runs' training (conftest.py's killed_worker_run streams it; test_train also kills one in
+# memory) and the runs test_train compares them with. Augmentation off: streamed augmentation runs in Ray
+# Data's tasks, whose draws a restart does not replay. Checkpoints every 7 steps of the 20-step epochs: the
+# worker dies after the one at step 21 (or a later one), mid-epoch 1, and the run goes on from that step.
+KILLED_RUN_TRAINING = ["train.num_epochs=4", "optim.lr=0.01", "scheduler.name=constant", "data.augment=false", "train.checkpoint_every_n_steps=7"]
+KILLED_AFTER_STEP = 21
 
+
+def kill_a_worker_once_committed(run_dir, lingering: set[int], step: int | None = None) -> dict:
+    """Kill one of the run's Ray Train workers once a checkpoint is committed: epoch 1's, or one taken at `step` or
+    later. `lingering`: the workers alive before the run started (those of runs that just finished: killing one
+    restarts nothing). The committed checkpoint's metrics."""
     import psutil
 
-    from dlray import reports
-    from dlray.runfiles import read_history
-    from dlray.train import fit, run_dir
-
-    lingering = set(ray_train_worker_pids())  # workers of runs that just finished: killing one restarts nothing
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
-    thread.start()
-    committed = wait_for_committed_checkpoint(run_dir(cfg), **({"step": step} if step else {"epoch": 1}))
+    committed = wait_for_committed_checkpoint(run_dir, **({"step": step} if step else {"epoch": 1}))
     victims = [pid for pid in ray_train_worker_pids() if pid not in lingering]
     assert victims, "no live Ray Train worker of this run to kill (did it finish first?)"
     psutil.Process(victims[0]).kill()
-    thread.join(timeout=600)
+    return committed
 
-    assert outcome["result"].error is None, outcome["result"].error
-    history = reports.epochs(read_history(run_dir(cfg)))
+
+def validations_after_losing_a_worker(run_dir, committed: dict) -> list[dict]:
+    """The validation records of a run that lost a worker after checkpoint `committed` was committed, checked: it
+    restarted from that checkpoint (or a later one) and reported every validation once."""
+    from dlray import reports
+    from dlray.runfiles import read_history
+
+    history = reports.epochs(read_history(run_dir))
     steps = [r["global_step"] for r in history]
     assert steps == sorted(set(steps)), f"every validation reported once, none lost: {steps}"
     resumed = [r for r in history if r["resumed_from_step"] > 0]
     assert resumed, "the restarted workers started from step 0, not from the checkpoint"
     assert resumed[0]["resumed_from_step"] >= committed["global_step"]
     return history
+
+
+def fit_losing_a_worker(cfg, step: int | None = None) -> list[dict]:
+    """fit(cfg) with one of its Ray Train workers killed once a checkpoint is committed: epoch 1's, or one
+    taken at `step` or later (train.checkpoint_every_n_steps, mid-epoch). The run must restart from that
+    checkpoint and report every validation once. Its validations' records."""
+    import threading
+
+    from dlray.train import fit, run_dir
+
+    lingering = set(ray_train_worker_pids())
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
+    thread.start()
+    committed = kill_a_worker_once_committed(run_dir(cfg), lingering, step)
+    thread.join(timeout=600)
+    assert outcome["result"].error is None, outcome["result"].error
+    return validations_after_losing_a_worker(run_dir(cfg), committed)
 
 
 def wandb_offline_runs(run_dir) -> dict[str, list[dict]]:

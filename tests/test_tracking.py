@@ -1,23 +1,21 @@
 """MLflow and W&B tracking (dlray/trackers.py): what a report logs, the checks before Ray starts, and a
-tracked `dlray train` that loses a worker, then exported, read back from MLflow's
-store and from W&B's offline run files. (Sweeps: tests/test_tune.py's interrupted sweep is tracked.)"""
+tracked `dlray train` that loses a worker, then exported (conftest.py's killed_worker_run, which
+test_train's killed-worker test shares), read back from MLflow's store and from W&B's offline run
+files. (Sweeps: tests/test_tune.py's interrupted sweep is tracked.)"""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from dlray import reports, trackers
 from dlray.config import ConfigError, load_config
-from dlray.runfiles import read_history
 
-from helpers import REPO, ray_train_worker_pids, wait_for_committed_checkpoint, wandb_offline_runs
+from helpers import REPO, SECRET, wandb_offline_runs
 
 JOB = REPO / "jobs/debug/cnn_cpu.yaml"
-SECRET = "dlray-test-secret-9c2f71d04b"  # what a W&B API key or MLflow token looks like to a leak
 
 
 def test_step_reports_log_under_step_and_epoch_reports_under_their_names():
@@ -64,45 +62,15 @@ def test_tracking_mistakes_are_named_before_ray_starts(tmp_path, monkeypatch):
     assert out.startswith("2 False") and "WANDB_API_KEY" in out and "tracking.wandb.mode=offline" in out, out
 
 
-@pytest.fixture(scope="module")
-def tracked_run(ray_cluster, tmp_path_factory):
-    """`dlray train` with MLflow and W&B (offline) on, one worker killed after epoch 1, then `dlray export`
-    of the run (a run resumed by name: tests/test_train.py's rerun). The CLI joins the session's Ray from a
-    shell whose MLFLOW_TRACKING_URI (a store only it names) and W&B key reach the Train controller through
-    the runtime env alone: the session's Ray processes were started without them."""
-    from dlray.train import run_dir
-
-    storage = tmp_path_factory.mktemp("tracked")
-    uri = f"sqlite:///{storage}/elsewhere/mlflow.db"
-    (storage / "elsewhere").mkdir()
-    overrides = [f"run.storage_path={storage}", "run.name=tracked", "train.num_epochs=4", "run.max_failures=1",
-                 "tracking.mlflow.experiment_name=tracked", "tracking.wandb.mode=offline"]
-    cfg = load_config(JOB, overrides)
-    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri, "WANDB_API_KEY": SECRET}
-    lingering = set(ray_train_worker_pids())
-    process = subprocess.Popen([sys.executable, "-m", "dlray.cli", "train", str(JOB), *overrides], env=env, cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
-    victims = [pid for pid in ray_train_worker_pids() if pid not in lingering]
-    assert victims, "no live Ray Train worker of this run to kill (did it finish first?)"
-    psutil.Process(victims[0]).kill()
-    output = process.communicate(timeout=600)[0]
-    assert process.returncode == 0, output[-3000:]
-    exported = subprocess.run([sys.executable, "-m", "dlray.cli", "export", run_dir(cfg), str(storage / "artifact")], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    return {"cfg": cfg, "storage": storage, "uri": uri, "run_dir": run_dir(cfg), "output": output + exported.stdout + exported.stderr, "history": read_history(run_dir(cfg))}
-
-
 @pytest.mark.slow
-def test_a_run_that_lost_a_worker_is_one_mlflow_run_with_params_metrics_and_artifacts(tracked_run):
+def test_a_run_that_lost_a_worker_is_one_mlflow_run_with_params_metrics_and_artifacts(killed_worker_run):
     import mlflow
     from mlflow import MlflowClient
 
-    history = reports.epochs(tracked_run["history"])
+    history = reports.epochs(killed_worker_run["history"])
     assert [r["epoch"] for r in history] == [0, 1, 2, 3]
     assert any(r["resumed_from_step"] > 0 for r in history), "the killed worker's group did not restart"
-    mlflow.set_tracking_uri(tracked_run["uri"])
+    mlflow.set_tracking_uri(killed_worker_run["uri"])
     try:
         runs = mlflow.search_runs(experiment_names=["tracked"], output_format="list")
     finally:
@@ -111,37 +79,37 @@ def test_a_run_that_lost_a_worker_is_one_mlflow_run_with_params_metrics_and_arti
     run = runs[0]
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     # Params: the flattened job config.
-    assert run.data.params == trackers.flatten(tracked_run["cfg"].model_dump(mode="json"))
+    assert run.data.params == trackers.flatten(killed_worker_run["cfg"].model_dump(mode="json"))
     # Every epoch's metrics at its global_step, those before the restart and after it; the test metrics last.
-    client = MlflowClient(tracking_uri=tracked_run["uri"])
+    client = MlflowClient(tracking_uri=killed_worker_run["uri"])
     val_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
     assert val_loss == {r["global_step"]: pytest.approx(r["val_loss"]) for r in history}
     assert max(m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_step")) > 0
-    assert run.data.metrics["test_accuracy"] == pytest.approx(tracked_run["history"][-1]["test_accuracy"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(killed_worker_run["history"][-1]["test_accuracy"])
     # The curves, and the exported artifact (`dlray export` of the run).
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "artifact")}
     assert {"curves.png", "artifact/dlray.json", "artifact/model.safetensors"} <= artifacts, artifacts
-    curves = client.download_artifacts(run.info.run_id, "curves.png", str(tracked_run["storage"] / "download"))
-    assert Path(curves).read_bytes() == (Path(tracked_run["run_dir"]) / "curves.png").read_bytes()
+    curves = client.download_artifacts(run.info.run_id, "curves.png", str(killed_worker_run["storage"] / "download"))
+    assert Path(curves).read_bytes() == (Path(killed_worker_run["run_dir"]) / "curves.png").read_bytes()
 
 
 @pytest.mark.slow
-def test_the_same_run_is_one_wandb_run_id_in_its_offline_files(tracked_run):
-    runs = wandb_offline_runs(tracked_run["run_dir"])
-    assert list(runs) == [trackers.wandb_run_id(tracked_run["run_dir"])]
+def test_the_same_run_is_one_wandb_run_id_in_its_offline_files(killed_worker_run):
+    runs = wandb_offline_runs(killed_worker_run["run_dir"])
+    assert list(runs) == [trackers.wandb_run_id(killed_worker_run["run_dir"])]
     training, exported = runs[next(iter(runs))]  # the killed run (one W&B run through the restart), then the export
     assert training["run"].display_name == "tracked" and training["run"].project == "dlray"
     logged = {h["global_step"]: h["val_loss"] for h in training["history"] if "val_loss" in h}
-    assert logged == {r["global_step"]: pytest.approx(r["val_loss"]) for r in reports.epochs(tracked_run["history"])}
+    assert logged == {r["global_step"]: pytest.approx(r["val_loss"]) for r in reports.epochs(killed_worker_run["history"])}
     assert any("test_accuracy" in h for h in training["history"])
     assert exported["artifacts"] == ["tracked-model"]
-    assert (next(Path(tracked_run["run_dir"]).glob("wandb/offline-run-*/files/curves.png"))).stat().st_size > 10_000
+    assert (next(Path(killed_worker_run["run_dir"]).glob("wandb/offline-run-*/files/curves.png"))).stat().st_size > 10_000
 
 
 @pytest.mark.slow
-def test_credentials_from_the_environment_are_nowhere_in_the_run(tracked_run):
-    assert SECRET not in tracked_run["output"]
-    assert "[dlray] MLflow run" in tracked_run["output"] and "[dlray] W&B run" in tracked_run["output"]
+def test_credentials_from_the_environment_are_nowhere_in_the_run(killed_worker_run):
+    assert SECRET not in killed_worker_run["output"]
+    assert "[dlray] MLflow run" in killed_worker_run["output"] and "[dlray] W&B run" in killed_worker_run["output"]
     # Params, W&B's config, metrics.csv, checkpoints, the exported artifact, MLflow's database: no file holds it.
-    leaks = [p for p in tracked_run["storage"].rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    leaks = [p for p in killed_worker_run["storage"].rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not leaks, leaks

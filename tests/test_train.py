@@ -16,7 +16,7 @@ from dlray.export import export
 from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
 
-from helpers import REPO, fit_losing_a_worker, wandb_offline_runs
+from helpers import KILLED_AFTER_STEP, KILLED_RUN_TRAINING, REPO, fit_losing_a_worker, wandb_offline_runs
 
 pytestmark = pytest.mark.slow
 
@@ -65,23 +65,39 @@ def test_sharded_strategies_train_on_ray_and_export(ray_cluster, storage, overri
     assert config["metrics"]["val_accuracy"] > 0.3, "the best checkpoint is far better than chance (0.1)"
 
 
-def test_a_worker_killed_mid_epoch_resumes_at_the_next_batch_and_ends_where_the_uninterrupted_run_ends(ray_cluster, storage, tmp_path):
-    """In-memory data with augmentation (the streamed replay, and a killed driver, are test_gpt's): checkpoints
-    every 7 steps of 20-step epochs, a worker killed after one taken mid-epoch. The restarted group restores
-    the weights, optimizer, schedule and RNG streams and takes the rest of the epoch's order: the same numbers."""
-    common = ["train.num_epochs=3", "run.max_failures=1", "optim.lr=0.01", "train.checkpoint_every_n_steps=7", "run.checkpoint_num_to_keep=null"]
-    reference = debug_job(storage, "uninterrupted", *common)
-    assert fit(reference).error is None
-    history = fit_losing_a_worker(debug_job(storage, "killed", *common), step=21)
-    expected = reports.epochs(read_history(run_dir(reference)))
-    assert [r["global_step"] for r in history] == [r["global_step"] for r in expected] == [20, 40, 60]
-    for got, want in zip(history, expected):
-        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4), (got, want)
-    assert history[1]["resumed_from_step"] % 7 == 0 and 20 < history[1]["resumed_from_step"] < 40, "resumed mid-epoch"
-    final = checkpoint_name(60)
-    weights = [load_artifact(export(Path(run_dir(cfg), final), tmp_path / cfg.run.name))[0].state_dict() for cfg in (reference, debug_job(storage, "killed"))]
-    for key, value in weights[0].items():
-        assert torch.allclose(weights[1][key], value, atol=1e-4), key
+def test_workers_killed_mid_epoch_resume_at_the_next_batch_and_end_where_the_uninterrupted_runs_end(killed_worker_run, ray_cluster, storage, tmp_path):
+    """Streamed (the session's run that lost a worker, conftest.py) and in memory: checkpoints every 7 steps of
+    20-step epochs, a worker killed after one taken mid-epoch 1. The restarted group restores the weights,
+    optimizer, schedule and RNG streams and takes the rest of the epoch's order (dlray.batches): the same
+    validations and final weights as the same job uninterrupted. And streamed trains as well as in memory."""
+    in_memory = debug_job(storage, "in-memory", *KILLED_RUN_TRAINING)
+    reference = debug_job(storage, "uninterrupted", *KILLED_RUN_TRAINING, "data.streaming=true")
+    assert fit(in_memory).error is None and fit(reference).error is None
+    killed_in_memory = debug_job(storage, "killed-in-memory", *KILLED_RUN_TRAINING, "run.max_failures=1")
+    killed = {"streamed": (killed_worker_run["epochs"], Path(killed_worker_run["run_dir"]), reference),
+              "in memory": (fit_losing_a_worker(killed_in_memory, step=KILLED_AFTER_STEP), Path(run_dir(killed_in_memory)), in_memory)}
+    for mode, (history, directory, uninterrupted) in killed.items():
+        expected = reports.epochs(read_history(run_dir(uninterrupted)))
+        assert [r["global_step"] for r in history] == [r["global_step"] for r in expected] == [20, 40, 60, 80], mode
+        assert 20 < history[1]["resumed_from_step"] < 40, f"{mode}: resumed mid-epoch 1, not at an epoch's end"
+        for got, want in zip(history, expected):
+            assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-4), (mode, got, want)
+        # The train loss of the validation after the restart covers the steps trained since; the others, whole epochs.
+        for got, want in [(history[0], expected[0]), *zip(history[2:], expected[2:])]:
+            assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4), (mode, got, want)
+        final = [load_artifact(export(Path(run, checkpoint_name(80)), tmp_path / f"{mode}-{i}"))[0].state_dict()
+                 for i, run in enumerate((directory, Path(run_dir(uninterrupted))))]
+        for key, value in final[1].items():
+            assert torch.allclose(final[0][key], value, atol=1e-4), (mode, key)
+    history = killed["streamed"][0]
+    assert all(r["skipped_rows"] == 0 for r in history)
+    # A worker's own memory (what streaming keeps flat) is part of its resident memory, the object store's pages it read being the rest.
+    assert all(0 < r["peak_private_mib"] <= r["peak_rss_mib"] for r in history), history
+    # The same images in another order: the same quality, within what the seed alone changes (seeds 1-3
+    # and 42 gave test accuracies of 0.91-0.99 on either path, test losses 0.07-0.27).
+    streamed, loaded = read_history(run_dir(reference))[-1], read_history(run_dir(in_memory))[-1]
+    assert streamed["test_accuracy"] == pytest.approx(loaded["test_accuracy"], abs=0.08), (streamed, loaded)
+    assert max(streamed["test_loss"], loaded["test_loss"]) < 0.35, (streamed, loaded)
 
 
 def test_rerun_with_same_name_continues_the_run(ray_cluster, storage):

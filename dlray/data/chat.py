@@ -18,9 +18,13 @@ Conversations, not tokens, are split into train/val/test (see dlray.data.text, w
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.data import TensorDataset
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers loads where a tokenizer is made (dlray.data.text)
+    from transformers import PreTrainedTokenizerBase
 
 # The label of a position not trained on (prompt, padding): the ignore_index that PyTorch's
 # cross_entropy and transformers' losses skip by default, as dlray.models.gpt.compute_loss does.

@@ -20,14 +20,18 @@ compute_loss compares logits with them position by position (no second shift ins
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dlray.data.rows import TEXT_SUFFIXES, read_rows, split_of
 from dlray.data.spec import DataConfig, DataSource, Fitted, Listing
+
+# transformers where a tokenizer is made: dlray.config imports every source, and each process that reads a
+# config (Ray Train workers, Ray Data tasks, a digits run's too) would import it, ~2 s of CPU each.
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}  # ids 0, 1, 2 in a trained tokenizer
 FIT_ROWS = 20_000  # training documents a tokenizer is trained on when data.tokenizer is not given
@@ -148,6 +152,8 @@ def fit(cfg: TextConfig, listing: Listing, sample: list[dict], classes: list | N
 
 def load_tokenizer(directory: str, token: str = "eos_token", purpose: str = "to end documents with") -> PreTrainedTokenizerBase:
     """A saved tokenizer, which must have the special `token` the data needs."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if getattr(tokenizer, token) is None:
         raise ValueError(f"data.tokenizer {directory!r} has no {token} {purpose}")
@@ -157,6 +163,7 @@ def load_tokenizer(directory: str, token: str = "eos_token", purpose: str = "to 
 def train_tokenizer(documents: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE (GPT-2's scheme: every string encodes, nothing is unknown), deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

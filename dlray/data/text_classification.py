@@ -20,14 +20,16 @@ import ast
 import importlib.util
 import itertools
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dlray.data.rows import TEXT_SUFFIXES, read_rows, split_of
 from dlray.data.spec import DataSource, Fitted, Listing
+
+if TYPE_CHECKING:  # transformers loads where a tokenizer is made (dlray.data.text)
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from dlray.data.text import FIT_ROWS, TokenizedConfig, load_tokenizer
 
 TABLE_SUFFIXES = TEXT_SUFFIXES - {".txt"}  # a .txt file has no label
@@ -141,6 +143,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     private-use plane, and a learnt piece that starts with a stand-in becomes "##" + its characters.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
     normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
     words = [[word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))] for text in texts]
