@@ -68,7 +68,7 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures, max_preemption_failures=cfg.run.max_preemption_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.run.checkpoint_num_to_keep,
                 checkpoint_score_attribute=cfg.train.metric,

@@ -7,6 +7,7 @@ session's local Ray. Runs every scenario on one cluster and prints one JSON line
 """
 
 import json
+import os
 import sys
 import threading
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
+from ray.core.generated import autoscaler_pb2
+from ray.train import UserCallback
 
 from dlray import reports
 from dlray.config import load_config
@@ -92,6 +95,77 @@ def node_loss(cluster, storage, spare_args):
     }
 
 
+class ReportLog(UserCallback):
+    """Every report of every rank as the Train controller receives it, with the time, one JSON line each
+    (the controller is an actor: a file is how its records reach this process)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": time.time(), "ranks": metrics, "checkpoint": checkpoint is not None}, default=str) + "\n")
+
+
+def read_reports(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def preemption(cluster, storage, spare_args, deadline_s=12):
+    """The in-memory debug CNN on the two training nodes, a step report (and so a look at
+    ray.train.get_preemption_info) every step. Once its first epoch is committed, rank 1's node is drained
+    for preemption with a deadline, by the GCS DrainNode RPC that `ray drain-node` and the autoscaler send.
+    Once the checkpoint the loop takes on that signal is committed, the drained node goes (as a spot
+    reclaim takes it) and a replacement training node joins; Ray Train restarts the group from that checkpoint,
+    charged to run.max_preemption_failures: run.max_failures=0 would end the run on any other failure."""
+    cfg = job(storage, "preemption", "train.num_epochs=2", "train.log_every_n_steps=1", "run.max_failures=0", "run.max_preemption_failures=1",
+              "scaling.placement_strategy=STRICT_SPREAD", "scaling.resources_per_worker={CPU: 1, trainer: 1}")
+    log = storage / "reports.jsonl"
+    storage.mkdir(parents=True, exist_ok=True)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg, callbacks=[ReportLog(log)])))
+    thread.start()
+    wait_for_committed_checkpoint(run_dir(cfg), epoch=0)
+    start = next(r["ranks"] for r in read_reports(log) if r["ranks"][0]["report"] == "start")
+    victim = next(node for node in cluster.list_all_nodes() if node.node_id.startswith(start[1]["node"].split()[0]))  # "<node id prefix> (<ip>)"
+    victim_id = victim.node_id
+    # What `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds N` does
+    # (ray/scripts/scripts.py, drain_node), in this process: the CLI's start-up alone took 3 s of a 5 s epoch.
+    accepted, rejection = ray._raylet.GcsClient(address=cluster.address).drain_node(
+        victim_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)", int((time.time() + deadline_s) * 1000))
+    drained_at = time.time()
+    assert accepted, rejection
+    saved = wait_for(lambda: next((r["ranks"][0] for r in read_reports(log) if r["ranks"][0].get("reason", "").startswith("preemption")), None),
+                     deadline_s, "the checkpoint taken on the preemption signal", 0.05)
+    wait_for_committed_checkpoint(run_dir(cfg), step=saved["global_step"], timeout_s=deadline_s)
+    draining = ray._private.state.state.get_draining_nodes()
+    # The node goes at once (the reclaim comes before its deadline), before the epoch's end could checkpoint
+    # again; its replacement joins after (a raylet's start takes seconds), and Ray Train restarts the group
+    # there at the deadline.
+    cluster.remove_node(victim, allow_graceful=False)
+    removed_at = time.time()
+    cluster.add_node(**spare_args)
+    thread.join(timeout=600)
+    records = read_reports(log)
+    restart = next(i for i, r in enumerate(records) if r["ranks"][0]["report"] == "start" and r["time"] > removed_at)
+    first_attempt = records[:restart]
+    return {
+        "error": repr(outcome["result"].error) if outcome["result"].error else None,
+        "drained_node_was_draining": victim_id in draining,
+        "deadline_s": draining.get(victim_id, 0) / 1000 - drained_at,
+        "preemption_checkpoint": saved,
+        "signal_s": next(r["time"] for r in records if r["ranks"][0].get("reason", "").startswith("preemption")) - drained_at,
+        "step_at_drain": max(r["ranks"][0]["global_step"] for r in first_attempt if r["time"] <= drained_at and "global_step" in r["ranks"][0]),
+        "last_step_before_loss": max(r["ranks"][0]["global_step"] for r in first_attempt if "global_step" in r["ranks"][0]),
+        "resumed_at_step": records[restart]["ranks"][0]["global_step"],
+        "restart_s": records[restart]["time"] - removed_at,
+        "resumed_on_victim": any(victim_id.startswith(rank["node"].split()[0]) for rank in records[restart]["ranks"]),
+        "resumed_num_nodes": records[restart]["ranks"][0]["num_nodes"],
+        "validations": [r["ranks"][0]["global_step"] for r in records if r["ranks"][0]["report"] == "epoch"],
+        "epochs": epochs(cfg),
+    }
+
+
 def node_kinds() -> dict[str, str]:
     """The live nodes' kinds by node id (a dead node's resources are gone from Ray's records)."""
     return {n["NodeID"]: "trainer" if n["Resources"].get("trainer") else "cpu-only" if n["Resources"].get("CPU") else "head" for n in ray.nodes() if n["Alive"]}
@@ -103,11 +177,17 @@ NODES = [{"num_cpus": 2}] + [{"num_cpus": 1, "resources": {"trainer": 1}}] * 2
 SCENARIOS = {  # in the order they run: node-loss takes a node away and puts a fresh one in its place
     "placement": lambda cluster, storage: placement(cluster, storage),
     "node-loss": lambda cluster, storage: node_loss(cluster, storage, NODES[-1]),
+    "preemption": lambda cluster, storage: preemption(cluster, storage, NODES[-1]),
 }
 
 
 def main(storage: str):
     storage = Path(storage)
+    # Ray Train's preemption watcher (a local Ray started by dlray turns it off: there are no drains there),
+    # polling the drain state more often than its 5 s default, so that the preemption scenario is short.
+    # The raylets started below pass both on to the Train controller.
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
+    os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
     # The dashboard serves Ray's state API (list_tasks), which node-loss reads; on a port of its own
     # (the test session's Ray has 8265).
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})

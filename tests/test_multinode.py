@@ -48,3 +48,21 @@ def test_losing_a_training_node_resumes_from_the_last_checkpoint_and_preprocessi
     # CPU-only node (the training nodes' CPUs are the workers'), as Ray's task records place them.
     assert result["training"] == ["trainer"]
     assert result["preprocessing"] == ["cpu-only"], result
+
+
+def test_a_node_drained_for_preemption_checkpoints_at_the_next_step_and_the_run_resumes_there(scenarios):
+    result = scenarios["preemption"]
+    # run.max_failures=0: the restart was charged to run.max_preemption_failures (a PreemptionError), or the run would have failed.
+    assert result["error"] is None, result["error"]
+    assert result["drained_node_was_draining"] and 0 < result["deadline_s"] <= 12, result
+    saved = result["preemption_checkpoint"]
+    assert saved["reason"].startswith("preemption of ranks [1] announced, deadline in "), saved
+    # The signal reached the loop within a few step reports of the drain (Ray's watcher polls every 0.2 s here).
+    assert 0 < saved["global_step"] - result["step_at_drain"] <= 5, result
+    # The run resumed exactly there: lost only the steps trained between that checkpoint and the node's loss.
+    assert result["resumed_at_step"] == saved["global_step"] and result["last_step_before_loss"] - saved["global_step"] <= 5, result
+    assert not result["resumed_on_victim"] and result["resumed_num_nodes"] == 2, result
+    history = result["epochs"]
+    assert [r["epoch"] for r in history] == [0, 1] and history[-1]["resumed_from_step"] == saved["global_step"], history
+    # Every validation reported once: epoch 0's before the drain, epoch 1's after the restart.
+    assert result["validations"] == [r["global_step"] for r in history], result
