@@ -24,22 +24,27 @@ from dlray.streaming import build_streamed_data, padded
 from helpers import REPO
 
 
-def epoch_of_every_rank(ds, world: int, batch_size: int, seed: int) -> list[list[tuple[list[int], list[float]]]]:
-    """Each rank's batches (row ids, weights) of one epoch, the ranks consuming at once as Ray Train's workers do."""
+def on_every_rank(ds, world: int, consume) -> list:
+    """consume(rank, shard) -> what that rank took of one epoch, for every rank at once, as Ray Train's workers consume their shards."""
     ds.context.execution_options = ray.data.ExecutionOptions(preserve_order=True)  # as dlray.train's DataConfig asks
     shards = ds.streaming_split(world, equal=True)
-    out = [[] for _ in range(world)]
+    out = [None] * world
 
-    def consume(rank):
-        for (ids,), weight, _ in streamed_batches(shards[rank], ("id",), batch_size, seed, 8):
-            out[rank].append((ids.tolist(), weight.tolist()))
+    def run(rank):
+        out[rank] = consume(rank, shards[rank])
 
-    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(world)]
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     return out
+
+
+def epoch_of_every_rank(ds, world: int, batch_size: int, seed: int) -> list[list[tuple[list[int], list[float]]]]:
+    """Each rank's batches (row ids, weights) of one epoch."""
+    return on_every_rank(ds, world, lambda rank, shard: [(ids.tolist(), weight.tolist())
+                                                         for (ids,), weight, _ in streamed_batches(shard, ("id",), batch_size, seed, 8)])
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -67,21 +72,13 @@ def test_a_streamed_epoch_resumed_after_some_micro_batches_trains_every_row_once
     def epoch(done: int) -> list[list[list[int]]]:
         ds = padded(ray.data.range(rows, override_num_blocks=5).map_batches(
             lambda b: {"id": b["id"], "weight": np.ones(len(b["id"]), np.float32), "skipped": np.zeros(len(b["id"]), np.int64)}), rows, world)
-        ds.context.execution_options = ray.data.ExecutionOptions(preserve_order=True)  # as dlray.train's DataConfig asks
-        shards = ds.streaming_split(world, equal=True)
         cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", ["train.micro_batch_size=4", "data.local_shuffle_buffer_size=8"])
-        out = [[] for _ in range(world)]
 
-        def consume(rank):
-            batches = StreamedBatches({"rows": {"train": rows}, "columns": ("id",)}, cfg, world, torch.device("cpu"), shard=lambda split: shards[rank])
-            out[rank] = [[i for i, w in zip(ids.tolist(), weight.tolist()) if w > 0] for (ids,), weight, _ in batches.train(epoch=1, done=done)]
+        def consume(rank, shard):
+            batches = StreamedBatches({"rows": {"train": rows}, "columns": ("id",)}, cfg, world, torch.device("cpu"), shard=lambda split: shard)
+            return [[i for i, w in zip(ids.tolist(), weight.tolist()) if w > 0] for (ids,), weight, _ in batches.train(epoch=1, done=done)]
 
-        threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(world)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return out
+        return on_every_rank(ds, world, consume)
 
     whole, resumed = epoch(done=0), epoch(done=done)
     assert resumed == [rank[done:] for rank in whole], "the next micro-batches of the interrupted order, on every rank"
