@@ -118,7 +118,9 @@ def preemption(cluster, storage, spare_args, deadline_s=12):
     Once the checkpoint the loop takes on that signal is committed, the drained node goes (as a spot
     reclaim takes it) and a replacement training node joins; Ray Train restarts the group from that checkpoint,
     charged to run.max_preemption_failures: run.max_failures=0 would end the run on any other failure."""
-    cfg = job(storage, "preemption", "train.num_epochs=2", "train.log_every_n_steps=1", "run.max_failures=0", "run.max_preemption_failures=1",
+    # 4 epochs of 20 steps: after epoch 0's checkpoint commits (uploaded asynchronously, so a little into epoch 1),
+    # steps enough remain for the drain to be seen, checkpointed and the node lost before the run could end by itself.
+    cfg = job(storage, "preemption", "train.num_epochs=4", "train.log_every_n_steps=1", "run.max_failures=0", "run.max_preemption_failures=1",
               "scaling.placement_strategy=STRICT_SPREAD", "scaling.resources_per_worker={CPU: 1, trainer: 1}")
     log = storage / "reports.jsonl"
     storage.mkdir(parents=True, exist_ok=True)

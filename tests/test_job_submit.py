@@ -35,8 +35,8 @@ def test_job_submit_with_token_trains_across_nodes(local_cluster, storage):
     # Ray Train's per-report lines (they come back with --verbose: test_console.py).
     log = done.stdout
     assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
-    assert "[dlray] 2 workers on 2 node(s), cpu: " in log and "[dlray] epoch 1/2 step 5/20 | loss " in log
-    assert "[dlray] epoch 2/2 step 40 | train_loss " in log and "[dlray] finished in " in log and "next: dlray export " in log
+    assert "[dlray] 2 workers on 2 node(s), cpu: " in log and "[dlray] epoch 1/2 step 5/40 | loss " in log  # step of the run's budget
+    assert "[dlray] epoch 2/2 step 40/40 | train_loss " in log and "[dlray] finished in " in log and "next: dlray export " in log
 
 
 # With no token the client sends none and the cluster answers 401; a wrong one gets 403.

@@ -63,6 +63,6 @@ def test_a_node_drained_for_preemption_checkpoints_at_the_next_step_and_the_run_
     assert result["resumed_at_step"] == saved["global_step"] and result["last_step_before_loss"] - saved["global_step"] <= 5, result
     assert not result["resumed_on_victim"] and result["resumed_num_nodes"] == 2, result
     history = result["epochs"]
-    assert [r["epoch"] for r in history] == [0, 1] and history[-1]["resumed_from_step"] == saved["global_step"], history
-    # Every validation reported once: epoch 0's before the drain, epoch 1's after the restart.
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3] and history[-1]["resumed_from_step"] == saved["global_step"], history
+    # Every validation reported once: epoch 0's before the drain, the others after the restart.
     assert result["validations"] == [r["global_step"] for r in history], result

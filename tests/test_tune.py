@@ -185,7 +185,7 @@ def test_pbt_continues_a_trial_from_another_trials_checkpoint(ray_cluster, stora
     run_sweep(cfg)
     exploited = []
     for run in (storage / "pbt" / "runs").iterdir():
-        checkpoints = sorted(run.glob("checkpoint_*"))
+        checkpoints = sorted(run.glob("checkpoint_step*"))  # named by step: they sort in the order they were taken
         start = checkpoints and read_meta(checkpoints[0])["config"]["run"]["resume_from_checkpoint"]
         if start and run.name.split("-")[0] not in start:  # started from another trial's checkpoint
             exploited.append((run, read_history(run)))
