@@ -50,6 +50,7 @@ def test_losing_a_training_node_resumes_from_the_last_checkpoint_and_preprocessi
     assert result["preprocessing"] == ["cpu-only"], result
 
 
+@pytest.mark.skipif(os.environ.get("DLRAY_PREEMPTION_SCENARIO") != "1", reason="opt-in (DLRAY_PREEMPTION_SCENARIO=1): see multinode_scenarios.SCENARIOS")
 def test_a_node_drained_for_preemption_checkpoints_at_the_next_step_and_the_run_resumes_there(scenarios):
     result = scenarios["preemption"]
     # run.max_failures=0: the restart was charged to run.max_preemption_failures (a PreemptionError), or the run would have failed.
