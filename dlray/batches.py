@@ -81,7 +81,8 @@ class StreamedBatches:
     def train(self, epoch: int, done: int = 0, prefetch_next: bool = False):
         """`done` > 0 replays the epoch's order, reading and dropping the first `done` micro-batches: the rows
         are read again, not trained again (Ray Data has no position to seek to within a shuffled stream)."""
-        yield from (self.ahead.pop(epoch, None) if not done else None) or islice(self._epoch(epoch), done, None)
+        ahead = self.ahead.pop(epoch, None)  # only ever an epoch started from its first batch in this process
+        yield from ahead if ahead is not None else islice(self._epoch(epoch), done, None)
         # Ray Data starts each epoch's execution when it is first iterated: start the next one now, while
         # this epoch validates and checkpoints, instead of at the next epoch's first step.
         if prefetch_next:
