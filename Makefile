@@ -9,13 +9,21 @@ BIN    := $(VENV)/bin
 
 install: $(VENV)/.installed
 
+# The dev extras with vLLM's CUDA build where there is a GPU, its CPU build elsewhere (pyproject.toml).
+DEV_EXTRAS ?= $(if $(shell command -v nvidia-smi),dev-gpu,dev)
+
 # torch first, pinned: a CPU-only machine then takes the local CPU wheel, and no dependency's
 # looser requirement can pull the multi-GB CUDA build in afterwards.
+# vLLM requires torchvision, torchaudio and torchcodec, and the registry's builds of them are CUDA builds:
+# beside a CPU torch they fail to import (libc10_cuda.so, libnvrtc), and transformers' and vLLM's imports with
+# them. dlray serves text on vLLM and needs none of them, so a CPU install removes them (README: what pip check says then).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[$(DEV_EXTRAS)]'
+	if $(BIN)/python -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; then \
+		$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $@
 
 demo: install        ## train -> export -> serve -> query the CNN on bundled digits (local Ray)

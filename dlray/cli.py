@@ -25,6 +25,7 @@ from dlray.config import ConfigError, JobConfig, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. strategy.name=deepspeed strategy.zero_stage=3")
+ENGINE_NAMES = {"vllm": "vLLM through Ray Serve LLM", "dlray": "dlray's engine"}  # serve.engine, as `dlray serve` names it
 VERBOSE = typer.Option(False, "--verbose", "-v", help="keep Ray's own INFO lines (per-report, per-checkpoint, per-request) in the output")
 
 
@@ -154,7 +155,7 @@ def serve(
     verbose: bool = VERBOSE,
 ):
     """Serve an exported artifact with Ray Serve until interrupted; print its routes and an example request."""
-    from dlray.serve.app import ServeAddressError, describe, run, serve_config
+    from dlray.serve.app import ServeAddressError, describe, engine_of, run, serve_config
 
     settings = {}
     for item in overrides or []:
@@ -165,6 +166,7 @@ def serve(
         settings[key.removeprefix("serve.")] = yaml.safe_load(value)
     try:
         config = serve_config(str(artifact), settings)  # the settings checked before Ray starts
+        engine = None if print_config else engine_of(str(artifact), settings)  # the cluster that deploys the config picks its own
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -174,7 +176,8 @@ def serve(
     from dlray.local_cluster import init_ray
 
     init_ray(verbose)
-    typer.echo(f"starting {artifact}")
+    on = "" if engine is None else f" on {ENGINE_NAMES[engine[0]]} ({engine[1]})"
+    typer.echo(f"starting {artifact}{on}")
     # `kill`, systemd and container runtimes stop a server with SIGTERM: shut Serve down as Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -44,7 +44,7 @@ def adapter(artifact, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(serve_artifact, artifact, adapter):
-    return serve_artifact(artifact, api_key_env=API_KEY_ENV, max_tokens_limit=64, max_completions_per_request=3, max_num_seqs=8, adapters={"sql": adapter})
+    return serve_artifact(artifact, engine="dlray", api_key_env=API_KEY_ENV, max_tokens_limit=64, max_completions_per_request=3, max_num_seqs=8, adapters={"sql": adapter})
 
 
 @pytest.fixture(scope="module")
@@ -201,11 +201,7 @@ def test_the_openai_client_raises_its_own_errors(server, client):
 def plain(serve_artifact, tmp_path_factory):
     """A second app beside the module's server, over an artifact whose tokenizer has no chat
     template, with room for one decoding sequence and one waiting request."""
-    from dlray.serve.app import build_app
-
     artifact = write_llm_artifact(tmp_path_factory.mktemp("plain") / "plain", chat_template=None)
-    with pytest.raises(ValueError, match="no chat template.*serve.chat=false"):
-        build_app({"artifact": str(artifact)})  # before any replica starts
     return serve_artifact(artifact, chat=False, max_num_seqs=1, max_queue_len=1, max_tokens_limit=120)
 
 

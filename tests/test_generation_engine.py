@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from dlray.serve.app import build_app
 from dlray.serve.engine import Delta, Engine, SamplingParams, Sequence, sample
 from dlray.serve.errors import RequestError, parse_json
-from dlray.serve.openai_text import ChatCompletionRequest, CompletionRequest, OpenAITextAPI, Reply, check_chat_template, read_api_key
+from dlray.serve.openai_text import ChatCompletionRequest, CompletionRequest, OpenAITextAPI, Reply, read_api_key
 from dlray.serve.scheduler import QueueFull, Scheduler
 
 from tiny_llm import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
@@ -267,12 +267,26 @@ def test_chat_template_renders_messages_and_keeps_their_control_tokens_as_text(e
     assert prompt_ids.count(end) == 2 and prompt_ids.count(assistant) == 1  # the template's own, not the user's
 
 
-def test_a_chat_endpoint_needs_a_chat_template(tmp_path):
-    plain = write_llm_artifact(tmp_path, chat_template=None)
-    tokenizer = AutoTokenizer.from_pretrained(plain)
-    with pytest.raises(ValueError, match=rf"{tmp_path}: the tokenizer has no chat template.*serve.chat=false"):
-        check_chat_template(tokenizer, str(plain), chat=True)
-    check_chat_template(tokenizer, str(plain), chat=False)  # completions only: fine
+def test_a_base_model_without_a_chat_template_answers_chat_with_a_400_and_completions_as_ever(tmp_path):
+    plain = Engine.from_pretrained(str(write_llm_artifact(tmp_path / "base", chat_template=None)))
+    api = OpenAITextAPI(plain, "base", 64, 4)
+    with pytest.raises(RequestError) as err:
+        api.chat_prompt(ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}]))
+    assert (err.value.status, err.value.param, err.value.code) == (400, "messages", "no_chat_template") and "`base` has no chat template" in err.value.message
+    assert api.completion_prompts(CompletionRequest(prompt="Hi")) == [plain.tokenizer.encode("Hi")]
+
+
+def test_a_field_dlrays_engine_does_not_implement_is_refused_naming_the_engine_that_has_it():
+    from dlray.serve.generate import parse_request
+
+    chat = b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}'
+    for model, body, field in [(CompletionRequest, b'{"prompt": "x", "top_k": 5}', "top_k"), (ChatCompletionRequest, chat, "response_format")]:
+        with pytest.raises(RequestError) as err:
+            parse_request(model, body)
+        assert (err.value.status, err.value.param, err.value.code) == (400, field, "unsupported_field")
+        assert err.value.message.startswith(f"{field}: dlray's engine does not implement this field; vLLM does: serve with serve.engine=vllm")
+    with pytest.raises(RequestError, match="^frobnicate: Extra inputs are not permitted"):  # a field no engine has: pydantic's words
+        parse_request(CompletionRequest, b'{"prompt": "x", "frobnicate": 1}')
 
 
 def test_api_key_comes_from_the_named_environment_variable(monkeypatch):

@@ -77,12 +77,24 @@ class GenerateSettings(EndpointSettings):
     # more cost the replica, Serve's proxy and the client one write per that many tokens instead of per token
     stream_interval: int = Field(1, ge=1)
     max_completions_per_request: int = Field(4, ge=1)  # OpenAI's `n`
-    chat: bool = True  # false: /v1/completions only (for a tokenizer without a chat template)
+    chat: bool = True  # false: /v1/completions only (a model without a chat template answers chat requests with a 400 anyway)
     api_key_env: str | None = None  # the environment variable holding the API key; unset: no key needed
     served_model_name: str | None = None  # the `model` clients name; default: the artifact directory's name
     # LoRA adapters over the served model, by name: a request for model "<served name>:<name>" decodes
     # with that adapter, batched with requests for the base and for other adapters (vLLM's multi-LoRA).
     adapters: dict[str, str] | None = None  # name -> adapter directory (`dlray export` of a lora / qlora run)
+    # Which engine decodes (dlray.serve.vllm.choose_engine): vllm serves through Ray Serve LLM (ray.serve.llm);
+    # dlray is dlray's own continuous-batching engine over transformers; auto: vLLM where it is installed and
+    # supports the model's architecture, else dlray's. `dlray serve` says which it took and why.
+    engine: Literal["auto", "vllm", "dlray"] = "auto"
+    # vLLM's engine arguments, under vLLM's names; dlray's engine has none of them (serving it with one set is refused).
+    max_model_len: int | None = Field(None, ge=1)  # None: the model's own context
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs one replica spans (num_gpus_per_replica is per GPU then)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # None: vLLM's default
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)  # the KV cache's size outright; on a CPU, where it is needed
+    enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
+    enforce_eager: bool = False  # no graph capture or compilation: a faster start, slower steps
+    tool_call_parser: str | None = None  # how vLLM reads tool calls out of the output ("hermes" for dlray's chat template); None: no `tools`
 
 
 class ServeSection(DeploymentSettings, ClassifySettings, ImagesSettings, GenerateSettings):

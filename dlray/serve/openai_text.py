@@ -28,6 +28,17 @@ class StreamOptions(BaseModel):
 StopString = Annotated[str, Field(min_length=1)]
 
 
+# Request fields that OpenAI's API or vLLM's has and dlray's engine does not implement: a request naming one gets a 400
+# saying so (generate.parse_request) rather than its field ignored.
+VLLM_FIELDS = frozenset({
+    "response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "structured_outputs",
+    "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "ignore_eos",
+    "stop_token_ids", "best_of", "suffix", "include_stop_str_in_output", "skip_special_tokens", "bad_words", "prompt_logprobs",
+    "truncate_prompt_tokens", "allowed_token_ids", "chat_template", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message", "reasoning_effort", "service_tier", "store", "metadata", "prediction", "modalities", "audio", "web_search_options",
+})
+
+
 class SamplingRequest(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share."""
 
@@ -210,16 +221,6 @@ class ChatCompletionChunk(Header):
     usage: Usage = Field(None, description="In the chunk before [DONE], where stream_options.include_usage is true")
 
 
-def check_chat_template(tokenizer: PreTrainedTokenizerBase, artifact: str, chat: bool) -> None:
-    """Refuse to start a chat endpoint whose tokenizer cannot turn messages into a prompt."""
-    if chat and tokenizer.chat_template is None:
-        raise ValueError(
-            f"{artifact}: the tokenizer has no chat template, so /v1/chat/completions cannot render messages. "
-            "Give it one (tokenizer.chat_template = '<jinja>'; tokenizer.save_pretrained(artifact)), "
-            "or serve /v1/completions only with serve.chat=false"
-        )
-
-
 def read_api_key(api_key_env: Optional[str]) -> Optional[str]:
     """The API key clients must send, from the environment variable serve.api_key_env names."""
     if api_key_env is None:
@@ -265,6 +266,9 @@ class OpenAITextAPI:
 
     def chat_prompt(self, params: ChatCompletionRequest) -> list[int]:
         self.check_model(params)
+        if self.engine.tokenizer.chat_template is None:  # a base model: served for completions, as vLLM serves one
+            raise RequestError(400, f"The model `{self.model_name}` has no chat template, so chat messages cannot be turned into a prompt: "
+                               "use /v1/completions, or give its tokenizer a chat template", param="messages", code="no_chat_template")
         try:
             # Control tokens inside the messages (a "<|system|>" a user typed) stay plain text.
             return self.engine.tokenizer.apply_chat_template(

