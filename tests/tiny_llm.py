@@ -16,9 +16,10 @@ MAX_CONTEXT = 128
 PROMPTS = ["Hi", "def f(x):", "The quick brown fox jumps over the lazy dog, and then the dog chases the fox around the garden."]
 
 
-def write_llm_artifact(directory, chat_template: str | None = CHAT_TEMPLATE):
+def write_llm_artifact(directory, chat_template: str | None = CHAT_TEMPLATE, hidden_size: int = 64):
     """A servable causal-LM directory: model and tokenizer as save_pretrained writes them, and a
-    dlray.json naming the task (the metadata dlray.serve.app reads)."""
+    dlray.json naming the task (the metadata dlray.serve.app reads). vLLM's CPU attention wants
+    heads of 32 and up: hidden_size=128 for it (4 heads)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -27,7 +28,7 @@ def write_llm_artifact(directory, chat_template: str | None = CHAT_TEMPLATE):
     tokenizer.train_from_iterator(topics.values(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", chat_template=chat_template)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=MAX_CONTEXT, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -43,7 +43,7 @@ def build_app(args: dict) -> Application:
     deployment, settings = serve_settings(artifact, config, {k: v for k, v in args.items() if k != "artifact"})
     if endpoint.prepare:
         settings = endpoint.prepare(artifact, config, settings)
-    if isinstance(settings, GenerateSettings) and choose_engine(artifact, config, settings)[0] == "vllm":
+    if isinstance(settings, GenerateSettings) and choose_engine(artifact, config, settings, deployment.num_gpus_per_replica > 0)[0] == "vllm":
         return build_vllm_app(artifact, model_name(artifact, settings.served_model_name), deployment, settings)
     options = {"max_ongoing_requests": deployment.max_ongoing_requests,
                "ray_actor_options": {"num_cpus": deployment.num_cpus_per_replica, "num_gpus": deployment.num_gpus_per_replica}}
@@ -118,8 +118,8 @@ def run(artifact: str, overrides: dict | None = None, verbose: bool = True):
 def engine_of(artifact: str, overrides: dict | None = None) -> tuple[str, str] | None:
     """A text artifact's (engine, why) as build_app picks it (dlray.serve.vllm.choose_engine); None for other tasks."""
     config = read_artifact_config(artifact)
-    _, settings = serve_settings(artifact, config, overrides or {})
-    return choose_engine(artifact, config, settings) if isinstance(settings, GenerateSettings) else None
+    deployment, settings = serve_settings(artifact, config, overrides or {})
+    return choose_engine(artifact, config, settings, deployment.num_gpus_per_replica > 0) if isinstance(settings, GenerateSettings) else None
 
 
 def describe(artifact: str, overrides: dict | None = None) -> str:

