@@ -66,7 +66,7 @@ def test_export_loads_with_plain_transformers(trained, tmp_path):
 def test_gradient_checkpointing_computes_the_same_gradients(trained):
     _, data, _ = trained
     models, grads = checkpointing_gradients(JOB, data)
-    assert [model.is_activation_checkpointing for model in models] == [False, True]
+    assert [model.is_gradient_checkpointing for model in models] == [False, True]
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 

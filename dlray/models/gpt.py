@@ -110,7 +110,7 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 def enable_gradient_checkpointing(model: LlamaForCausalLM) -> None:
     # transformers' default is non-reentrant torch.utils.checkpoint, which DDP, FSDP2 and ZeRO-3 all accept.
-    model.activation_checkpointing_enable()
+    model.gradient_checkpointing_enable()
 
 
 def save_pretrained(model: LlamaForCausalLM, directory) -> None:

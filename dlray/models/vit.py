@@ -96,7 +96,7 @@ def compute_loss(model: nn.Module, batch) -> dict[str, torch.Tensor]:
 
 def enable_gradient_checkpointing(model: ViTClassifier) -> None:
     # transformers' default is non-reentrant torch.utils.checkpoint, which DDP, FSDP2 and ZeRO-3 all accept.
-    model.model.activation_checkpointing_enable()
+    model.model.gradient_checkpointing_enable()
 
 
 def save_pretrained(model: ViTClassifier, directory) -> None:

@@ -6,6 +6,7 @@ requests, Reply builds every response and stream chunk from them, and they descr
 """
 
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -240,6 +241,34 @@ def model_name(artifact: str, served_model_name: Optional[str]) -> str:
     return served_model_name or Path(artifact).name
 
 
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """The token ids of the chat template's prompt for `messages`, control tokens inside them (a "<|system|>" a
+    user typed) kept as plain text, never the template's own tokens. (transformers 5.19, the newest vLLM 0.32
+    accepts, has no sanitize_control_tokens.) Each control token in a message is swapped for a private-use
+    marker, the template renders, and the text between markers is tokenized with its control tokens; at a
+    marker, the control token's text is tokenized as text."""
+    specials = sorted(tokenizer.all_special_tokens + [t.content for t in tokenizer.added_tokens_decoder.values() if t.special], key=len, reverse=True)
+    pattern = re.compile("|".join(map(re.escape, dict.fromkeys(specials)))) if specials else None
+    found: list[str] = []
+
+    def hide(text):
+        if not isinstance(text, str) or pattern is None:
+            return text
+        return pattern.sub(lambda match: f"{MARK}{found.append(match.group()) or len(found) - 1}{MARK}", text)
+
+    rendered = tokenizer.apply_chat_template([{**m, "content": hide(m.get("content"))} for m in messages], add_generation_prompt=True, tokenize=False)
+    ids: list[int] = []
+    for i, part in enumerate(rendered.split(MARK)):  # odd parts: a marker's index
+        if i % 2:
+            ids += tokenizer.encode(found[int(part)], add_special_tokens=False, split_special_tokens=True)
+        elif part:
+            ids += tokenizer.encode(part, add_special_tokens=False)
+    return ids
+
+
+MARK = "\ue000"  # Unicode private use: no tokenizer's control token, no text a client means
+
+
 class OpenAITextAPI:
     """OpenAI requests in, engine sequences out; no Ray, so it is tested on its own."""
 
@@ -270,10 +299,7 @@ class OpenAITextAPI:
             raise RequestError(400, f"The model `{self.model_name}` has no chat template, so chat messages cannot be turned into a prompt: "
                                "use /v1/completions, or give its tokenizer a chat template", param="messages", code="no_chat_template")
         try:
-            # Control tokens inside the messages (a "<|system|>" a user typed) stay plain text.
-            return self.engine.tokenizer.apply_chat_template(
-                [m.model_dump() for m in params.messages], add_generation_prompt=True, tokenize=True,
-                return_dict=False, sanitize_control_tokens=True)
+            return render_chat(self.engine.tokenizer, [m.model_dump() for m in params.messages])
         except jinja2.TemplateError as err:  # templates raise on e.g. roles out of order
             raise RequestError(400, f"messages: the model's chat template refuses them: {err}", param="messages") from None
 
