@@ -93,7 +93,7 @@ def test_print_config_emits_the_app_dlray_serve_runs(artifact):
     assert application["args"] == {"artifact": str(artifact), "engine": "vllm", "enforce_eager": True}
     built = build_app(application["args"])  # what `serve deploy` and a RayService build from it: Ray Serve LLM's OpenAI app
     assert built._bound_deployment.name == "OpenAiIngress"
-    assert [d.name for d in built._bound_deployment.init_kwargs["llm_deployments"].values()] == [f"LLMServer:{MODEL}"]
+    assert [d._bound_deployment.name for d in built._bound_deployment.init_kwargs["llm_deployments"].values()] == [f"LLMServer:{MODEL}"]
 
 
 @pytest.fixture(scope="module")
