@@ -151,3 +151,13 @@ def test_structured_output_follows_the_schema(client):
     parsed = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Is it raining?"}], response_format=Verdict,
                                            temperature=0, max_tokens=64)
     assert isinstance(parsed.choices[0].message.parsed, Verdict)
+
+
+@pytest.mark.slow
+def test_a_base_model_without_a_chat_template_serves_completions_and_answers_chat_with_a_400(serve_artifact, tmp_path):
+    import httpx
+
+    base = serve_artifact(write_llm_artifact(tmp_path / "base", chat_template=None, hidden_size=128), **VLLM_KEYS)
+    assert httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120).status_code == 200
+    chat = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}, timeout=120)
+    assert chat.status_code == 400 and "chat template" in chat.json()["error"]["message"], chat.text
