@@ -10,12 +10,16 @@ BIN    := $(VENV)/bin
 install: $(VENV)/.installed
 
 # torch first, pinned: a CPU-only machine then takes the local CPU wheel, and no dependency's
-# looser requirement can pull the multi-GB CUDA build in afterwards.
+# looser requirement can pull the multi-GB CUDA build in afterwards. Then DeepSpeed's CPU collectives,
+# compiled once here (~1 min) into this environment rather than at the first DeepSpeed run's start
+# (tests/conftest.py points TORCH_EXTENSIONS_DIR at the same directory).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(VENV)/torch_extensions $(BIN)/python -c \
+		"from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $@
 
 demo: install        ## train -> export -> serve -> query the CNN on bundled digits (local Ray)

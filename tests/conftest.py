@@ -11,6 +11,10 @@ import torch
 from helpers import KILLED_AFTER_STEP, KILLED_RUN_TRAINING, REPO, SECRET, kill_a_worker_once_committed, ray_train_worker_pids, validations_after_losing_a_worker
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed compiles its CPU shared-memory collectives (deepspeed_shm_comm) on first use, into one directory per
+# user by default: two virtual environments (the checkout's and a fresh clone's, as CI makes one) then rebuild
+# it in turn, ~1 min each time. One directory per environment; `make install` builds it there.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # As dlray.local_cluster.init_ray does for a local Ray: the Train controller polls workers for reports every
 # 0.25 s instead of 2 s, so the tests' sub-second epochs do not each wait for the next poll.
