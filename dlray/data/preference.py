@@ -100,7 +100,8 @@ def read(filesystem, path: str, cfg: PreferenceConfig, seed: int):
 def checked_row(row: dict, cfg: PreferenceConfig) -> None:
     """Raises ValueError saying what is wrong with a row (read_rows adds its file and line)."""
     fields = cfg.fields()
-    missing = [field for field in fields if row.get(field) is None]
+    # An empty completion has nothing to prefer (a .csv cell left empty reads as ""); an empty prompt is a prompt.
+    missing = [field for field in fields if row.get(field) is None or (field != cfg.prompt_field and row[field] == "")]
     if missing:
         raise ValueError(f"a data.type {cfg.type!r} row needs {', '.join(map(repr, fields))}; it lacks {', '.join(map(repr, missing))}")
     texts = fields if cfg.type == "preference" else fields[:2]
