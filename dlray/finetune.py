@@ -122,7 +122,13 @@ def objective(family, cfg, model: nn.Module, device: torch.device):
     if finetune.objective != "orpo" and not finetune.adapter:
         reference = copy.deepcopy(model).requires_grad_(False).eval().to(device)
     loss = {"dpo": dpo_compute_loss, "orpo": orpo_compute_loss, "kto": kto_compute_loss}[finetune.objective]
-    return dataclasses.replace(family, compute_loss=partial(loss, finetune, reference), metrics=family.metrics + objective_metrics(finetune.objective))
+    return dataclasses.replace(family, compute_loss=partial(loss, finetune, reference), metrics=family.metrics + objective_metrics(finetune.objective),
+                               derived_metrics=partial(without_perplexity, family.derived_metrics))
+
+
+def without_perplexity(derived_metrics, metrics: dict[str, float], data_info: dict) -> dict[str, float]:
+    """The family's derived metrics but perplexity, which a preference loss is not the log of."""
+    return {key: value for key, value in derived_metrics(metrics, data_info).items() if not key.endswith("perplexity")}
 
 
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,6 +96,7 @@ def test_orpo_odds_ratio_equals_trls_own_function():
     ({"finetune": {"objective": "dpo", "loss_type": "hinge", "label_smoothing": 0.1}, "data": {"name": "preference"}},
      "finetune.label_smoothing applies only to finetune.loss_type 'sigmoid'"),
     ({"finetune": {"objective": "dpo"}, "data": {"name": "preference"}, "train": {"metric": "val_accuracy"}}, "'val_rewards/accuracies'"),
+    ({"finetune": {"objective": "dpo"}, "data": {"name": "preference"}, "train": {"metric": "val_perplexity"}}, "and finetune.objective 'dpo', got 'val_perplexity'"),
     ({"finetune": {"objective": "dpo"}, "data": {"name": "preference", "text_field": "body"}}, "data.prompt_field"),
     ({"finetune": {"objective": "dpo"}, "data": {"name": "preference", "max_seq_len": 64, "max_prompt_len": 64}}, "data.max_prompt_len must be below"),
 ])

@@ -84,10 +84,11 @@ class JobConfig(Section):
             raise ValueError(f"train.gradient_checkpointing is not supported by model.family {self.model.family!r} (only by {able})")
         from dlray.finetune import objective_metrics  # here: dlray.finetune imports dlray.artifact, which imports dlray.config
 
-        metrics = family.epoch_metrics() + [f"val_{name}" for name in objective_metrics(self.finetune.objective)]
+        sft = self.finetune.objective == "sft"  # a preference loss is no log-likelihood: no perplexity of it (dlray.finetune.without_perplexity)
+        metrics = [m for m in family.epoch_metrics() if sft or not m.endswith("perplexity")] + [f"val_{m}" for m in objective_metrics(self.finetune.objective)]
         if self.train.metric not in metrics:
             raise ValueError(f"train.metric must be one of {metrics} for model.family {self.model.family!r}"
-                             f"{'' if self.finetune.objective == 'sft' else f' and finetune.objective {self.finetune.objective!r}'}, got {self.train.metric!r}")
+                             f"{'' if sft else f' and finetune.objective {self.finetune.objective!r}'}, got {self.train.metric!r}")
         optimizers = family.optimizers
         if len(optimizers) > 1:
             if self.strategy.name == "deepspeed":
