@@ -64,6 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     batches, data_info, tokenizer = worker_data(config, cfg, rank, world, device)
     model = build_model(family, cfg, data_info)
+    family = finetune.objective(family, cfg, model, device)  # finetune.objective's loss (DPO, ORPO, KTO) and its reference model
     flops_per_sample = model_flops_per_sample(family, model, data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.shard_classes())
     model, optimizers = strategy.prepare(model, lambda module: make_optimizers(family, module, cfg, fused=device.type == "cuda"))

@@ -95,6 +95,14 @@ class FinetuneConfig(Section):
     # qlora (transformers' BitsAndBytesConfig names); the compute dtype follows `precision`.
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
+    # What the weights learn (dlray.finetune; TRL's names and defaults): sft, the next tokens of the data; dpo, orpo and
+    # kto, to prefer chosen completions (data.name preference). beta: DPO's and KTO's strength of the reference model,
+    # ORPO's weight of its odds-ratio term. loss_type: DPO's loss of the reward margin (sigmoid, IPO's squared
+    # distance to 1/(2 beta), hinge). label_smoothing: DPO sigmoid's probability that a pair's labels are flipped (cDPO).
+    objective: Literal["sft", "dpo", "orpo", "kto"] = "sft"
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
 
     @model_validator(mode="after")
     def _options_match_type(self):
@@ -102,6 +110,9 @@ class FinetuneConfig(Section):
         only = {**dict.fromkeys(lora, ("lora", "qlora")), "num_virtual_tokens": ("prompt_tuning",),
                 "bnb_4bit_quant_type": ("qlora",), "bnb_4bit_use_double_quant": ("qlora",)}
         applies_only(self, "finetune.finetuning_type", only, bare_got=True)
+        applies_only(self, "finetune.objective", {"beta": ("dpo", "orpo", "kto"), "loss_type": ("dpo",), "label_smoothing": ("dpo",)})
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"finetune.label_smoothing applies only to finetune.loss_type 'sigmoid', got finetune.loss_type {self.loss_type!r}")
         return self
 
     @property
