@@ -190,10 +190,9 @@ class Console:
     def summary(self, result, run_dir: str) -> str:
         """The closing lines: the best validation, the test scores, where the files are, what to run next."""
         metric, mode = self.cfg.train.metric, self.cfg.train.mode
-        scored = [r for r in self.validations.values() if metric in r]
         lines = [f"[dlray] {'failed' if result.error else 'finished'} in {time.time() - self.started_at:.0f} s"]
-        if scored:
-            best = (min if mode == "min" else max)(scored, key=lambda r: r[metric])
+        best = reports.best(list(self.validations.values()), metric, mode)  # the validation of the best checkpoint named below
+        if best:
             lines[0] += (f": best {metric} {best[metric]:.4g} at epoch {best['epoch'] + 1} step {best['global_step']:,}"
                          f" ({len(self.validations)} validations)")
         patience = self.cfg.train.early_stopping_patience
@@ -203,7 +202,8 @@ class Console:
         if tests:
             lines.append("        test " + "  ".join(f"{k.removeprefix('test_')} {v:.4g}" for k, v in sorted(tests.items())))
         lines.append(f"        run directory {run_dir}: metrics.csv, curves.png, tensorboard/ (tensorboard --logdir {run_dir}/tensorboard)")
-        best_checkpoint = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
+        kept = reports.best(result.best_checkpoints, metric, mode, lambda checkpoint_and_metrics: checkpoint_and_metrics[1])
+        best_checkpoint = kept[0] if kept else None
         if best_checkpoint is not None:
             lines.append(f"        best checkpoint {best_checkpoint.path}")
             lines.append(f"        next: dlray export {run_dir} out/{self.cfg.run.name}")

@@ -79,6 +79,16 @@ def scored(value: float) -> bool:
     return math.isfinite(value) and abs(value) != WORST
 
 
+def best(records: list, metric: str, mode: str, metrics=lambda record: record):
+    """The record with the best `metric` (`metrics(record)`: its metrics), the latest (highest global_step) among
+    equal scores, as Ray Train keeps the later of equally scored checkpoints; None when none was scored."""
+    scored_records = [r for r in records if scored(metrics(r).get(metric, math.nan))]
+    if not scored_records:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(scored_records, key=lambda r: (sign * metrics(r)[metric], metrics(r).get("global_step", 0)))
+
+
 def final(metrics: dict) -> dict:
     """`metrics`: epoch, global_step, best_<train.metric>, bad_validations and the test split's test_* (where it has rows)."""
     return {KIND: Kind.FINAL.value, **metrics}

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from dlray import reports
+from dlray.checkpoint import checkpoint_name
 from dlray.config import load_config
 from dlray.console import Console, ConsoleRelay
 from dlray.reports import Kind
@@ -40,10 +41,10 @@ def console(overrides=(), tty=False):
     return Console(cfg, stream=stream), stream
 
 
-def finished(best_path="/runs/r/checkpoint_step00000040", error=None):
-    """The parts of ray.train.Result the summary reads."""
-    checkpoint = SimpleNamespace(path=best_path)
-    return SimpleNamespace(error=error, best_checkpoints=[(checkpoint, {})], get_best_checkpoint=lambda metric, mode: checkpoint)
+def finished(kept=((40, 0.9),), error=None):
+    """The parts of ray.train.Result the summary reads: the kept checkpoints, (step, val_accuracy) each."""
+    return SimpleNamespace(error=error, best_checkpoints=[(SimpleNamespace(path=f"/runs/r/{checkpoint_name(step)}"), {"global_step": step, "val_accuracy": accuracy})
+                                                          for step, accuracy in kept])
 
 
 def test_reports_say_their_kind_and_metrics_csv_rows_read_back_as_theirs(tmp_path):
@@ -106,6 +107,15 @@ def test_early_stopping_is_named_in_the_summary():
     view.handle("report", [reports.final({"epoch": 2, "global_step": 60, "best_val_accuracy": 0.9, "bad_validations": 2})])
     assert view.summary(finished(), "/runs/r").splitlines()[0].endswith(
         "best val_accuracy 0.9 at epoch 1 step 20 (3 validations) (stopped early: no better val_accuracy for 2 validations)")
+
+
+def test_of_equally_scored_validations_the_summary_names_the_later_and_its_checkpoint():
+    """Ray Train keeps the later of equally scored checkpoints; the summary's best validation is that one's."""
+    view, out = console()
+    for index, accuracy in enumerate([0.9, 0.9, 0.7]):
+        view.handle("report", [epoch(index, accuracy)])
+    lines = view.summary(finished(kept=((20, 0.9), (40, 0.9), (60, 0.7))), "/runs/r").splitlines()
+    assert lines[0].endswith("best val_accuracy 0.9 at epoch 2 step 40 (3 validations)") and lines[2] == "        best checkpoint /runs/r/checkpoint_step00000040"
 
 
 def test_a_step_budget_shows_steps_of_the_budget_tokens_seen_validations_and_checkpoints_within_the_epoch():
