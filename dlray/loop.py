@@ -43,7 +43,7 @@ from dlray.config import JobConfig
 from dlray.ema import EMA
 from dlray.models import FAMILIES
 from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler, is_per_step
-from dlray.step import EpochTotals, evaluate, optimizer_steps, prefixed, step_budget, train_step
+from dlray.step import EpochTotals, NonFiniteGuard, evaluate, optimizer_steps, prefixed, step_budget, train_step
 from dlray.strategies import STRATEGIES
 
 
@@ -90,6 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     totals = EpochTotals.zeros(len(family.optimizers), device)
     progress = ProgressCadence(cfg.train.log_every_n_steps, rank)
     saves = CheckpointCadence(cfg, rank)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     interval = {"start": time.perf_counter(), "peak_private": private_mib()}  # since the last validation: throughput, memory
     started: dict[str, float] = {}  # when this run took its first optimizer step, reported with the validation that follows it
 
@@ -103,13 +104,13 @@ def train_loop_per_worker(config: dict) -> None:
             val_batches = islice(val_batches, cfg.train.val_max_batches)
         metrics = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": state.step_in_epoch} | totals.train_metrics(family.optimizers)
         metrics |= prefixed("val", evaluate(model, family, val_batches, device, strategy.autocast))
-        metrics |= {"lr": optimizers[0].param_groups[0]["lr"]} | totals.throughput(elapsed)
+        metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "nonfinite_steps": totals.nonfinite} | totals.throughput(elapsed)
         metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes, "peak_rss_mib": peak_rss_mib(),
                     "peak_private_mib": interval["peak_private"]} | started | tokens(state.global_step, tokens_per_step)
         started.clear()
         metrics |= family.derived_metrics(metrics, data_info)
         metrics |= model_flops_utilisation(metrics["samples_per_sec"], flops_per_sample, world, hardware)
-        check_finite(metrics, cfg.train.metric, epoch)
+        check_finite(metrics, cfg.train.metric, epoch, trained=totals.steps > totals.nonfinite)
         for scheduler in schedulers:
             if not is_per_step(scheduler):
                 scheduler.step(metrics[cfg.train.metric])
@@ -134,9 +135,10 @@ def train_loop_per_worker(config: dict) -> None:
         window = Window(time.perf_counter())
         micro_batches = batches.train(epoch, done * accumulation, prefetch_next=epoch + 1 < num_epochs)
         for step_batches in optimizer_steps(micro_batches, accumulation):
-            train_step(model, family, strategy, step_batches, totals, accumulation, schedulers)
+            nonfinite = train_step(model, family, strategy, step_batches, totals, accumulation, schedulers)
             state.global_step += 1
             state.step_in_epoch += 1
+            guard.check(state.global_step, nonfinite)
             if ema:
                 ema.update()
             if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
@@ -154,7 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             if due:
                 record = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": state.step_in_epoch,
-                          "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
+                          "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"], "nonfinite_steps": totals.nonfinite} | window.read(totals)
                 # In the checkpoints' upload mode: a sync-mode report would wait for an async upload still running.
                 ray.train.report(reports.step(**record, **tokens(state.global_step, tokens_per_step), **family.derived_metrics(record, data_info)),
                                  checkpoint_upload_mode=UPLOAD_MODES[cfg.run.checkpoint_upload])
@@ -212,8 +214,10 @@ def resume(checkpoint: ray.train.Checkpoint | None, cfg: JobConfig, strategy, op
     return state
 
 
-def check_finite(metrics: dict, metric: str, epoch: int) -> None:
-    for key in dict.fromkeys(["train_loss", metric]):  # accuracy can look finite while the loss is NaN
+def check_finite(metrics: dict, metric: str, epoch: int, trained: bool = True) -> None:
+    """`trained`: whether any step since the last validation was applied (else train_loss has no value; the
+    skipped steps are NonFiniteGuard's to judge)."""
+    for key in dict.fromkeys(["train_loss", metric] if trained else [metric]):  # accuracy can look finite while the loss is NaN
         if not math.isfinite(metrics[key]):
             raise FloatingPointError(f"{key} is {metrics[key]} at epoch {epoch}: training diverged (check optim.lr)")
 

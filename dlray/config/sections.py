@@ -169,6 +169,9 @@ class TrainConfig(Section):
     # Optimizer steps between the progress reports the console's step bar and step metrics come from
     # (Lightning's name). None: steps about 5 s apart, as rank 0 times them (closer reports stall training).
     log_every_n_steps: int | None = Field(None, ge=1)
+    # Optimizer steps in a row with a non-finite loss or gradient norm before the run stops as diverged. Each is
+    # skipped (no weight moves, as a GradScaler skips an fp16 overflow) and counted: nonfinite_steps in the reports.
+    max_nonfinite_steps: int = Field(10, ge=1)
 
 
 class OptimConfig(Section):
