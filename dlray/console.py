@@ -29,7 +29,7 @@ from dlray.reports import Kind
 
 # Keys of an epoch report the epoch line leaves to metrics.csv and TensorBoard.
 NOT_SHOWN = {"epoch", "global_step", "step_in_epoch", "first_step_unix_time", "resumed_from_step", "num_nodes", "peak_rss_mib", "peak_private_mib",
-             "skipped_rows", "bad_validations", "tokens_seen"}
+             "skipped_rows", "bad_validations", "tokens_seen", "data_time_s", "data_time_spread"}
 RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve")
 
 
@@ -102,6 +102,11 @@ class Console:
         if self._progress:
             self._progress.stop()
 
+    @property
+    def queue(self):
+        """What other parts of the run put ("warning", line) on to have it printed here (dlray.watchdog)."""
+        return self._queue
+
     def callbacks(self) -> list[UserCallback]:
         return [ConsoleRelay(self._queue)]
 
@@ -120,6 +125,9 @@ class Console:
 
     def handle(self, kind: str, payload) -> None:
         """One message from ConsoleRelay: ("report", one record per rank) or ("failure", {rank: error})."""
+        if kind == "warning":  # dlray.watchdog's: a hang, a straggler
+            self.print(payload)
+            return
         if kind == "failure":
             ranks_by_error: dict[str, list[str]] = {}  # every rank of a diverged run fails alike: one line for them all
             for rank, error in payload.items():

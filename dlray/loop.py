@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import statistics
 import time
 from itertools import islice
 
@@ -43,8 +44,9 @@ from dlray.config import JobConfig
 from dlray.ema import EMA
 from dlray.models import FAMILIES
 from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler, is_per_step
-from dlray.step import EpochTotals, NonFiniteGuard, evaluate, optimizer_steps, prefixed, step_budget, train_step
+from dlray.step import EpochTotals, NonFiniteGuard, evaluate, optimizer_steps, prefixed, step_budget, timed, train_step
 from dlray.strategies import STRATEGIES
+from dlray.watchdog import Heartbeat, slowed
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -91,6 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
     progress = ProgressCadence(cfg.train.log_every_n_steps, rank)
     saves = CheckpointCadence(cfg, rank)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    beats = Heartbeat(config.get("watchdog"), rank, node)  # a watchdog outside the ranks times the steps (run.hang_timeout_s)
     interval = {"start": time.perf_counter(), "peak_private": private_mib()}  # since the last validation: throughput, memory
     started: dict[str, float] = {}  # when this run took its first optimizer step, reported with the validation that follows it
 
@@ -108,7 +111,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes, "peak_rss_mib": peak_rss_mib(),
                     "peak_private_mib": interval["peak_private"]} | started | tokens(state.global_step, tokens_per_step)
         started.clear()
-        metrics |= family.derived_metrics(metrics, data_info)
+        metrics |= family.derived_metrics(metrics, data_info) | data_time_spread(totals, world)
         metrics |= model_flops_utilisation(metrics["samples_per_sec"], flops_per_sample, world, hardware)
         check_finite(metrics, cfg.train.metric, epoch, trained=totals.steps > totals.nonfinite)
         for scheduler in schedulers:
@@ -125,6 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
         totals.zero()
         interval.update(start=time.perf_counter(), peak_private=private_mib())
         progress.restart()  # the next step report counts from this one
+        beats.step(state.global_step)
         patience = cfg.train.early_stopping_patience
         return bool(patience and state.bad_validations >= patience)
 
@@ -133,12 +137,13 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, done = state.epoch, state.step_in_epoch
         model.train()
         window = Window(time.perf_counter())
-        micro_batches = batches.train(epoch, done * accumulation, prefetch_next=epoch + 1 < num_epochs)
+        micro_batches = timed(slowed(batches.train(epoch, done * accumulation, prefetch_next=epoch + 1 < num_epochs), rank), totals)
         for step_batches in optimizer_steps(micro_batches, accumulation):
             nonfinite = train_step(model, family, strategy, step_batches, totals, accumulation, schedulers)
             state.global_step += 1
             state.step_in_epoch += 1
             guard.check(state.global_step, nonfinite)
+            beats.step(state.global_step, totals)
             if ema:
                 ema.update()
             if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
@@ -169,6 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
         if not stopped:
             stopped = validate(epoch)
 
+    beats.done()
     # Finish on the best weights, as early stopping promises, and score them once on the test split.
     best = best_checkpoint(cfg.train.metric, cfg.train.mode)
     if best is not None:
@@ -356,14 +362,25 @@ class Window:
     """This rank's training loss and throughput since its last step report, from the epoch's running totals."""
 
     def __init__(self, start: float):
-        self.time, self.loss_sum, self.rows = start, 0.0, 0.0
+        self.time, self.loss_sum, self.rows, self.data_s, self.steps = start, 0.0, 0.0, 0.0, 0
 
     def read(self, totals: EpochTotals) -> dict[str, float]:
+        """train_loss, samples_per_sec, and data_time_s: the rank's seconds per step waiting for its batches (EpochTotals.data_s)."""
         loss_sum, rows = torch.stack([totals.losses.sum(), totals.samples]).tolist()  # one device sync per report, not per step
         now = time.perf_counter()
-        window = {"train_loss": (loss_sum - self.loss_sum) / max(rows - self.rows, 1), "samples_per_sec": (rows - self.rows) / (now - self.time)}
-        self.time, self.loss_sum, self.rows = now, loss_sum, rows
+        window = {"train_loss": (loss_sum - self.loss_sum) / max(rows - self.rows, 1), "samples_per_sec": (rows - self.rows) / (now - self.time),
+                  "data_time_s": (totals.data_s - self.data_s) / max(totals.steps - self.steps, 1)}
+        self.time, self.loss_sum, self.rows, self.data_s, self.steps = now, loss_sum, rows, totals.data_s, totals.steps
         return window
+
+
+def data_time_spread(totals: EpochTotals, world: int) -> dict[str, float]:
+    """The ranks' seconds per step waiting for their batches since the last validation (EpochTotals.data_s):
+    data_time_s, their median, and data_time_spread, the slowest rank's less the fastest's (0: none lags)."""
+    times: list[float] = [0.0] * world
+    dist.all_gather_object(times, totals.data_s / max(totals.steps, 1))
+    median = statistics.median(times)
+    return {"data_time_s": median, "data_time_spread": max(times) - min(times)}
 
 
 def peak_rss_mib() -> float:

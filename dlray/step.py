@@ -15,6 +15,7 @@ Nothing here knows of Ray; every rank calls the same functions in the same order
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class EpochTotals:
     skipped: torch.Tensor  # rows the data skipped (a 0-d view)
     steps: int = 0  # optimizer steps taken: the same on every rank, never reduced
     nonfinite: int = 0  # of those, the steps skipped as non-finite (the same on every rank: train_step all-reduces the flag)
+    data_s: float = 0.0  # this rank's seconds waiting for its micro-batches (`timed`): its own, no collective in it (stragglers)
     counts_skipped: bool = False  # whether the data counts skipped rows (streamed data does)
 
     @classmethod
@@ -55,6 +57,7 @@ class EpochTotals:
         """Start the sums again (after a validation reported them)."""
         self.buffer.zero_()
         self.steps = self.nonfinite = 0
+        self.data_s = 0.0
 
     def all_reduce(self) -> None:
         """Sum over the ranks, in place. The gradient norms, already the same on every rank (gradients are
@@ -97,6 +100,20 @@ def optimizer_steps(micro_batches: Iterable[MicroBatch], accumulation: int) -> I
         yield chain([first], islice(iterator, accumulation - 1))
 
 
+def timed(micro_batches: Iterable[MicroBatch], totals: EpochTotals) -> Iterator[MicroBatch]:
+    """`micro_batches`, the seconds this rank waits for each added to totals.data_s. A rank's own time: in
+    synchronous data parallel training every rank's step takes as long as the slowest's, which the others spend
+    waiting in a collective (DDP's forward broadcasts buffers, FSDP's gathers), while the wait for data is its own."""
+    iterator = iter(micro_batches)
+    while True:
+        start = time.perf_counter()
+        item = next(iterator, None)
+        totals.data_s += time.perf_counter() - start
+        if item is None:
+            return
+        yield item
+
+
 def train_step(model: torch.nn.Module, family: Any, strategy: Any, micro_batches: Iterable[MicroBatch], totals: EpochTotals,
                accumulation: int = 1, schedulers: Sequence[Any] = ()) -> str:
     """One optimizer step of each of the family's optimizers (a GAN's players take turns on every
@@ -120,8 +137,8 @@ def train_step(model: torch.nn.Module, family: Any, strategy: Any, micro_batches
             losses[index] += loss.detach() * rows  # no .item(): it would wait for the GPU every micro-batch
             if last:
                 norms[index] = strategy.step(index)
-                if index < len(schedulers) and is_per_step(schedulers[index]):
-                    schedulers[index].step()
+            if last and index < len(schedulers) and is_per_step(schedulers[index]):
+                schedulers[index].step()
         samples += rows
         if skipped is not None:
             totals.skipped += int(skipped.sum())

@@ -295,3 +295,7 @@ class RunSection(Section):
     # When stdout is not a terminal (a log file, `ray job logs`): seconds between plain step-progress
     # lines; the epoch lines always print. On a terminal the progress bar updates at every report.
     progress_interval_s: float = Field(30.0, ge=0)
+    # The longest a rank may go without finishing an optimizer step (or a validation), as a watchdog outside the ranks
+    # sees it (dlray.watchdog): past it every rank's stack goes to <run dir>/hangs/ (py-spy), the console names the
+    # ranks that stopped, and they are killed, so Ray restarts the group from the last checkpoint (run.max_failures). None: off.
+    hang_timeout_s: float | None = Field(600.0, gt=0)
