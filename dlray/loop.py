@@ -37,7 +37,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from dlray import finetune, precision, reports
+from dlray import finetune, oom, precision, reports
 from dlray.batches import worker_data
 from dlray.checkpoint import UPLOAD_MODES, TrainState, best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
@@ -59,6 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     hardware = precision.detect(device)
+    oom.record_history(device)
     cfg, precision_why = with_precision(JobConfig.model_validate(config["job"]), hardware)
     family = FAMILIES[cfg.model.family]
     num_nodes, node = count_nodes(world)
@@ -139,7 +140,8 @@ def train_loop_per_worker(config: dict) -> None:
         window = Window(time.perf_counter())
         micro_batches = timed(slowed(batches.train(epoch, done * accumulation, prefetch_next=epoch + 1 < num_epochs), rank), totals)
         for step_batches in optimizer_steps(micro_batches, accumulation):
-            nonfinite = train_step(model, family, strategy, step_batches, totals, accumulation, schedulers)
+            with oom.explained(cfg, state.global_step + 1, rank, device):
+                nonfinite = train_step(model, family, strategy, step_batches, totals, accumulation, schedulers)
             state.global_step += 1
             state.step_in_epoch += 1
             guard.check(state.global_step, nonfinite)
