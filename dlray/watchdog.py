@@ -29,6 +29,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -100,10 +101,15 @@ class WatchdogActor:
                 if stopped:
                     self.ranks.clear()  # the next worker group registers anew
             if stopped:
-                self._hang(stopped, ranks)
+                try:
+                    self._hang(stopped, ranks)
+                except Exception as error:  # this thread must go on watching the next worker group
+                    self._say(f"[dlray] warning: a hang was seen but not handled: {error!r}")
 
     def _hang(self, stopped: dict[int, Rank], ranks: dict[int, Rank]) -> None:
-        directory = Path(self.run_dir, "hangs", time.strftime("%Y%m%d-%H%M%S"))
+        # A URI's storage (s3://...) is not a path here: the actor's node keeps the stacks then.
+        base = self.run_dir if "://" not in self.run_dir else Path(tempfile.gettempdir(), "dlray-hangs", Path(self.run_dir).name)
+        directory = Path(base, "hangs", time.strftime("%Y%m%d-%H%M%S"))
         directory.mkdir(parents=True, exist_ok=True)
         stacks = ray.get([on_node(dump_stack, state.node_id).remote(state.pid) for state in ranks.values()])
         for rank, stack in zip(ranks, stacks):
@@ -139,9 +145,12 @@ class WatchdogActor:
     def _say(self, text: str) -> None:
         """On the driver's console where it has one (dlray.console), else in this actor's log, which Ray shows on the driver."""
         if self.queue is not None:
-            self.queue.put(("warning", text))
-        else:
-            print(text, file=sys.stderr, flush=True)
+            try:
+                self.queue.put(("warning", text))
+                return
+            except ray.exceptions.RayError:  # the console has closed
+                pass
+        print(text, file=sys.stderr, flush=True)
 
 
 def on_node(function, node_id: str):
