@@ -180,6 +180,9 @@ class TrainConfig(Section):
     # Optimizer steps between the progress reports the console's step bar and step metrics come from
     # (Lightning's name). None: steps about 5 s apart, as rank 0 times them (closer reports stall training).
     log_every_n_steps: int | None = Field(None, ge=1)
+    # Optimizer steps in a row with a non-finite loss or gradient norm before the run stops as diverged. Each is
+    # skipped (no weight moves, as a GradScaler skips an fp16 overflow) and counted: nonfinite_steps in the reports.
+    max_nonfinite_steps: int = Field(10, ge=1)
 
 
 class OptimConfig(Section):
@@ -303,3 +306,7 @@ class RunSection(Section):
     # When stdout is not a terminal (a log file, `ray job logs`): seconds between plain step-progress
     # lines; the epoch lines always print. On a terminal the progress bar updates at every report.
     progress_interval_s: float = Field(30.0, ge=0)
+    # The longest a rank may go without finishing an optimizer step (or a validation), as a watchdog outside the ranks
+    # sees it (dlray.watchdog): past it every rank's stack goes to <run dir>/hangs/ (py-spy), the console names the
+    # ranks that stopped, and they are killed, so Ray restarts the group from the last checkpoint (run.max_failures). None: off.
+    hang_timeout_s: float | None = Field(600.0, gt=0)
