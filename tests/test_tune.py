@@ -96,8 +96,10 @@ def test_asha_stops_bad_trials_early_and_finds_a_better_one(asha_sweep):
     cfg, grid, sweep = asha_sweep
     rows = {float(r["optim.lr"]): r for r in results(sweep)}
     assert len(rows) == 4
-    stopped = [r for r in rows.values() if r["status"].startswith("stopped early")]
-    assert stopped and all(int(r["epochs"]) < 4 for r in stopped), rows
+    # Before its last epoch: 4 epochs is also ASHA's last rung (max_t), where a trial that arrives after a better one is
+    # stopped too, with all its validations (seen once: lr 0.03 at 0.922 after lr 0.01 at 0.927).
+    stopped = [r for r in rows.values() if r["status"].startswith("stopped early") and int(r["epochs"]) < 4]
+    assert stopped, rows
     assert rows[3.0e-6]["status"].startswith("stopped early"), rows[3.0e-6]
     scored = [float(r["val_accuracy"]) for r in rows.values() if r["val_accuracy"]]
     best = results(sweep)[0]
