@@ -98,14 +98,6 @@ def trainable_names(model: nn.Module) -> set[str]:
 # --- preference objectives ----------------------------------------------------------------------
 
 IGNORE_INDEX = -100  # the label of a position not trained on (prompt, padding), as in dlray.data.preference
-PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
-OBJECTIVE_METRICS = {"sft": (), "dpo": PAIR_METRICS, "orpo": (*PAIR_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen"), "kto": ("kl",)}
-
-
-def objective_metrics(objective: str) -> tuple[str, ...]:
-    """What the objective's loss reports besides `loss` (validation reports them as val_<name>)."""
-    return OBJECTIVE_METRICS[objective]
-
 
 def objective(family, cfg, model: nn.Module, device: torch.device):
     """The family with compute_loss the objective's (unchanged for sft). Call it with the model as built, before
@@ -122,7 +114,7 @@ def objective(family, cfg, model: nn.Module, device: torch.device):
     if finetune.objective != "orpo" and not finetune.adapter:
         reference = copy.deepcopy(model).requires_grad_(False).eval().to(device)
     loss = {"dpo": dpo_compute_loss, "orpo": orpo_compute_loss, "kto": kto_compute_loss}[finetune.objective]
-    return dataclasses.replace(family, compute_loss=partial(loss, finetune, reference), metrics=family.metrics + objective_metrics(finetune.objective),
+    return dataclasses.replace(family, compute_loss=partial(loss, finetune, reference), metrics=family.metrics + finetune.objective_metrics(),
                                derived_metrics=partial(without_perplexity, family.derived_metrics))
 
 

@@ -12,6 +12,7 @@ import torch
 
 from dlray import finetune
 from dlray.config import ConfigError, config_from_dict
+from dlray.config.sections import PAIR_METRICS
 from dlray.data import build_data
 from dlray.data.preference import truncate
 from dlray.loop import build_model
@@ -203,7 +204,7 @@ def test_the_reference_is_the_base_with_its_adapters_disabled(base):
         assert torch.allclose(finetune.reference_logps(model, None, ids, labels), finetune.sequence_logps(plain, ids, labels)[0], atol=1e-4)
         assert not torch.allclose(finetune.sequence_logps(model, ids, labels)[0], finetune.sequence_logps(plain, ids, labels)[0], atol=1e-2)
     values = family.compute_loss(model, batch)
-    assert values["rewards/chosen"].abs().min() > 0 and all(name in values for name in finetune.PAIR_METRICS)
+    assert values["rewards/chosen"].abs().min() > 0 and all(name in values for name in PAIR_METRICS)
 
 
 def test_a_full_finetune_keeps_a_frozen_copy_as_its_reference(base):

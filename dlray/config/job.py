@@ -82,10 +82,9 @@ class JobConfig(Section):
         if self.train.gradient_checkpointing and not family.enable_gradient_checkpointing:
             able = families_where(lambda f: f.enable_gradient_checkpointing)
             raise ValueError(f"train.gradient_checkpointing is not supported by model.family {self.model.family!r} (only by {able})")
-        from dlray.finetune import objective_metrics  # here: dlray.finetune imports dlray.artifact, which imports dlray.config
 
         sft = self.finetune.objective == "sft"  # a preference loss is no log-likelihood: no perplexity of it (dlray.finetune.without_perplexity)
-        metrics = [m for m in family.epoch_metrics() if sft or not m.endswith("perplexity")] + [f"val_{m}" for m in objective_metrics(self.finetune.objective)]
+        metrics = [m for m in family.epoch_metrics() if sft or not m.endswith("perplexity")] + [f"val_{m}" for m in self.finetune.objective_metrics()]
         if self.train.metric not in metrics:
             raise ValueError(f"train.metric must be one of {metrics} for model.family {self.model.family!r}"
                              f"{'' if sft else f' and finetune.objective {self.finetune.objective!r}'}, got {self.train.metric!r}")

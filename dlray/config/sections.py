@@ -79,6 +79,11 @@ class ModelConfig(Section):
         return self
 
 
+# The metrics of the preference objectives (dlray.finetune), in TRL's names.
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+OBJECTIVE_METRICS = {"sft": (), "dpo": PAIR_METRICS, "orpo": (*PAIR_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen"), "kto": ("kl",)}
+
+
 class FinetuneConfig(Section):
     """How much of a model trains. Names as in LLaMA-Factory (`finetuning_type`) and Axolotl (`lora_*`)."""
 
@@ -103,6 +108,10 @@ class FinetuneConfig(Section):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+    def objective_metrics(self) -> tuple[str, ...]:
+        """What the objective's loss reports besides `loss` (validation reports them as val_<name>): TRL's names."""
+        return OBJECTIVE_METRICS[self.objective]
 
     @model_validator(mode="after")
     def _options_match_type(self):
