@@ -19,10 +19,12 @@ JOB = REPO / "jobs/debug/cnn_cpu.yaml"
 
 
 def test_step_reports_log_under_step_and_epoch_reports_under_their_names():
-    step = reports.step(epoch=1, global_step=57, step_in_epoch=17, steps_per_epoch=40, train_loss=0.8, lr=1e-3, samples_per_sec=512.0)
+    step = reports.step(epoch=1, global_step=57, step_in_epoch=17, steps_per_epoch=40, train_loss=0.8, lr=1e-3, samples_per_sec=512.0,
+                        data_time_s=0.05, nonfinite_steps=1)
     epoch = reports.epoch({"epoch": 1, "global_step": 80, "train_loss": 0.7, "val_loss": 0.9, "val_accuracy": 0.6, "resumed_from_step": 0})
     final = reports.final({"epoch": 1, "global_step": 80, "best_val_loss": 0.9, "test_accuracy": 0.61})
-    assert trackers.tracked_metrics(step) == {"step/train_loss": 0.8, "step/lr": 1e-3, "step/samples_per_sec": 512.0}
+    assert trackers.tracked_metrics(step) == {"step/train_loss": 0.8, "step/lr": 1e-3, "step/samples_per_sec": 512.0, "step/data_time_s": 0.05,
+                                              "step/nonfinite_steps": 1.0}
     assert trackers.tracked_metrics(epoch) == {"epoch": 1.0, "train_loss": 0.7, "val_loss": 0.9, "val_accuracy": 0.6, "resumed_from_step": 0.0}
     assert trackers.tracked_metrics(final) == {"epoch": 1.0, "best_val_loss": 0.9, "test_accuracy": 0.61}
     assert trackers.tracked_metrics(reports.epoch({"epoch": 0, "global_step": 1, "diverged": True, "note": "x"})) == {"epoch": 0.0}
