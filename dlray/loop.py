@@ -108,7 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.train.val_max_batches:
             val_batches = islice(val_batches, cfg.train.val_max_batches)
         metrics = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": state.step_in_epoch} | totals.train_metrics(family.optimizers)
-        metrics |= prefixed("val", evaluate(model, family, val_batches, device, strategy.autocast))
+        metrics |= prefixed("val", evaluate(model, family, beats.through(val_batches, state.global_step), device, strategy.autocast))
         metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "nonfinite_steps": totals.nonfinite} | totals.throughput(elapsed)
         metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes, "peak_rss_mib": peak_rss_mib(),
                     "peak_private_mib": interval["peak_private"]} | started | tokens(state.global_step, tokens_per_step)
@@ -121,11 +121,12 @@ def train_loop_per_worker(config: dict) -> None:
                 scheduler.step(metrics[cfg.train.metric])
         state.update(metrics[cfg.train.metric], cfg.train.mode)
         epoch_ended = state.step_in_epoch == steps_per_epoch
-        samples_png = sampler.grid_png(strategy, ema) if epoch_ended else None  # a generative family's grid: once an epoch
-        if epoch_ended:
-            state.next_epoch()
-        model.train()
-        report_with_checkpoint(reports.epoch(metrics), strategy, schedulers, state, cfg, data_info, ema, samples_png, tokenizer)
+        with beats.alive(state.global_step):
+            samples_png = sampler.grid_png(strategy, ema) if epoch_ended else None  # a generative family's grid: once an epoch
+            if epoch_ended:
+                state.next_epoch()
+            model.train()
+            report_with_checkpoint(reports.epoch(metrics), strategy, schedulers, state, cfg, data_info, ema, samples_png, tokenizer)
         saves.saved()
         totals.zero()
         interval.update(start=time.perf_counter(), peak_private=private_mib())
@@ -172,7 +173,8 @@ def train_loop_per_worker(config: dict) -> None:
             if reason := saves.due(state.global_step, at_report=due):
                 report = reports.checkpoint(epoch=epoch, global_step=state.global_step, step_in_epoch=state.step_in_epoch, reason=reason,
                                             metric=cfg.train.metric, mode=cfg.train.mode)
-                report_with_checkpoint(report, strategy, schedulers, state, cfg, data_info, ema, None, tokenizer)
+                with beats.alive(state.global_step):
+                    report_with_checkpoint(report, strategy, schedulers, state, cfg, data_info, ema, None, tokenizer)
                 saves.saved()
         if not stopped:
             stopped = validate(epoch)

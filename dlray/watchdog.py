@@ -5,6 +5,8 @@ second, how far it got and how long it waited for its batches (its own time: dlr
     train_loop_config["watchdog"] = watchdog.actor
     beats = Heartbeat(config["watchdog"], rank, node)        # worker (dlray.loop), after any checkpoint is restored
     beats.step(global_step, totals)                          # after each optimizer step (and validation: no totals); one call a second at most
+    val_batches = beats.through(val_batches, global_step)    # a validation beats as its batches go by
+    with beats.alive(global_step): save()                    # a checkpoint or a sample grid: beats from a thread while it runs
     beats.done()                                             # the budget's end: the test split and the final report may take long
     watchdog.stop()
 
@@ -15,6 +17,12 @@ where, and in which frame, and kill the ranks that stopped: Ray Train then resta
 last checkpoint (run.max_failures), or the run ends with that message. py-spy runs with --nonblocking, which
 reads a stopped (SIGSTOP) process too; its blocking mode fails to suspend one.
 
+A validation is progress too: its batches beat as they go, so a long one is not a hang, but a collective
+deadlocked in it is. A checkpoint's save and upload and a generative family's sample grid show no progress
+from inside (slow storage is not a hang), so a thread beats while they run: a rank stuck there is caught by
+the process group's own timeout instead (NCCL's watchdog: Ray Train's TorchConfig.timeout_s, 30 min), and
+the ranks it blocks at their next collective keep beating only while they too are saving.
+
 A rank that waits for its batches STRAGGLER_RATIO times as long as the median of the others, by at least
 STRAGGLER_SHARE of a step, over a window, is named as a straggler once, until it catches up. Its own data time,
 not its step time: in synchronous training every rank's step takes the slowest's time (the others wait in a
@@ -23,6 +31,7 @@ collective). A GPU whose kernels run slower is not seen this way (that needs CUD
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -227,6 +236,33 @@ class Heartbeat:
             self.data_s, self.steps = totals.data_s, totals.steps
         self.actor.beat.remote(self.rank, global_step, times)
         self.last = now
+
+    def through(self, batches, global_step: int):
+        """`batches` (a validation's, the test split's), beating as they go by."""
+        for batch in batches:
+            yield batch
+            self.step(global_step)
+
+    @contextlib.contextmanager
+    def alive(self, global_step: int):
+        """Beats every BEAT_INTERVAL_S from a thread while the block runs: a phase with no progress to see from inside."""
+        if self.actor is None:
+            yield
+            return
+        finished = threading.Event()
+
+        def beating():
+            while not finished.wait(BEAT_INTERVAL_S):
+                self.actor.beat.remote(self.rank, global_step, None)
+
+        thread = threading.Thread(target=beating, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            finished.set()
+            thread.join()
+            self.last = time.monotonic()
 
     def done(self) -> None:
         if self.actor is not None:

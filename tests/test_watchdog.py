@@ -1,16 +1,20 @@
 """dlray.watchdog on a real local Ray, in one run (one Ray Train start-up): a rank slowed by a sleep is named as a
 straggler; then that rank is stopped (SIGSTOP), which the watchdog catches from outside within run.hang_timeout_s:
-every rank's stack written by py-spy, the stopped ranks named on the console, killed, and the run ends."""
+every rank's stack written by py-spy, the stopped ranks named on the console, killed, and the run ends. And a
+rank's side against the watchdog actor alone: what beats in a validation and a checkpoint, and what is silence."""
 
 import io
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import ray
 from ray.train import TrainingFailedError
 
 from dlray import reports
@@ -18,15 +22,41 @@ from dlray.config import load_config
 from dlray.console import Console
 from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
-from dlray.watchdog import top_frame
+from dlray.watchdog import Heartbeat, Watchdog, top_frame
 
 from helpers import REPO, ray_train_worker_pids, wait_for
 
 HANG_TIMEOUT_S = 3
 
-pytestmark = pytest.mark.slow  # ~35 s idle, ~55 s on the 2 shared cores: a Ray Train run of ~10 s of steps, a hang, its dumps
 
 
+def test_a_validation_or_a_checkpoint_longer_than_the_timeout_is_not_a_hang_but_silence_is(ray_cluster, tmp_path):
+    """The watchdog actor with a 2 s timeout and a rank's Heartbeat: a validation whose batches take 3 s in all and a
+    4 s save keep the rank watched; 4 s of silence then has its stack taken and its process killed."""
+    rank_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the rank's process: one the test can lose
+    watchdog = Watchdog.start(2.0, str(tmp_path))
+    try:
+        beats = Heartbeat(watchdog.actor, 0, "node")
+        watchdog.actor.register.remote(0, rank_process.pid, ray.get_runtime_context().get_node_id(), "node")
+
+        def validation_batches():
+            for batch in range(6):
+                time.sleep(0.5)
+                yield batch
+        assert list(beats.through(validation_batches(), 7)) == list(range(6))
+        with beats.alive(7):
+            time.sleep(4)  # a checkpoint's save and upload
+        assert ray.get(watchdog.actor.status.remote()) == {0: 7} and not Path(tmp_path, "hangs").exists()
+        wait_for(lambda: rank_process.poll() is not None, 60, "the silent rank was not killed")
+        (hang,) = Path(tmp_path, "hangs").iterdir()
+        assert "rank 0 on node, after step 7" in (hang / "summary.txt").read_text()
+        assert ray.get(watchdog.actor.status.remote()) == {}
+    finally:
+        watchdog.stop()
+        rank_process.kill()
+
+
+@pytest.mark.slow  # ~35 s idle, ~55 s on the 2 shared cores: a Ray Train run of ~10 s of steps, a hang, its dumps
 def test_a_slow_rank_is_named_a_straggler_and_a_stopped_one_is_caught_with_every_ranks_stack(ray_cluster, storage, monkeypatch):
     monkeypatch.setenv("DLRAY_TEST_SLOW_RANK", "1:0.05")  # each of rank 1's batches 50 ms late (passed on by dlray.train.worker_env)
     cfg = load_config(REPO / "jobs/debug/cnn_cpu.yaml", [f"run.storage_path={storage}", "run.name=watched", "precision=fp32",
