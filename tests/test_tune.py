@@ -27,12 +27,13 @@ SWEEP_JOB = REPO / "jobs/sweep_cnn_asha.yaml"
 
 
 def sweep_config(storage, name, tune, *overrides):
-    """jobs/sweep_cnn_asha.yaml with another `tune:` section; 1-worker trials, so two run at once."""
+    """jobs/sweep_cnn_asha.yaml with another `tune:` section; 1-worker trials, so two run at once. No hang
+    watchdog (tests/test_watchdog.py tests it): one actor process fewer to start for each trial's Train run."""
     job = yaml.safe_load(SWEEP_JOB.read_text())
     job["tune"] = tune
     path = storage / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
-    return load_config(path, [f"run.storage_path={storage}", f"run.name={name}", "scaling.num_workers=1", *overrides])
+    return load_config(path, [f"run.storage_path={storage}", f"run.name={name}", "scaling.num_workers=1", "run.hang_timeout_s=null", *overrides])
 
 
 def results(sweep_dir):
