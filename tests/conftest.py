@@ -98,10 +98,11 @@ def digits_run(ray_cluster, tmp_path_factory):
 def killed_worker_run(ray_cluster, tmp_path_factory):
     """One run that loses a worker, for test_train (it resumes to the uninterrupted run's numbers) and
     test_tracking (one MLflow run and one W&B run through the restart, no credentials anywhere):
-    `dlray train` of the debug CNN, streamed, with MLflow and W&B (offline) on, one of its workers killed
+    `dlray train --verbose` of the debug CNN, streamed, with MLflow and W&B (offline) on, one of its workers killed
     once a checkpoint mid-epoch 1 is committed, then `dlray export` of the run. The CLI joins the session's Ray
     from a shell whose MLFLOW_TRACKING_URI (a store only it names) and W&B key reach the Train controller
-    through the runtime env alone: the session's Ray processes were started without them."""
+    through the runtime env alone: the session's Ray processes were started without them. --verbose: Ray's own
+lines are back (test_console), and no credential is in them either (test_tracking)."""
     from dlray.config import load_config
     from dlray.runfiles import read_history
     from dlray.train import run_dir
@@ -115,7 +116,7 @@ def killed_worker_run(ray_cluster, tmp_path_factory):
     cfg = load_config(job, overrides)
     env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri, "WANDB_API_KEY": SECRET}
     lingering = set(ray_train_worker_pids())
-    process = subprocess.Popen([sys.executable, "-m", "dlray.cli", "train", str(job), *overrides], env=env, cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "dlray.cli", "train", "--verbose", str(job), *overrides], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     committed = kill_a_worker_once_committed(run_dir(cfg), lingering, KILLED_AFTER_STEP)
     output = process.communicate(timeout=600)[0]
