@@ -26,9 +26,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install        ## train -> export -> serve -> query the CNN on bundled digits (local Ray)
 	$(BIN)/python -m dlray.demo
 
-lint: install        ## ruff; mypy checks the strategies against their Protocol, and the loop with its Ray-free step and reports
+lint: install        ## ruff; mypy checks the strategies against their Protocol, the loop with its Ray-free step and reports, and the config with the family spec
 	$(BIN)/ruff check dlray tests
-	$(BIN)/mypy -p dlray.strategies -m dlray.loop -m dlray.step -m dlray.reports
+	$(BIN)/mypy -p dlray.strategies -p dlray.config -m dlray.models.family -m dlray.loop -m dlray.step -m dlray.reports
 
 test: lint           ## lint, then the whole suite (CI runs exactly this)
 	$(BIN)/pytest -q
