@@ -22,7 +22,7 @@ from dlray.config import load_config
 from dlray.console import Console
 from dlray.runfiles import read_history
 from dlray.train import fit, run_dir
-from dlray.watchdog import Heartbeat, Watchdog, top_frame
+from dlray.watchdog import WatchdogActor, top_frame
 
 from helpers import REPO, ray_train_worker_pids, wait_for
 
@@ -30,30 +30,42 @@ HANG_TIMEOUT_S = 3
 
 
 
-def test_a_validation_or_a_checkpoint_longer_than_the_timeout_is_not_a_hang_but_silence_is(ray_cluster, tmp_path):
-    """The watchdog actor with a 2 s timeout and a rank's Heartbeat: a validation whose batches take 3 s in all and a
-    4 s save keep the rank watched; 4 s of silence then has its stack taken and its process killed."""
-    rank_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the rank's process: one the test can lose
-    watchdog = Watchdog.start(2.0, str(tmp_path))
-    try:
-        beats = Heartbeat(watchdog.actor, 0, "node")
-        watchdog.actor.register.remote(0, rank_process.pid, ray.get_runtime_context().get_node_id(), "node")
+# A rank's side, in a process of its own (the watchdog kills the rank's process: never pytest's): a validation whose
+# batches take 3 s in all and a 4 s save, with a 2 s timeout; what the watchdog holds then; then silence.
+RANK = """
+import sys, time, ray
+from dlray.watchdog import Heartbeat
+ray.init(address=sys.argv[1])
+beats = Heartbeat(ray.get_actor(sys.argv[2], namespace="dlray-tests"), 0, "node")
+def validation_batches():
+    for batch in range(6):
+        time.sleep(0.5)
+        yield batch
+assert list(beats.through(validation_batches(), 7)) == list(range(6))
+with beats.alive(7):
+    time.sleep(4)  # a checkpoint's save and upload
+print("watched", ray.get(beats.actor.status.remote()), flush=True)
+time.sleep(600)
+"""
 
-        def validation_batches():
-            for batch in range(6):
-                time.sleep(0.5)
-                yield batch
-        assert list(beats.through(validation_batches(), 7)) == list(range(6))
-        with beats.alive(7):
-            time.sleep(4)  # a checkpoint's save and upload
-        assert ray.get(watchdog.actor.status.remote()) == {0: 7} and not Path(tmp_path, "hangs").exists()
-        wait_for(lambda: rank_process.poll() is not None, 60, "the silent rank was not killed")
+
+def test_a_validation_or_a_checkpoint_longer_than_the_timeout_is_not_a_hang_but_silence_is(ray_cluster, tmp_path):
+    name = f"watchdog-{os.getpid()}"
+    actor = WatchdogActor.options(name=name, namespace="dlray-tests").remote(2.0, str(tmp_path))
+    rank = subprocess.Popen([sys.executable, "-c", RANK, ray_cluster.get_runtime_context().gcs_address, name],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []  # Ray's own lines first
+        while (line := rank.stdout.readline()) and not line.startswith("watched"):
+            lines.append(line)
+        assert line == "watched {0: 7}\n", "".join(lines) + line  # still watched after both, at its step
+        assert rank.wait(timeout=60) == -signal.SIGKILL, "the silent rank was not killed"
         (hang,) = Path(tmp_path, "hangs").iterdir()
         assert "rank 0 on node, after step 7" in (hang / "summary.txt").read_text()
-        assert ray.get(watchdog.actor.status.remote()) == {}
+        assert ray.get(actor.status.remote()) == {}
     finally:
-        watchdog.stop()
-        rank_process.kill()
+        ray.kill(actor)
+        rank.kill()
 
 
 @pytest.mark.slow  # ~35 s idle, ~55 s on the 2 shared cores: a Ray Train run of ~10 s of steps, a hang, its dumps
