@@ -238,7 +238,7 @@ class Heartbeat:
         self.last = now
 
     def through(self, batches, global_step: int):
-        """`batches` (a validation's, the test split's), beating as they go by."""
+        """A validation's `batches`, beating as they go by (the test split comes after done(): unwatched)."""
         for batch in batches:
             yield batch
             self.step(global_step)
