@@ -17,6 +17,8 @@ DEV_EXTRAS ?= $(if $(shell command -v nvidia-smi),dev-gpu,dev)
 # vLLM requires torchvision, torchaudio and torchcodec, and the registry's builds of them are CUDA builds:
 # beside a CPU torch they fail to import (libc10_cuda.so, libnvrtc), and transformers' and vLLM's imports with
 # them. dlray serves text on vLLM and needs none of them, so a CPU install removes them (README: what pip check says then).
+# Then DeepSpeed's CPU collectives, compiled once here (~1 min) into this environment rather than at the first
+# DeepSpeed run's start (tests/conftest.py points TORCH_EXTENSIONS_DIR at the same directory).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -24,14 +26,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[$(DEV_EXTRAS)]'
 	if $(BIN)/python -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; then \
 		$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(VENV)/torch_extensions $(BIN)/python -c \
+		"from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+		|| echo "DeepSpeed's CPU collectives did not build here (a C++ compiler?): DeepSpeed tries again at its first CPU run"
 	touch $@
 
 demo: install        ## train -> export -> serve -> query the CNN on bundled digits (local Ray)
 	$(BIN)/python -m dlray.demo
 
-lint: install        ## ruff; mypy checks the strategies against their Protocol, and the loop with its Ray-free step and reports
+lint: install        ## ruff; mypy checks the strategies against their Protocol, the loop with its Ray-free step and reports, and the config with the family spec
 	$(BIN)/ruff check dlray tests
-	$(BIN)/mypy -p dlray.strategies -m dlray.loop -m dlray.step -m dlray.reports
+	$(BIN)/mypy -p dlray.strategies -p dlray.config -m dlray.models.family -m dlray.loop -m dlray.step -m dlray.reports
 
 test: lint           ## lint, then the whole suite (CI runs exactly this)
 	$(BIN)/pytest -q

@@ -12,7 +12,6 @@ Saving for a report and loading on resume share this one path.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -132,11 +131,8 @@ def restore(checkpoint: ray.train.Checkpoint, strategy, schedulers: list, ema=No
 
 def best_checkpoint(metric: str, mode: str) -> ray.train.Checkpoint | None:
     """The validated checkpoint with the best `metric` (checkpoints between validations carry none that counts)."""
-    reported = [r for r in ray.train.get_all_reported_checkpoints() if reports.scored(r.metrics.get(metric, math.nan))]
-    if not reported:
-        return None
-    pick = min if mode == "min" else max
-    return pick(reported, key=lambda r: r.metrics[metric]).checkpoint
+    best = reports.best(ray.train.get_all_reported_checkpoints(), metric, mode, lambda reported: reported.metrics)
+    return best.checkpoint if best else None
 
 
 def read_meta(checkpoint_dir: str | Path) -> dict:

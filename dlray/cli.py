@@ -79,6 +79,8 @@ def train(job: Path, overrides: Optional[list[str]] = OVERRIDES, verbose: bool =
     """Train on Ray Train: the cluster in RAY_ADDRESS, or a local Ray on 127.0.0.1."""
     cfg = _load(job, overrides)
     _check_fits(cfg)
+    from ray.train import TrainingFailedError
+
     from dlray import trackers
     from dlray.console import Console
     from dlray.local_cluster import init_ray
@@ -93,10 +95,25 @@ def train(job: Path, overrides: Optional[list[str]] = OVERRIDES, verbose: bool =
     with Console(cfg, verbose) as console:
         console.print(f"[dlray] training {job} as run {cfg.run.name}: {cfg.model.family}/{cfg.model.flavor}, "
                       f"{cfg.scaling.num_workers} workers{' with GPUs' if cfg.scaling.use_gpu else ''}, strategy {cfg.strategy.name}; run directory {run_dir(cfg)}")
-        result = fit(cfg, console=console)
+        try:
+            result = fit(cfg, console=console)
+        except TrainingFailedError as error:  # Ray Train V2's fit raises its Result's error: the summary says it, no traceback
+            result = failed_result(error, run_dir(cfg))
     console.summary(result, run_dir(cfg))
     if result.error:
         raise typer.Exit(1)
+
+
+def failed_result(error, path: str):
+    """A failed run's Result: its checkpoints (none before the first) and its error."""
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(path)
+    except RuntimeError:  # no checkpoint yet
+        result = Result(metrics={}, checkpoint=None, error=None, path=path, metrics_dataframe=None, best_checkpoints=[])
+    result.error = error
+    return result
 
 
 @app.command()

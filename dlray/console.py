@@ -29,7 +29,7 @@ from dlray.reports import Kind
 
 # Keys of an epoch report the epoch line leaves to metrics.csv and TensorBoard.
 NOT_SHOWN = {"epoch", "global_step", "step_in_epoch", "first_step_unix_time", "resumed_from_step", "num_nodes", "peak_rss_mib", "peak_private_mib",
-             "skipped_rows", "bad_validations", "tokens_seen"}
+             "skipped_rows", "bad_validations", "tokens_seen", "data_time_s", "data_time_spread"}
 RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "ray.serve")
 
 
@@ -61,6 +61,7 @@ class Console:
         self.tty = self.stream.isatty()
         self.validations: dict[int, dict] = {}  # each validation's report by global_step, a replayed one replacing the lost original
         self.final: dict = {}
+        self.failures: set[str] = set()  # the ranks' errors as printed, which the summary does not repeat
         self.starts = 0
         self.started_at = time.time()
         self._last_line = 0.0
@@ -101,6 +102,11 @@ class Console:
         if self._progress:
             self._progress.stop()
 
+    @property
+    def queue(self):
+        """What other parts of the run put ("warning", line) on to have it printed here (dlray.watchdog)."""
+        return self._queue
+
     def callbacks(self) -> list[UserCallback]:
         return [ConsoleRelay(self._queue)]
 
@@ -119,9 +125,16 @@ class Console:
 
     def handle(self, kind: str, payload) -> None:
         """One message from ConsoleRelay: ("report", one record per rank) or ("failure", {rank: error})."""
+        if kind == "warning":  # dlray.watchdog's: a hang, a straggler
+            self.print(payload)
+            return
         if kind == "failure":
+            ranks_by_error: dict[str, list[str]] = {}  # every rank of a diverged run fails alike: one line for them all
             for rank, error in payload.items():
-                self.print(f"[dlray] rank {rank} failed: {error}")
+                ranks_by_error.setdefault(error, []).append(str(rank))
+            for error, ranks in ranks_by_error.items():
+                self.failures.add(error.partition(": ")[2])
+                self.print(f"[dlray] rank{'s' if len(ranks) > 1 else ''} {','.join(ranks)} failed: {error}")
             return
         record = payload[0]  # rank 0's; the loop reduces epoch metrics over ranks before reporting
         {Kind.START: self._start, Kind.STEP: self._step, Kind.EPOCH: self._validation, Kind.CHECKPOINT: self._checkpoint,
@@ -161,6 +174,9 @@ class Console:
         record = ranks[0]
         self.validations[record["global_step"]] = record
         self.print(format_epoch(record, self.num_epochs, self.total_steps))
+        if record.get("nonfinite_steps"):
+            self.print(f"[dlray] warning: {record['nonfinite_steps']} optimizer steps skipped since the last validation: non-finite loss or "
+                       f"gradient norm (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps} in a row end the run)")
         self._bar(record["global_step"], record["epoch"])
 
     def _checkpoint(self, ranks: list[dict]) -> None:
@@ -190,10 +206,9 @@ class Console:
     def summary(self, result, run_dir: str) -> str:
         """The closing lines: the best validation, the test scores, where the files are, what to run next."""
         metric, mode = self.cfg.train.metric, self.cfg.train.mode
-        scored = [r for r in self.validations.values() if metric in r]
         lines = [f"[dlray] {'failed' if result.error else 'finished'} in {time.time() - self.started_at:.0f} s"]
-        if scored:
-            best = (min if mode == "min" else max)(scored, key=lambda r: r[metric])
+        best = reports.best(list(self.validations.values()), metric, mode)  # the validation of the best checkpoint named below
+        if best:
             lines[0] += (f": best {metric} {best[metric]:.4g} at epoch {best['epoch'] + 1} step {best['global_step']:,}"
                          f" ({len(self.validations)} validations)")
         patience = self.cfg.train.early_stopping_patience
@@ -203,11 +218,12 @@ class Console:
         if tests:
             lines.append("        test " + "  ".join(f"{k.removeprefix('test_')} {v:.4g}" for k, v in sorted(tests.items())))
         lines.append(f"        run directory {run_dir}: metrics.csv, curves.png, tensorboard/ (tensorboard --logdir {run_dir}/tensorboard)")
-        best_checkpoint = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
+        kept = reports.best(result.best_checkpoints, metric, mode, lambda checkpoint_and_metrics: checkpoint_and_metrics[1])
+        best_checkpoint = kept[0] if kept else None
         if best_checkpoint is not None:
             lines.append(f"        best checkpoint {best_checkpoint.path}")
             lines.append(f"        next: dlray export {run_dir} out/{self.cfg.run.name}")
-        if result.error:
+        if result.error and not any(failure and failure in one_line(result.error) for failure in self.failures):
             lines.append(f"        error: {one_line(result.error)}")
         text = "\n".join(lines)
         self.print(text)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import statistics
 import time
 from itertools import islice
 
@@ -36,15 +37,16 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from dlray import finetune, precision, reports
+from dlray import finetune, oom, precision, reports
 from dlray.batches import worker_data
 from dlray.checkpoint import UPLOAD_MODES, TrainState, best_checkpoint, report_with_checkpoint, restore
 from dlray.config import JobConfig
 from dlray.ema import EMA
 from dlray.models import FAMILIES
 from dlray.optim import apply_hyperparameters, build_optimizer, build_scheduler, is_per_step
-from dlray.step import EpochTotals, evaluate, optimizer_steps, prefixed, step_budget, train_step
+from dlray.step import EpochTotals, NonFiniteGuard, evaluate, optimizer_steps, prefixed, step_budget, timed, train_step
 from dlray.strategies import STRATEGIES
+from dlray.watchdog import Heartbeat, slowed
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -57,6 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     hardware = precision.detect(device)
+    oom.record_history(device)
     cfg, precision_why = with_precision(JobConfig.model_validate(config["job"]), hardware)
     family = FAMILIES[cfg.model.family]
     num_nodes, node = count_nodes(world)
@@ -64,6 +67,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     batches, data_info, tokenizer = worker_data(config, cfg, rank, world, device)
     model = build_model(family, cfg, data_info)
+    family = finetune.objective(family, cfg, model, device)  # finetune.objective's loss (DPO, ORPO, KTO) and its reference model
     flops_per_sample = model_flops_per_sample(family, model, data_info)
     strategy = STRATEGIES[cfg.strategy.name](cfg, device, family.shard_classes())
     model, optimizers = strategy.prepare(model, lambda module: make_optimizers(family, module, cfg, fused=device.type == "cuda"))
@@ -90,6 +94,8 @@ def train_loop_per_worker(config: dict) -> None:
     totals = EpochTotals.zeros(len(family.optimizers), device)
     progress = ProgressCadence(cfg.train.log_every_n_steps, rank)
     saves = CheckpointCadence(cfg, rank)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    beats = Heartbeat(config.get("watchdog"), rank, node)  # a watchdog outside the ranks times the steps (run.hang_timeout_s)
     interval = {"start": time.perf_counter(), "peak_private": private_mib()}  # since the last validation: throughput, memory
     started: dict[str, float] = {}  # when this run took its first optimizer step, reported with the validation that follows it
 
@@ -102,28 +108,30 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.train.val_max_batches:
             val_batches = islice(val_batches, cfg.train.val_max_batches)
         metrics = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": state.step_in_epoch} | totals.train_metrics(family.optimizers)
-        metrics |= prefixed("val", evaluate(model, family, val_batches, device, strategy.autocast))
-        metrics |= {"lr": optimizers[0].param_groups[0]["lr"]} | totals.throughput(elapsed)
+        metrics |= prefixed("val", evaluate(model, family, beats.through(val_batches, state.global_step), device, strategy.autocast))
+        metrics |= {"lr": optimizers[0].param_groups[0]["lr"], "nonfinite_steps": totals.nonfinite} | totals.throughput(elapsed)
         metrics |= {"resumed_from_step": resumed_from_step, "num_nodes": num_nodes, "peak_rss_mib": peak_rss_mib(),
                     "peak_private_mib": interval["peak_private"]} | started | tokens(state.global_step, tokens_per_step)
         started.clear()
-        metrics |= family.derived_metrics(metrics, data_info)
+        metrics |= family.derived_metrics(metrics, data_info) | data_time_spread(totals, world)
         metrics |= model_flops_utilisation(metrics["samples_per_sec"], flops_per_sample, world, hardware)
-        check_finite(metrics, cfg.train.metric, epoch)
+        check_finite(metrics, cfg.train.metric, epoch, trained=totals.steps > totals.nonfinite)
         for scheduler in schedulers:
             if not is_per_step(scheduler):
                 scheduler.step(metrics[cfg.train.metric])
         state.update(metrics[cfg.train.metric], cfg.train.mode)
         epoch_ended = state.step_in_epoch == steps_per_epoch
-        samples_png = sampler.grid_png(strategy, ema) if epoch_ended else None  # a generative family's grid: once an epoch
-        if epoch_ended:
-            state.next_epoch()
-        model.train()
-        report_with_checkpoint(reports.epoch(metrics), strategy, schedulers, state, cfg, data_info, ema, samples_png, tokenizer)
+        with beats.alive(state.global_step):
+            samples_png = sampler.grid_png(strategy, ema) if epoch_ended else None  # a generative family's grid: once an epoch
+            if epoch_ended:
+                state.next_epoch()
+            model.train()
+            report_with_checkpoint(reports.epoch(metrics), strategy, schedulers, state, cfg, data_info, ema, samples_png, tokenizer)
         saves.saved()
         totals.zero()
         interval.update(start=time.perf_counter(), peak_private=private_mib())
         progress.restart()  # the next step report counts from this one
+        beats.step(state.global_step)
         patience = cfg.train.early_stopping_patience
         return bool(patience and state.bad_validations >= patience)
 
@@ -132,11 +140,14 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, done = state.epoch, state.step_in_epoch
         model.train()
         window = Window(time.perf_counter())
-        micro_batches = batches.train(epoch, done * accumulation, prefetch_next=epoch + 1 < num_epochs)
+        micro_batches = timed(slowed(batches.train(epoch, done * accumulation, prefetch_next=epoch + 1 < num_epochs), rank), totals)
         for step_batches in optimizer_steps(micro_batches, accumulation):
-            train_step(model, family, strategy, step_batches, totals, accumulation, schedulers)
+            with oom.explained(cfg, state.global_step + 1, rank, device):
+                nonfinite = train_step(model, family, strategy, step_batches, totals, accumulation, schedulers)
             state.global_step += 1
             state.step_in_epoch += 1
+            guard.check(state.global_step, nonfinite)
+            beats.step(state.global_step, totals)
             if ema:
                 ema.update()
             if state.global_step == 1:  # the run's start-up latency ends here (`dlray bench cluster` reads it)
@@ -154,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             if due:
                 record = {"epoch": epoch, "global_step": state.global_step, "step_in_epoch": state.step_in_epoch,
-                          "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"]} | window.read(totals)
+                          "steps_per_epoch": steps_per_epoch, "lr": optimizers[0].param_groups[0]["lr"], "nonfinite_steps": totals.nonfinite} | window.read(totals)
                 # In the checkpoints' upload mode: a sync-mode report would wait for an async upload still running.
                 ray.train.report(reports.step(**record, **tokens(state.global_step, tokens_per_step), **family.derived_metrics(record, data_info)),
                                  checkpoint_upload_mode=UPLOAD_MODES[cfg.run.checkpoint_upload])
@@ -162,11 +173,13 @@ def train_loop_per_worker(config: dict) -> None:
             if reason := saves.due(state.global_step, at_report=due):
                 report = reports.checkpoint(epoch=epoch, global_step=state.global_step, step_in_epoch=state.step_in_epoch, reason=reason,
                                             metric=cfg.train.metric, mode=cfg.train.mode)
-                report_with_checkpoint(report, strategy, schedulers, state, cfg, data_info, ema, None, tokenizer)
+                with beats.alive(state.global_step):
+                    report_with_checkpoint(report, strategy, schedulers, state, cfg, data_info, ema, None, tokenizer)
                 saves.saved()
         if not stopped:
             stopped = validate(epoch)
 
+    beats.done()
     # Finish on the best weights, as early stopping promises, and score them once on the test split.
     best = best_checkpoint(cfg.train.metric, cfg.train.mode)
     if best is not None:
@@ -212,8 +225,10 @@ def resume(checkpoint: ray.train.Checkpoint | None, cfg: JobConfig, strategy, op
     return state
 
 
-def check_finite(metrics: dict, metric: str, epoch: int) -> None:
-    for key in dict.fromkeys(["train_loss", metric]):  # accuracy can look finite while the loss is NaN
+def check_finite(metrics: dict, metric: str, epoch: int, trained: bool = True) -> None:
+    """`trained`: whether any step since the last validation was applied (else train_loss has no value; the
+    skipped steps are NonFiniteGuard's to judge)."""
+    for key in dict.fromkeys(["train_loss", metric] if trained else [metric]):  # accuracy can look finite while the loss is NaN
         if not math.isfinite(metrics[key]):
             raise FloatingPointError(f"{key} is {metrics[key]} at epoch {epoch}: training diverged (check optim.lr)")
 
@@ -352,14 +367,25 @@ class Window:
     """This rank's training loss and throughput since its last step report, from the epoch's running totals."""
 
     def __init__(self, start: float):
-        self.time, self.loss_sum, self.rows = start, 0.0, 0.0
+        self.time, self.loss_sum, self.rows, self.data_s, self.steps = start, 0.0, 0.0, 0.0, 0
 
     def read(self, totals: EpochTotals) -> dict[str, float]:
+        """train_loss, samples_per_sec, and data_time_s: the rank's seconds per step waiting for its batches (EpochTotals.data_s)."""
         loss_sum, rows = torch.stack([totals.losses.sum(), totals.samples]).tolist()  # one device sync per report, not per step
         now = time.perf_counter()
-        window = {"train_loss": (loss_sum - self.loss_sum) / max(rows - self.rows, 1), "samples_per_sec": (rows - self.rows) / (now - self.time)}
-        self.time, self.loss_sum, self.rows = now, loss_sum, rows
+        window = {"train_loss": (loss_sum - self.loss_sum) / max(rows - self.rows, 1), "samples_per_sec": (rows - self.rows) / (now - self.time),
+                  "data_time_s": (totals.data_s - self.data_s) / max(totals.steps - self.steps, 1)}
+        self.time, self.loss_sum, self.rows, self.data_s, self.steps = now, loss_sum, rows, totals.data_s, totals.steps
         return window
+
+
+def data_time_spread(totals: EpochTotals, world: int) -> dict[str, float]:
+    """The ranks' seconds per step waiting for their batches since the last validation (EpochTotals.data_s):
+    data_time_s, their median, and data_time_spread, the slowest rank's less the fastest's (0: none lags)."""
+    times: list[float] = [0.0] * world
+    dist.all_gather_object(times, totals.data_s / max(totals.steps, 1))
+    median = statistics.median(times)
+    return {"data_time_s": median, "data_time_spread": max(times) - min(times)}
 
 
 def peak_rss_mib() -> float:

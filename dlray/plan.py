@@ -139,6 +139,9 @@ def plan(cfg: JobConfig, activations: int | None = None) -> Plan:
     state = state_bytes(cfg, weight_bytes, t, n, largest_block, precision)
     per_device = {"params": state.pop("params"), "grads": state.pop("grads"), "optimizer": state.pop("optimizer"),
                   "activations": activations, "temporary": state.pop("temporary")}
+    if cfg.finetune.objective in ("dpo", "kto") and not cfg.finetune.adapter:  # dlray.finetune.objective's frozen copy, whole on every worker
+        per_device["reference"] = weight_bytes
+        notes.append("reference: the frozen copy of the starting weights that DPO and KTO compare with, unsharded on each worker")
     offloaded = {part.removeprefix("offloaded_"): size for part, size in state.items()}
     memory = DEVICE_MEMORY_GIB[cfg.scaling.accelerator_type] * GiB if cfg.scaling.accelerator_type else None
     return Plan(n, t, cfg.scaling.num_workers, precision, per_device, offloaded, memory, notes + info_notes)
@@ -303,6 +306,8 @@ def fake_batch(cfg: JobConfig, info: dict) -> tuple:
         return torch.rand(size, *info["image_shape"]), torch.randint(0, len(info["class_names"]), (size,))
     if SOURCES[data.name].kind == "sequence":
         return torch.rand(size, *info["sequence_shape"]), torch.randint(0, len(info["class_names"]), (size,))
+    if data.name == "preference":  # a pair's (or KTO's completion and KL) sequences go through one forward: twice the sequences
+        size *= 2
     ids = torch.randint(0, info["vocab_size"], (size, data.max_seq_len))
     if data.name == "text_classification":
         return ids, torch.ones_like(ids), torch.randint(0, len(info["class_names"]), (size,))

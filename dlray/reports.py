@@ -50,15 +50,20 @@ def start(*, node: str, num_nodes: int, device: str, precision: str, precision_w
 
 
 def step(*, epoch: int, global_step: int, step_in_epoch: int, steps_per_epoch: int, lr: float, train_loss: float, samples_per_sec: float,
-         **derived: float) -> dict:
-    """`train_loss`, `samples_per_sec`: this rank's since its last step report; `derived`: the family's
+         data_time_s: float = 0.0, nonfinite_steps: int = 0, **derived: float) -> dict:
+    """`train_loss`, `samples_per_sec`, `data_time_s` (seconds per step waiting for its batches, a straggler's
+    usual cause: the rank's own time): this rank's since its last step report; `nonfinite_steps`: the optimizer
+    steps skipped as non-finite since the last validation (dlray.step.train_step); `derived`: the family's
     derived metrics of those (tokens_per_sec, ...)."""
     return {KIND: Kind.STEP.value, "epoch": epoch, "global_step": global_step, "step_in_epoch": step_in_epoch, "steps_per_epoch": steps_per_epoch,
-            "lr": lr, "train_loss": train_loss, "samples_per_sec": samples_per_sec, **derived}
+            "lr": lr, "train_loss": train_loss, "samples_per_sec": samples_per_sec, "data_time_s": data_time_s,
+            "nonfinite_steps": nonfinite_steps, **derived}
 
 
 def epoch(metrics: dict) -> dict:
-    """`metrics`: epoch, global_step, train_loss, val_*, lr, samples_per_sec, ... (the columns of metrics.csv)."""
+    """`metrics`: epoch, global_step, train_loss, val_*, lr, samples_per_sec, nonfinite_steps (optimizer steps skipped as
+    non-finite since the last validation), data_time_s and data_time_spread (the ranks' seconds per step waiting
+    for their batches: the median, and the slowest rank's less the fastest's), ... (the columns of metrics.csv)."""
     return {KIND: Kind.EPOCH.value, **metrics}
 
 
@@ -77,6 +82,16 @@ WORST = sys.float_info.max
 def scored(value: float) -> bool:
     """Whether a train.metric value was measured (not a checkpoint's placeholder, not NaN)."""
     return math.isfinite(value) and abs(value) != WORST
+
+
+def best(records: list, metric: str, mode: str, metrics=lambda record: record):
+    """The record with the best `metric` (`metrics(record)`: its metrics), the latest (highest global_step) among
+    equal scores, as Ray Train keeps the later of equally scored checkpoints; None when none was scored."""
+    scored_records = [r for r in records if scored(metrics(r).get(metric, math.nan))]
+    if not scored_records:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(scored_records, key=lambda r: (sign * metrics(r)[metric], metrics(r).get("global_step", 0)))
 
 
 def final(metrics: dict) -> dict:

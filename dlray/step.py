@@ -2,8 +2,9 @@
 worker (dlray.loop) drives them, and so do the tests, in plain process groups:
 
     totals = EpochTotals.zeros(len(family.optimizers), device)
-    for micro_batches in optimizer_steps(batches.train(epoch), accumulation):
-        train_step(model, family, strategy, micro_batches, totals, accumulation, schedulers)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    for global_step, micro_batches in enumerate(optimizer_steps(batches.train(epoch), accumulation), 1):
+        guard.check(global_step, train_step(model, family, strategy, micro_batches, totals, accumulation, schedulers))
     totals.all_reduce()                                                          # one collective
     metrics = totals.train_metrics(family.optimizers) | prefixed("val", evaluate(model, family, val_batches, device, strategy.autocast))
 
@@ -14,6 +15,7 @@ Nothing here knows of Ray; every rank calls the same functions in the same order
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ class EpochTotals:
     samples: torch.Tensor  # rows trained on (a 0-d view)
     skipped: torch.Tensor  # rows the data skipped (a 0-d view)
     steps: int = 0  # optimizer steps taken: the same on every rank, never reduced
+    nonfinite: int = 0  # of those, the steps skipped as non-finite (the same on every rank: train_step all-reduces the flag)
+    data_s: float = 0.0  # this rank's seconds waiting for its micro-batches (`timed`): its own, no collective in it (stragglers)
     counts_skipped: bool = False  # whether the data counts skipped rows (streamed data does)
 
     @classmethod
@@ -52,7 +56,8 @@ class EpochTotals:
     def zero(self) -> None:
         """Start the sums again (after a validation reported them)."""
         self.buffer.zero_()
-        self.steps = 0
+        self.steps = self.nonfinite = 0
+        self.data_s = 0.0
 
     def all_reduce(self) -> None:
         """Sum over the ranks, in place. The gradient norms, already the same on every rank (gradients are
@@ -63,9 +68,9 @@ class EpochTotals:
     def train_metrics(self, phases: Sequence[str]) -> dict[str, float]:
         """train_loss (over every optimizer's loss) and grad_norm (mean over the optimizer steps); with
         several optimizers also each one's: train_<phase>_loss and <phase>_grad_norm (a GAN's generator
-        and discriminator)."""
+        and discriminator). Over the steps applied: NaN where every step was skipped as non-finite."""
         n = len(phases)
-        values = torch.cat([self.losses.sum()[None] / self.samples, self.losses / self.samples, self.grad_norms / max(self.steps, 1)]).tolist()
+        values = torch.cat([self.losses.sum()[None] / self.samples, self.losses / self.samples, self.grad_norms / max(self.steps - self.nonfinite, 1)]).tolist()
         loss, losses, norms = values[0], values[1 : n + 1], values[n + 1 :]  # read with one device sync
         if len(phases) == 1:
             return {"train_loss": loss, "grad_norm": norms[0]}
@@ -95,12 +100,33 @@ def optimizer_steps(micro_batches: Iterable[MicroBatch], accumulation: int) -> I
         yield chain([first], islice(iterator, accumulation - 1))
 
 
+def timed(micro_batches: Iterable[MicroBatch], totals: EpochTotals) -> Iterator[MicroBatch]:
+    """`micro_batches`, the seconds this rank waits for each added to totals.data_s. A rank's own time: in
+    synchronous data parallel training every rank's step takes as long as the slowest's, which the others spend
+    waiting in a collective (DDP's forward broadcasts buffers, FSDP's gathers), while the wait for data is its own."""
+    iterator = iter(micro_batches)
+    while True:
+        start = time.perf_counter()
+        item = next(iterator, None)
+        totals.data_s += time.perf_counter() - start
+        if item is None:
+            return
+        yield item
+
+
 def train_step(model: torch.nn.Module, family: Any, strategy: Any, micro_batches: Iterable[MicroBatch], totals: EpochTotals,
-               accumulation: int = 1, schedulers: Sequence[Any] = ()) -> None:
+               accumulation: int = 1, schedulers: Sequence[Any] = ()) -> str:
     """One optimizer step of each of the family's optimizers (a GAN's players take turns on every
     micro-batch) over `micro_batches`: forward under the strategy's autocast, backward of the loss over
     `accumulation` (gradients synchronised on the last micro-batch only), then the strategy's step (clip,
-    apply, zero) and the per-step schedules. Sums the losses, rows and gradient norms into `totals`."""
+    apply, zero) and the per-step schedules. Sums the losses, rows and gradient norms into `totals`.
+
+    What was non-finite on any rank ("loss", "grad norm", "loss and grad norm"; "" when nothing was), the
+    same on every rank. Such a step moved no weights: the strategy skips a non-finite gradient norm (the
+    norm of the reduced gradients, the same on every rank; a non-finite loss makes one), GradScaler and
+    DeepSpeed each by their own overflow check; its loss, rows and norm stay out of `totals`, which counts it."""
+    losses, norms = torch.zeros_like(totals.losses), torch.zeros_like(totals.grad_norms)
+    samples = 0
     for (batch, weight, skipped), last in with_last(micro_batches):
         batch, rows, scale = real_rows(batch, weight)
         batch = to_device(batch, strategy.device)
@@ -108,16 +134,58 @@ def train_step(model: torch.nn.Module, family: Any, strategy: Any, micro_batches
             with strategy.autocast():
                 loss = family.training_loss(model, batch, phase)
             strategy.backward(loss * scale / accumulation, sync=last)
-            totals.losses[index] += loss.detach() * rows  # no .item(): it would wait for the GPU every micro-batch
+            losses[index] += loss.detach() * rows  # no .item(): it would wait for the GPU every micro-batch
             if last:
-                totals.grad_norms[index] += strategy.step(index)
-                if index < len(schedulers) and is_per_step(schedulers[index]):
-                    schedulers[index].step()
-        totals.samples += rows
+                norms[index] = strategy.step(index)
+            if last and index < len(schedulers) and is_per_step(schedulers[index]):
+                schedulers[index].step()
+        samples += rows
         if skipped is not None:
             totals.skipped += int(skipped.sum())
             totals.counts_skipped = True
     totals.steps += 1
+    # One small collective and one wait for the device a step: the ranks must agree on the count and on when to stop.
+    flags = torch.stack([losses.isfinite().all(), norms.isfinite().all()]).logical_not().to(torch.float64)
+    dist.all_reduce(flags)
+    bad_loss, bad_norm = (flags > 0).tolist()
+    if bad_loss or bad_norm:
+        totals.nonfinite += 1
+        return " and ".join(what for what, bad in (("loss", bad_loss), ("grad norm", bad_norm)) if bad)
+    totals.losses += losses
+    totals.grad_norms += norms
+    totals.samples += samples
+    return ""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training diverged: too many optimizer steps in a row were non-finite."""
+
+
+class NonFiniteGuard:
+    """Ends a run whose optimizer steps come out non-finite `max_in_a_row` times in a row (train.max_nonfinite_steps),
+    naming the first of them; fewer are skipped (as a loss scaler's overflows are) and training goes on.
+
+        guard.check(global_step, train_step(...))   # raises NonFiniteError at the limit
+    """
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row, self.first = 0, (0, "")
+
+    def check(self, global_step: int, nonfinite: str) -> None:
+        """After optimizer step `global_step` (1-based), with what train_step found non-finite ("" when nothing)."""
+        if not nonfinite:
+            self.in_a_row = 0
+            return
+        if self.in_a_row == 0:
+            self.first = (global_step, nonfinite)
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_in_a_row:
+            step, what = self.first
+            raise NonFiniteError(
+                f"training diverged: {self.in_a_row} optimizer steps in a row were non-finite, from step {step} on (non-finite: {what}); "
+                "each was skipped, so the weights and the best checkpoint are those before it. Lower optim.lr, set train.max_grad_norm, "
+                "or raise train.max_nonfinite_steps")
 
 
 @torch.no_grad()

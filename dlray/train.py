@@ -22,6 +22,7 @@ from dlray.local_cluster import init_ray
 from dlray.loop import train_loop_per_worker
 from dlray.runfiles import MetricsLogger
 from dlray.streaming import prepare_data, train_data_config
+from dlray.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from dlray.console import Console
@@ -53,9 +54,10 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
         ray.data.DataContext.get_current().use_ray_tqdm = False
     data = data_for_workers(cfg)
     log_level = "INFO" if verbose else "WARNING"
+    watchdog = Watchdog.start(cfg.run.hang_timeout_s, run_dir(cfg), console.queue if console else None)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), **data.worker_config, "log_level": log_level},
+        train_loop_config={"job": cfg.model_dump(mode="json"), **data.worker_config, "log_level": log_level, "watchdog": watchdog and watchdog.actor},
         datasets=data.datasets,
         dataset_config=train_data_config(),
         scaling_config=ScalingConfig(
@@ -79,7 +81,11 @@ def fit(cfg: JobConfig, callbacks: list | None = None, console: Console | None =
             logging_config=ray.train.LoggingConfig(log_level=log_level),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if watchdog:
+            watchdog.stop()
 
 
 def data_for_workers(cfg: JobConfig) -> PreparedData:
@@ -153,4 +159,5 @@ def nodes_not_seeing(path: str, nodes: list[dict]) -> list[str]:
 def worker_env(cfg: JobConfig) -> dict[str, str]:
     # DeepSpeed's accelerator follows the workers' device, whatever the submitting environment says
     # (a DS_ACCELERATOR=cpu left there by a laptop run would put GPU workers on its CPU backend).
-    return {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu"}
+    # DLRAY_TEST_SLOW_RANK: the straggler test's hook (dlray.watchdog.slowed), passed on where it is set.
+    return {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu"} | {k: v for k, v in os.environ.items() if k == "DLRAY_TEST_SLOW_RANK"}

@@ -11,6 +11,10 @@ import torch
 from helpers import KILLED_AFTER_STEP, KILLED_RUN_TRAINING, REPO, SECRET, kill_a_worker_once_committed, ray_train_worker_pids, validations_after_losing_a_worker
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed compiles its CPU shared-memory collectives (deepspeed_shm_comm) on first use, into one directory per
+# user by default: two virtual environments (the checkout's and a fresh clone's, as CI makes one) then rebuild
+# it in turn, ~1 min each time. One directory per environment; `make install` builds it there.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # As dlray.local_cluster.init_ray does for a local Ray: the Train controller polls workers for reports every
 # 0.25 s instead of 2 s, so the tests' sub-second epochs do not each wait for the next poll.
@@ -94,10 +98,11 @@ def digits_run(ray_cluster, tmp_path_factory):
 def killed_worker_run(ray_cluster, tmp_path_factory):
     """One run that loses a worker, for test_train (it resumes to the uninterrupted run's numbers) and
     test_tracking (one MLflow run and one W&B run through the restart, no credentials anywhere):
-    `dlray train` of the debug CNN, streamed, with MLflow and W&B (offline) on, one of its workers killed
+    `dlray train --verbose` of the debug CNN, streamed, with MLflow and W&B (offline) on, one of its workers killed
     once a checkpoint mid-epoch 1 is committed, then `dlray export` of the run. The CLI joins the session's Ray
     from a shell whose MLFLOW_TRACKING_URI (a store only it names) and W&B key reach the Train controller
-    through the runtime env alone: the session's Ray processes were started without them."""
+    through the runtime env alone: the session's Ray processes were started without them. --verbose: Ray's own
+lines are back (test_console), and no credential is in them either (test_tracking)."""
     from dlray.config import load_config
     from dlray.runfiles import read_history
     from dlray.train import run_dir
@@ -111,7 +116,7 @@ def killed_worker_run(ray_cluster, tmp_path_factory):
     cfg = load_config(job, overrides)
     env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri, "WANDB_API_KEY": SECRET}
     lingering = set(ray_train_worker_pids())
-    process = subprocess.Popen([sys.executable, "-m", "dlray.cli", "train", str(job), *overrides], env=env, cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "dlray.cli", "train", "--verbose", str(job), *overrides], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     committed = kill_a_worker_once_committed(run_dir(cfg), lingering, KILLED_AFTER_STEP)
     output = process.communicate(timeout=600)[0]

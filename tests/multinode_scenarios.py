@@ -30,7 +30,9 @@ JOB = Path(__file__).resolve().parents[1] / "jobs/debug/cnn_cpu.yaml"
 
 
 def job(storage, name, *overrides):
-    return load_config(JOB, [f"run.storage_path={storage}", f"run.name={name}", "optim.lr=0.01", "scheduler.name=constant", *overrides])
+    # No hang watchdog (run.hang_timeout_s): an actor process of its own per run, and test_watchdog.py's subject, not these.
+    return load_config(JOB, [f"run.storage_path={storage}", f"run.name={name}", "optim.lr=0.01", "scheduler.name=constant", "run.hang_timeout_s=null",
+                             *overrides])
 
 
 def epochs(cfg):
@@ -38,15 +40,22 @@ def epochs(cfg):
 
 
 def placement(cluster, storage):
-    """Single node (STRICT_PACK onto the one 2-CPU node) vs STRICT_SPREAD over two nodes: same seed, same numbers."""
+    """Single node (STRICT_PACK onto the one 2-CPU node) vs STRICT_SPREAD over two nodes: same seed, same numbers.
+    The two runs at once, each on nodes of its own: the single one can only pack onto the CPU-only node (the
+    one with 2 CPUs), the spread one asks for the training nodes' `trainer` resource."""
     # Without augmentation: after 2 epochs of the debug CNN its draws alone moved val_accuracy from 0.23
     # to 0.68 (seeds 42 and 1), and this test is about placement, not luck (0.90 without).
     common = ("train.num_epochs=2", "data.augment=false")
     single = job(storage, "single", *common, "scaling.placement_strategy=STRICT_PACK")
-    spread = job(storage, "spread", *common, "scaling.placement_strategy=STRICT_SPREAD")
+    spread = job(storage, "spread", *common, "scaling.placement_strategy=STRICT_SPREAD", "scaling.resources_per_worker={CPU: 1, trainer: 1}")
     check_shared_storage(str(storage))  # passes: every raylet here shares this host's disk
-    fit(single)
-    fit(spread)
+    results = {}
+    threads = [threading.Thread(target=lambda cfg=cfg: results.setdefault(cfg.run.name, fit(cfg))) for cfg in (single, spread)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert all(results[cfg.run.name].error is None for cfg in (single, spread)), results
     return {
         "single": epochs(single),
         "spread": epochs(spread),
@@ -56,12 +65,12 @@ def placement(cluster, storage):
 
 def node_loss(cluster, storage, spare_args):
     """Streamed digits trained on two training nodes (1 CPU and the `trainer` resource each: the
-    stand-in for GPU nodes) beside a CPU-only node. Remove a training node after the second committed
-    checkpoint; once Ray has marked it dead, add one back; the run resumes from that checkpoint and
+    stand-in for GPU nodes) beside a CPU-only node. Remove a training node once the first checkpoint (epoch
+    0's, of 3) is committed; once Ray has marked it dead, add one back; the run resumes from that checkpoint and
     finishes. Also where Ray's own records say the training workers and the preprocessing tasks ran."""
     from ray.util.state import list_actors, list_tasks
 
-    cfg = job(storage, "node-loss", "train.num_epochs=4", "run.max_failures=2", "scaling.placement_strategy=STRICT_SPREAD",
+    cfg = job(storage, "node-loss", "train.num_epochs=3", "run.max_failures=2", "scaling.placement_strategy=STRICT_SPREAD",
               "data.streaming=true", "scaling.resources_per_worker={CPU: 1, trainer: 1}")
     # This cluster by address: the test session's own Ray runs beside it on this host.
     def train_workers():
@@ -71,7 +80,7 @@ def node_loss(cluster, storage, spare_args):
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", fit(cfg)))
     thread.start()
-    wait_for_committed_checkpoint(run_dir(cfg), epoch=1)
+    wait_for_committed_checkpoint(run_dir(cfg), epoch=0)
     kinds = node_kinds()
     victim = next(node for node in cluster.list_all_nodes() if kinds.get(node.node_id) == "trainer")  # the Cluster keeps its nodes in a set
     cluster.remove_node(victim, allow_graceful=False)
@@ -190,15 +199,23 @@ if os.environ.get("DLRAY_PREEMPTION_SCENARIO") == "1":
 def main(storage: str):
     storage = Path(storage)
     # Ray Train's preemption watcher (a local Ray started by dlray turns it off: there are no drains there),
-    # polling the drain state more often than its 5 s default, so that the preemption scenario is short.
-    # The raylets started below pass both on to the Train controller.
-    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
+    # polling the drain state more often than its 5 s default, so that the preemption scenario is short; only
+    # where that scenario runs, since it is an actor process of its own beside every worker group. The
+    # raylets started below pass both on to the Train controller.
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1" if "preemption" in SCENARIOS else "0"
     os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"
+    # Ray Data's progress bars (one per operator, redrawn in the driver's output) off: node-loss's streamed
+    # epochs drew ~10,000 lines of them, the output a failure shows the end of.
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     # The dashboard serves Ray's state API (list_tasks), which node-loss reads; on a port of its own
     # (the test session's Ray has 8265).
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()})
-    for args in NODES:
-        cluster.add_node(**args)
+    # The GCS checks each raylet every second instead of every 3 s: a removed node (node-loss) is marked dead after
+    # 5 failed checks, ~5 s instead of ~15, and the run waits on that to restart. A live raylet still has the
+    # default 10 s to answer each check, so a loaded machine does not lose one.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port(),
+                                                            "_system_config": {"health_check_period_ms": 1000}})
+    for args in NODES:  # their raylets start side by side
+        cluster.add_node(wait=False, **args)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     try:

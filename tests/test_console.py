@@ -3,14 +3,12 @@
 submit`, is checked in test_job_submit.py."""
 
 import io
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
 from dlray import reports
+from dlray.checkpoint import checkpoint_name
 from dlray.config import load_config
 from dlray.console import Console, ConsoleRelay
 from dlray.reports import Kind
@@ -40,10 +38,10 @@ def console(overrides=(), tty=False):
     return Console(cfg, stream=stream), stream
 
 
-def finished(best_path="/runs/r/checkpoint_step00000040", error=None):
-    """The parts of ray.train.Result the summary reads."""
-    checkpoint = SimpleNamespace(path=best_path)
-    return SimpleNamespace(error=error, best_checkpoints=[(checkpoint, {})], get_best_checkpoint=lambda metric, mode: checkpoint)
+def finished(kept=((40, 0.9),), error=None):
+    """The parts of ray.train.Result the summary reads: the kept checkpoints, (step, val_accuracy) each."""
+    return SimpleNamespace(error=error, best_checkpoints=[(SimpleNamespace(path=f"/runs/r/{checkpoint_name(step)}"), {"global_step": step, "val_accuracy": accuracy})
+                                                          for step, accuracy in kept])
 
 
 def test_reports_say_their_kind_and_metrics_csv_rows_read_back_as_theirs(tmp_path):
@@ -108,6 +106,15 @@ def test_early_stopping_is_named_in_the_summary():
         "best val_accuracy 0.9 at epoch 1 step 20 (3 validations) (stopped early: no better val_accuracy for 2 validations)")
 
 
+def test_of_equally_scored_validations_the_summary_names_the_later_and_its_checkpoint():
+    """Ray Train keeps the later of equally scored checkpoints; the summary's best validation is that one's."""
+    view, out = console()
+    for index, accuracy in enumerate([0.9, 0.9, 0.7]):
+        view.handle("report", [epoch(index, accuracy)])
+    lines = view.summary(finished(kept=((20, 0.9), (40, 0.9), (60, 0.7))), "/runs/r").splitlines()
+    assert lines[0].endswith("best val_accuracy 0.9 at epoch 2 step 40 (3 validations)") and lines[2] == "        best checkpoint /runs/r/checkpoint_step00000040"
+
+
 def test_a_step_budget_shows_steps_of_the_budget_tokens_seen_validations_and_checkpoints_within_the_epoch():
     view, out = console(["run.progress_interval_s=0"])
     view.handle("report", [dict(START, steps_per_epoch=50_000, total_steps=10_000, num_epochs=1, tokens_per_step=4096)])
@@ -133,11 +140,9 @@ def test_a_terminal_gets_a_progress_bar():
 
 
 @pytest.mark.slow
-def test_verbose_brings_back_rays_own_lines(ray_cluster, tmp_path):
-    """`dlray train --verbose` as a user runs it (on the session's Ray): Ray Train's per-report lines are back."""
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "dlray.cli", "train", "--verbose", "jobs/debug/cnn_cpu.yaml", "train.num_epochs=1", f"run.storage_path={tmp_path}"]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "TrainingReport(" in done.stdout + done.stderr
-    assert "[dlray] finished in " in done.stdout and "next: dlray export" in done.stdout
+def test_verbose_brings_back_rays_own_lines(killed_worker_run):
+    """`dlray train --verbose` as a user runs it (the session's tracked run that loses a worker, conftest.py): Ray
+    Train's per-report lines are back, with dlray's own."""
+    output = killed_worker_run["output"]
+    assert "TrainingReport(" in output
+    assert "[dlray] finished in " in output and "next: dlray export" in output

@@ -130,7 +130,8 @@ def test_a_corrupt_image_in_memory_is_named_or_skipped(tmp_path):
 
 
 def test_each_source_takes_only_its_keys_and_names_the_others():
-    with pytest.raises(ValueError, match=r"data.max_seq_len applies only to text data or labelled text data \(data.name 'text' or 'text_classification'\), got data.name 'digits'"):
+    with pytest.raises(ValueError, match=r"data.max_seq_len applies only to text data or labelled text data or preference data "
+                                         r"\(data.name 'text' or 'text_classification' or 'preference'\), got data.name 'digits'"):
         data_config(max_seq_len=64)
     with pytest.raises(ValueError, match=r"unknown key 'data.imagesize'; allowed keys here: name, .*image_size"):
         data_config(imagesize=16)

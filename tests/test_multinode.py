@@ -40,9 +40,10 @@ def test_losing_a_training_node_resumes_from_the_last_checkpoint_and_preprocessi
     result = scenarios["node-loss"]
     assert result["error"] is None, result["error"]
     history = result["epochs"]
-    assert [r["epoch"] for r in history] == list(range(4))
+    assert [r["epoch"] for r in history] == list(range(3))
+    # The node went once epoch 0's checkpoint was committed: the run went on from it (or a later one), not from scratch.
     resumed = [r for r in history if r["resumed_from_step"] > 0]
-    assert resumed and resumed[0]["resumed_from_step"] >= 2 * history[0]["global_step"], history
+    assert resumed and resumed[0]["resumed_from_step"] >= history[0]["global_step"], history
     assert {r["num_nodes"] for r in history} == {2}
     # Streamed data: the training workers on the training nodes, the decode/resize tasks on the
     # CPU-only node (the training nodes' CPUs are the workers'), as Ray's task records place them.

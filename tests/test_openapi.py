@@ -9,6 +9,7 @@ passes them samples in milliseconds.
 """
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import hypothesis
@@ -39,20 +40,22 @@ def diffusion_artifact(directory):
     return write_artifact(diffusion.build(model_cfg, info), {"task": "images", "model": model_cfg, "data_info": info, "serve": {}}, directory)
 
 
-@pytest.fixture()
-def endpoint(request, serve_artifact, tmp_path):
-    """(base URL, a normal request) of the parametrized endpoint, served alone (one replica at a time)."""
-    from ray import serve
-
-    artifact, overrides, normal = {
-        "classify": (lambda: request.getfixturevalue("digits_run")[3], {}, ("/v1/classify", {"image": [[0.5] * 8] * 8})),
-        "images": (lambda: diffusion_artifact(tmp_path / "unet"), {"max_images_per_request": 2, "max_inference_steps": 3, "num_inference_steps": 2},
+@pytest.fixture(scope="module")
+def endpoints(digits_run, serve_artifact, tmp_path_factory):
+    """name -> (base URL, a normal request) of each endpoint. The three deploy at once, each in a thread of its
+    own: a replica's start (a worker process importing torch and dlray) is most of a deploy's time, and they
+    overlap. One replica each (1 CPU), beside each other while the module runs."""
+    directory = tmp_path_factory.mktemp("openapi")
+    apps = {
+        "classify": (digits_run[3], {}, ("/v1/classify", {"image": [[0.5] * 8] * 8})),
+        "images": (diffusion_artifact(directory / "unet"), {"max_images_per_request": 2, "max_inference_steps": 3, "num_inference_steps": 2},
                    ("/v1/images/generations", {"seed": 0})),
-        "generate": (lambda: write_llm_artifact(tmp_path / "llm"), {"max_tokens_limit": 16, "max_completions_per_request": 2},
+        "generate": (write_llm_artifact(directory / "llm"), {"max_tokens_limit": 16, "max_completions_per_request": 2},
                      ("/v1/completions", {"prompt": "x", "max_tokens": 2})),
-    }[request.param]
-    yield serve_artifact(artifact(), name=request.param, **overrides), normal
-    serve.delete(request.param)
+    }
+    with ThreadPoolExecutor(len(apps)) as pool:
+        bases = dict(zip(apps, pool.map(lambda name: serve_artifact(apps[name][0], name=name, **apps[name][1]), apps)))
+    return {name: (bases[name], normal) for name, (_, _, normal) in apps.items()}
 
 
 def fuzz(operation, base: str, mode: GenerationMode) -> Counter:
@@ -73,9 +76,9 @@ def fuzz(operation, base: str, mode: GenerationMode) -> Counter:
     return statuses
 
 
-@pytest.mark.parametrize("endpoint", ["classify", "images", "generate"], indirect=True)
-def test_every_route_answers_as_its_openapi_description_says(endpoint):
-    base, (route, body) = endpoint
+@pytest.mark.parametrize("name", ["classify", "images", "generate"])
+def test_every_route_answers_as_its_openapi_description_says(endpoints, name):
+    base, (route, body) = endpoints[name]
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     for result in schema.get_all_operations():
         operation = result.ok()

@@ -121,20 +121,23 @@ def test_saved_tokenizer_directory_is_used_as_is(tmp_path):
     [
         ("gpt_cpu", "data.image_size=16", "data.image_size applies only to image data (data.name 'digits' or 'image_folder'), got data.name 'text'"),
         ("gpt_cpu", "data.augment=false", "data.augment applies only to image data"),
-        ("cnn_cpu", "data.max_seq_len=64", "data.max_seq_len applies only to text data or labelled text data (data.name 'text' or 'text_classification'), got data.name 'digits'"),
+        ("cnn_cpu", "data.max_seq_len=64", "data.max_seq_len applies only to text data or labelled text data or preference data (data.name 'text' or 'text_classification' or "
+                                              "'preference'), got data.name 'digits'"),
         ("cnn_cpu", "data.tokenizer=tok", "data.tokenizer applies only to text data"),
         ("gpt_cpu", "data.label_field=stars",
-         "data.label_field applies only to labelled text data or sequence data (data.name 'text_classification' or 'sequences'), got data.name 'text'"),
+         "data.label_field applies only to labelled text data or sequence data or preference data (data.name 'text_classification' or 'sequences' "
+         "or 'preference'), got data.name 'text'"),
         ("bert_cpu", "data.channels=3", "data.channels applies only to image data (data.name 'digits' or 'image_folder'), got data.name 'text_classification'"),
         ("gpt_cpu", "data.tokenizer=tok data.vocab_size=512", "data.vocab_size sizes the tokenizer dlray trains, but data.tokenizer brings its own"),
         ("gpt_cpu", "data.vocab_size=100", "data.vocab_size: must be greater than or equal to 259, got 100"),
-        ("cnn_cpu", "model.family=gpt", "model.family 'gpt' trains on text data (data.name 'text'), got data.name 'digits', image data"),
+        ("cnn_cpu", "model.family=gpt", "model.family 'gpt' trains on text or preference data (data.name 'text' or 'preference'), got data.name 'digits', image data"),
         ("cnn_cpu", "data.name=text", "model.family 'cnn' trains on image data (data.name 'digits' or 'image_folder'), got data.name 'text', text data, "
                                       "which model.family 'gpt' trains on"),
         ("cnn_cpu", "model.family=vit data.name=text", "model.family 'vit' trains on image data (data.name 'digits' or 'image_folder'), got data.name 'text'"),
         ("cnn_cpu", "model.family=vit data.name=text_classification", "got data.name 'text_classification', labelled text data, which model.family 'bert' trains on"),
         ("cnn_cpu", "model.family=bert", "model.family 'bert' trains on labelled text data (data.name 'text_classification'), got data.name 'digits'"),
-        ("gpt_cpu", "data.name=text_classification", "model.family 'gpt' trains on text data (data.name 'text'), got data.name 'text_classification'"),
+        ("gpt_cpu", "data.name=text_classification",
+         "model.family 'gpt' trains on text or preference data (data.name 'text' or 'preference'), got data.name 'text_classification'"),
         ("bert_cpu", "model.name_or_path=bert-base-uncased data.vocab_size=512", "model.name_or_path brings its own: drop data.vocab_size"),
         ("cnn_cpu", "train.gradient_checkpointing=true", "train.gradient_checkpointing is not supported by model.family 'cnn' (only by ['gpt', 'vit', 'bert'])"),
         ("gpt_cpu", "train.metric=val_accuracy", "train.metric must be one of ['train_loss', 'val_loss', 'epoch', 'val_perplexity', 'tokens_per_sec']"),

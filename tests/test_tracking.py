@@ -19,10 +19,12 @@ JOB = REPO / "jobs/debug/cnn_cpu.yaml"
 
 
 def test_step_reports_log_under_step_and_epoch_reports_under_their_names():
-    step = reports.step(epoch=1, global_step=57, step_in_epoch=17, steps_per_epoch=40, train_loss=0.8, lr=1e-3, samples_per_sec=512.0)
+    step = reports.step(epoch=1, global_step=57, step_in_epoch=17, steps_per_epoch=40, train_loss=0.8, lr=1e-3, samples_per_sec=512.0,
+                        data_time_s=0.05, nonfinite_steps=1)
     epoch = reports.epoch({"epoch": 1, "global_step": 80, "train_loss": 0.7, "val_loss": 0.9, "val_accuracy": 0.6, "resumed_from_step": 0})
     final = reports.final({"epoch": 1, "global_step": 80, "best_val_loss": 0.9, "test_accuracy": 0.61})
-    assert trackers.tracked_metrics(step) == {"step/train_loss": 0.8, "step/lr": 1e-3, "step/samples_per_sec": 512.0}
+    assert trackers.tracked_metrics(step) == {"step/train_loss": 0.8, "step/lr": 1e-3, "step/samples_per_sec": 512.0, "step/data_time_s": 0.05,
+                                              "step/nonfinite_steps": 1.0}
     assert trackers.tracked_metrics(epoch) == {"epoch": 1.0, "train_loss": 0.7, "val_loss": 0.9, "val_accuracy": 0.6, "resumed_from_step": 0.0}
     assert trackers.tracked_metrics(final) == {"epoch": 1.0, "best_val_loss": 0.9, "test_accuracy": 0.61}
     assert trackers.tracked_metrics(reports.epoch({"epoch": 0, "global_step": 1, "diverged": True, "note": "x"})) == {"epoch": 0.0}
@@ -97,12 +99,13 @@ def test_a_run_that_lost_a_worker_is_one_mlflow_run_with_params_metrics_and_arti
 def test_the_same_run_is_one_wandb_run_id_in_its_offline_files(killed_worker_run):
     runs = wandb_offline_runs(killed_worker_run["run_dir"])
     assert list(runs) == [trackers.wandb_run_id(killed_worker_run["run_dir"])]
-    training, exported = runs[next(iter(runs))]  # the killed run (one W&B run through the restart), then the export
+    # The killed run (one W&B run through the restart), then its exports (the fixture's; test_train's, where it ran first).
+    training, *exports = runs[next(iter(runs))]
     assert training["run"].display_name == "tracked" and training["run"].project == "dlray"
     logged = {h["global_step"]: h["val_loss"] for h in training["history"] if "val_loss" in h}
     assert logged == {r["global_step"]: pytest.approx(r["val_loss"]) for r in reports.epochs(killed_worker_run["history"])}
     assert any("test_accuracy" in h for h in training["history"])
-    assert exported["artifacts"] == ["tracked-model"]
+    assert exports and all(exported["artifacts"] == ["tracked-model"] for exported in exports)
     assert (next(Path(killed_worker_run["run_dir"]).glob("wandb/offline-run-*/files/curves.png"))).stat().st_size > 10_000
 
 

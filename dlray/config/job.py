@@ -82,8 +82,12 @@ class JobConfig(Section):
         if self.train.gradient_checkpointing and not family.enable_gradient_checkpointing:
             able = families_where(lambda f: f.enable_gradient_checkpointing)
             raise ValueError(f"train.gradient_checkpointing is not supported by model.family {self.model.family!r} (only by {able})")
-        if self.train.metric not in family.epoch_metrics():
-            raise ValueError(f"train.metric must be one of {family.epoch_metrics()} for model.family {self.model.family!r}, got {self.train.metric!r}")
+
+        sft = self.finetune.objective == "sft"  # a preference loss is no log-likelihood: no perplexity of it (dlray.finetune.without_perplexity)
+        metrics = [m for m in family.epoch_metrics() if sft or not m.endswith("perplexity")] + [f"val_{m}" for m in self.finetune.objective_metrics()]
+        if self.train.metric not in metrics:
+            raise ValueError(f"train.metric must be one of {metrics} for model.family {self.model.family!r}"
+                             f"{'' if sft else f' and finetune.objective {self.finetune.objective!r}'}, got {self.train.metric!r}")
         optimizers = family.optimizers
         if len(optimizers) > 1:
             if self.strategy.name == "deepspeed":
@@ -115,6 +119,7 @@ class JobConfig(Section):
                 raise ValueError("data.vocab_size sizes a tokenizer trained from scratch, but model.name_or_path brings its own: drop data.vocab_size")
             if self.data.tokenizer is None:  # a pretrained model comes with its tokenizer
                 self.data.tokenizer = model.name_or_path
+        self._check_objective()
         if kind == "full":
             return
         if not model.name_or_path:
@@ -130,6 +135,20 @@ class JobConfig(Section):
             raise ValueError(f"train.ema_decay averages every weight, but finetune.finetuning_type {kind!r} trains only some: drop train.ema_decay")
         if kind == "prompt_tuning" and getattr(self.data, "sample_packing", False):
             raise ValueError("finetune.finetuning_type 'prompt_tuning' puts its virtual tokens before each sequence, not before each packed example: set data.sample_packing false")
+
+    def _check_objective(self):
+        """Preference objectives train on preference data of their kind (and preference data needs one), with a reference model they can have."""
+        objective, data = self.finetune.objective, self.data
+        wanted = {"sft": None, "dpo": "preference", "orpo": "preference", "kto": "unpaired_preference"}[objective]
+        got = getattr(data, "type", None) if data.name == "preference" else None
+        if wanted is None and data.name == "preference":
+            raise ValueError("data.name 'preference' trains with finetune.objective 'dpo' or 'orpo' (data.type 'preference') or 'kto' "
+                             f"(data.type 'unpaired_preference'), got finetune.objective {objective!r}")
+        if wanted and got != wanted:
+            raise ValueError(f"finetune.objective {objective!r} trains on data.name 'preference' with data.type {wanted!r}, got "
+                             f"data.name {data.name!r}" + (f" with data.type {got!r}" if got else ""))
+        if objective != "sft" and self.finetune.finetuning_type == "prompt_tuning":
+            raise ValueError(f"finetune.objective {objective!r} is supported with finetune.finetuning_type 'full', 'lora' or 'qlora', got 'prompt_tuning'")
 
     def _check_search_space(self):
         """Every searched key exists and every value it can take makes a valid job, so a typo

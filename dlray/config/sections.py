@@ -79,6 +79,11 @@ class ModelConfig(Section):
         return self
 
 
+# The metrics of the preference objectives (dlray.finetune), in TRL's names.
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+OBJECTIVE_METRICS = {"sft": (), "dpo": PAIR_METRICS, "orpo": (*PAIR_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen"), "kto": ("kl",)}
+
+
 class FinetuneConfig(Section):
     """How much of a model trains. Names as in LLaMA-Factory (`finetuning_type`) and Axolotl (`lora_*`)."""
 
@@ -95,6 +100,18 @@ class FinetuneConfig(Section):
     # qlora (transformers' BitsAndBytesConfig names); the compute dtype follows `precision`.
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
+    # What the weights learn (dlray.finetune; TRL's names and defaults): sft, the next tokens of the data; dpo, orpo and
+    # kto, to prefer chosen completions (data.name preference). beta: DPO's and KTO's strength of the reference model,
+    # ORPO's weight of its odds-ratio term. loss_type: DPO's loss of the reward margin (sigmoid, IPO's squared
+    # distance to 1/(2 beta), hinge). label_smoothing: DPO sigmoid's probability that a pair's labels are flipped (cDPO).
+    objective: Literal["sft", "dpo", "orpo", "kto"] = "sft"
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+    def objective_metrics(self) -> tuple[str, ...]:
+        """What the objective's loss reports besides `loss` (validation reports them as val_<name>): TRL's names."""
+        return OBJECTIVE_METRICS[self.objective]
 
     @model_validator(mode="after")
     def _options_match_type(self):
@@ -102,6 +119,9 @@ class FinetuneConfig(Section):
         only = {**dict.fromkeys(lora, ("lora", "qlora")), "num_virtual_tokens": ("prompt_tuning",),
                 "bnb_4bit_quant_type": ("qlora",), "bnb_4bit_use_double_quant": ("qlora",)}
         applies_only(self, "finetune.finetuning_type", only, bare_got=True)
+        applies_only(self, "finetune.objective", {"beta": ("dpo", "orpo", "kto"), "loss_type": ("dpo",), "label_smoothing": ("dpo",)})
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"finetune.label_smoothing applies only to finetune.loss_type 'sigmoid', got finetune.loss_type {self.loss_type!r}")
         return self
 
     @property
@@ -169,6 +189,9 @@ class TrainConfig(Section):
     # Optimizer steps between the progress reports the console's step bar and step metrics come from
     # (Lightning's name). None: steps about 5 s apart, as rank 0 times them (closer reports stall training).
     log_every_n_steps: int | None = Field(None, ge=1)
+    # Optimizer steps in a row with a non-finite loss or gradient norm before the run stops as diverged. Each is
+    # skipped (no weight moves, as a GradScaler skips an fp16 overflow) and counted: nonfinite_steps in the reports.
+    max_nonfinite_steps: int = Field(10, ge=1)
 
 
 class OptimConfig(Section):
@@ -292,3 +315,7 @@ class RunSection(Section):
     # When stdout is not a terminal (a log file, `ray job logs`): seconds between plain step-progress
     # lines; the epoch lines always print. On a terminal the progress bar updates at every report.
     progress_interval_s: float = Field(30.0, ge=0)
+    # The longest a rank may go without finishing an optimizer step (or a validation), as a watchdog outside the ranks
+    # sees it (dlray.watchdog): past it every rank's stack goes to <run dir>/hangs/ (py-spy), the console names the
+    # ranks that stopped, and they are killed, so Ray restarts the group from the last checkpoint (run.max_failures). None: off.
+    hang_timeout_s: float | None = Field(600.0, gt=0)

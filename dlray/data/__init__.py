@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dlray.data import digits, image_folder, sequences, text, text_classification
+from dlray.data import digits, image_folder, preference, sequences, text, text_classification
 from dlray.data.rows import SPLITS, streams
 from dlray.data.spec import DataConfig, DataSource, Fitted, Listing
 
-SOURCES: dict[str, DataSource] = {module.SOURCE.name: module.SOURCE for module in (digits, image_folder, text, text_classification, sequences)}
+SOURCES: dict[str, DataSource] = {module.SOURCE.name: module.SOURCE for module in (digits, image_folder, text, text_classification, sequences, preference)}
 
 
 def data_config(keys: dict | None = None, /, **more) -> DataConfig:

@@ -11,7 +11,7 @@ import fnmatch
 import io
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs
@@ -86,11 +86,13 @@ def split_indices(labels: torch.Tensor, val_fraction: float, test_fraction: floa
     return sorted(train), sorted(val), sorted(test)
 
 
-def read_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, ...], described: str) -> Iterator[dict]:
+def read_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, ...], described: str,
+              validate: Callable[[dict], None] | None = None) -> Iterator[dict]:
     """The rows of one file, read as they are yielded: .jsonl (a JSON object per line) a line at a
     time, .csv and .parquet a record batch at a time, so that a file larger than a task's memory
     streams through it; .json (a list of objects) and .txt (one row: its whole text under every
-    field) whole. Each row must hold one of `fields` (`described` says which in errors)."""
+    field) whole. Each row must hold one of `fields` (`described` says which in errors), and pass `validate`
+    (which raises ValueError saying what is wrong; the error names the file and line or row)."""
     suffix = PurePosixPath(path).suffix.lower()
     if suffix in (".txt", ".json"):
         with filesystem.open_input_stream(path) as stream:
@@ -102,21 +104,22 @@ def read_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, .
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             raise ValueError(f"{path}: a .json file must hold a list of objects")
         for number, row in enumerate(rows, 1):
-            yield checked(row, fields, described, f"{path}, row {number}")
+            yield checked(row, fields, described, f"{path}, row {number}", validate)
     elif suffix == ".jsonl":
         number = 0
         with filesystem.open_input_stream(path) as stream:
             try:
                 for number, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
                     if line.strip():
-                        yield checked(json_row(line, f"{path}, line {number}"), fields, described, f"{path}, line {number}")
+                        yield checked(json_row(line, f"{path}, line {number}"), fields, described, f"{path}, line {number}", validate)
             except UnicodeDecodeError as err:  # decoded a chunk ahead of the lines taken: the byte is past line `number`
                 raise ValueError(f"{path}, after line {number}: not UTF-8 text ({err.reason})") from None
     else:
-        yield from table_rows(filesystem, path, fields, described)
+        yield from table_rows(filesystem, path, fields, described, validate)
 
 
-def table_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, ...], described: str) -> Iterator[dict]:
+def table_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, ...], described: str,
+               validate: Callable[[dict], None] | None = None) -> Iterator[dict]:
     """A .csv or .parquet file's rows, TABLE_BATCH_ROWS at a time; its columns checked once, before any row."""
     import pyarrow.csv
     import pyarrow.parquet
@@ -127,13 +130,23 @@ def table_rows(filesystem: pyarrow.fs.FileSystem, path: str, fields: tuple[str, 
         names = reader.schema.names if csv else reader.schema_arrow.names
         if not set(fields) & set(names):
             raise ValueError(f"{path}: {described} is not a column; it has {sorted(names)}")
+        number = 0
         for batch in reader if csv else reader.iter_batches(batch_size=TABLE_BATCH_ROWS):
-            yield from batch.to_pylist()
+            if validate is None:
+                yield from batch.to_pylist()
+                continue
+            for number, row in enumerate(batch.to_pylist(), number + 1):
+                yield checked(row, fields, described, f"{path}, row {number}", validate)
 
 
-def checked(row: dict, fields: tuple[str, ...], described: str, where: str) -> dict:
+def checked(row: dict, fields: tuple[str, ...], described: str, where: str, validate: Callable[[dict], None] | None = None) -> dict:
     if not set(fields) & row.keys():
         raise ValueError(f"{where}: {described} is not a column; it has {sorted(row)}")
+    if validate is not None:
+        try:
+            validate(row)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
     return row
 
 

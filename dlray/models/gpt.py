@@ -130,7 +130,7 @@ def from_pretrained(name_or_path, **load_options) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(name_or_path, **load_options)
 
 
-FAMILY = ModelFamily(name="gpt", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("text",), task="generate",
+FAMILY = ModelFamily(name="gpt", build=build, compute_loss=compute_loss, flavors=FLAVORS, data=("text", "preference"), task="generate",
                      shard_classes=shard_classes, derived_metrics=derived_metrics, derived_metric_names=DERIVED_METRICS,
                      enable_gradient_checkpointing=enable_gradient_checkpointing, flops_per_token=flops_per_token,
                      save_pretrained=save_pretrained, from_pretrained=from_pretrained, pretrained=True,

@@ -55,7 +55,8 @@ class Strategy(Protocol):
 
     def step(self, index: int = 0) -> torch.Tensor | float:
         """After the last micro-batch: clip, apply optimizer `index` (DeepSpeed's engine already has, in
-        `backward`), zero the gradients; the gradient norm before clipping."""
+        `backward`), zero the gradients; the gradient norm before clipping. A non-finite norm (the same on
+        every rank) skips the step: its weights and optimizer state stay as they were."""
         ...
 
     def local_state(self) -> dict[str, torch.Tensor]:

@@ -51,7 +51,10 @@ class DDPStrategy:
         optimizer = self.optimizers[index]
         self.scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), self.max_grad_norm or math.inf)
-        self.scaler.step(optimizer)
+        # A non-finite norm (of the reduced gradients: the same on every rank) skips the step, which would make
+        # every weight NaN; an enabled GradScaler skips it itself, and backs off its scale.
+        if self.scaler.is_enabled() or norm.isfinite():
+            self.scaler.step(optimizer)
         self.scaler.update()
         self.model.zero_grad(set_to_none=True)  # all of it: a GAN's generator loss also reached the discriminator
         return norm  # a tensor: reading it here would wait for the GPU every step

@@ -60,9 +60,11 @@ class FSDPStrategy:
     def step(self, index: int = 0) -> torch.Tensor:
         optimizer = self.optimizers[index]
         norm = torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), self.max_grad_norm or math.inf)
-        optimizer.step()
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        if norm.isfinite():  # the same on every rank; a non-finite step would make every weight NaN
+            optimizer.step()
         self.model.zero_grad(set_to_none=True)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        return norm
 
     def local_state(self) -> dict[str, torch.Tensor]:
         """The DTensors' local shards (dim 0, torch.chunk's split); buffers whole."""
