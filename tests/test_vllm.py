@@ -31,7 +31,9 @@ TOOLS_TEMPLATE = (
     "{% else %}{{ m['content'] }}{% endif %}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-VLLM_KEYS = {"engine": "vllm", "dtype": "fp32", "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 8, "tool_call_parser": "hermes"}
+# num_cpus_per_replica 0: a replica then holds only its vLLM worker's CPU, so that the shared app and the base model's fit beside the session's other apps.
+VLLM_KEYS = {"num_cpus_per_replica": 0, "engine": "vllm", "dtype": "fp32", "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 8,
+             "tool_call_parser": "hermes"}
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +68,12 @@ def test_an_engine_asked_for_with_the_other_ones_keys_is_refused_naming_them(art
 
 
 def test_dlrays_serve_keys_under_vllms_and_rays_names(artifact):
-    deployment = DeploymentSettings(autoscaling={"min_replicas": 1, "max_replicas": 3}, max_ongoing_requests=40)
+    deployment = DeploymentSettings(autoscaling={"min_replicas": 1, "max_replicas": 3}, max_ongoing_requests=40, num_cpus_per_replica=0.5)
     config = llm_config(str(artifact), "m", deployment, settings(max_num_seqs=5, max_model_len=96, enable_prefix_caching=False, tool_call_parser="hermes"))
     assert config["model_loading_config"] == {"model_id": "m", "model_source": str(artifact)}
     assert config["accelerator_config"] == {"kind": "cpu"}  # no GPU asked for
-    assert config["deployment_config"] == {"max_ongoing_requests": 40, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}}
+    assert config["deployment_config"] == {"max_ongoing_requests": 40, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8},
+                                           "ray_actor_options": {"num_cpus": 0.5}}
     assert config["engine_kwargs"] == {"dtype": "float32", "max_num_seqs": 5, "tensor_parallel_size": 1, "max_model_len": 96, "enable_prefix_caching": False,
                                        "kv_cache_memory_bytes": 1 << 30, "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
                                        "enable_auto_tool_choice": True, "tool_call_parser": "hermes"}

@@ -133,8 +133,11 @@ def llm_config(artifact: str, model_name: str, deployment: DeploymentSettings, s
     if settings.tool_call_parser:
         engine |= {"enable_auto_tool_choice": True, "tool_call_parser": settings.tool_call_parser}
     replicas = {"autoscaling_config": deployment.autoscaling.model_dump()} if deployment.autoscaling else {"num_replicas": deployment.num_replicas}
+    # The replica actor's CPUs: Ray Serve LLM adds them to the engine's placement-group bundle, which on a CPU node
+    # holds one more CPU for vLLM's worker.
+    actor = {"ray_actor_options": {"num_cpus": deployment.num_cpus_per_replica}}
     llm = {"model_loading_config": {"model_id": model_name, "model_source": artifact}, "engine_kwargs": engine,
-           "deployment_config": {"max_ongoing_requests": deployment.max_ongoing_requests, **replicas}}
+           "deployment_config": {"max_ongoing_requests": deployment.max_ongoing_requests, **replicas, **actor}}
     if not on_gpu:
         llm["accelerator_config"] = {"kind": "cpu"}
     elif deployment.num_gpus_per_replica < 1:  # a share of one GPU: Ray Serve LLM reads the fraction from the bundle
