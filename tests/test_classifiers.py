@@ -132,7 +132,7 @@ def test_bad_text_requests_name_the_problem(trained_bert, content_type, body, st
 def test_gradient_checkpointing_computes_the_same_gradients(trained):
     family, (_, data, _) = trained
     models, grads = checkpointing_gradients(JOBS[family][0], data)
-    assert [getattr(model, "model", model).is_activation_checkpointing for model in models] == [False, True]  # vit: the wrapped model
+    assert [getattr(model, "model", model).is_gradient_checkpointing for model in models] == [False, True]  # vit: the wrapped model
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
