@@ -37,6 +37,8 @@ DLRAY_ONLY = {
 # A CPU replica's KV cache when the settings size none: vLLM's default (a share of the node's memory) fails
 # on a node where anything else runs.
 CPU_KV_CACHE_BYTES = 1 << 30
+# Where Ray Serve LLM's multi-LoRA loads adapters from (ray.llm's LoraConfig.dynamic_lora_loading_path).
+CLOUD_SCHEMES = ("s3://", "gs://", "abfss://", "azure://")
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -151,12 +153,15 @@ def llm_config(artifact: str, model_name: str, deployment: DeploymentSettings, s
 
 
 def adapters_misplaced(adapters: dict[str, str] | None) -> str | None:
-    """Why Ray Serve LLM cannot load these adapters: it loads each from <one folder>/<its served name>."""
+    """Why Ray Serve LLM cannot load these adapters: it loads each from <one folder>/<its served name>, and
+    that folder must be in cloud storage (ray.llm's LoraConfig refuses a local path)."""
     if not adapters:
         return None
     folders = {os.path.dirname(path.rstrip("/")) for path in adapters.values()}
-    if len(folders) != 1 or any(os.path.basename(path.rstrip("/")) != name for name, path in adapters.items()):
-        return f"Ray Serve LLM loads serve.adapters from one folder, each from the directory named as served (<folder>/<name>), and these are {adapters}"
+    if (len(folders) != 1 or not next(iter(folders)).startswith(CLOUD_SCHEMES)
+            or any(os.path.basename(path.rstrip("/")) != name for name, path in adapters.items())):
+        return (f"Ray Serve LLM loads serve.adapters from one folder in cloud storage ({', '.join(CLOUD_SCHEMES)}), each from the directory "
+                f"named as served (<folder>/<name>), and these are {adapters}")
     return None
 
 
