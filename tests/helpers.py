@@ -19,6 +19,33 @@ def wait_for(predicate, timeout_s: float, what, interval_s: float = 0.1):
     return value
 
 
+def settled_metrics(ray_cluster, wanted: list[str], gauges: list[str], timeout_s: float = 90) -> dict:
+    """The node's Prometheus metrics (Ray's metrics export port, scraped as Prometheus would) named in
+    `wanted`, each summed over its series (every replica and application), once all are exported and the
+    `gauges` among them are back to 0 (no request in flight). The export runs every few seconds."""
+    import re
+
+    import httpx
+
+    [node] = [node for node in ray_cluster.nodes() if node["Alive"]]
+    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+
+    def values() -> dict:
+        text = httpx.get(url, timeout=10).text
+        found = {}
+        for name in wanted:
+            samples = [float(value) for value in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.MULTILINE)]
+            if samples:
+                found[name] = sum(samples)
+        return found
+
+    def settled() -> dict | None:
+        found = values()
+        return found if found.keys() == set(wanted) and not any(found[gauge] for gauge in gauges) else None
+
+    return wait_for(settled, timeout_s, lambda: f"every metric exported and settled; the endpoint shows {values()}", 1)
+
+
 def wait_for_committed_checkpoint(run_dir, epoch: int | None = None, step: int | None = None, timeout_s: float = 300) -> dict:
     """Block until Ray Train has committed (its controller lists it in checkpoint_manager_snapshot.json) the
     checkpoint of `epoch`'s end, or one taken at `step` or later; returns its reported metrics. A checkpoint

@@ -10,7 +10,6 @@ an exported debug LM can take its place.
 
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +19,7 @@ import pytest
 
 from dlray.serve.engine import Engine, SamplingParams, Sequence
 
-from helpers import wait_for
+from helpers import settled_metrics
 from tiny_llm import MAX_CONTEXT, PROMPTS, write_llm_artifact, write_lora_adapter
 
 pytestmark = pytest.mark.slow
@@ -338,27 +337,8 @@ def test_the_replicas_metrics_reach_rays_prometheus_endpoint(ray_cluster, client
     """Ray Serve's metrics of the replica (earlier tests in this module sent it requests), scraped
     from the node's metrics export port as Prometheus would; the export runs every few seconds."""
     client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3)
-    [node] = [node for node in ray_cluster.nodes() if node["Alive"]]
-    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
     wanted = ["ray_dlray_num_requests_running", "ray_dlray_num_requests_waiting", "ray_dlray_time_to_first_token_seconds_count",
               "ray_dlray_inter_token_latency_seconds_count", "ray_dlray_prompt_tokens_total", "ray_dlray_generation_tokens_total"]
-
-    def values() -> dict:
-        text = httpx.get(url, timeout=10).text
-        found = {}
-        for name in wanted:  # summed over the series of every replica and application
-            samples = [float(value) for value in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.MULTILINE)]
-            if samples:
-                found[name] = sum(samples)
-        return found
-
-    def settled(found: dict) -> bool:  # every metric exported, and the gauges back to 0 now that all requests are answered
-        return found.keys() == set(wanted) and found["ray_dlray_num_requests_running"] == found["ray_dlray_num_requests_waiting"] == 0
-
-    def settled_values() -> dict | None:
-        found = values()
-        return found if settled(found) else None
-
-    found = wait_for(settled_values, 90, lambda: f"every metric exported and settled; the endpoint shows {values()}", 1)
+    found = settled_metrics(ray_cluster, wanted, gauges=["ray_dlray_num_requests_running", "ray_dlray_num_requests_waiting"])
     assert found["ray_dlray_time_to_first_token_seconds_count"] >= 1 and found["ray_dlray_inter_token_latency_seconds_count"] >= 2
     assert found["ray_dlray_prompt_tokens_total"] >= 1 and found["ray_dlray_generation_tokens_total"] >= 3

