@@ -133,40 +133,59 @@ def _decode(engine, prompts: list[str]) -> int:
 def bench_generate_serve() -> dict:
     """Tokens/s of the generate endpoint, streaming /v1/completions over HTTP, at each of GEN_STREAMS
     concurrent clients (GEN_ROUNDS requests each, GEN_MIN_REQUESTS at least), and the time to first
-    token; one replica with the default serve settings (continuous batching, up to 32 sequences
-    decoding) but for serve.stream_interval, each of GEN_STREAM_INTERVALS; on the CPU and, where there
-    is one, on a GPU (serve.num_gpus_per_replica 1)."""
+    token; one replica on the CPU and, where there is one, on a GPU (serve.num_gpus_per_replica 1).
+    Side by side on the same export: dlray's engine (continuous batching, up to 32 sequences decoding)
+    at each serve.stream_interval of GEN_STREAM_INTERVALS, and vLLM through Ray Serve LLM
+    (serve.engine vllm, its defaults but the same max_num_seqs) where vLLM is installed."""
     from ray import serve
 
+    from dlray.config.serve import GenerateSettings
     from dlray.local_cluster import init_ray
-    from dlray.serve.app import run
+    from dlray.serve.vllm import vllm_unusable
 
     init_ray()
     artifact, model = _gpt_artifact()
-    url_prompts = _prompts(GEN_STREAMS[-1])
-    results: dict = {"model": model, "requests_per_client": GEN_ROUNDS, "min_requests": GEN_MIN_REQUESTS, "devices": {}}
+    prompts = _prompts(GEN_STREAMS[-1])
+    results: dict = {"model": model, "requests_per_client": GEN_ROUNDS, "min_requests": GEN_MIN_REQUESTS, "devices": {}, "vllm": {}}
     for device in ["cpu", "gpu"] if torch.cuda.is_available() else ["cpu"]:
-        results["devices"][device] = {}
-        for interval in GEN_STREAM_INTERVALS:
-            serve.shutdown()  # Serve keeps the HTTP port it first started on; this deployment picks its own
-            port = free_port()
-            run(artifact, {"port": port, "chat": False, "num_gpus_per_replica": 1 if device == "gpu" else 0, "stream_interval": interval},
-                verbose=False)  # the trained tokenizer has no chat template; quiet, as `dlray serve` runs
-            url, streams = f"http://127.0.0.1:{port}/v1/completions", {}
-            for clients in GEN_STREAMS:
-                total = max(GEN_MIN_REQUESTS, GEN_ROUNDS * clients)
-                request_s = asyncio.run(_stream_load(url, url_prompts, clients, clients))["elapsed_s"]  # warm-up: how long a request takes
-                burst = asyncio.run(_stream_load(url, url_prompts, clients, total))
-                # Arrivals spread over one request's duration, as a served system sees them: each new
-                # request joins a running batch. (All at once, its first token waits for every prompt's prefill.)
-                spread = asyncio.run(_stream_load(url, url_prompts, clients, total, stagger_s=request_s))
-                streams[str(clients)] = {"tokens_per_sec": burst["tokens_per_sec"], "ttft_p50_ms": spread["ttft_p50_ms"], "burst_ttft_p50_ms": burst["ttft_p50_ms"]}
-            serve.delete("dlray")
-            most, fewest = streams[str(GEN_STREAMS[-1])], streams[str(GEN_STREAMS[0])]
-            results["devices"][device][str(interval)] = {
-                "streams": streams, "most_vs_fewest_streams_tokens_per_sec": most["tokens_per_sec"] / fewest["tokens_per_sec"],
-                "most_vs_fewest_streams_ttft_p50": most["ttft_p50_ms"] / fewest["ttft_p50_ms"]}
+        keys = {"num_gpus_per_replica": 1 if device == "gpu" else 0}
+        results["devices"][device] = {str(interval): _served_streams(artifact, prompts, {**keys, "engine": "dlray", "stream_interval": interval})
+                                      for interval in GEN_STREAM_INTERVALS}
+        if why := vllm_unusable(artifact, json.loads(Path(artifact, "dlray.json").read_text()), on_gpu=device == "gpu"):
+            results["vllm"][device] = {"skipped": why}
+            continue
+        max_num_seqs = GenerateSettings.model_fields["max_num_seqs"].default  # dlray's engine's, not vLLM's own 256 or 128
+        measured = _served_streams(artifact, prompts, {**keys, "engine": "vllm", "max_num_seqs": max_num_seqs})
+        dlray = results["devices"][device]["1"]["streams"]
+        measured["vs_dlray"] = {clients: {"tokens_per_sec": streams["tokens_per_sec"] / dlray[clients]["tokens_per_sec"],
+                                          "ttft_p50": streams["ttft_p50_ms"] / dlray[clients]["ttft_p50_ms"]}
+                                for clients, streams in measured["streams"].items()}
+        results["vllm"][device] = measured
+    serve.shutdown()
     return results
+
+
+def _served_streams(artifact: str, prompts: list[str], serve_keys: dict) -> dict:
+    """One app serving the artifact with these serve: keys, measured at each of GEN_STREAMS clients."""
+    from ray import serve
+
+    from dlray.serve.app import run
+
+    serve.shutdown()  # Serve keeps the HTTP port it first started on; this deployment picks its own
+    port = free_port()
+    run(artifact, {"port": port, **serve_keys}, verbose=False)  # quiet, as `dlray serve` runs
+    url, streams = f"http://127.0.0.1:{port}/v1/completions", {}
+    for clients in GEN_STREAMS:
+        total = max(GEN_MIN_REQUESTS, GEN_ROUNDS * clients)
+        request_s = asyncio.run(_stream_load(url, prompts, clients, clients))["elapsed_s"]  # warm-up: how long a request takes
+        burst = asyncio.run(_stream_load(url, prompts, clients, total))
+        # Arrivals spread over one request's duration, as a served system sees them: each new
+        # request joins a running batch. (All at once, its first token waits for every prompt's prefill.)
+        spread = asyncio.run(_stream_load(url, prompts, clients, total, stagger_s=request_s))
+        streams[str(clients)] = {"tokens_per_sec": burst["tokens_per_sec"], "ttft_p50_ms": spread["ttft_p50_ms"], "burst_ttft_p50_ms": burst["ttft_p50_ms"]}
+    most, fewest = streams[str(GEN_STREAMS[-1])], streams[str(GEN_STREAMS[0])]
+    return {"streams": streams, "most_vs_fewest_streams_tokens_per_sec": most["tokens_per_sec"] / fewest["tokens_per_sec"],
+            "most_vs_fewest_streams_ttft_p50": most["ttft_p50_ms"] / fewest["ttft_p50_ms"]}
 
 
 async def _stream_load(url: str, prompts: list[str], clients: int, total: int, stagger_s: float = 0.0) -> dict:

@@ -169,6 +169,18 @@ def _llm_rows(results: dict) -> list[str]:
                 if interval == "1":
                     lines.append(_row(f"generate endpoint time to first token p50, {most} requests arriving at once ({device.upper()}: every prompt prefilled first)",
                                       f"{high['burst_ttft_p50_ms']:.0f} ms", "(informative)"))
+        for device, vllm in serve.get("vllm", {}).items():
+            if "skipped" in vllm:
+                lines.append(_row(f"generate endpoint on vLLM ({device.upper()})", f"skipped: {vllm['skipped']}", "(informative)"))
+                continue
+            dlray = serve["devices"][device]["1"]["streams"]
+            for clients, ratio in vllm["vs_dlray"].items():
+                where = f"{serve['model']}, {clients} streaming clients, one replica on the {device.upper()}"
+                ours, theirs = dlray[clients], vllm["streams"][clients]
+                lines.append(_row(f"generate endpoint throughput, vLLM (Ray Serve LLM) / dlray's engine ({where})",
+                                  f"{ratio['tokens_per_sec']:.2f} ({theirs['tokens_per_sec']:.0f} vs {ours['tokens_per_sec']:.0f} tokens/s)", "(informative)"))
+                lines.append(_row(f"generate endpoint time to first token p50, vLLM / dlray's engine ({where}, arrivals spread)",
+                                  f"{ratio['ttft_p50']:.2f} ({theirs['ttft_p50_ms']:.0f} vs {ours['ttft_p50_ms']:.0f} ms)", "(informative)"))
     if mfu := results.get("llm_mfu"):
         formula = "FLOPs/token = 6N + 12·L·H·T"
         if "skipped" in mfu:
