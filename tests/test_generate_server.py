@@ -159,7 +159,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
     ("completions", {"json": {"prompt": "x", "n": 4}}, 400, "n", None),  # above max_completions_per_request 3
     ("completions", {"json": {"prompt": "x", "max_tokens": 65}}, 400, "max_tokens", None),  # above max_tokens_limit 64
     ("completions", {"json": {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}}, 400, "stop", None),
-    ("completions", {"json": {"prompt": "x", "logit_bias": {"1": 5}}}, 400, "logit_bias", None),
+    ("completions", {"json": {"prompt": "x", "logit_bias": {"1": 5}}}, 400, "logit_bias", "unsupported_field"),  # vLLM has it
     ("completions", {"json": {"prompt": "x", "stream_options": {"include_usage": True}}}, 400, "stream_options", None),
     ("completions", {"content": b'{"prompt": "x",', "headers": {**AUTH, "content-type": "application/json"}}, 400, "body", None),
     ("completions", {"json": {"prompt": "x", "model": "gpt-4o"}}, 404, "model", "model_not_found"),
