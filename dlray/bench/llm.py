@@ -136,10 +136,10 @@ def bench_generate_serve() -> dict:
     token; one replica on the CPU and, where there is one, on a GPU (serve.num_gpus_per_replica 1).
     Side by side on the same export: dlray's engine (continuous batching, up to 32 sequences decoding)
     at each serve.stream_interval of GEN_STREAM_INTERVALS, and vLLM through Ray Serve LLM
-    (serve.engine vllm, its defaults but the same max_num_seqs) where vLLM is installed."""
+    (serve.engine vllm, the same serve defaults: up to 32 sequences) where vLLM is installed."""
     from ray import serve
 
-    from dlray.config.serve import GenerateSettings
+    from dlray.artifact import read_artifact_config
     from dlray.local_cluster import init_ray
     from dlray.serve.vllm import vllm_unusable
 
@@ -151,11 +151,10 @@ def bench_generate_serve() -> dict:
         keys = {"num_gpus_per_replica": 1 if device == "gpu" else 0}
         results["devices"][device] = {str(interval): _served_streams(artifact, prompts, {**keys, "engine": "dlray", "stream_interval": interval})
                                       for interval in GEN_STREAM_INTERVALS}
-        if why := vllm_unusable(artifact, json.loads(Path(artifact, "dlray.json").read_text()), on_gpu=device == "gpu"):
+        if why := vllm_unusable(artifact, read_artifact_config(artifact), on_gpu=device == "gpu"):
             results["vllm"][device] = {"skipped": why}
             continue
-        max_num_seqs = GenerateSettings.model_fields["max_num_seqs"].default  # dlray's engine's, not vLLM's own 256 or 128
-        measured = _served_streams(artifact, prompts, {**keys, "engine": "vllm", "max_num_seqs": max_num_seqs})
+        measured = _served_streams(artifact, prompts, {**keys, "engine": "vllm"})  # serve.max_num_seqs' default is vLLM's max_num_seqs too
         dlray = results["devices"][device]["1"]["streams"]
         measured["vs_dlray"] = {clients: {"tokens_per_sec": streams["tokens_per_sec"] / dlray[clients]["tokens_per_sec"],
                                           "ttft_p50": streams["ttft_p50_ms"] / dlray[clients]["ttft_p50_ms"]}
